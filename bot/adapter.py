@@ -1,0 +1,99 @@
+"""The adapter contract: start, stop, send — and the core an adapter is handed at start.
+
+An adapter turns platform events into `Incoming` messages and hands them to `Core.submit`
+(ack fast: submit persists and queues, it never waits for the answer). The runner later calls
+`Adapter.send(job, event)` on the adapter of the job's platform with reply events; the job's
+`origin` holds the platform reply context the adapter captured when the message arrived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bot.models import ConversationId, Job, Message, User
+
+
+@dataclass(frozen=True)
+class Incoming:
+    conversation: ConversationId
+    user: User
+    message: Message
+    origin: dict[str, Any] = field(default_factory=dict)
+    # A platform event id (Telegram update id, Slack event_id): redelivered events are answered once.
+    event_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Acceptance:
+    job_id: str
+    position: int  # 1 = next to run (0 = running now)
+    eta_s: float
+    duplicate: bool = False
+
+
+# --- reply events, in the order a job sees them -------------------------------------------
+
+
+@dataclass(frozen=True)
+class Queued:
+    position: int
+    eta_s: float
+
+
+@dataclass(frozen=True)
+class Started:
+    pass
+
+
+@dataclass(frozen=True)
+class Partial:
+    text: str  # the whole answer so far
+    delta: str  # what this piece added
+
+
+@dataclass(frozen=True)
+class Final:
+    text: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    code: str  # a texts.py key: failed, timeout, cancelled, or an intake code
+    ref: str  # reference id to quote to an operator
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+ReplyEvent = Queued | Started | Partial | Final | Failed
+
+
+class QueueFull(Exception):
+    def __init__(self, queued: int, retry_after_s: float) -> None:
+        super().__init__(f"queue full ({queued} waiting)")
+        self.queued = queued
+        self.retry_after_s = retry_after_s
+
+
+class Core(Protocol):
+    """What the composition root hands an adapter: the runner and history, narrowly."""
+
+    async def submit(self, incoming: Incoming) -> Acceptance:
+        """Persist and queue. Raises QueueFull or bot.models.InputRejected (reply to the user)."""
+
+    async def cancel(self, conversation: ConversationId) -> int:
+        """Stop the running and queued jobs of a conversation; returns how many."""
+
+    async def reset(self, conversation: ConversationId) -> None:
+        """Cancel the conversation's jobs and forget its history."""
+
+
+class Adapter(Protocol):
+    platform: str
+
+    async def start(self, core: Core) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def send(self, job: Job, event: ReplyEvent) -> dict[str, Any] | None:
+        """Deliver one reply event. Return origin fields to persist (e.g. a placeholder message
+        id) so that a later delivery, also after a restart, edits the same message."""

@@ -1,0 +1,190 @@
+"""Per-conversation history in SQLite: turns with their images, stored once by content hash."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import aiosqlite
+
+from bot.db import Database
+from bot.models import ConversationId, ImagePart, Part, Role, TextPart, Turn
+
+
+def parts_to_json(parts: Sequence[Part]) -> str:
+    out: list[dict[str, Any]] = []
+    for part in parts:
+        if isinstance(part, TextPart):
+            out.append({"text": part.text})
+        else:
+            out.append({"image": part.sha256, "mime": part.mime, "name": part.name})
+    return json.dumps(out, ensure_ascii=False)
+
+
+async def parts_from_json(conn: aiosqlite.Connection, raw: str) -> tuple[Part, ...]:
+    items: list[dict[str, Any]] = json.loads(raw)
+    shas = [item["image"] for item in items if "image" in item]
+    data = await load_images(conn, shas)
+    parts: list[Part] = []
+    for item in items:
+        if "text" in item:
+            parts.append(TextPart(item["text"]))
+        elif item["image"] in data:
+            parts.append(ImagePart(data[item["image"]], item.get("mime") or "", item.get("name")))
+    return tuple(parts)
+
+
+async def save_images(conn: aiosqlite.Connection, images: Iterable[ImagePart]) -> list[str]:
+    shas = []
+    for image in images:
+        sha = image.sha256
+        await conn.execute(
+            "INSERT OR IGNORE INTO images (sha256, mime, data, created_at) VALUES (?, ?, ?, ?)",
+            (sha, image.mime, image.data, time.time()),
+        )
+        shas.append(sha)
+    return shas
+
+
+async def load_images(conn: aiosqlite.Connection, shas: Sequence[str]) -> dict[str, bytes]:
+    if not shas:
+        return {}
+    marks = ",".join("?" * len(shas))
+    sql = f"SELECT sha256, data FROM images WHERE sha256 IN ({marks})"
+    async with conn.execute(sql, tuple(shas)) as cur:
+        return {row[0]: bytes(row[1]) async for row in cur}
+
+
+async def collect_unreferenced_images(conn: aiosqlite.Connection) -> int:
+    cur = await conn.execute(
+        "DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM turn_images)"
+        " AND sha256 NOT IN (SELECT sha256 FROM job_images)"
+    )
+    return cur.rowcount
+
+
+class HistoryStore:
+    """The narrow interface the runner and adapters need: append, recent, reset, export, prune."""
+
+    def __init__(self, db: Database, turns_in_prompt: int = 10, retention_days: float = 30.0):
+        self.db = db
+        self.turns_in_prompt = turns_in_prompt
+        self.retention_days = retention_days
+
+    async def append(self, conversation: ConversationId, turns: Sequence[Turn]) -> None:
+        async with self.db.transaction() as conn:
+            await self.append_in(conn, conversation, turns)
+
+    async def append_in(
+        self, conn: aiosqlite.Connection, conversation: ConversationId, turns: Sequence[Turn]
+    ) -> None:
+        """Append inside a caller's transaction (the runner commits turns with the job status)."""
+        for turn in turns:
+            shas = await save_images(conn, turn.images)
+            cur = await conn.execute(
+                "INSERT INTO turns (conversation, role, parts, created_at, job_id)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    conversation.key(),
+                    turn.role.value,
+                    parts_to_json(turn.parts),
+                    turn.created_at,
+                    turn.job_id,
+                ),
+            )
+            for sha in set(shas):
+                await conn.execute(
+                    "INSERT OR IGNORE INTO turn_images (turn_id, sha256) VALUES (?, ?)",
+                    (cur.lastrowid, sha),
+                )
+
+    async def recent(self, conversation: ConversationId, limit: int | None = None) -> list[Turn]:
+        """The last `limit` turns (oldest first), starting at a user turn. If no image is in that
+        window, the window is extended back to the latest turn that has one, so a follow-up
+        keeps seeing the image it is about."""
+        limit = self.turns_in_prompt if limit is None else limit
+        rows = await self.db.fetchall(
+            "SELECT id, role, parts, created_at, job_id FROM turns WHERE conversation = ?"
+            " ORDER BY id DESC LIMIT ?",
+            (conversation.key(), max(limit, 0)),
+        )
+        if not any('"image"' in row["parts"] for row in rows):
+            oldest = rows[-1]["id"] if rows else 1 << 62
+            with_image = await self.db.fetchall(
+                "SELECT t.id FROM turns t JOIN turn_images ti ON ti.turn_id = t.id"
+                " WHERE t.conversation = ? AND t.id < ? ORDER BY t.id DESC LIMIT 1",
+                (conversation.key(), oldest),
+            )
+            if with_image:
+                rows = await self.db.fetchall(
+                    "SELECT id, role, parts, created_at, job_id FROM turns"
+                    " WHERE conversation = ? AND id >= ? ORDER BY id DESC",
+                    (conversation.key(), with_image[0]["id"]),
+                )
+        rows.reverse()
+        while rows and rows[0]["role"] != Role.USER.value:
+            rows.pop(0)
+        turns = []
+        for row in rows:
+            async with self.db.reading() as conn:
+                parts = await parts_from_json(conn, row["parts"])
+            turns.append(Turn(Role(row["role"]), parts, row["created_at"], row["job_id"]))
+        return turns
+
+    async def reset(self, conversation: ConversationId) -> int:
+        """Forget a conversation: its turns and every image no longer referenced."""
+        async with self.db.transaction() as conn:
+            cur = await conn.execute(
+                "DELETE FROM turns WHERE conversation = ?", (conversation.key(),)
+            )
+            deleted = cur.rowcount
+            await collect_unreferenced_images(conn)
+        return deleted
+
+    async def prune(self, now: float | None = None) -> int:
+        """Delete turns older than the retention period (and images left unreferenced)."""
+        cutoff = (now if now is not None else time.time()) - self.retention_days * 86400
+        async with self.db.transaction() as conn:
+            cur = await conn.execute("DELETE FROM turns WHERE created_at < ?", (cutoff,))
+            deleted = cur.rowcount
+            await collect_unreferenced_images(conn)
+        return deleted
+
+    async def export(self, conversation: ConversationId) -> dict[str, Any]:
+        """The whole stored conversation as JSON-ready data; images by hash, mime and size."""
+        rows = await self.db.fetchall(
+            "SELECT t.id, t.role, t.parts, t.created_at, t.job_id FROM turns t"
+            " WHERE t.conversation = ? ORDER BY t.id",
+            (conversation.key(),),
+        )
+        sizes = {
+            row["sha256"]: row["size"]
+            for row in await self.db.fetchall(
+                "SELECT i.sha256, length(i.data) AS size FROM images i WHERE i.sha256 IN"
+                " (SELECT ti.sha256 FROM turn_images ti JOIN turns t ON t.id = ti.turn_id"
+                "  WHERE t.conversation = ?)",
+                (conversation.key(),),
+            )
+        }
+        turns = []
+        for row in rows:
+            parts = json.loads(row["parts"])
+            for part in parts:
+                if "image" in part:
+                    part["size"] = sizes.get(part["image"])
+            turns.append(
+                {
+                    "role": row["role"],
+                    "parts": parts,
+                    "created_at": row["created_at"],
+                    "job_id": row["job_id"],
+                }
+            )
+        return {"conversation": conversation.key(), "turns": turns}
+
+    async def image(self, sha256: str) -> bytes | None:
+        async with self.db.reading() as conn:
+            found = await load_images(conn, [sha256])
+        return found.get(sha256)

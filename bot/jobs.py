@@ -1,0 +1,146 @@
+"""Durable jobs: every accepted message is a row before it is acknowledged."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any
+
+import aiosqlite
+
+from bot.db import Database
+from bot.history import (
+    HistoryStore,
+    collect_unreferenced_images,
+    parts_from_json,
+    parts_to_json,
+    save_images,
+)
+from bot.models import ConversationId, Job, JobStatus, Message, Role, Turn, User
+
+UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.ANSWERED)
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+class JobStore:
+    def __init__(self, db: Database, history: HistoryStore) -> None:
+        self.db = db
+        self.history = history
+
+    async def insert(self, job: Job, event_key: str | None = None) -> bool:
+        """Persist a new job. Returns False (and writes nothing) if `event_key` was seen before."""
+        async with self.db.transaction() as conn:
+            if event_key is not None:
+                cur = await conn.execute(
+                    "INSERT OR IGNORE INTO seen_events (key, created_at) VALUES (?, ?)",
+                    (event_key, time.time()),
+                )
+                if cur.rowcount == 0:
+                    return False
+            shas = await save_images(conn, job.message.images)
+            await conn.execute(
+                "INSERT INTO jobs (id, seq, conversation, user, message, status, attempts, origin,"
+                " created_at, updated_at) VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs),"
+                " ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    job.id,
+                    job.conversation.key(),
+                    json.dumps(dataclasses.asdict(job.user)),
+                    parts_to_json(job.message.parts),
+                    job.status.value,
+                    job.attempts,
+                    json.dumps(job.origin),
+                    job.created_at,
+                    job.updated_at,
+                ),
+            )
+            for sha in set(shas):
+                await conn.execute(
+                    "INSERT OR IGNORE INTO job_images (job_id, sha256) VALUES (?, ?)", (job.id, sha)
+                )
+        return True
+
+    async def update(self, job: Job, **changes: Any) -> Job:
+        """Persist status/attempts/origin/answer/error changes and return the new job."""
+        job = dataclasses.replace(job, updated_at=time.time(), **changes)
+        async with self.db.transaction() as conn:
+            await self._write(conn, job)
+        return job
+
+    async def _write(self, conn: aiosqlite.Connection, job: Job) -> None:
+        await conn.execute(
+            "UPDATE jobs SET status = ?, attempts = ?, origin = ?, answer = ?, error = ?,"
+            " updated_at = ? WHERE id = ?",
+            (
+                job.status.value,
+                job.attempts,
+                json.dumps(job.origin),
+                job.answer,
+                job.error,
+                job.updated_at,
+                job.id,
+            ),
+        )
+
+    async def complete(self, job: Job) -> Job:
+        """Record a delivered answer: the two turns go into history and the job becomes DONE in
+        ONE transaction, so there is no moment where the reply is recorded but the job is not
+        done (or the reverse). The job's images move from the job to the history turns."""
+        assert job.answer is not None
+        job = dataclasses.replace(job, status=JobStatus.DONE, updated_at=time.time())
+        turns = [
+            Turn(Role.USER, job.message.parts, job.created_at, job.id),
+            Turn(Role.ASSISTANT, Message.of(job.answer).parts, job.updated_at, job.id),
+        ]
+        async with self.db.transaction() as conn:
+            await self.history.append_in(conn, job.conversation, turns)
+            await self._write(conn, job)
+            await conn.execute("DELETE FROM job_images WHERE job_id = ?", (job.id,))
+        return job
+
+    async def finish(self, job: Job, status: JobStatus, error: str | None = None) -> Job:
+        """End a job without an answer (failed or cancelled) and drop its image references."""
+        job = dataclasses.replace(job, status=status, error=error, updated_at=time.time())
+        async with self.db.transaction() as conn:
+            await self._write(conn, job)
+            await conn.execute("DELETE FROM job_images WHERE job_id = ?", (job.id,))
+            await collect_unreferenced_images(conn)
+        return job
+
+    async def unfinished(self) -> list[Job]:
+        marks = ",".join("?" * len(UNFINISHED))
+        rows = await self.db.fetchall(
+            f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq",
+            tuple(s.value for s in UNFINISHED),
+        )
+        return [await self._job(row) for row in rows]
+
+    async def get(self, job_id: str) -> Job | None:
+        rows = await self.db.fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return await self._job(rows[0]) if rows else None
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self.db.fetchall("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+        return {row["status"]: row["n"] for row in rows}
+
+    async def _job(self, row: aiosqlite.Row) -> Job:
+        async with self.db.reading() as conn:
+            parts = await parts_from_json(conn, row["message"])
+        return Job(
+            id=row["id"],
+            conversation=ConversationId.parse(row["conversation"]),
+            message=Message(parts),
+            user=User(**json.loads(row["user"])),
+            status=JobStatus(row["status"]),
+            attempts=row["attempts"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            origin=json.loads(row["origin"]),
+            answer=row["answer"],
+            error=row["error"],
+        )

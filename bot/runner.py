@@ -1,0 +1,332 @@
+"""The asyncio job runner: durable, fair, bounded, with timeouts, cancel and resume.
+
+Delivery happens exactly once per job, by this protocol:
+1. `submit` writes the job (and the platform event id, for redelivery dedupe) to SQLite in one
+   transaction before the adapter acknowledges the message.
+2. A worker generates the answer and stores it on the job (status ANSWERED) before delivery, so
+   a crash after generation never generates again.
+3. The adapter delivers the answer; then the history turns and status DONE are committed in one
+   transaction (`JobStore.complete`), so "reply recorded" and "job done" can never disagree.
+4. A crash after the platform accepted the reply but before step 3 committed leaves the job
+   ANSWERED; on restart it is delivered again *through the same placeholder*: the adapter
+   persisted the placeholder message id in `job.origin` (returned from `send`) before any answer
+   text was delivered, and the final delivery edits that message, so the user still sees one
+   reply, not two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import replace
+
+from bot.adapter import (
+    Acceptance,
+    Adapter,
+    Failed,
+    Final,
+    Incoming,
+    Partial,
+    Queued,
+    QueueFull,
+    ReplyEvent,
+    Started,
+)
+from bot.fairqueue import FairQueue
+from bot.history import HistoryStore
+from bot.jobs import JobStore, new_job_id
+from bot.models import ConversationId, GenerationParams, InputRejected, Job, JobStatus
+from engine.base import Engine, EngineNotReady
+
+log = logging.getLogger("vlbot.runner")
+
+DEFAULT_JOB_SECONDS = 30.0
+
+
+class Runner:
+    def __init__(
+        self,
+        jobs: JobStore,
+        history: HistoryStore,
+        engine: Engine,
+        *,
+        max_concurrency: int = 1,
+        max_queue: int = 100,
+        job_timeout_s: float = 300.0,
+        max_attempts: int = 3,
+        retry_backoff_s: float = 2.0,
+        params: GenerationParams | None = None,
+    ) -> None:
+        self.jobs = jobs
+        self.history = history
+        self.engine = engine
+        self.max_concurrency = max(1, max_concurrency)
+        self.max_queue = max_queue
+        self.job_timeout_s = job_timeout_s
+        self.max_attempts = max(1, max_attempts)
+        self.retry_backoff_s = retry_backoff_s
+        self.params = params or GenerationParams()
+        self.adapters: dict[str, Adapter] = {}
+        self._queue = FairQueue()
+        self._wakeup = asyncio.Event()
+        self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
+        self._cancelled: set[str] = set()
+        self._workers: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self._durations: deque[float] = deque(maxlen=20)
+        self._stopping = False
+        self._sent_positions: dict[str, int] = {}
+
+    def attach(self, adapters: Mapping[str, Adapter]) -> None:
+        self.adapters.update(adapters)
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Resume unfinished jobs from the database (the source of truth: jobs submitted before
+        `start` are there too), then start the workers."""
+        self._stopping = False
+        self._queue = FairQueue()
+        for job in await self.jobs.unfinished():
+            if job.status is JobStatus.ANSWERED:
+                self._spawn(self._deliver(job))
+            elif job.attempts >= self.max_attempts:
+                await self._fail(job, "failed", "gave up after a restart during generation")
+            else:
+                self._queue.push(job)
+        if len(self._queue):
+            log.info("resumed %d unfinished jobs", len(self._queue))
+        self._workers = [
+            asyncio.create_task(self._worker(), name=f"vlbot-worker-{i}")
+            for i in range(self.max_concurrency)
+        ]
+        self._announce_positions()
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop taking work. Running jobs get `grace_s` to finish; the rest stay queued in the
+        database and resume at the next start. Nothing accepted is lost."""
+        self._stopping = True
+        self._wakeup.set()
+        running = [task for _, task in self._running.values()]
+        if running:
+            await asyncio.wait(running, timeout=grace_s)
+        for task in [*self._workers, *(t for _, t in self._running.values()), *self._side_tasks]:
+            task.cancel()
+        await asyncio.gather(*self._workers, *self._side_tasks, return_exceptions=True)
+        self._workers.clear()
+
+    # --- the Core interface adapters use -----------------------------------------------------
+
+    async def submit(self, incoming: Incoming) -> Acceptance:
+        if not incoming.message.parts:
+            raise InputRejected("empty_question", "empty message")
+        self.engine.check(incoming.message)
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(len(self._queue), self.retry_after_s())
+        job = Job(
+            id=new_job_id(),
+            conversation=incoming.conversation,
+            message=incoming.message,
+            user=incoming.user,
+            origin=dict(incoming.origin),
+        )
+        if not await self.jobs.insert(job, incoming.event_key):
+            log.info("duplicate event %s ignored", incoming.event_key)
+            return Acceptance(job_id="", position=0, eta_s=0.0, duplicate=True)
+        self._queue.push(job)
+        positions = self._queue.positions()
+        position = positions.get(job.id, 1)
+        self._wakeup.set()
+        log.info("job %s accepted for %s (position %d)", job.id, job.conversation, position)
+        acceptance = Acceptance(job.id, position, self.eta_s(position))
+        self._sent_positions[job.id] = position
+        self._spawn(self._emit(job, Queued(position, acceptance.eta_s)))
+        return acceptance
+
+    async def cancel(self, conversation: ConversationId) -> int:
+        key = conversation.key()
+        removed = self._queue.remove(key)
+        for job in removed:
+            await self._fail(job, "cancelled", "cancelled by the user", JobStatus.CANCELLED)
+        count = len(removed)
+        if key in self._running:
+            job, task = self._running[key]
+            self._cancelled.add(job.id)
+            task.cancel()
+            count += 1
+        self._announce_positions()
+        return count
+
+    async def reset(self, conversation: ConversationId) -> None:
+        await self.cancel(conversation)
+        await self.history.reset(conversation)
+
+    # --- estimates ---------------------------------------------------------------------------
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running_count(self) -> int:
+        return len(self._running)
+
+    def job_seconds(self) -> float:
+        return sum(self._durations) / len(self._durations) if self._durations else DEFAULT_JOB_SECONDS
+
+    def eta_s(self, position: int) -> float:
+        """Seconds until the answer of the job at `position` (1 = next) is complete."""
+        rounds = math.ceil(max(position, 1) / self.max_concurrency)
+        return (rounds + (1 if self._running else 0)) * self.job_seconds()
+
+    def retry_after_s(self) -> float:
+        return max(1.0, math.ceil(self.job_seconds() / self.max_concurrency))
+
+    # --- workers -----------------------------------------------------------------------------
+
+    async def _worker(self) -> None:
+        while not self._stopping:
+            job = self._queue.pop()
+            if job is None:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            key = job.conversation.key()
+            task = asyncio.create_task(self._run(job), name=f"vlbot-job-{job.id}")
+            self._running[key] = (job, task)
+            self._announce_positions()
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if not task.done():
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                raise
+            finally:
+                self._running.pop(key, None)
+                self._queue.release(key)
+                self._wakeup.set()
+
+    async def _run(self, job: Job) -> None:
+        job = await self.jobs.update(job, status=JobStatus.RUNNING, attempts=job.attempts + 1)
+        started = time.monotonic()
+        await self._emit(job, Started())
+        try:
+            answer = await asyncio.wait_for(self._generate(job), timeout=self.job_timeout_s)
+        except asyncio.CancelledError:
+            if job.id in self._cancelled:
+                self._cancelled.discard(job.id)
+                await self._fail(job, "cancelled", "cancelled by the user", JobStatus.CANCELLED)
+                return
+            # shutdown: back to the queue in the database, this attempt not counted
+            await self.jobs.update(job, status=JobStatus.QUEUED, attempts=job.attempts - 1)
+            raise
+        except asyncio.TimeoutError:
+            log.warning("job %s timed out after %.0f s", job.id, self.job_timeout_s)
+            await self._fail(job, "timeout", f"timed out after {self.job_timeout_s:.0f} s")
+            return
+        except InputRejected as exc:
+            await self._fail(job, exc.code, exc.detail, params=exc.params)
+            return
+        except Exception as exc:  # engine fault: retry with backoff, then report
+            log.error("job %s attempt %d failed: %r", job.id, job.attempts, exc, exc_info=exc)
+            if job.attempts < self.max_attempts and not isinstance(exc, EngineNotReady):
+                self._spawn(self._retry_later(job, self.retry_backoff_s * 2 ** (job.attempts - 1)))
+            else:
+                await self._fail(job, "failed", f"{type(exc).__name__}: {exc}")
+            return
+        self._durations.append(time.monotonic() - started)
+        job = await self.jobs.update(job, status=JobStatus.ANSWERED, answer=answer)
+        await self._deliver(job)
+
+    async def _generate(self, job: Job) -> str:
+        history = await self.history.recent(job.conversation)
+        params = replace(self.params, session=job.conversation.key())
+        text = ""
+        stream = self.engine.stream(history, job.message, params)
+        try:
+            async for piece in stream:
+                if not piece:
+                    continue
+                text += piece
+                await self._emit(job, Partial(text, piece))
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        return text.strip()
+
+    async def _retry_later(self, job: Job, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        fresh = await self.jobs.get(job.id)
+        if fresh is None or fresh.status.finished:
+            return
+        self._queue.push(await self.jobs.update(fresh, status=JobStatus.QUEUED), front=True)
+        self._wakeup.set()
+
+    async def _deliver(self, job: Job, tries: int = 5) -> None:
+        assert job.answer is not None
+        for attempt in range(tries):
+            try:
+                await self._send(job, Final(job.answer))
+                break
+            except Exception as exc:
+                log.warning("job %s delivery attempt %d failed: %r", job.id, attempt + 1, exc)
+                await asyncio.sleep(min(30.0, 2.0**attempt))
+        else:
+            await self.jobs.finish(job, JobStatus.FAILED, "the answer could not be delivered")
+            return
+        await self.jobs.complete(job)
+        log.info("job %s done", job.id)
+
+    async def _fail(
+        self,
+        job: Job,
+        code: str,
+        detail: str,
+        status: JobStatus = JobStatus.FAILED,
+        params: dict[str, object] | None = None,
+    ) -> None:
+        job = await self.jobs.finish(job, status, detail)
+        await self._emit(job, Failed(code, job.id, dict(params or {})))
+
+    # --- talking to adapters -----------------------------------------------------------------
+
+    async def _send(self, job: Job, event: ReplyEvent) -> None:
+        adapter = self.adapters.get(job.conversation.platform)
+        if adapter is None:
+            raise LookupError(f"no adapter for platform {job.conversation.platform!r}")
+        changes = await adapter.send(job, event)
+        if changes:
+            merged = {**job.origin, **changes}
+            if merged != job.origin:
+                await self.jobs.update(job, origin=merged)
+                job.origin.update(changes)  # the runner's copy sees it too (dict is shared)
+
+    async def _emit(self, job: Job, event: ReplyEvent) -> None:
+        """Send a progress event; a platform error here never fails the job."""
+        try:
+            await self._send(job, event)
+        except Exception as exc:
+            log.warning("job %s: %s not delivered: %r", job.id, type(event).__name__, exc)
+
+    def _announce_positions(self) -> None:
+        positions = self._queue.positions()
+        for job_id in [j for j in self._sent_positions if j not in positions]:
+            del self._sent_positions[job_id]  # started or gone: no more position updates
+        for job in self._queue.predicted_order():
+            position = positions[job.id]
+            if self._sent_positions.get(job.id) != position:
+                self._sent_positions[job.id] = position
+                self._spawn(self._emit(job, Queued(position, self.eta_s(position))))
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)

@@ -1,0 +1,125 @@
+"""One typed settings object (environment prefix VLBOT_, nested adapters with `__`).
+
+Every field here is listed, with a comment, in `.env.example`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_concurrency() -> int:
+    """One generation at a time per 4 cores: a CPU engine saturates the cores it is given."""
+    return max(1, (os.cpu_count() or 1) // 4)
+
+
+class TelegramSettings(BaseModel):
+    token: SecretStr | None = None
+    mode: Literal["polling", "webhook"] = "polling"
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None
+    webhook_listen: str = "127.0.0.1"
+    webhook_port: int = 8443
+    base_url: str | None = None  # Bot API server (tests, or a self-hosted Bot API)
+    base_file_url: str | None = None
+    allowed_users: list[int] = Field(default_factory=list)
+    allowed_chats: list[int] = Field(default_factory=list)
+    rate_limit_per_minute: int = 10
+    default_prompt: str = "Describe this image in one or two sentences."
+
+    @property
+    def enabled(self) -> bool:
+        return self.token is not None
+
+
+class SlackSettings(BaseModel):
+    bot_token: SecretStr | None = None
+    app_token: SecretStr | None = None  # xapp-...: Socket Mode
+    signing_secret: SecretStr | None = None  # HTTP Events API
+    mode: Literal["socket", "http"] = "socket"
+    listen: str = "127.0.0.1"
+    port: int = 3000
+    base_url: str | None = None  # Web API base (tests)
+    slash_command: str = "/vlbot"
+    answer_in_channel: bool = True
+    follow_all_thread_messages: bool = False
+    allowed_teams: list[str] = Field(default_factory=list)
+    allowed_channels: list[str] = Field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.bot_token is not None
+
+
+class HttpSettings(BaseModel):
+    enabled: bool | None = None  # None: on when no chat platform is configured
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    allow_remote_images: bool = False
+    rate_limit_per_minute: int = 60
+    web_user: str | None = None
+    web_password: SecretStr | None = None
+    log_dir: Path | None = None
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VLBOT_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    data_dir: Path = Path("./data")
+
+    # engine
+    engine: Literal["auto", "qwen", "ocr", "openai"] = "auto"
+    model: str = "Qwen/Qwen3-VL-2B-Instruct"
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"
+    threads: int | None = None  # None: physical cores
+    max_new_tokens: int = 512
+    temperature: float = 0.0
+    system_prompt: str | None = None
+    max_image_mb: float = 10.0
+    max_visual_tokens: int = 1024  # pixel budget per image
+    max_images_per_message: int = 10
+
+    # runner
+    max_concurrency: int = Field(
+        default_factory=default_concurrency,
+        validation_alias=AliasChoices("VLBOT_MAX_CONCURRENCY", "MAX_CONCURRENCY", "max_concurrency"),
+    )
+    max_queue: int = 100
+    job_timeout_s: float = 300.0
+    max_attempts: int = 3
+
+    # history
+    history_turns: int = 10  # earlier turns kept in the prompt
+    retention_days: float = 30.0  # turns older than this are deleted from disk
+
+    log_level: str = "INFO"
+
+    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
+    slack: SlackSettings = Field(default_factory=SlackSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "vlbot.sqlite3"
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 1024 * 1024)
+
+    def http_enabled(self) -> bool:
+        if self.http.enabled is not None:
+            return self.http.enabled
+        return not (self.telegram.enabled or self.slack.enabled)

@@ -1,0 +1,104 @@
+"""Every user-facing text of the bot, in English and Simplified Chinese.
+
+`text(key, language_code, **params)` picks the language from a platform's language code
+("zh", "zh-hans", "zh-CN", ... → Chinese; anything else → English).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+CATALOGUE: dict[str, dict[str, str]] = {
+    "en": {
+        "thinking": "thinking…",
+        "queued": "queued: {ordinal} in line, about {eta}",
+        "busy": "I'm busy right now ({queued} requests waiting). Please try again in ~{retry_s} s.",
+        "failed": "Sorry, that failed, please try again. (reference {ref})",
+        "timeout": "Sorry, that took too long and was stopped. Please try again. (reference {ref})",
+        "cancelled": "Cancelled.",
+        "nothing_to_cancel": "There is nothing to cancel.",
+        "reset_done": "Done: I forgot this chat's history.",
+        "empty_question": "Please send an image, or ask a question about an image you sent.",
+        "no_image_yet": "Send a photo or an image file first, then ask about it.",
+        "send_an_image": "Send a photo or an image file (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC).",
+        "too_many_images": "That's {count} images; I take at most {limit} at once.",
+        "not_allowed": "Sorry, this bot is private.",
+        "rate_limited": "You're sending messages too fast. Please wait {retry_s} s.",
+        "engine_loading": "The model is still loading. Please try again in a minute.",
+        # image intake (codes from engine.intake)
+        "empty_file": "That file is empty.",
+        "too_large": "That file is {size_mb} MB; the limit is {limit_mb} MB.",
+        "not_an_image": "That file is not an image I can read. Send a photo or an image file.",
+        "unsupported_format": "{format} images are not supported. Send JPEG, PNG, WebP or HEIC.",
+        "image_too_large_pixels": (
+            "That image is {width}×{height} pixels, over the {limit_mp} MP limit."
+        ),
+        "corrupt_image": "That image is damaged or incomplete; I could not read it.",
+        "help": (
+            "Send me a photo or a screenshot and ask about it: what it says, which fields a receipt "
+            "holds, a one-line summary. Follow-up questions about the same image work.\n"
+            "Commands: /reset forgets this chat, /cancel stops the current answer.\n"
+            "Model: {model}. Images up to {limit_mb} MB."
+        ),
+    },
+    "zh": {
+        "thinking": "思考中…",
+        "queued": "排队中：第 {ordinal} 位，约 {eta}",
+        "busy": "我现在很忙（{queued} 个请求在等待）。请约 {retry_s} 秒后再试。",
+        "failed": "抱歉，处理失败，请重试。（编号 {ref}）",
+        "timeout": "抱歉，处理时间过长已停止，请重试。（编号 {ref}）",
+        "cancelled": "已取消。",
+        "nothing_to_cancel": "没有可以取消的任务。",
+        "reset_done": "好的，我已忘记本对话的历史。",
+        "empty_question": "请发送一张图片，或就你发过的图片提问。",
+        "no_image_yet": "请先发送照片或图片文件，然后再提问。",
+        "send_an_image": "请发送照片或图片文件（JPEG、PNG、WebP、GIF、BMP、TIFF、HEIC）。",
+        "too_many_images": "你发送了 {count} 张图片；我一次最多处理 {limit} 张。",
+        "not_allowed": "抱歉，这是一个私有机器人。",
+        "rate_limited": "你发送消息太快了，请等待 {retry_s} 秒。",
+        "engine_loading": "模型仍在加载中，请稍后再试。",
+        "empty_file": "该文件是空的。",
+        "too_large": "该文件为 {size_mb} MB，上限为 {limit_mb} MB。",
+        "not_an_image": "该文件不是我能读取的图片。请发送照片或图片文件。",
+        "unsupported_format": "不支持 {format} 格式。请发送 JPEG、PNG、WebP 或 HEIC。",
+        "image_too_large_pixels": "该图片为 {width}×{height} 像素，超过了 {limit_mp} 百万像素的上限。",
+        "corrupt_image": "该图片已损坏或不完整，我无法读取。",
+        "help": (
+            "给我发送照片或截图并提问：上面写了什么、收据有哪些字段、一句话总结。"
+            "可以就同一张图片继续追问。\n"
+            "命令：/reset 清除本对话历史，/cancel 停止当前回答。\n"
+            "模型：{model}。图片最大 {limit_mb} MB。"
+        ),
+    },
+}
+
+
+def language_of(language_code: str | None) -> str:
+    if language_code and language_code.lower().replace("_", "-").startswith("zh"):
+        return "zh"
+    return "en"
+
+
+def text(key: str, language_code: str | None = None, **params: Any) -> str:
+    lang = language_of(language_code)
+    template = CATALOGUE[lang].get(key) or CATALOGUE["en"][key]
+    try:
+        return template.format(**params)
+    except (KeyError, IndexError, ValueError):
+        return template
+
+
+def ordinal(n: int, language_code: str | None = None) -> str:
+    if language_of(language_code) == "zh":
+        return str(n)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def duration(seconds: float, language_code: str | None = None) -> str:
+    s = max(1, round(seconds))
+    zh = language_of(language_code) == "zh"
+    if s < 90:
+        return f"{s} 秒" if zh else f"{s} s"
+    m = round(s / 60)
+    return f"{m} 分钟" if zh else f"{m} min"

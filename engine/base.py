@@ -1,0 +1,63 @@
+"""The narrow protocol every engine implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from bot.models import GenerationParams, Message, Turn
+
+
+class EngineError(Exception):
+    """Generation failed for a reason that is not the user's input."""
+
+
+class EngineNotReady(EngineError):
+    """The engine is still loading (or failed to load)."""
+
+
+class ModelNotFound(EngineError):
+    """The configured model folder or hub id cannot be loaded; the message names the fix."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    model: str
+    dtype: str = "n/a"
+    threads: int = 0
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StreamStats:
+    """What an engine measured for the last completed stream (for logs and metrics)."""
+
+    prompt_tokens: int = 0
+    visual_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+
+
+@runtime_checkable
+class Engine(Protocol):
+    @property
+    def info(self) -> EngineInfo: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def load(self) -> None:
+        """Load weights; idempotent. Raises ModelNotFound with a message naming the fix."""
+
+    def check(self, message: Message) -> None:
+        """Validate a message's images (raises bot.models.InputRejected) before it is queued."""
+
+    def stream(
+        self, history: Sequence[Turn], message: Message, params: GenerationParams
+    ) -> AsyncIterator[str]:
+        """Yield text pieces of the answer. Closing the iterator stops generation."""
+
+    async def close(self) -> None: ...

@@ -1,0 +1,209 @@
+"""The job runner: order, fairness, bounds, timeouts, cancel, retries, durability."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bot.adapter import Failed, Final, Queued, QueueFull
+from bot.models import ImagePart, JobStatus, Role
+from tests.conftest import Stack, make_stack
+from tests.fakes import ScriptedEngine, incoming
+
+RECEIPT = ImagePart(b"\x89PNG fake receipt bytes", "image/png", "receipt.png")
+
+
+async def test_turns_of_one_conversation_run_in_order_one_at_a_time(stack: Stack) -> None:
+    stack.engine.delay_s = 0.01
+    stack.runner.max_concurrency = 3
+    await stack.runner.start()
+    for i in range(4):
+        await stack.runner.submit(incoming("a", f"question {i}"))
+    finals = await stack.adapter.wait_for_finals(4)
+    assert [f.event.text for f in finals] == [f"answer to: question {i}" for i in range(4)]  # type: ignore[union-attr]
+    assert stack.engine.max_running == 1
+
+
+async def test_a_chatty_conversation_does_not_starve_the_others(stack: Stack) -> None:
+    stack.engine.delay_s = 0.005
+    for i in range(10):
+        await stack.runner.submit(incoming("chatty", f"c{i}"))
+    for chat in ("b", "x", "d", "e"):
+        await stack.runner.submit(incoming(chat, f"{chat}0"))
+    await stack.runner.start()
+    finals = await stack.adapter.wait_for_finals(14)
+    order = [f.conversation.split(":")[1] for f in finals]
+    # round robin: every quiet chat is answered among the first five answers
+    assert sorted(order[:5]) == ["b", "chatty", "d", "e", "x"]
+    chatty = [f.event.text for f in finals if f.conversation == "test:chatty"]  # type: ignore[union-attr]
+    assert chatty == [f"answer to: c{i}" for i in range(10)]
+
+
+async def test_queue_positions_are_announced(stack: Stack) -> None:
+    accepted = [await stack.runner.submit(incoming(c, "q")) for c in ("a", "b", "c")]
+    assert [a.position for a in accepted] == [1, 2, 3]
+    assert accepted[2].eta_s > accepted[0].eta_s
+    await asyncio.sleep(0.05)
+    queued = [s.event for s in stack.adapter.sent if isinstance(s.event, Queued)]
+    assert sorted(q.position for q in queued) == [1, 2, 3]
+
+
+async def test_full_queue_gets_a_busy_reply_not_a_silent_drop(stack: Stack) -> None:
+    stack.runner.max_queue = 2
+    await stack.runner.submit(incoming("a", "1"))
+    await stack.runner.submit(incoming("b", "2"))
+    with pytest.raises(QueueFull) as busy:
+        await stack.runner.submit(incoming("c", "3"))
+    assert busy.value.queued == 2 and busy.value.retry_after_s >= 1
+    assert (await stack.jobs.counts()) == {"queued": 2}
+
+
+async def test_a_hanging_job_times_out_and_others_go_on(stack: Stack) -> None:
+    stack.runner.job_timeout_s = 0.3
+    stack.engine.hang = True
+    await stack.runner.start()
+    await stack.runner.submit(incoming("a", "hang"))
+    finals = await stack.adapter.wait_for_finals(1)
+    assert isinstance(finals[0].event, Failed) and finals[0].event.code == "timeout"
+    stack.engine.hang = False
+    await stack.runner.submit(incoming("b", "fine"))
+    finals = await stack.adapter.wait_for_finals(2)
+    assert isinstance(finals[1].event, Final)
+
+
+async def test_cancel_stops_running_and_queued_jobs_of_one_conversation(stack: Stack) -> None:
+    stack.engine.hang = True
+    await stack.runner.start()
+    await stack.runner.submit(incoming("a", "first"))
+    await stack.runner.submit(incoming("a", "second"))
+    await asyncio.sleep(0.05)
+    assert await stack.runner.cancel(incoming("a", "").conversation) == 2
+    finals = await stack.adapter.wait_for_finals(2)
+    assert {f.event.code for f in finals} == {"cancelled"}  # type: ignore[union-attr]
+    assert (await stack.jobs.counts()) == {"cancelled": 2}
+    stack.engine.hang = False
+    await stack.runner.submit(incoming("b", "other chat"))
+    assert isinstance((await stack.adapter.wait_for_finals(3))[2].event, Final)
+
+
+async def test_engine_fault_is_retried_then_reported_with_a_reference(stack: Stack) -> None:
+    stack.engine.fail_times = 1
+    await stack.runner.start()
+    await stack.runner.submit(incoming("a", "flaky"))
+    finals = await stack.adapter.wait_for_finals(1)
+    assert isinstance(finals[0].event, Final)
+
+    stack.engine.fail_times = 10
+    accepted = await stack.runner.submit(incoming("b", "broken"))
+    finals = await stack.adapter.wait_for_finals(2)
+    failed = finals[1].event
+    assert isinstance(failed, Failed) and failed.code == "failed" and failed.ref == accepted.job_id
+    job = await stack.jobs.get(accepted.job_id)
+    assert job is not None and job.status is JobStatus.FAILED and job.attempts == 3
+
+
+async def test_follow_up_sees_earlier_turns_and_their_image(stack: Stack) -> None:
+    await stack.runner.start()
+    await stack.runner.submit(incoming("a", "What is on this receipt?", RECEIPT))
+    await stack.adapter.wait_for_finals(1)
+    await stack.runner.submit(incoming("a", "and what's the total?"))
+    await stack.adapter.wait_for_finals(2)
+    history = stack.engine.calls[1].history
+    assert [t.role for t in history] == [Role.USER, Role.ASSISTANT]
+    assert history[0].images[0].data == RECEIPT.data
+    assert history[1].text == "answer to: What is on this receipt?"
+
+
+async def test_a_redelivered_event_is_answered_once(stack: Stack) -> None:
+    await stack.runner.start()
+    first = await stack.runner.submit(incoming("a", "hi", event="update:7"))
+    again = await stack.runner.submit(incoming("a", "hi", event="update:7"))
+    assert not first.duplicate and again.duplicate
+    await stack.adapter.wait_for_finals(1)
+    await asyncio.sleep(0.1)
+    assert len(stack.adapter.finals()) == 1
+
+
+async def test_a_failed_delivery_is_retried_and_sent_once(stack: Stack) -> None:
+    stack.adapter.fail_next_final = 1
+    await stack.runner.start()
+    await stack.runner.submit(incoming("a", "hi"))
+    finals = await stack.adapter.wait_for_finals(1, timeout=10)
+    await asyncio.sleep(0.1)
+    assert len(finals) == 1 and isinstance(finals[0].event, Final)
+    assert len(await stack.history.recent(incoming("a", "").conversation)) == 2
+
+
+async def test_jobs_accepted_before_a_crash_are_answered_once_after_restart(tmp_path: Path) -> None:
+    db_path = tmp_path / "vlbot.sqlite3"
+    first = await make_stack(db_path)
+    for chat in ("a", "b", "a"):
+        await first.runner.submit(incoming(chat, f"q-{chat}"))
+    # a job whose answer was generated but whose delivery was not recorded:
+    answered = await first.runner.submit(incoming("c", "q-c"))
+    job = await first.jobs.get(answered.job_id)
+    assert job is not None
+    await first.jobs.update(job, status=JobStatus.ANSWERED, answer="stored answer",
+                            origin={**job.origin, "placeholder": 99})
+    await first.db.close()  # the process "dies" here: runner never started
+
+    second = await make_stack(db_path)
+    await second.runner.start()
+    finals = await second.adapter.wait_for_finals(4)
+    await asyncio.sleep(0.1)
+    assert len(second.adapter.finals()) == 4
+    assert sorted(f.conversation for f in finals) == ["test:a", "test:a", "test:b", "test:c"]
+    stored = [f for f in finals if f.conversation == "test:c"][0]
+    assert isinstance(stored.event, Final) and stored.event.text == "stored answer"
+    assert len(second.engine.calls) == 3  # the stored answer was not generated again
+    assert (await second.jobs.counts()) == {"done": 4}
+    await second.runner.stop()
+    await second.db.close()
+
+
+async def test_history_persists_into_a_new_process(tmp_path: Path) -> None:
+    db_path = tmp_path / "vlbot.sqlite3"
+    s = await make_stack(db_path)
+    await s.runner.start()
+    await s.runner.submit(incoming("a", "What is on this receipt?", RECEIPT))
+    await s.adapter.wait_for_finals(1)
+    await s.runner.stop()
+    await s.db.close()
+    script = textwrap.dedent(f"""
+        import asyncio
+        from pathlib import Path
+        from bot.db import Database
+        from bot.history import HistoryStore
+        from bot.models import ConversationId
+        async def main():
+            db = await Database.open(Path({str(db_path)!r}))
+            turns = await HistoryStore(db).recent(ConversationId("test", "a"))
+            print(len(turns), turns[0].images[0].name, len(turns[0].images[0].data), turns[1].text)
+            await db.close()
+        asyncio.run(main())
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.split(None, 3) == ["2", "receipt.png", str(len(RECEIPT.data)),
+                                          "answer to: What is on this receipt?\n"]
+
+
+async def test_shutdown_keeps_the_running_job_queued(tmp_path: Path) -> None:
+    db_path = tmp_path / "vlbot.sqlite3"
+    s = await make_stack(db_path, ScriptedEngine(hang=True))
+    await s.runner.start()
+    await s.runner.submit(incoming("a", "long one"))
+    await asyncio.sleep(0.05)
+    await s.runner.stop(grace_s=0.1)
+    assert (await s.jobs.counts()) == {"queued": 1}
+    await s.db.close()
+    again = await make_stack(db_path)
+    await again.runner.start()
+    finals = await again.adapter.wait_for_finals(1)
+    assert finals[0].event == Final("answer to: long one")
+    await again.runner.stop()
+    await again.db.close()
