@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bot.history import HistoryStore
 from bot.models import ConversationId, Job, Message, User
 
 
@@ -74,8 +75,26 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+@dataclass(frozen=True)
+class CoreStatus:
+    engine_state: str  # loading | ready | failed
+    engine_error: str | None
+    model: str
+    engine: str
+    dtype: str
+    queue_depth: int
+    running: int
+    uptime_s: float
+    job_seconds: float  # recent mean job duration, for ETAs
+
+
 class Core(Protocol):
     """What the composition root hands an adapter: the runner and history, narrowly."""
+
+    @property
+    def history(self) -> HistoryStore: ...
+
+    def status(self) -> CoreStatus: ...
 
     async def submit(self, incoming: Incoming) -> Acceptance:
         """Persist and queue. Raises QueueFull or bot.models.InputRejected (reply to the user)."""

@@ -218,6 +218,8 @@ class Runner:
         started = time.monotonic()
         await self._emit(job, Started())
         try:
+            if not self.engine.ready:
+                await self.engine.load()  # idempotent: waits for the load already under way
             answer = await asyncio.wait_for(self._generate(job), timeout=self.job_timeout_s)
         except asyncio.CancelledError:
             if job.id in self._cancelled:

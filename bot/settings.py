@@ -68,6 +68,15 @@ class HttpSettings(BaseModel):
     log_dir: Path | None = None
 
 
+class RemoteSettings(BaseModel):
+    """engine=openai: any OpenAI-compatible server (vLLM, llama.cpp server, Ollama, vlbot)."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key: SecretStr | None = None
+    model: str = "Qwen/Qwen3-VL-2B-Instruct"
+    timeout_s: float = 120.0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VLBOT_",
@@ -110,6 +119,7 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     slack: SlackSettings = Field(default_factory=SlackSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
+    remote: RemoteSettings = Field(default_factory=RemoteSettings)
 
     @property
     def db_path(self) -> Path:

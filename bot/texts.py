@@ -11,6 +11,7 @@ from typing import Any
 CATALOGUE: dict[str, dict[str, str]] = {
     "en": {
         "thinking": "thinking…",
+        "default_prompt": "Describe this image in one or two sentences.",
         "queued": "queued: {ordinal} in line, about {eta}",
         "busy": "I'm busy right now ({queued} requests waiting). Please try again in ~{retry_s} s.",
         "failed": "Sorry, that failed, please try again. (reference {ref})",
@@ -25,6 +26,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "not_allowed": "Sorry, this bot is private.",
         "rate_limited": "You're sending messages too fast. Please wait {retry_s} s.",
         "engine_loading": "The model is still loading. Please try again in a minute.",
+        "empty_answer": "The model gave no answer. Please rephrase the question.",
         # image intake (codes from engine.intake)
         "empty_file": "That file is empty.",
         "too_large": "That file is {size_mb} MB; the limit is {limit_mb} MB.",
@@ -40,9 +42,34 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "Commands: /reset forgets this chat, /cancel stops the current answer.\n"
             "Model: {model}. Images up to {limit_mb} MB."
         ),
+        # Slack
+        "slack_working": "working…",
+        "slack_files_scope": (
+            "I could not download that file: Slack sent a login page instead of the image. "
+            "The app needs the files:read scope: add it under OAuth & Permissions (or in "
+            "manifest.yml), reinstall the app, and send the image again."
+        ),
+        "slack_download_failed": "I could not download that file from Slack (HTTP {status}).",
+        "slack_attach_hint": (
+            "I found no image in this conversation. Upload a screenshot here (drag it into the "
+            "message box, or paste it) and run {command} <question> again, or mention me in the "
+            "message that has the image."
+        ),
+        "slack_not_in_channel": (
+            "I can't read this channel. Invite me first: /invite @vlbot, then try again."
+        ),
+        "slack_continued": "(continued)",
+        "slack_help": (
+            "Mention me in a message with a screenshot and I answer in its thread; mention me in "
+            "that thread to ask follow-up questions. In a direct message just send the image.\n"
+            "{command} <question> asks about the latest image in this channel, "
+            "{command} reset forgets this conversation, {command} help shows this.\n"
+            "Model: {model}. Images up to {limit_mb} MB."
+        ),
     },
     "zh": {
         "thinking": "思考中…",
+        "default_prompt": "用一两句话描述这张图片。",
         "queued": "排队中：第 {ordinal} 位，约 {eta}",
         "busy": "我现在很忙（{queued} 个请求在等待）。请约 {retry_s} 秒后再试。",
         "failed": "抱歉，处理失败，请重试。（编号 {ref}）",
@@ -57,6 +84,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "not_allowed": "抱歉，这是一个私有机器人。",
         "rate_limited": "你发送消息太快了，请等待 {retry_s} 秒。",
         "engine_loading": "模型仍在加载中，请稍后再试。",
+        "empty_answer": "模型没有给出回答，请换个方式提问。",
         "empty_file": "该文件是空的。",
         "too_large": "该文件为 {size_mb} MB，上限为 {limit_mb} MB。",
         "not_an_image": "该文件不是我能读取的图片。请发送照片或图片文件。",
@@ -67,6 +95,25 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "给我发送照片或截图并提问：上面写了什么、收据有哪些字段、一句话总结。"
             "可以就同一张图片继续追问。\n"
             "命令：/reset 清除本对话历史，/cancel 停止当前回答。\n"
+            "模型：{model}。图片最大 {limit_mb} MB。"
+        ),
+        "slack_working": "处理中…",
+        "slack_files_scope": (
+            "无法下载该文件：Slack 返回了登录页面而不是图片。应用需要 files:read 权限："
+            "请在 OAuth & Permissions（或 manifest.yml）中添加该权限，重新安装应用，然后再次发送图片。"
+        ),
+        "slack_download_failed": "无法从 Slack 下载该文件（HTTP {status}）。",
+        "slack_attach_hint": (
+            "在这个对话中没有找到图片。请在这里上传截图（拖入消息框或粘贴），"
+            "然后再次运行 {command} <问题>，或在带图片的消息中提及我。"
+        ),
+        "slack_not_in_channel": "我无法读取这个频道。请先邀请我：/invite @vlbot，然后再试一次。",
+        "slack_continued": "（续）",
+        "slack_help": (
+            "在带截图的消息中提及我，我会在该消息的话题中回答；在话题中提及我即可继续追问。"
+            "在私信中直接发送图片即可。\n"
+            "{command} <问题> 针对本频道最新的图片提问，{command} reset 清除本对话，"
+            "{command} help 显示本帮助。\n"
             "模型：{model}。图片最大 {limit_mb} MB。"
         ),
     },

@@ -1,16 +1,21 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from bot.adapter import Adapter
+from bot.core import BotCore
 from bot.db import Database
 from bot.history import HistoryStore
 from bot.jobs import JobStore
 from bot.runner import Runner
 from tests.fakes import RecordingAdapter, ScriptedEngine
+
+pytest_plugins = ["tests.engine_fixtures"]
 
 
 @dataclass
@@ -31,7 +36,7 @@ async def make_stack(db_path: Path, engine: ScriptedEngine | None = None, **runn
     runner = Runner(jobs, history, engine, **runner_kw)  # type: ignore[arg-type]
     adapter = RecordingAdapter()
     runner.attach({"test": adapter})
-    await adapter.start(runner)
+    await adapter.start(BotCore(runner, history, engine))
     return Stack(db, history, jobs, runner, adapter, engine)
 
 
@@ -41,3 +46,37 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     yield s
     await s.runner.stop(grace_s=1)
     await s.db.close()
+
+
+@dataclass
+class CoreStack:
+    """A real runner + SQLite history behind a BotCore, for adapter tests."""
+
+    db: Database
+    history: HistoryStore
+    jobs: JobStore
+    runner: Runner
+    core: BotCore
+    engine: ScriptedEngine
+
+    async def close(self) -> None:
+        await self.runner.stop(grace_s=1)
+        await self.db.close()
+
+
+async def make_core(
+    db_path: Path, adapters: Sequence[Adapter], engine: ScriptedEngine | None = None,
+    **runner_kw: Any,
+) -> CoreStack:
+    """Build the core around `adapters`, start the runner and then the adapters."""
+    db = await Database.open(db_path)
+    history = HistoryStore(db, turns_in_prompt=10)
+    jobs = JobStore(db, history)
+    engine = engine or ScriptedEngine()
+    runner = Runner(jobs, history, engine, **runner_kw)
+    runner.attach({a.platform: a for a in adapters})
+    core = BotCore(runner, history, engine)
+    await runner.start()
+    for adapter in adapters:
+        await adapter.start(core)
+    return CoreStack(db, history, jobs, runner, core, engine)

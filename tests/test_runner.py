@@ -158,7 +158,7 @@ async def test_jobs_accepted_before_a_crash_are_answered_once_after_restart(tmp_
     await asyncio.sleep(0.1)
     assert len(second.adapter.finals()) == 4
     assert sorted(f.conversation for f in finals) == ["test:a", "test:a", "test:b", "test:c"]
-    stored = [f for f in finals if f.conversation == "test:c"][0]
+    stored = next(f for f in finals if f.conversation == "test:c")
     assert isinstance(stored.event, Final) and stored.event.text == "stored answer"
     assert len(second.engine.calls) == 3  # the stored answer was not generated again
     assert (await second.jobs.counts()) == {"done": 4}
@@ -187,7 +187,9 @@ async def test_history_persists_into_a_new_process(tmp_path: Path) -> None:
             await db.close()
         asyncio.run(main())
     """)
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    out = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    )
     assert out.stdout.split(None, 3) == ["2", "receipt.png", str(len(RECEIPT.data)),
                                           "answer to: What is on this receipt?\n"]
 

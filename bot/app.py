@@ -1,0 +1,160 @@
+"""The composition root: settings → engine, database, runner, adapters on one event loop.
+
+This is the one module of bot/ that imports adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+
+from bot.adapter import Adapter
+from bot.core import BotCore
+from bot.db import Database
+from bot.history import HistoryStore
+from bot.jobs import JobStore
+from bot.models import GenerationParams
+from bot.runner import Runner
+from bot.settings import Settings
+from engine.base import Engine
+from engine.intake import IntakeLimits
+
+log = logging.getLogger("vlbot.app")
+
+
+def intake_limits(settings: Settings) -> IntakeLimits:
+    return IntakeLimits(
+        max_bytes=settings.max_image_bytes, max_visual_tokens=settings.max_visual_tokens
+    )
+
+
+def build_engine(settings: Settings) -> Engine:
+    if settings.engine == "openai":
+        from engine.openai_remote import OpenAIRemoteEngine
+
+        return OpenAIRemoteEngine(
+            base_url=settings.remote.base_url,
+            api_key=(
+                settings.remote.api_key.get_secret_value() if settings.remote.api_key else None
+            ),
+            model=settings.remote.model,
+            limits=intake_limits(settings),
+            timeout_s=settings.remote.timeout_s,
+        )
+    if settings.engine == "ocr":
+        raise SystemExit("vlbot: the OCR engine is not available yet; use VLBOT_ENGINE=qwen")
+    from engine.qwen import QwenVLEngine
+
+    return QwenVLEngine(
+        settings.model,
+        dtype=settings.dtype,
+        threads=settings.threads,
+        limits=intake_limits(settings),
+        max_images=settings.max_images_per_message,
+    )
+
+
+def build_adapters(settings: Settings) -> list[Adapter]:
+    adapters: list[Adapter] = []
+    if settings.telegram.enabled:
+        from adapters.telegram import TelegramAdapter
+
+        adapters.append(TelegramAdapter(settings))
+    if settings.slack.enabled:
+        from adapters.slack import SlackAdapter
+
+        adapters.append(SlackAdapter(settings))
+    if settings.http_enabled():
+        from adapters.http import HttpAdapter
+
+        adapters.append(HttpAdapter(settings))
+    return adapters
+
+
+class App:
+    """Owns the lifecycle: start everything, run until stopped, stop in reverse order."""
+
+    def __init__(
+        self, settings: Settings, engine: Engine, adapters: list[Adapter] | None = None
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.adapters = adapters if adapters is not None else build_adapters(settings)
+        self.db: Database | None = None
+        self.runner: Runner | None = None
+        self.core: BotCore | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> BotCore:
+        s = self.settings
+        started = time.monotonic()
+        self.db = await Database.open(s.db_path)
+        history = HistoryStore(self.db, s.history_turns, s.retention_days)
+        jobs = JobStore(self.db, history)
+        params = GenerationParams(
+            max_new_tokens=s.max_new_tokens, temperature=s.temperature, system_prompt=s.system_prompt
+        )
+        self.runner = Runner(
+            jobs,
+            history,
+            self.engine,
+            max_concurrency=s.max_concurrency,
+            max_queue=s.max_queue,
+            job_timeout_s=s.job_timeout_s,
+            max_attempts=s.max_attempts,
+            params=params,
+        )
+        self.runner.attach({a.platform: a for a in self.adapters})
+        self.core = BotCore(self.runner, history, self.engine)
+        self.core.load_engine_in_background()
+        for adapter in self.adapters:
+            await adapter.start(self.core)
+            log.info("adapter %s started", adapter.platform)
+        await self.runner.start()
+        self._prune_task = asyncio.create_task(self._prune_forever(history))
+        log.info(
+            "vlbot serving (%s) in %.2f s",
+            ", ".join(a.platform for a in self.adapters) or "no adapters",
+            time.monotonic() - started,
+        )
+        return self.core
+
+    async def stop(self) -> None:
+        log.info("shutting down")
+        if self._prune_task:
+            self._prune_task.cancel()
+        for adapter in reversed(self.adapters):
+            try:
+                await adapter.stop()
+            except Exception as exc:
+                log.warning("adapter %s did not stop cleanly: %r", adapter.platform, exc)
+        if self.runner:
+            await self.runner.stop(grace_s=10.0)
+        await self.engine.close()
+        if self.db:
+            await self.db.close()
+
+    async def run_until_signalled(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        try:
+            await stop.wait()
+        finally:
+            await self.stop()
+
+    async def _prune_forever(self, history: HistoryStore) -> None:
+        while True:
+            try:
+                deleted = await history.prune()
+                if deleted:
+                    log.info("retention: deleted %d old turns", deleted)
+            except Exception as exc:
+                log.warning("retention pass failed: %r", exc)
+            await asyncio.sleep(3600)

@@ -1,0 +1,225 @@
+"""`vlbot` command line: ask, serve, doctor, dev make-model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import SecretStr, ValidationError
+
+from bot import texts
+from bot.db import DataDirError, prepare_data_dir
+from bot.models import GenerationParams, ImagePart, InputRejected, Message
+from bot.settings import Settings
+from engine.base import EngineError
+
+MIME_BY_SUFFIX = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".heic": "image/heic",
+    ".heif": "image/heif",
+}
+
+
+class CliError(Exception):
+    """One clear line for the user, no traceback."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise CliError(f"invalid setting {where}: {first['msg']} (see .env.example)") from exc
+
+
+def read_image(path_text: str, settings: Settings) -> ImagePart:
+    path = Path(path_text)
+    if not path.is_file():
+        raise CliError(f"no such image file: {path}")
+    size = path.stat().st_size
+    if size > settings.max_image_bytes:  # refuse before reading a huge file into memory
+        raise CliError(
+            texts.text("too_large", size_mb=round(size / 2**20, 1), limit_mb=settings.max_image_mb)
+        )
+    mime = MIME_BY_SUFFIX.get(path.suffix.lower(), "application/octet-stream")
+    return ImagePart(path.read_bytes(), mime, path.name)
+
+
+async def ask(args: argparse.Namespace) -> int:
+    from bot.app import build_engine
+
+    if not args.items:
+        raise CliError('usage: vlbot ask IMAGE... "question"')
+    *image_paths, question = args.items
+    if not image_paths and Path(question).is_file():  # noqa: ASYNC240 (one stat, at start-up)
+        image_paths, question = [question], ""
+    settings = load_settings(model=args.model, engine=args.engine, dtype=args.dtype)
+    images = [read_image(p, settings) for p in image_paths]
+    if not question.strip() and not images:
+        raise CliError(texts.text("empty_question"))
+    message = Message.of(question.strip() or texts.text("default_prompt"), *images)
+    engine = build_engine(settings)
+    engine.check(message)
+    await engine.load()
+    params = GenerationParams(
+        max_new_tokens=args.max_new_tokens or settings.max_new_tokens,
+        temperature=settings.temperature,
+        system_prompt=settings.system_prompt,
+    )
+    started = time.monotonic()
+    pieces: list[str] = []
+    async for piece in engine.stream([], message, params):
+        pieces.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    answer = "".join(pieces).strip()
+    if args.json:
+        stats = getattr(engine, "last_stats", None)
+        out: dict[str, Any] = {"answer": answer, "model": engine.info.model,
+                               "seconds": round(time.monotonic() - started, 3)}
+        if stats is not None:
+            out["stats"] = {k: getattr(stats, k) for k in type(stats).__dataclass_fields__}
+        print(json.dumps(out, ensure_ascii=False))
+    else:
+        sys.stdout.write("\n")
+    await engine.close()
+    return 0
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from bot.app import App, build_engine
+    from bot.logs import setup_logging
+
+    settings = load_settings(model=args.model, engine=args.engine)
+    setup_logging(settings)
+    prepare_data_dir(settings.data_dir)
+    app = App(settings, build_engine(settings))
+    if not app.adapters:
+        raise CliError("no adapter is enabled: set VLBOT_TELEGRAM__TOKEN, VLBOT_SLACK__BOT_TOKEN "
+                       "or VLBOT_HTTP__ENABLED=true (see .env.example)")
+    await app.run_until_signalled()
+    return 0
+
+
+def mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        secret = value.get_secret_value()
+        return f"{secret[:4]}…({len(secret)} chars)" if len(secret) > 8 else "***"
+    if isinstance(value, dict):
+        return {k: mask(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [mask(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def doctor(args: argparse.Namespace) -> int:
+    from engine.loading import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
+
+    settings = load_settings()
+    shown = {name: mask(getattr(settings, name)) for name in type(settings).model_fields}
+    for name in ("telegram", "slack", "http", "remote"):
+        sub = getattr(settings, name)
+        shown[name] = {k: mask(getattr(sub, k)) for k in type(sub).model_fields}
+    print("settings:")
+    print(json.dumps(shown, indent=2, ensure_ascii=False, default=str))
+    print(f"python: {platform.python_version()}  machine: {platform.machine()}  "
+          f"cpus: {os.cpu_count()}  physical cores: {physical_cores()}")
+    print(f"bf16 support (avx512_bf16/amx): {'yes' if cpu_supports_bf16() else 'no'}")
+    print(f"dtype that would be used: {dtype_name(resolve_dtype(settings.dtype))}")
+    try:
+        import torch
+
+        print(f"torch: {torch.__version__} (cuda build: {torch.version.cuda or 'no'})")
+    except ImportError:
+        print("torch: NOT INSTALLED — run scripts/setup")
+    print(f"model: {settings.model} — {describe_model(settings.model)}")
+    try:
+        prepare_data_dir(settings.data_dir)
+        print(f"data folder: {settings.data_dir} (writable)")
+    except DataDirError as exc:
+        print(f"data folder: {exc}")
+    return 0
+
+
+def describe_model(model: str) -> str:
+    path = Path(model).expanduser()
+    if path.exists():
+        return "local folder, config.json found" if (path / "config.json").is_file() else (
+            "local folder WITHOUT config.json — not a saved model")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, "config.json")
+    except Exception:
+        cached = None
+    if isinstance(cached, str):
+        return "found in the Hugging Face cache"
+    return "not downloaded yet: it is fetched from the Hugging Face hub on first use"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vlbot", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_ask = sub.add_parser("ask", help="answer a question about images, streamed to stdout")
+    p_ask.add_argument("items", nargs="+", metavar='IMAGE... "question"')
+    p_ask.add_argument("--model", help="hub id or local folder (default: settings)")
+    p_ask.add_argument("--engine", choices=["auto", "qwen", "ocr", "openai"])
+    p_ask.add_argument("--dtype", choices=["auto", "bfloat16", "float32"])
+    p_ask.add_argument("--max-new-tokens", type=int)
+    p_ask.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p_serve = sub.add_parser("serve", help="run the configured adapters, runner and engine")
+    p_serve.add_argument("--model")
+    p_serve.add_argument("--engine", choices=["auto", "qwen", "ocr", "openai"])
+    sub.add_parser("doctor", help="print settings (secrets masked), CPU features, model status")
+    p_dev = sub.add_parser("dev", help="developer tools")
+    p_dev.add_argument("tool", choices=["make-model"])
+    p_dev.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "ask":
+            return asyncio.run(ask(args))
+        if args.command == "serve":
+            return asyncio.run(serve(args))
+        if args.command == "doctor":
+            return doctor(args)
+        from engine.devmodel import main as make_model_main
+
+        return make_model_main(args.rest)
+    except CliError as exc:
+        print(f"vlbot: {exc}", file=sys.stderr)
+        return 2
+    except InputRejected as exc:
+        print(f"vlbot: {texts.text(exc.code, **exc.params)}", file=sys.stderr)
+        return 2
+    except (EngineError, DataDirError) as exc:
+        print(f"vlbot: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""The Core handed to adapters: submit/cancel/reset through the runner, history, and status."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from bot.adapter import Acceptance, CoreStatus, Incoming
+from bot.history import HistoryStore
+from bot.models import ConversationId
+from bot.runner import Runner
+from engine.base import Engine, EngineNotReady
+
+log = logging.getLogger("vlbot.core")
+
+
+class BotCore:
+    def __init__(self, runner: Runner, history: HistoryStore, engine: Engine) -> None:
+        self.runner = runner
+        self._history = history
+        self.engine = engine
+        self.started_at = time.time()
+        self.engine_error: str | None = None
+        self._load_task: asyncio.Task[None] | None = None
+
+    @property
+    def history(self) -> HistoryStore:
+        return self._history
+
+    def load_engine_in_background(self) -> asyncio.Task[None]:
+        """Start loading the model without delaying readiness of the adapters."""
+
+        async def _load() -> None:
+            started = time.monotonic()
+            try:
+                await self.engine.load()
+            except Exception as exc:
+                self.engine_error = str(exc)
+                log.error("engine failed to load: %s", exc)
+            else:
+                log.info("engine ready in %.1f s", time.monotonic() - started)
+
+        self._load_task = asyncio.create_task(_load(), name="vlbot-engine-load")
+        return self._load_task
+
+    async def wait_engine(self) -> None:
+        if self._load_task is not None:
+            await self._load_task
+        if self.engine_error:
+            raise EngineNotReady(self.engine_error)
+
+    def status(self) -> CoreStatus:
+        info = self.engine.info
+        state = "failed" if self.engine_error else ("ready" if self.engine.ready else "loading")
+        return CoreStatus(
+            engine_state=state,
+            engine_error=self.engine_error,
+            model=info.model,
+            engine=info.name,
+            dtype=info.dtype,
+            queue_depth=self.runner.queue_depth,
+            running=self.runner.running_count,
+            uptime_s=time.time() - self.started_at,
+            job_seconds=self.runner.job_seconds(),
+        )
+
+    async def submit(self, incoming: Incoming) -> Acceptance:
+        return await self.runner.submit(incoming)
+
+    async def cancel(self, conversation: ConversationId) -> int:
+        return await self.runner.cancel(conversation)
+
+    async def reset(self, conversation: ConversationId) -> None:
+        await self.runner.reset(conversation)

@@ -1,0 +1,173 @@
+"""Unit tests for the engine's parts that need no model: prompt building, hardware and source
+resolution, and the incremental detokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from bot.models import ImagePart, InputRejected, Message, Role, TextPart, Turn
+from engine.base import ModelNotFound
+from engine.intake import IntakeLimits
+from engine.loading import (
+    cpu_supports_bf16,
+    physical_cores,
+    resolve_dtype,
+    resolve_source,
+)
+from engine.prompt import OMITTED_IMAGE, build_prompt, count_images
+from engine.streaming import TokenPipe
+
+LIMITS = IntakeLimits()
+
+
+def image(tag: str) -> ImagePart:
+    return ImagePart(tag.encode(), "image/png", tag)
+
+
+def fake_open(part: ImagePart, limits: IntakeLimits) -> Image.Image:
+    if part.data.startswith(b"bad"):
+        raise InputRejected("corrupt_image", "cannot decode")
+    picture = Image.new("RGB", (8, 8))
+    picture.info["tag"] = part.data.decode()
+    return picture
+
+
+def tags(images: list[Image.Image]) -> list[str]:
+    return [str(i.info["tag"]) for i in images]
+
+
+# --- prompt ------------------------------------------------------------------------------------
+
+
+def test_prompt_rebuilds_history_with_images_in_order() -> None:
+    history = [
+        Turn(Role.USER, (image("a"), TextPart("what is this?"))),
+        Turn(Role.ASSISTANT, (TextPart("a cat"),)),
+        Turn(Role.USER, (TextPart("and these?"), image("b"), image("c"))),
+        Turn(Role.ASSISTANT, (TextPart("dogs"), image("never-shown"))),
+    ]
+    message = Message((image("d"), TextPart("compare all")))
+    prompt = build_prompt(
+        history, message, limits=LIMITS, system_prompt=" Be brief. ", opener=fake_open
+    )
+    assert tags(prompt.images) == ["a", "b", "c", "d"]
+    assert [m["role"] for m in prompt.messages] == [
+        "system", "user", "assistant", "user", "assistant", "user"
+    ]
+    assert prompt.messages[0]["content"] == [{"type": "text", "text": "Be brief."}]
+    assert prompt.messages[1]["content"] == [
+        {"type": "image"},
+        {"type": "text", "text": "what is this?"},
+    ]
+    assert prompt.messages[3]["content"] == [
+        {"type": "text", "text": "and these?"},
+        {"type": "image"},
+        {"type": "image"},
+    ]
+    assert prompt.messages[4]["content"] == [{"type": "text", "text": "dogs"}]
+    assert prompt.messages[5]["content"][0] == {"type": "image"}
+    assert count_images(history, message) == 4
+
+
+def test_prompt_keeps_the_newest_images_within_max_images() -> None:
+    history = [
+        Turn(Role.USER, (image("a"), image("b"))),
+        Turn(Role.ASSISTANT, (TextPart("ok"),)),
+        Turn(Role.USER, (image("c"),)),
+    ]
+    message = Message.of("now this", image("d"), image("e"))
+    prompt = build_prompt(history, message, limits=LIMITS, max_images=3, opener=fake_open)
+    assert tags(prompt.images) == ["c", "d", "e"]
+    notes = [c for m in prompt.messages for c in m["content"] if c.get("text") == OMITTED_IMAGE]
+    assert len(notes) == 2
+    # the new message's images are always shown, even past the limit
+    prompt = build_prompt(history, message, limits=LIMITS, max_images=1, opener=fake_open)
+    assert tags(prompt.images) == ["d", "e"]
+
+
+def test_prompt_unreadable_history_image_becomes_a_note() -> None:
+    history = [Turn(Role.USER, (image("bad-old"), TextPart("hm")))]
+    prompt = build_prompt(history, Message.of("again?"), limits=LIMITS, opener=fake_open)
+    assert prompt.images == []
+    assert prompt.messages[0]["content"][0] == {"type": "text", "text": OMITTED_IMAGE}
+    with pytest.raises(InputRejected):
+        build_prompt([], Message.of("new", image("bad-new")), limits=LIMITS, opener=fake_open)
+
+
+def test_prompt_rejects_an_empty_message_and_skips_empty_turns() -> None:
+    with pytest.raises(InputRejected) as info:
+        build_prompt([], Message(()), limits=LIMITS, opener=fake_open)
+    assert info.value.code == "empty_question"
+    history = [Turn(Role.USER, (TextPart("  "),)), Turn(Role.ASSISTANT, ())]
+    prompt = build_prompt(history, Message.of("hi"), limits=LIMITS, opener=fake_open)
+    assert prompt.messages == [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+
+
+# --- hardware and source -------------------------------------------------------------------------
+
+CPUINFO_BF16 = """processor\t: 0
+physical id\t: 0
+core id\t: 0
+flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile
+
+processor\t: 1
+physical id\t: 0
+core id\t: 0
+flags\t\t: fpu sse avx2 avx512f avx512_bf16 amx_tile
+"""
+CPUINFO_PLAIN = "processor\t: 0\ncore id\t: 0\nflags\t\t: fpu sse avx2\n"
+
+
+def test_dtype_resolution() -> None:
+    assert cpu_supports_bf16(CPUINFO_BF16) and not cpu_supports_bf16(CPUINFO_PLAIN)
+    assert resolve_dtype("auto", CPUINFO_BF16) is torch.bfloat16
+    assert resolve_dtype("auto", CPUINFO_PLAIN) is torch.float32
+    assert resolve_dtype("float32", CPUINFO_BF16) is torch.float32
+    assert resolve_dtype("BF16") is torch.bfloat16
+    with pytest.raises(ValueError):
+        resolve_dtype("int4")
+
+
+def test_physical_cores_counts_hyperthreads_once() -> None:
+    assert physical_cores(CPUINFO_BF16) == 1
+    assert physical_cores() >= 1
+
+
+def test_resolve_source(tmp_path: Path) -> None:
+    assert resolve_source("Qwen/Qwen3-VL-2B-Instruct").kind == "hub"
+    for name in (str(tmp_path / "missing"), "./missing-model", "not a hub id"):
+        with pytest.raises(ModelNotFound, match="does not exist"):
+            resolve_source(name)
+    with pytest.raises(ModelNotFound, match="no model configured"):
+        resolve_source("  ")
+
+
+# --- incremental detokenizer ---------------------------------------------------------------------
+
+
+async def test_token_pipe_never_splits_a_character() -> None:
+    from engine.devmodel import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    text = "Der Hund läuft — 猫が好きです 🐈 ok"
+    ids = tokenizer(text)["input_ids"]
+    queue: asyncio.Queue[object] = asyncio.Queue()
+    pipe = TokenPipe(tokenizer, asyncio.get_running_loop(), queue)
+    pipe.put(torch.tensor([[1, 2, 3]]))  # the prompt: skipped
+    for token in ids:
+        pipe.put(torch.tensor([token]))
+    pipe.end()
+    await asyncio.sleep(0)
+    pieces: list[str] = []
+    while not queue.empty():
+        item = queue.get_nowait()
+        assert isinstance(item, str)
+        pieces.append(item)
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert pipe.token_count == len(ids) and pipe.first_token_at is not None
