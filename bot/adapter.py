@@ -96,6 +96,8 @@ class Core(Protocol):
 
     def status(self) -> CoreStatus: ...
 
+    async def job_counts(self) -> dict[str, int]: ...
+
     async def submit(self, incoming: Incoming) -> Acceptance:
         """Persist and queue. Raises QueueFull or bot.models.InputRejected (reply to the user)."""
 

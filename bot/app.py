@@ -53,7 +53,7 @@ def build_engine(settings: Settings) -> Engine:
         dtype=settings.dtype,
         threads=settings.threads,
         limits=intake_limits(settings),
-        max_images=settings.max_images_per_message,
+        max_images=max(8, settings.max_images_per_message),  # whole prompt, history included
     )
 
 
@@ -105,6 +105,7 @@ class App:
             max_queue=s.max_queue,
             job_timeout_s=s.job_timeout_s,
             max_attempts=s.max_attempts,
+            max_images_per_message=s.max_images_per_message,
             params=params,
         )
         self.runner.attach({a.platform: a for a in self.adapters})

@@ -65,6 +65,10 @@ class BotCore:
             job_seconds=self.runner.job_seconds(),
         )
 
+    async def job_counts(self) -> dict[str, int]:
+        """Stored jobs by status (all platforms), for metrics."""
+        return await self.runner.jobs.counts()
+
     async def submit(self, incoming: Incoming) -> Acceptance:
         return await self.runner.submit(incoming)
 

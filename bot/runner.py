@@ -60,6 +60,7 @@ class Runner:
         job_timeout_s: float = 300.0,
         max_attempts: int = 3,
         retry_backoff_s: float = 2.0,
+        max_images_per_message: int = 10,
         params: GenerationParams | None = None,
     ) -> None:
         self.jobs = jobs
@@ -70,6 +71,7 @@ class Runner:
         self.job_timeout_s = job_timeout_s
         self.max_attempts = max(1, max_attempts)
         self.retry_backoff_s = retry_backoff_s
+        self.max_images_per_message = max_images_per_message
         self.params = params or GenerationParams()
         self.adapters: dict[str, Adapter] = {}
         self._queue = FairQueue()
@@ -125,6 +127,11 @@ class Runner:
     async def submit(self, incoming: Incoming) -> Acceptance:
         if not incoming.message.parts:
             raise InputRejected("empty_question", "empty message")
+        count = len(incoming.message.images)
+        if count > self.max_images_per_message:
+            raise InputRejected(
+                "too_many_images", f"{count} images", count=count, limit=self.max_images_per_message
+            )
         self.engine.check(incoming.message)
         if len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue), self.retry_after_s())
@@ -238,10 +245,13 @@ class Runner:
             return
         except Exception as exc:  # engine fault: retry with backoff, then report
             log.error("job %s attempt %d failed: %r", job.id, job.attempts, exc, exc_info=exc)
+            # an engine error may name its user-facing text (e.g. remote_timeout) by `code`
+            code = getattr(exc, "code", None)
+            code = code if isinstance(code, str) else "failed"
             if job.attempts < self.max_attempts and not isinstance(exc, EngineNotReady):
                 self._spawn(self._retry_later(job, self.retry_backoff_s * 2 ** (job.attempts - 1)))
             else:
-                await self._fail(job, "failed", f"{type(exc).__name__}: {exc}")
+                await self._fail(job, code, f"{type(exc).__name__}: {exc}")
             return
         self._durations.append(time.monotonic() - started)
         job = await self.jobs.update(job, status=JobStatus.ANSWERED, answer=answer)
@@ -249,7 +259,7 @@ class Runner:
 
     async def _generate(self, job: Job) -> str:
         history = await self.history.recent(job.conversation)
-        params = replace(self.params, session=job.conversation.key())
+        params = self.params_for(job)
         text = ""
         stream = self.engine.stream(history, job.message, params)
         try:
@@ -263,6 +273,19 @@ class Runner:
             if aclose is not None:
                 await aclose()
         return text.strip()
+
+    def params_for(self, job: Job) -> GenerationParams:
+        """The runner's defaults, with what the request asked for (origin["params"]) within them:
+        max_new_tokens never above the configured limit."""
+        asked = job.origin.get("params") or {}
+        params = replace(self.params, session=job.conversation.key())
+        if isinstance(asked.get("max_new_tokens"), int) and asked["max_new_tokens"] > 0:
+            params = replace(
+                params, max_new_tokens=min(asked["max_new_tokens"], self.params.max_new_tokens)
+            )
+        if isinstance(asked.get("temperature"), (int, float)) and asked["temperature"] >= 0:
+            params = replace(params, temperature=float(asked["temperature"]))
+        return params
 
     async def _retry_later(self, job: Job, delay_s: float) -> None:
         await asyncio.sleep(delay_s)

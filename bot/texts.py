@@ -26,6 +26,13 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "not_allowed": "Sorry, this bot is private.",
         "rate_limited": "You're sending messages too fast. Please wait {retry_s} s.",
         "engine_loading": "The model is still loading. Please try again in a minute.",
+        # remote engine (engine=openai)
+        "remote_rejected": "The model server refused this request: {reason}",
+        "remote_timeout": "The model server did not answer in time. Please try again. (reference {ref})",
+        "remote_unavailable": (
+            "The model server is unavailable right now. Please try again later. (reference {ref})"
+        ),
+        "remote_busy": "The model server is busy. Please try again in a minute. (reference {ref})",
         "empty_answer": "The model gave no answer. Please rephrase the question.",
         # image intake (codes from engine.intake)
         "empty_file": "That file is empty.",
@@ -84,6 +91,10 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "not_allowed": "抱歉，这是一个私有机器人。",
         "rate_limited": "你发送消息太快了，请等待 {retry_s} 秒。",
         "engine_loading": "模型仍在加载中，请稍后再试。",
+        "remote_rejected": "模型服务器拒绝了该请求：{reason}",
+        "remote_timeout": "模型服务器未能及时回答，请重试。（编号 {ref}）",
+        "remote_unavailable": "模型服务器暂时不可用，请稍后再试。（编号 {ref}）",
+        "remote_busy": "模型服务器正忙，请一分钟后再试。（编号 {ref}）",
         "empty_answer": "模型没有给出回答，请换个方式提问。",
         "empty_file": "该文件是空的。",
         "too_large": "该文件为 {size_mb} MB，上限为 {limit_mb} MB。",

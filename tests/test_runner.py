@@ -209,3 +209,18 @@ async def test_shutdown_keeps_the_running_job_queued(tmp_path: Path) -> None:
     assert finals[0].event == Final("answer to: long one")
     await again.runner.stop()
     await again.db.close()
+
+
+async def test_too_many_images_or_an_empty_message_is_refused_before_queueing(stack: Stack) -> None:
+    from bot.adapter import Incoming
+    from bot.models import InputRejected, Message
+
+    stack.runner.max_images_per_message = 2
+    with pytest.raises(InputRejected) as many:
+        await stack.runner.submit(incoming("a", "three?", RECEIPT, RECEIPT, RECEIPT))
+    assert many.value.code == "too_many_images" and many.value.params == {"count": 3, "limit": 2}
+    empty = incoming("a", "")
+    with pytest.raises(InputRejected) as nothing:
+        await stack.runner.submit(Incoming(empty.conversation, empty.user, Message(())))
+    assert nothing.value.code == "empty_question"
+    assert await stack.jobs.counts() == {}

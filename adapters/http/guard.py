@@ -1,0 +1,169 @@
+"""Who may call, how often, and how much they may send: API keys, basic auth for the web page,
+a per-key rate limit, the loopback-only rule without keys, and a body reader that stops at the
+size limit instead of buffering whatever a client sends."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydantic import SecretStr
+from starlette.requests import Request
+
+from adapters.http.errors import ApiError
+
+LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+
+
+def is_loopback_host(host: str) -> bool:
+    host = host.strip().strip("[]")
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, has_api_keys: bool) -> None:
+    """Refuse to serve an unauthenticated API on anything but loopback."""
+    if not has_api_keys and not is_loopback_host(host):
+        raise ValueError(
+            f"vlbot http: refusing to listen on {host!r} without API keys. Set VLBOT_HTTP__API_KEYS "
+            '(e.g. \'["a-long-random-key"]\') or listen on 127.0.0.1 (VLBOT_HTTP__HOST=127.0.0.1).'
+        )
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: `key_id` names the key (never the key itself) for logs and limits."""
+
+    key_id: str
+
+
+class Authenticator:
+    def __init__(
+        self,
+        api_keys: Sequence[SecretStr],
+        web_user: str | None = None,
+        web_password: SecretStr | None = None,
+    ) -> None:
+        self._keys = [k.get_secret_value().encode() for k in api_keys]
+        self._web_user = web_user
+        self._web_password = web_password.get_secret_value() if web_password else None
+
+    @property
+    def has_keys(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def has_web_auth(self) -> bool:
+        return bool(self._web_user and self._web_password)
+
+    def _basic_ok(self, request: Request) -> bool:
+        header = request.headers.get("authorization", "")
+        if not self.has_web_auth or not header.lower().startswith("basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:].strip()).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        assert self._web_user is not None and self._web_password is not None
+        return hmac.compare_digest(user.encode(), self._web_user.encode()) & hmac.compare_digest(
+            password.encode(), self._web_password.encode()
+        )
+
+    def api_caller(self, request: Request) -> Caller:
+        """The caller of an API route: a Bearer key when keys are set (or the web page's basic
+        auth); otherwise the client address (the server is on loopback then)."""
+        if self._basic_ok(request):
+            return Caller("web")
+        if not self._keys:
+            return Caller(f"ip:{request.client.host if request.client else '?'}")
+        header = request.headers.get("authorization", "")
+        if header.lower().startswith("bearer "):
+            given = header[7:].strip().encode()
+            for index, key in enumerate(self._keys):
+                if hmac.compare_digest(given, key):
+                    return Caller(f"key#{index + 1}")
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        raise ApiError(
+            401,
+            "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
+            code="missing_api_key",
+        )
+
+    def page_allowed(self, request: Request) -> bool:
+        """The web page and its files: open unless basic auth is configured."""
+        return not self.has_web_auth or self._basic_ok(request)
+
+
+class RateLimiter:
+    """A token bucket per caller: `per_minute` requests a minute, bursts up to that many."""
+
+    def __init__(self, per_minute: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_minute = per_minute
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # caller -> (tokens, at)
+
+    def check(self, caller: str) -> None:
+        """Take one token or raise a 429 ApiError with the seconds until the next one."""
+        if self.per_minute <= 0:
+            return
+        now = self._clock()
+        rate = self.per_minute / 60.0
+        tokens, at = self._buckets.get(caller, (float(self.per_minute), now))
+        tokens = min(float(self.per_minute), tokens + (now - at) * rate)
+        if tokens < 1.0:
+            self._buckets[caller] = (tokens, now)
+            wait = (1.0 - tokens) / rate
+            raise ApiError(
+                429,
+                f"Rate limit reached: {self.per_minute} requests per minute. "
+                f"Try again in {math.ceil(wait)} s.",
+                code="rate_limit_exceeded",
+                retry_after_s=wait,
+            )
+        self._buckets[caller] = (tokens - 1.0, now)
+        if len(self._buckets) > 10_000:  # forget idle callers
+            self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < 120}
+
+
+def too_large(limit: int) -> ApiError:
+    return ApiError(
+        413,
+        f"The request body is over the limit of {limit / 1_048_576:.1f} MB.",
+        code="request_too_large",
+    )
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to be over `limit` bytes:
+    from Content-Length before reading, else while counting the chunks as they arrive."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise too_large(limit)
+        except ValueError:
+            raise ApiError(400, "Invalid Content-Length header.", code="invalid_request") from None
+    chunks: list[bytes] = []
+    received = 0
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limit:
+            raise too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def key_fingerprint(secret: str) -> str:
+    """A short, non-reversible name of a secret, for logs."""
+    return hashlib.sha256(secret.encode()).hexdigest()[:8]

@@ -1,0 +1,72 @@
+"""Prometheus metrics on a registry of this app's own (no global state: many apps per process in
+tests, and nothing leaks between them). Served at GET /metrics in the text format."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from bot.adapter import CoreStatus
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "vlbot_http_requests", "HTTP requests answered", ["route", "method", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "vlbot_http_request_seconds",
+            "Time to answer an HTTP request (to the last byte of a stream)",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "vlbot_time_to_first_token_seconds",
+            "From accepting a request to the first piece of its answer",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens_per_s = Histogram(
+            "vlbot_generation_tokens_per_second",
+            "Completion tokens per second of generation (after the first token)",
+            ["adapter"],
+            buckets=(0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "vlbot_completion_tokens", "Completion tokens generated", ["adapter"], registry=r
+        )
+        self.jobs = Counter(
+            "vlbot_jobs_finished", "Jobs finished, by adapter and outcome", ["adapter", "status"], registry=r
+        )
+        self.jobs_stored = Gauge(
+            "vlbot_jobs_stored", "Jobs in the database, by status (all adapters)", ["status"], registry=r
+        )
+        self.queue_depth = Gauge("vlbot_queue_depth", "Jobs waiting in the queue", registry=r)
+        self.running = Gauge("vlbot_jobs_running", "Jobs generating now", registry=r)
+        self.engine_ready = Gauge("vlbot_engine_ready", "1 when the model is loaded", registry=r)
+        self.uptime = Gauge("vlbot_uptime_seconds", "Seconds since the core started", registry=r)
+
+    def track_status(self, status: Callable[[], CoreStatus]) -> None:
+        """Read the queue gauges from the core at each scrape."""
+        self.queue_depth.set_function(lambda: status().queue_depth)
+        self.running.set_function(lambda: status().running)
+        self.engine_ready.set_function(lambda: 1.0 if status().engine_state == "ready" else 0.0)
+        self.uptime.set_function(lambda: status().uptime_s)
+
+    def set_job_counts(self, counts: dict[str, int]) -> None:
+        for status, n in counts.items():
+            self.jobs_stored.labels(status).set(n)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

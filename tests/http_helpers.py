@@ -1,0 +1,100 @@
+"""Helpers for the HTTP adapter tests: a running server on port 0 around a real core."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from adapters.http import HttpAdapter
+from bot.models import Message
+from bot.settings import HttpSettings, Settings
+from engine.intake import IntakeLimits, check_image
+from tests.conftest import CoreStack, make_core
+from tests.fakes import ScriptedEngine
+
+
+class CheckingEngine(ScriptedEngine):
+    """A scripted engine that validates images like the real engines do."""
+
+    def check(self, message: Message) -> None:
+        for part in message.images:
+            check_image(part, IntakeLimits())
+
+
+class LoadingEngine(ScriptedEngine):
+    """An engine that never finishes loading."""
+
+    @property
+    def ready(self) -> bool:
+        return False
+
+    async def load(self) -> None:
+        pass
+
+
+@dataclass
+class Server:
+    adapter: HttpAdapter
+    stack: CoreStack
+    settings: Settings
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.adapter.port}"
+
+    @property
+    def engine(self) -> ScriptedEngine:
+        return self.stack.engine
+
+
+def make_settings(tmp_path: Path, http: dict[str, Any] | None = None, **kw: Any) -> Settings:
+    return Settings(  # type: ignore[call-arg]
+        _env_file=None, data_dir=tmp_path, http=HttpSettings(**{"port": 0, **(http or {})}), **kw
+    )
+
+
+@asynccontextmanager
+async def running(
+    tmp_path: Path,
+    engine: ScriptedEngine | None = None,
+    http: dict[str, Any] | None = None,
+    runner: dict[str, Any] | None = None,
+    **settings_kw: Any,
+) -> AsyncIterator[Server]:
+    settings = make_settings(tmp_path, http, **settings_kw)
+    adapter = HttpAdapter(settings)
+    stack = await make_core(
+        tmp_path / "vlbot.sqlite3",
+        [adapter],
+        engine or CheckingEngine(),
+        retry_backoff_s=0.01,
+        **(runner or {}),
+    )
+    try:
+        yield Server(adapter, stack, settings)
+    finally:
+        await adapter.stop()
+        await stack.close()
+
+
+def png(width: int = 64, height: int = 48, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    import base64
+
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def image_answer(reply: Callable[[Any, Message], str] | None = None) -> Callable[[Any, Message], str]:
+    """A script that says how many images it saw and what was asked."""
+    return reply or (lambda h, m: f"{len(m.images)} image(s); you asked: {m.text}")
