@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bot.history import HistoryStore
-from bot.models import ConversationId, Job, Message, User
+from bot.models import ConversationId, ImagePart, Job, Message, User
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,11 @@ class Core(Protocol):
     def status(self) -> CoreStatus: ...
 
     async def job_counts(self) -> dict[str, int]: ...
+
+    async def images_for_reply(
+        self, conversation: ConversationId, message_ref: int | str
+    ) -> list[ImagePart]:
+        """Images of the job whose origin names this platform message (see JobStore)."""
 
     async def submit(self, incoming: Incoming) -> Acceptance:
         """Persist and queue. Raises QueueFull or bot.models.InputRejected (reply to the user)."""

@@ -106,6 +106,7 @@ class App:
             job_timeout_s=s.job_timeout_s,
             max_attempts=s.max_attempts,
             max_images_per_message=s.max_images_per_message,
+            max_question_chars=s.max_question_chars,
             params=params,
         )
         self.runner.attach({a.platform: a for a in self.adapters})

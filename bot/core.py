@@ -8,7 +8,7 @@ import time
 
 from bot.adapter import Acceptance, CoreStatus, Incoming
 from bot.history import HistoryStore
-from bot.models import ConversationId
+from bot.models import ConversationId, ImagePart
 from bot.runner import Runner
 from engine.base import Engine, EngineNotReady
 
@@ -68,6 +68,13 @@ class BotCore:
     async def job_counts(self) -> dict[str, int]:
         """Stored jobs by status (all platforms), for metrics."""
         return await self.runner.jobs.counts()
+
+    async def images_for_reply(
+        self, conversation: ConversationId, message_ref: int | str
+    ) -> list[ImagePart]:
+        """The images a reply to an earlier platform message (question, placeholder or answer,
+        as recorded in job origins) is about."""
+        return await self.runner.jobs.images_for_reply(conversation, message_ref)
 
     async def submit(self, incoming: Incoming) -> Acceptance:
         return await self.runner.submit(incoming)

@@ -18,7 +18,7 @@ from bot.history import (
     parts_to_json,
     save_images,
 )
-from bot.models import ConversationId, Job, JobStatus, Message, Role, Turn, User
+from bot.models import ConversationId, ImagePart, Job, JobStatus, Message, Role, Turn, User
 
 UNFINISHED = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.ANSWERED)
 
@@ -123,6 +123,36 @@ class JobStore:
     async def get(self, job_id: str) -> Job | None:
         rows = await self.db.fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,))
         return await self._job(rows[0]) if rows else None
+
+    async def images_for_reply(
+        self, conversation: ConversationId, message_ref: int | str
+    ) -> list[ImagePart]:
+        """The images a reply to an earlier platform message is about. The message is found in
+        the origin of the job it belonged to (the user's question `message_id`/`message_ids`,
+        the bot's `placeholder_id` or an answer part in `answer_ids`); the images are that
+        job's own, or those of the latest earlier job of the conversation that had any.
+        [] when unknown or reset."""
+        rows = await self.db.fetchall(
+            "SELECT seq FROM jobs WHERE conversation = ?1 AND ("
+            " json_extract(origin, '$.message_id') = ?2"
+            " OR json_extract(origin, '$.placeholder_id') = ?2"
+            " OR EXISTS (SELECT 1 FROM json_each(origin, '$.answer_ids') WHERE value = ?2)"
+            " OR EXISTS (SELECT 1 FROM json_each(origin, '$.message_ids') WHERE value = ?2))"
+            " ORDER BY seq DESC LIMIT 1",
+            (conversation.key(), message_ref),
+        )
+        if not rows:
+            return []
+        rows = await self.db.fetchall(
+            "SELECT message FROM jobs WHERE conversation = ? AND seq <= ?"
+            " AND message LIKE '%\"image\"%' ORDER BY seq DESC LIMIT 1",
+            (conversation.key(), rows[0]["seq"]),
+        )
+        if not rows:
+            return []
+        async with self.db.reading() as conn:
+            parts = await parts_from_json(conn, rows[0]["message"])
+        return list(Message(parts).images)
 
     async def counts(self) -> dict[str, int]:
         rows = await self.db.fetchall("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")

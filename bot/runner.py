@@ -61,6 +61,7 @@ class Runner:
         max_attempts: int = 3,
         retry_backoff_s: float = 2.0,
         max_images_per_message: int = 10,
+        max_question_chars: int = 4000,
         params: GenerationParams | None = None,
     ) -> None:
         self.jobs = jobs
@@ -72,6 +73,7 @@ class Runner:
         self.max_attempts = max(1, max_attempts)
         self.retry_backoff_s = retry_backoff_s
         self.max_images_per_message = max_images_per_message
+        self.max_question_chars = max_question_chars
         self.params = params or GenerationParams()
         self.adapters: dict[str, Adapter] = {}
         self._queue = FairQueue()
@@ -127,6 +129,12 @@ class Runner:
     async def submit(self, incoming: Incoming) -> Acceptance:
         if not incoming.message.parts:
             raise InputRejected("empty_question", "empty message")
+        length = len(incoming.message.text)
+        if length > self.max_question_chars:
+            raise InputRejected(
+                "question_too_long", f"{length} characters", length=length,
+                limit=self.max_question_chars,
+            )
         count = len(incoming.message.images)
         if count > self.max_images_per_message:
             raise InputRejected(
@@ -210,21 +218,24 @@ class Runner:
             try:
                 await asyncio.shield(task)
             except asyncio.CancelledError:
-                if not task.done():
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                raise
+                if self._stopping:  # the worker itself is being stopped
+                    if not task.done():
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+                    raise
+                # only the job was cancelled (it ended before it could record that): go on
+                log.warning("job %s was cancelled outside its handler", job.id)
             finally:
                 self._running.pop(key, None)
                 self._queue.release(key)
                 self._wakeup.set()
 
     async def _run(self, job: Job) -> None:
-        job = await self.jobs.update(job, status=JobStatus.RUNNING, attempts=job.attempts + 1)
         started = time.monotonic()
-        await self._emit(job, Started())
         try:
+            job = await self.jobs.update(job, status=JobStatus.RUNNING, attempts=job.attempts + 1)
+            await self._emit(job, Started())
             if not self.engine.ready:
                 await self.engine.load()  # idempotent: waits for the load already under way
             answer = await asyncio.wait_for(self._generate(job), timeout=self.job_timeout_s)

@@ -100,6 +100,7 @@ class Settings(BaseSettings):
     max_image_mb: float = 10.0
     max_visual_tokens: int = 1024  # pixel budget per image
     max_images_per_message: int = 10
+    max_question_chars: int = 4000
 
     # runner
     max_concurrency: int = Field(

@@ -23,6 +23,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "no_image_yet": "Send a photo or an image file first, then ask about it.",
         "send_an_image": "Send a photo or an image file (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC).",
         "too_many_images": "That's {count} images; I take at most {limit} at once.",
+        "question_too_long": "That question is {length} characters long; the limit is {limit}.",
         "not_allowed": "Sorry, this bot is private.",
         "rate_limited": "You're sending messages too fast. Please wait {retry_s} s.",
         "engine_loading": "The model is still loading. Please try again in a minute.",
@@ -43,6 +44,55 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "That image is {width}×{height} pixels, over the {limit_mp} MP limit."
         ),
         "corrupt_image": "That image is damaged or incomplete; I could not read it.",
+        # presets and the OCR engine
+        "ocr_no_text": "I found no text in this image.",
+        "engine_fallback_ocr": (
+            "Note: the vision-language model is not available on this server, so I answer with "
+            "OCR only: the text found in the image."
+        ),
+        "preset_invalid_output": (
+            "Sorry, the model's answer did not fit the {preset} format, even after a second try. "
+            "Please try again, or ask without a preset. (reference {ref})"
+        ),
+        "preset_needs_vlm": (
+            "The {preset} preset needs the vision-language model, which this server does not run "
+            "(OCR only). Use /ocr, or ask a question without a preset."
+        ),
+        "presets_help": (
+            "Presets (before your question or in the photo's caption): /describe, /ocr, "
+            "/extract (or /receipt, /invoice, /form, /menu), /triage."
+        ),
+        "pf_nothing_found": "Nothing found.",
+        "pf_redacted": "redacted",
+        "pf_merchant": "Merchant",
+        "pf_address": "Address",
+        "pf_date": "Date",
+        "pf_time": "Time",
+        "pf_subtotal": "Subtotal",
+        "pf_tax": "Tax",
+        "pf_tip": "Tip",
+        "pf_total": "Total",
+        "pf_payment_method": "Paid with",
+        "pf_invoice_number": "Invoice no.",
+        "pf_seller": "Seller",
+        "pf_buyer": "Buyer",
+        "pf_issue_date": "Issued",
+        "pf_due_date": "Due",
+        "pf_payment_terms": "Terms",
+        "pf_severity": "Severity",
+        "pf_severity_blocker": "blocker",
+        "pf_severity_major": "major",
+        "pf_severity_minor": "minor",
+        "pf_product_area": "Area",
+        "pf_error_message": "Error",
+        "pf_error_code": "Code",
+        "pf_user_action": "User was trying to",
+        "pf_likely_cause": "Likely cause",
+        "pf_next_step": "Next step",
+        "pf_personal_data": "Personal data",
+        "pf_pii_email": "email",
+        "pf_pii_card": "card number",
+        "pf_pii_phone": "phone number",
         "help": (
             "Send me a photo or a screenshot and ask about it: what it says, which fields a receipt "
             "holds, a one-line summary. Follow-up questions about the same image work.\n"
@@ -88,6 +138,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "no_image_yet": "请先发送照片或图片文件，然后再提问。",
         "send_an_image": "请发送照片或图片文件（JPEG、PNG、WebP、GIF、BMP、TIFF、HEIC）。",
         "too_many_images": "你发送了 {count} 张图片；我一次最多处理 {limit} 张。",
+        "question_too_long": "问题长度为 {length} 个字符，上限为 {limit}。",
         "not_allowed": "抱歉，这是一个私有机器人。",
         "rate_limited": "你发送消息太快了，请等待 {retry_s} 秒。",
         "engine_loading": "模型仍在加载中，请稍后再试。",
@@ -102,6 +153,50 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "unsupported_format": "不支持 {format} 格式。请发送 JPEG、PNG、WebP 或 HEIC。",
         "image_too_large_pixels": "该图片为 {width}×{height} 像素，超过了 {limit_mp} 百万像素的上限。",
         "corrupt_image": "该图片已损坏或不完整，我无法读取。",
+        "ocr_no_text": "这张图片中没有找到文字。",
+        "engine_fallback_ocr": "提示：本服务器没有可用的视觉语言模型，我只能用 OCR 回答：即图片中识别到的文字。",
+        "preset_invalid_output": (
+            "抱歉，模型的回答不符合 {preset} 格式，重试一次后仍然如此。请再试一次，或不使用预设直接提问。"
+            "（编号 {ref}）"
+        ),
+        "preset_needs_vlm": (
+            "{preset} 预设需要视觉语言模型，而本服务器只运行 OCR。请使用 /ocr，或不使用预设直接提问。"
+        ),
+        "presets_help": (
+            "预设（写在问题前或图片说明中）：/describe、/ocr、/extract（或 /receipt、/invoice、"
+            "/form、/menu）、/triage。"
+        ),
+        "pf_nothing_found": "什么也没有找到。",
+        "pf_redacted": "已隐去",
+        "pf_merchant": "商家",
+        "pf_address": "地址",
+        "pf_date": "日期",
+        "pf_time": "时间",
+        "pf_subtotal": "小计",
+        "pf_tax": "税",
+        "pf_tip": "小费",
+        "pf_total": "合计",
+        "pf_payment_method": "支付方式",
+        "pf_invoice_number": "发票号",
+        "pf_seller": "销售方",
+        "pf_buyer": "购买方",
+        "pf_issue_date": "开票日期",
+        "pf_due_date": "到期日",
+        "pf_payment_terms": "付款条件",
+        "pf_severity": "严重程度",
+        "pf_severity_blocker": "阻断",
+        "pf_severity_major": "严重",
+        "pf_severity_minor": "轻微",
+        "pf_product_area": "产品区域",
+        "pf_error_message": "错误信息",
+        "pf_error_code": "错误代码",
+        "pf_user_action": "用户当时在",
+        "pf_likely_cause": "可能原因",
+        "pf_next_step": "下一步",
+        "pf_personal_data": "个人信息",
+        "pf_pii_email": "邮箱",
+        "pf_pii_card": "银行卡号",
+        "pf_pii_phone": "电话号码",
         "help": (
             "给我发送照片或截图并提问：上面写了什么、收据有哪些字段、一句话总结。"
             "可以就同一张图片继续追问。\n"

@@ -223,4 +223,33 @@ async def test_too_many_images_or_an_empty_message_is_refused_before_queueing(st
     with pytest.raises(InputRejected) as nothing:
         await stack.runner.submit(Incoming(empty.conversation, empty.user, Message(())))
     assert nothing.value.code == "empty_question"
+    with pytest.raises(InputRejected) as long:
+        await stack.runner.submit(incoming("a", "x" * 100_000))
+    assert long.value.code == "question_too_long" and long.value.params["limit"] == 4000
     assert await stack.jobs.counts() == {}
+
+
+async def test_cancel_while_the_start_is_being_announced_keeps_the_runner_alive(
+    stack: Stack,
+) -> None:
+    from bot.adapter import Started
+
+    stack.engine.hang = True
+    record = stack.adapter.send
+
+    async def slow_start(job: object, event: object) -> object:
+        if isinstance(event, Started):
+            await asyncio.sleep(0.5)
+        return await record(job, event)  # type: ignore[arg-type]
+
+    stack.adapter.send = slow_start  # type: ignore[method-assign]
+    await stack.runner.start()
+    await stack.runner.submit(incoming("a", "hi"))
+    await asyncio.sleep(0.1)  # the job is inside send(Started)
+    assert await stack.runner.cancel(incoming("a", "").conversation) == 1
+    finals = await stack.adapter.wait_for_finals(1)
+    assert isinstance(finals[0].event, Failed) and finals[0].event.code == "cancelled"
+    stack.engine.hang = False
+    await stack.runner.submit(incoming("b", "still serving?"))
+    assert isinstance((await stack.adapter.wait_for_finals(2))[1].event, Final)
+    assert await stack.jobs.counts() == {"cancelled": 1, "done": 1}

@@ -1,0 +1,192 @@
+"""The Telegram adapter: python-telegram-bot v22 on the caller's asyncio loop.
+
+`start` initialises the bot (getMe), registers the commands, starts the application and long
+polling (or the webhook server) and returns; `stop` undoes it. Handlers never block the update
+loop (block=False). Replies go through `Replier` (placeholder, throttled edits, final answer);
+all bot calls pass PTB's AIORateLimiter, which also waits out 429 retry_after and retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from typing import Any
+from urllib.parse import quote
+
+from telegram import BotCommand
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    CommandHandler,
+    MessageHandler,
+    filters,
+)
+
+from adapters.telegram.handlers import Handlers
+from adapters.telegram.replies import Replier
+from adapters.telegram.webhook import WebhookServer
+from bot.adapter import Core, Queued, ReplyEvent
+from bot.models import Job
+from bot.settings import Settings
+
+log = logging.getLogger("vlbot.telegram")
+
+COMMANDS = {
+    "en": [
+        ("ask", "Ask about an image (in groups: /ask your question)"),
+        ("help", "What I can do, the model and the limits"),
+        ("reset", "Forget this chat's history"),
+        ("cancel", "Stop the running or queued answer"),
+        ("start", "Start"),
+    ],
+    "zh": [
+        ("ask", "就图片提问（群组中：/ask 你的问题）"),
+        ("help", "功能、模型与限制"),
+        ("reset", "清除本对话历史"),
+        ("cancel", "停止正在进行或排队的回答"),
+        ("start", "开始"),
+    ],
+}
+# Loggers that may see request URLs (which contain the bot token).
+_URL_LOGGERS = ("httpx", "httpcore", "telegram", "aiohttp.access")
+
+
+class TokenRedactor(logging.Filter):
+    """Formats each record at once (PTB logs dicts it mutates afterwards: getFile's result gets
+    the file URL, token included, after it was logged) and replaces the token."""
+
+    def __init__(self, secret: str) -> None:
+        super().__init__()
+        self.secret = secret
+        self.quoted = quote(secret, safe="")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # a broken record: let logging report it as usual
+            return True
+        record.msg = message.replace(self.secret, "<token>").replace(self.quoted, "<token>")
+        record.args = None
+        return True
+
+
+class TelegramAdapter:
+    platform = "telegram"
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        edit_interval_s: float = 1.0,
+        group_edit_interval_s: float = 3.0,
+        album_wait_s: float = 1.0,
+        poll_timeout_s: float = 10.0,
+    ) -> None:
+        if settings.telegram.token is None:
+            raise ValueError("Telegram is not configured: set VLBOT_TELEGRAM__TOKEN")
+        self.settings = settings
+        self.edit_interval_s = edit_interval_s
+        self.group_edit_interval_s = group_edit_interval_s
+        self.album_wait_s = album_wait_s
+        self.poll_timeout_s = poll_timeout_s
+        self.app: Application[Any, Any, Any, Any, Any, Any] | None = None
+        self.replier: Replier | None = None
+        self.handlers: Handlers | None = None
+        self.webhook: WebhookServer | None = None
+        self.core: Core | None = None
+        self._ready = asyncio.Event()
+        self._redactor = TokenRedactor(settings.telegram.token.get_secret_value())
+
+    async def start(self, core: Core) -> None:
+        tg = self.settings.telegram
+        assert tg.token is not None
+        self.core = core
+        _protect_logs(self._redactor)
+        builder = (
+            ApplicationBuilder()
+            .token(tg.token.get_secret_value())
+            .rate_limiter(AIORateLimiter(max_retries=3))
+        )
+        if tg.base_url:
+            builder = builder.base_url(tg.base_url)
+        if tg.base_file_url:
+            builder = builder.base_file_url(tg.base_file_url)
+        if tg.mode == "webhook":
+            builder = builder.updater(None)
+        app = builder.build()
+        await app.initialize()  # getMe: fails here, clearly, on a wrong token
+        self.app = app
+        self.handlers = Handlers(self.settings, app.bot, core, album_wait_s=self.album_wait_s)
+        self.replier = Replier(
+            app.bot,
+            max_concurrency=self.settings.max_concurrency,
+            edit_interval_s=self.edit_interval_s,
+            group_edit_interval_s=self.group_edit_interval_s,
+        )
+        commands = filters.UpdateType.MESSAGE
+        app.add_handler(CommandHandler(["start", "help", "reset", "cancel"], self.handlers.on_command,
+                                       filters=commands, block=False))
+        app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self.handlers.on_message,
+                                       block=False))
+        app.add_error_handler(self.handlers.on_error, block=False)
+        for lang, items in COMMANDS.items():
+            await app.bot.set_my_commands(
+                [BotCommand(name, about) for name, about in items],
+                language_code=None if lang == "en" else lang,
+            )
+        await app.start()
+        if tg.mode == "webhook":
+            self.webhook = WebhookServer(self.settings, app)
+            await self.webhook.start()
+        else:
+            assert app.updater is not None
+            await app.updater.start_polling(
+                timeout=dt.timedelta(seconds=self.poll_timeout_s),
+                allowed_updates=["message"],
+                drop_pending_updates=False,
+            )
+        self._ready.set()
+        log.info("telegram: @%s ready (%s)", app.bot.username, tg.mode)
+
+    async def stop(self) -> None:
+        self._ready.clear()
+        app, self.app = self.app, None
+        if app is None:
+            return
+        if self.webhook is not None:
+            await self.webhook.stop()
+            self.webhook = None
+        if app.updater is not None and app.updater.running:
+            await app.updater.stop()
+        if self.handlers is not None:
+            await self.handlers.close()
+        if self.replier is not None:
+            await self.replier.close()
+        if app.running:
+            await app.stop()
+        await app.shutdown()
+        log.info("telegram: stopped")
+
+    async def send(self, job: Job, event: ReplyEvent) -> dict[str, Any] | None:
+        # Resumed jobs may be delivered before start() finished: wait for the bot (the runner
+        # retries a delivery that raises).
+        await asyncio.wait_for(self._ready.wait(), timeout=30)
+        assert self.replier is not None and self.core is not None
+        if isinstance(event, Queued):
+            status = self.core.status()
+            self.replier.running, self.replier.queue_depth = status.running, status.queue_depth
+        return await self.replier.send(job, event)
+
+
+def _protect_logs(redactor: TokenRedactor) -> None:
+    """httpx logs every request URL at INFO, and URLs contain the token: keep httpx/httpcore at
+    WARNING and redact the token from any record of the loggers that may see URLs."""
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    names = [n for n in logging.Logger.manager.loggerDict if n.startswith(_URL_LOGGERS)]
+    for name in {*_URL_LOGGERS, *names}:
+        logger = logging.getLogger(name)
+        if redactor not in logger.filters:
+            logger.addFilter(redactor)

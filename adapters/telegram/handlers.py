@@ -1,0 +1,292 @@
+"""Telegram updates → `Incoming` turns: access, addressing in groups, rate limits, albums,
+images, commands. Handlers only validate, download and submit; they never wait for an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from telegram import Bot, Message, MessageEntity, ReplyParameters, Update
+from telegram.constants import ChatType
+from telegram.error import TelegramError
+from telegram.ext import ContextTypes
+
+from adapters.telegram.media import (
+    FileRef,
+    check_size,
+    download,
+    image_refs,
+    images_of_earlier_message,
+    latest_image_sha,
+)
+from bot import texts
+from bot.adapter import Core, Incoming, QueueFull
+from bot.models import ConversationId, ImagePart, InputRejected, User
+from bot.models import Message as TurnMessage
+from bot.settings import Settings
+
+log = logging.getLogger("vlbot.telegram")
+
+Context = ContextTypes.DEFAULT_TYPE
+
+
+@dataclass
+class Album:
+    messages: list[Message] = field(default_factory=list)
+    task: asyncio.Task[None] | None = None
+
+
+class RateLimiter:
+    """N messages per user per minute; the refusal is sent once per window, not per message."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._seen: dict[int, deque[float]] = {}
+        self._told_until: dict[int, float] = {}
+
+    def check(self, user_id: int, now: float | None = None) -> tuple[bool, int, bool]:
+        """(allowed, seconds to wait, whether to tell the user)."""
+        if self.per_minute <= 0:
+            return True, 0, False
+        now = time.monotonic() if now is None else now
+        seen = self._seen.setdefault(user_id, deque())
+        while seen and seen[0] <= now - 60:
+            seen.popleft()
+        if len(seen) < self.per_minute:
+            seen.append(now)
+            return True, 0, False
+        wait = max(1, math.ceil(seen[0] + 60 - now))
+        tell = self._told_until.get(user_id, 0.0) <= now
+        if tell:
+            self._told_until[user_id] = now + wait
+        return False, wait, tell
+
+
+class Handlers:
+    def __init__(self, settings: Settings, bot: Bot, core: Core, *, album_wait_s: float) -> None:
+        self.settings = settings
+        self.tg = settings.telegram
+        self.bot = bot
+        self.core = core
+        self.album_wait_s = album_wait_s
+        self.rate = RateLimiter(self.tg.rate_limit_per_minute)
+        self.albums: dict[tuple[int, str], Album] = {}
+
+    async def close(self) -> None:
+        for album in self.albums.values():
+            if album.task is not None:
+                album.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await album.task
+        self.albums.clear()
+
+    # --- PTB callbacks -----------------------------------------------------------------------
+
+    async def on_message(self, update: Update, _: Context) -> None:
+        msg = update.message
+        if msg is None or msg.from_user is None or msg.from_user.is_bot:
+            return
+        if msg.media_group_id:  # albums: addressing and admission once, for the whole group
+            self._collect_album(msg)
+            return
+        addressed, question = self._addressed(msg)
+        if not addressed or not await self._admit(msg):
+            return
+        await self._turn([msg], question, f"telegram:update:{update.update_id}")
+
+    async def on_command(self, update: Update, context: Context) -> None:
+        msg = update.message
+        if msg is None or msg.from_user is None or not msg.text:
+            return
+        if not self._allowed(msg):
+            await self._say(msg, "not_allowed")
+            return
+        command = msg.text.split()[0].lstrip("/").split("@")[0].lower()
+        conversation = conversation_of(msg)
+        if command in ("start", "help"):
+            status = self.core.status()
+            await self._say(msg, "help", model=status.model, limit_mb=f"{self.settings.max_image_mb:g}")
+        elif command == "reset":
+            await self.core.reset(conversation)
+            await self._say(msg, "reset_done")
+        elif command == "cancel":
+            if await self.core.cancel(conversation) == 0:
+                await self._say(msg, "nothing_to_cancel")
+
+    async def on_error(self, update: object, context: Context) -> None:
+        error = context.error
+        log.error("telegram handler failed: %s: %s", type(error).__name__, error,
+                  exc_info=error if not isinstance(error, TelegramError) else None)
+
+    # --- admission ---------------------------------------------------------------------------
+
+    def _allowed(self, msg: Message) -> bool:
+        users, chats = self.tg.allowed_users, self.tg.allowed_chats
+        if not users and not chats:
+            return True
+        user_id = msg.from_user.id if msg.from_user else 0
+        return user_id in users or msg.chat.id in chats
+
+    async def _admit(self, msg: Message) -> bool:
+        if not self._allowed(msg):
+            log.info("telegram: refused user %s in chat %s (not in the allowlist)",
+                     msg.from_user.id if msg.from_user else "?", msg.chat.id)
+            await self._say(msg, "not_allowed")
+            return False
+        assert msg.from_user is not None
+        ok, wait, tell = self.rate.check(msg.from_user.id)
+        if not ok and tell:
+            await self._say(msg, "rate_limited", retry_s=wait)
+        return ok
+
+    def _addressed(self, msg: Message) -> tuple[bool, str]:
+        """Whether a message is for the bot, and its text without the /ask command or @mention.
+        In private chats everything is; in groups a mention, a reply to the bot, or /ask."""
+        text = msg.text or msg.caption or ""
+        entities = msg.parse_entities() if msg.text else msg.parse_caption_entities()
+        me = self.bot.username.lower()
+        hit = False
+        cut: list[tuple[int, int]] = []
+        for entity, value in entities.items():
+            if entity.type == MessageEntity.BOT_COMMAND and entity.offset == 0:
+                name, _, target = value.lstrip("/").partition("@")
+                if name.lower() == "ask" and (not target or target.lower() == me):
+                    hit = True
+                    cut.append((entity.offset, entity.length))
+            elif (entity.type == MessageEntity.MENTION and value.lower() == "@" + me) or (
+                entity.type == MessageEntity.TEXT_MENTION
+                and entity.user is not None
+                and entity.user.id == self.bot.id
+            ):
+                hit = True
+                cut.append((entity.offset, entity.length))
+        question = _remove(text, cut).strip()
+        if msg.chat.type == ChatType.PRIVATE:
+            return True, question
+        reply = msg.reply_to_message
+        if reply is not None and reply.from_user is not None and reply.from_user.id == self.bot.id:
+            hit = True
+        return hit, question
+
+    # --- albums ------------------------------------------------------------------------------
+
+    def _collect_album(self, msg: Message) -> None:
+        key = (msg.chat.id, str(msg.media_group_id))
+        album = self.albums.setdefault(key, Album())
+        album.messages.append(msg)
+        if album.task is None:
+            album.task = asyncio.create_task(self._flush_album(key), name=f"tg-album-{key[1]}")
+
+    async def _flush_album(self, key: tuple[int, str]) -> None:
+        await asyncio.sleep(self.album_wait_s)
+        album = self.albums.pop(key, None)
+        if album is None:
+            return
+        messages = sorted(album.messages, key=lambda m: m.message_id)
+        checked = [self._addressed(m) for m in messages]
+        if not any(hit for hit, _ in checked) or not await self._admit(messages[0]):
+            return
+        question = " ".join(q for _, q in checked if q)
+        try:
+            await self._turn(messages, question, f"telegram:album:{key[0]}:{key[1]}")
+        except Exception as exc:
+            log.error("telegram album %s failed: %r", key[1], exc)
+
+    # --- a turn ------------------------------------------------------------------------------
+
+    async def _turn(self, messages: list[Message], question: str, event_key: str) -> None:
+        first = messages[0]
+        assert first.from_user is not None
+        lang = first.from_user.language_code
+        conversation = conversation_of(first)
+        try:
+            refs: list[FileRef] = [ref for m in messages for ref in image_refs(m)]
+            for ref in refs:
+                check_size(ref, self.settings.max_image_bytes, self.settings.max_image_mb)
+            if len(refs) > self.settings.max_images_per_message:
+                raise InputRejected("too_many_images", "album too big", count=len(refs),
+                                    limit=self.settings.max_images_per_message)
+            images = [await self._download(ref) for ref in refs]
+            if not images and first.reply_to_message is not None:
+                images = await self._replied_images(first.reply_to_message, conversation)
+            if images and not question:
+                question = self.tg.default_prompt
+            if not images and not question:
+                raise InputRejected("empty_question", "nothing asked")
+            incoming = Incoming(
+                conversation=conversation,
+                user=User(str(first.from_user.id), first.from_user.full_name, lang),
+                message=TurnMessage.of(question, *images),
+                origin={
+                    "chat_id": first.chat.id,
+                    "message_id": first.message_id,
+                    "message_ids": [m.message_id for m in messages],
+                    "thread_id": thread_of(first),
+                    "lang": lang,
+                    "group": first.chat.type != ChatType.PRIVATE,
+                },
+                event_key=event_key,
+            )
+            acceptance = await self.core.submit(incoming)
+        except InputRejected as exc:
+            await self._say(first, exc.code, **exc.params)
+            return
+        except QueueFull as exc:
+            await self._say(first, "busy", queued=exc.queued, retry_s=math.ceil(exc.retry_after_s))
+            return
+        if acceptance.duplicate:
+            log.info("telegram: %s already handled", event_key)
+
+    async def _download(self, ref: FileRef) -> ImagePart:
+        return await download(self.bot, ref, self.settings.max_image_bytes, self.settings.max_image_mb)
+
+    async def _replied_images(self, target: Message, conversation: ConversationId) -> list[ImagePart]:
+        """The image a reply is about: the photo replied to, or the one the replied-to question
+        or answer was about. [] when that is the conversation's latest image anyway."""
+        try:
+            refs = image_refs(target)
+        except InputRejected:
+            refs = []
+        if refs:
+            images = [await self._download(ref) for ref in refs]
+        else:
+            images = await images_of_earlier_message(self.core, conversation, target.message_id)
+        if images and [i.sha256 for i in images][-1] == await latest_image_sha(self.core, conversation):
+            return []
+        return images
+
+    async def _say(self, msg: Message, key: str, **params: Any) -> None:
+        lang = msg.from_user.language_code if msg.from_user else None
+        try:
+            await self.bot.send_message(
+                msg.chat.id, texts.text(key, lang, **params),
+                message_thread_id=thread_of(msg),
+                reply_parameters=ReplyParameters(msg.message_id, allow_sending_without_reply=True),
+            )
+        except TelegramError as exc:
+            log.info("telegram: could not reply in chat %s: %s", msg.chat.id, exc.message)
+
+
+def thread_of(msg: Message) -> int | None:
+    return msg.message_thread_id if msg.is_topic_message and msg.chat.is_forum else None
+
+
+def conversation_of(msg: Message) -> ConversationId:
+    thread = thread_of(msg)
+    return ConversationId("telegram", str(msg.chat.id), str(thread) if thread is not None else None)
+
+
+def _remove(text: str, spans: list[tuple[int, int]]) -> str:
+    """Remove entity spans (UTF-16 offsets, as Telegram counts) from text."""
+    if not spans:
+        return text
+    raw = text.encode("utf-16-le")
+    for offset, length in sorted(spans, reverse=True):
+        raw = raw[: offset * 2] + raw[(offset + length) * 2:]
+    return raw.decode("utf-16-le")
