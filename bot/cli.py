@@ -73,6 +73,12 @@ async def ask(args: argparse.Namespace) -> int:
     images = [read_image(p, settings) for p in image_paths]
     if not question.strip() and not images:
         raise CliError(texts.text("empty_question"))
+    if len(question) > settings.max_question_chars:
+        raise InputRejected("question_too_long", "too long", length=len(question),
+                            limit=settings.max_question_chars)
+    if len(images) > settings.max_images_per_message:
+        raise InputRejected("too_many_images", "too many", count=len(images),
+                            limit=settings.max_images_per_message)
     message = Message.of(question.strip() or texts.text("default_prompt"), *images)
     engine = build_engine(settings)
     engine.check(message)

@@ -1,0 +1,95 @@
+"""Hostile inputs through the HTTP API and the CLI, on the real engine (tiny model): each gets an
+answer or a clear, specific refusal; the process keeps serving; nothing is left in temp."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bot import texts
+from bot.cli import main as vlbot_main
+from engine.intake import IntakeLimits
+from engine.qwen import QwenVLEngine
+from tests.hostile import CASES, Case
+from tests.http_helpers import running
+
+IDS = [c.name for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_qwen3: Path) -> Iterator[QwenVLEngine]:
+    qwen = QwenVLEngine(str(tiny_qwen3), dtype="float32", limits=IntakeLimits())
+    asyncio.run(qwen.load())
+    yield qwen
+
+
+def refusal_prefix(code: str) -> str:
+    """The fixed start of the catalogue text for `code` (before its first placeholder)."""
+    return texts.CATALOGUE["en"][code].split("{")[0].strip()
+
+
+@pytest.fixture
+def private_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return scratch
+
+
+async def test_hostile_inputs_through_the_http_api(
+    engine: QwenVLEngine, tmp_path: Path, private_tmp: Path
+) -> None:
+    async with running(tmp_path, engine=engine, max_new_tokens=4) as server:  # type: ignore[arg-type]
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            for case in CASES:
+                files = [("image", (f.name, f.data, f.mime)) for f in case.files]
+                reply = await client.post(
+                    "/v1/chat/completions",
+                    data={"prompt": case.text, "conversation_id": f"hostile-{case.name}"},
+                    files=files or None,
+                )
+                assert "Traceback" not in reply.text, case.name
+                if case.expect == "answer":
+                    assert reply.status_code == 200, (case.name, reply.text)
+                    assert reply.json()["choices"][0]["message"]["content"], case.name
+                elif "no-file" in case.tags:
+                    assert reply.status_code == 400, (case.name, reply.text)
+                elif "big" in case.tags:  # refused while reading the body, before buffering
+                    assert reply.status_code == 413, (case.name, reply.text)
+                    assert "limit" in reply.json()["error"]["message"]
+                else:
+                    assert reply.status_code in (400, 413), (case.name, reply.text)
+                    error = reply.json()["error"]
+                    assert error["code"] == case.expect, (case.name, error)
+                    assert error["message"].startswith(refusal_prefix(case.expect)), error
+            # still serving, and an unrelated chat is untouched
+            after = await client.post("/v1/chat/completions", json={
+                "model": "m", "messages": [{"role": "user", "content": "still there?"}]})
+            assert after.status_code == 200
+    assert list(private_tmp.iterdir()) == []  # no upload left on disk
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_hostile_inputs_through_the_cli(
+    case: Case, tiny_qwen3: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = []
+    for i, f in enumerate(case.files):
+        path = tmp_path / f"{i}-{Path(f.name).name}"
+        path.write_bytes(f.data)
+        paths.append(str(path))
+    rc = vlbot_main(["ask", "--model", str(tiny_qwen3), "--max-new-tokens", "4", *paths, case.text])
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    if case.expect == "answer":
+        assert rc == 0, out.err
+        assert out.out.strip()
+    else:
+        assert rc == 2
+        last = out.err.strip().splitlines()[-1]
+        assert last.startswith("vlbot: " + refusal_prefix(case.expect)), last
