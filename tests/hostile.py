@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 
 from PIL import Image, ImageDraw
 
+from bot.models import Message
+from tests.fakes import ScriptedEngine
+
 
 @dataclass(frozen=True)
 class File:
@@ -164,3 +167,21 @@ def _injection() -> Image.Image:
 
 
 CASES = make_cases()
+
+
+class DecodingEngine:
+    """A scripted engine that checks and fully decodes every image like the real engine's intake
+    (for adapter tests where the model itself is beside the point), then names what it saw."""
+
+    def __new__(cls) -> ScriptedEngine:  # type: ignore[misc]
+        from engine.intake import IntakeLimits, check_image, open_image
+
+        limits = IntakeLimits()
+
+        def reply(history: object, message: Message) -> str:
+            sizes = [open_image(p, limits).size for p in message.images]
+            return "I see " + ", ".join(f"{w}x{h}" for w, h in sizes) if sizes else "text only"
+
+        engine = ScriptedEngine(reply=reply)
+        engine.check = lambda message: [check_image(p, limits) for p in message.images]  # type: ignore[method-assign]
+        return engine

@@ -78,7 +78,9 @@ class Harness:
         msg = update["message"]
         self._who(msg, ALICE, ALICE, "en")
         doc = msg["document"]
-        doc["file_id"], doc["file_unique_id"] = self.fake.add_file(data, "documents/" + file_name)
+        # the Bot API names stored files itself (documents/file_N.ext), never by the user's name
+        suffix = Path(file_name).suffix if "/" not in file_name else ".bin"
+        doc["file_id"], doc["file_unique_id"] = self.fake.add_file(data, f"documents/file{suffix}")
         doc.update(file_name=file_name, mime_type=mime, file_size=size or len(data))
         if caption is None:
             msg.pop("caption")

@@ -123,6 +123,15 @@ class Handlers:
         error = context.error
         log.error("telegram handler failed: %s: %s", type(error).__name__, error,
                   exc_info=error if not isinstance(error, TelegramError) else None)
+        # the user still gets a reply (e.g. the file download failed): nothing silently lost
+        if not isinstance(update, Update):
+            return
+        msg = update.effective_message
+        if msg is not None and msg.from_user is not None:
+            try:
+                await self._say(msg, "failed", ref=f"u{update.update_id}")
+            except TelegramError as exc:
+                log.warning("could not report the failure to the chat: %s", exc)
 
     # --- admission ---------------------------------------------------------------------------
 

@@ -1,0 +1,116 @@
+"""Slack files: which attachments are images, downloading url_private with the bot token, and
+finding the latest image in a channel's history (for the slash command).
+
+A missing `files:read` scope does not produce an error status: Slack answers the download with a
+200 HTML login page. That page is recognised and turned into a message naming the scope.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bot.models import ImagePart, InputRejected
+
+log = logging.getLogger("vlbot.slack.files")
+
+_MIB = 1024 * 1024
+
+
+def image_files(files: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The attachments that claim to be images (their bytes are checked later by the engine)."""
+    return [f for f in files or [] if str(f.get("mimetype", "")).startswith("image/")]
+
+
+class SlackFiles:
+    """Downloads Slack-hosted files; the bot token is only ever sent to Slack's own hosts."""
+
+    def __init__(
+        self, client: AsyncWebClient, bot_token: str, max_bytes: int, max_images: int,
+        extra_hosts: tuple[str, ...] = (), timeout_s: float = 30.0,
+    ) -> None:
+        self._client = client
+        self._token = bot_token
+        self.max_bytes = max_bytes
+        self.max_images = max_images
+        self._extra_hosts = {h.lower() for h in extra_hosts}
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _token_allowed(self, url: str) -> bool:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        if host in self._extra_hosts:
+            return True
+        return parts.scheme == "https" and (host == "slack.com" or host.endswith(".slack.com"))
+
+    async def images_of(self, files: list[dict[str, Any]] | None) -> tuple[ImagePart, ...]:
+        wanted = image_files(files)
+        if len(wanted) > self.max_images:
+            raise InputRejected(
+                "too_many_images", f"{len(wanted)} images", count=len(wanted), limit=self.max_images
+            )
+        return tuple([await self.download(f) for f in wanted])
+
+    async def _file_info(self, file: dict[str, Any]) -> dict[str, Any]:
+        """Events may carry a stub (`file_access: check_file_info`); files.info has the rest."""
+        if file.get("url_private") and file.get("file_access") != "check_file_info":
+            return file
+        try:
+            resp = await self._client.files_info(file=file["id"])
+        except SlackApiError as exc:
+            error = str(exc.response.get("error", ""))
+            if error == "missing_scope":
+                raise InputRejected("slack_files_scope", "files.info: missing_scope") from exc
+            raise InputRejected("slack_download_failed", f"files.info: {error}", status=error) from exc
+        info: dict[str, Any] = resp["file"]
+        return info
+
+    async def download(self, file: dict[str, Any]) -> ImagePart:
+        info = await self._file_info(file)
+        url = str(info.get("url_private_download") or info.get("url_private") or "")
+        if not url or not self._token_allowed(url):
+            raise InputRejected("slack_download_failed", "no Slack file URL", status="no URL")
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        headers = {"Authorization": f"Bearer {self._token}"}
+        async with self._session.get(url, headers=headers) as resp:
+            content_type = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+            if resp.status != 200:
+                log.warning("file %s: download answered HTTP %d", info.get("id"), resp.status)
+                raise InputRejected("slack_download_failed", f"HTTP {resp.status}", status=resp.status)
+            if content_type == "text/html":
+                log.warning("file %s: Slack sent an HTML page (files:read scope missing?)", info.get("id"))
+                raise InputRejected("slack_files_scope", "HTML instead of file bytes")
+            data = bytearray()
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                data.extend(chunk)
+                if len(data) > self.max_bytes:
+                    size = max(len(data), int(info.get("size") or 0))
+                    raise InputRejected(
+                        "too_large", "file over the limit",
+                        size_mb=f"{size / _MIB:.1f}", limit_mb=f"{self.max_bytes / _MIB:g}",
+                    )
+        mime = str(info.get("mimetype") or content_type or "application/octet-stream")
+        return ImagePart(bytes(data), mime, info.get("name"))
+
+
+async def latest_image_file(client: AsyncWebClient, channel: str, limit: int = 100) -> dict[str, Any] | None:
+    """The newest image attachment in a channel's or DM's recent history (None if there is none).
+    Raises SlackApiError (e.g. `not_in_channel`) for the caller to explain."""
+    resp = await client.conversations_history(channel=channel, limit=limit)
+    for message in resp.get("messages") or []:
+        found = image_files(message.get("files"))
+        if found:
+            return found[0]
+    return None

@@ -1,0 +1,60 @@
+"""The hostile-input corpus sent to the Telegram adapter as documents (albums for several files),
+all at once from different chats: each chat gets an answer or its specific refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bot import texts
+from tests.fake_telegram import FakeTelegram
+from tests.hostile import CASES, DecodingEngine
+from tests.telegram_harness import fake_server, running
+
+__all__ = ["fake_server"]
+
+PLACEHOLDERS = ("thinking", "queued")
+
+
+async def test_hostile_documents_through_telegram(fake: FakeTelegram, tmp_path: Path) -> None:
+    cases = [c for c in CASES if "no-file" not in c.tags]  # Telegram has no empty message
+    chats = {1000 + i: case for i, case in enumerate(cases)}
+    async with running(fake, tmp_path, engine=DecodingEngine(), rate_limit_per_minute=100) as h:
+        for chat, case in chats.items():
+            for i, f in enumerate(case.files):
+                update = h.document(f.data, f.name, f.mime, caption=case.text if i == 0 else None)
+                message = update["message"]
+                h._who(message, chat, chat, "en")
+                if len(case.files) > 1:
+                    message["media_group_id"] = f"album-{chat}"
+                await fake.push(update)
+
+        def settled() -> bool:
+            return all(
+                (shown := fake.texts(chat)) and not shown[-1].startswith(PLACEHOLDERS)
+                for chat in chats
+            )
+
+        await fake.wait_for(settled, timeout=60)
+    for chat, case in chats.items():
+        shown = fake.texts(chat)
+        assert len(shown) == 1, (case.name, shown)  # one reply, nothing duplicated
+        if case.expect == "answer":
+            assert shown[0].startswith("I see"), (case.name, shown)
+            if case.name == "ten-images":
+                assert shown[0].count("x") == 10
+        else:
+            prefix = texts.CATALOGUE["en"][case.expect].split("{")[0].strip()
+            assert shown[0].startswith(prefix), (case.name, shown)
+        assert "Traceback" not in shown[0]
+
+
+async def test_a_failed_file_download_still_gets_a_reply(fake: FakeTelegram, tmp_path: Path) -> None:
+    from tests.hostile import jpeg
+
+    async with running(fake, tmp_path, engine=DecodingEngine()) as h:
+        fake.fail_next("getFile", 500, times=1)
+        await fake.push(h.document(jpeg(), "photo.jpg", "image/jpeg"))
+        await fake.wait_for(lambda: bool(fake.texts(111)), timeout=30)
+        assert fake.texts(111)[0].startswith("Sorry, that failed, please try again.")
+        await fake.push(h.document(jpeg(), "photo.jpg", "image/jpeg"))  # and it keeps serving
+        await fake.wait_for(lambda: fake.texts(111)[-1].startswith("I see"), timeout=30)
