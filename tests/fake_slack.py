@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 from aiohttp import WSMsgType, web
 
@@ -108,7 +109,7 @@ class FakeSlack:
         return self._file_object(self.files[fid])
 
     def _file_object(self, f: FakeFile) -> dict[str, Any]:
-        url = f"{self.base_url}/files/{f.id}/{f.name}"
+        url = f"{self.base_url}/files/{f.id}/{quote(f.name, safe='')}"  # as Slack encodes names
         return {
             "id": f.id, "created": int(time.time()), "name": f.name, "title": f.name,
             "mimetype": f.mimetype, "filetype": f.name.rsplit(".", 1)[-1], "size": len(f.data),
