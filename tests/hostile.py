@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 from bot.models import Message
+from engine.intake import IntakeLimits, check_image, open_image
 from tests.fakes import ScriptedEngine
 
 
@@ -169,19 +170,18 @@ def _injection() -> Image.Image:
 CASES = make_cases()
 
 
-class DecodingEngine:
+class DecodingEngine(ScriptedEngine):
     """A scripted engine that checks and fully decodes every image like the real engine's intake
     (for adapter tests where the model itself is beside the point), then names what it saw."""
 
-    def __new__(cls) -> ScriptedEngine:  # type: ignore[misc]
-        from engine.intake import IntakeLimits, check_image, open_image
+    def __init__(self) -> None:
+        super().__init__(reply=self._describe)
+        self.limits = IntakeLimits()
 
-        limits = IntakeLimits()
+    def check(self, message: Message) -> None:
+        for part in message.images:
+            check_image(part, self.limits)
 
-        def reply(history: object, message: Message) -> str:
-            sizes = [open_image(p, limits).size for p in message.images]
-            return "I see " + ", ".join(f"{w}x{h}" for w, h in sizes) if sizes else "text only"
-
-        engine = ScriptedEngine(reply=reply)
-        engine.check = lambda message: [check_image(p, limits) for p in message.images]  # type: ignore[method-assign]
-        return engine
+    def _describe(self, history: object, message: Message) -> str:
+        sizes = [open_image(p, self.limits).size for p in message.images]
+        return "I see " + ", ".join(f"{w}x{h}" for w, h in sizes) if sizes else "text only"
