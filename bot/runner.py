@@ -46,6 +46,8 @@ from engine.base import Engine, EngineNotReady
 log = logging.getLogger("vlbot.runner")
 
 DEFAULT_JOB_SECONDS = 30.0
+NEAR_FRONT = 3  # positions announced on every change
+POSITION_UPDATE_S = 20.0  # further back: at most this often
 
 
 class Runner:
@@ -84,7 +86,8 @@ class Runner:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._durations: deque[float] = deque(maxlen=20)
         self._stopping = False
-        self._sent_positions: dict[str, int] = {}
+        # job id → (position last announced, when): position updates are rate-limited
+        self._sent_positions: dict[str, tuple[int, float]] = {}
 
     def attach(self, adapters: Mapping[str, Adapter]) -> None:
         self.adapters.update(adapters)
@@ -159,7 +162,7 @@ class Runner:
         self._wakeup.set()
         log.info("job %s accepted for %s (position %d)", job.id, job.conversation, position)
         acceptance = Acceptance(job.id, position, self.eta_s(position))
-        self._sent_positions[job.id] = position
+        self._sent_positions[job.id] = (position, time.monotonic())
         self._spawn(self._emit(job, Queued(position, acceptance.eta_s)))
         return acceptance
 
@@ -353,13 +356,22 @@ class Runner:
             log.warning("job %s: %s not delivered: %r", job.id, type(event).__name__, exc)
 
     def _announce_positions(self) -> None:
+        """Tell queued jobs their new place in line. With a long queue every start moves every
+        job, and one edit per job per start would flood the platforms' rate limits (and delay
+        the answers behind them): a job hears of a change at once only when it is near the
+        front, otherwise at most every POSITION_UPDATE_S seconds."""
         positions = self._queue.positions()
         for job_id in [j for j in self._sent_positions if j not in positions]:
             del self._sent_positions[job_id]  # started or gone: no more position updates
+        now = time.monotonic()
         for job in self._queue.predicted_order():
             position = positions[job.id]
-            if self._sent_positions.get(job.id) != position:
-                self._sent_positions[job.id] = position
+            last = self._sent_positions.get(job.id)
+            if last is None or (
+                last[0] != position
+                and (position <= NEAR_FRONT or now - last[1] >= POSITION_UPDATE_S)
+            ):
+                self._sent_positions[job.id] = (position, now)
                 self._spawn(self._emit(job, Queued(position, self.eta_s(position))))
 
     def _spawn(self, coro: object) -> None:

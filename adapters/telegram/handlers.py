@@ -77,6 +77,9 @@ class Handlers:
         self.album_wait_s = album_wait_s
         self.rate = RateLimiter(self.tg.rate_limit_per_minute)
         self.albums: dict[tuple[int, str], Album] = {}
+        # handlers run concurrently (block=False); a chat's messages are turned into jobs one at
+        # a time, in arrival order, so a quick "and the total?" never overtakes its photo
+        self._chat_locks: dict[int, asyncio.Lock] = {}
 
     async def close(self) -> None:
         for album in self.albums.values():
@@ -95,10 +98,22 @@ class Handlers:
         if msg.media_group_id:  # albums: addressing and admission once, for the whole group
             self._collect_album(msg)
             return
-        addressed, question = self._addressed(msg)
-        if not addressed or not await self._admit(msg):
-            return
-        await self._turn([msg], question, f"telegram:update:{update.update_id}")
+        # an album that started before this message goes first
+        earlier = [a.task for k, a in self.albums.items() if k[0] == msg.chat.id and a.task]
+        for task in earlier:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.shield(task)
+        async with self._chat_lock(msg.chat.id):
+            addressed, question = self._addressed(msg)
+            if not addressed or not await self._admit(msg):
+                return
+            await self._turn([msg], question, f"telegram:update:{update.update_id}")
+
+    def _chat_lock(self, chat_id: int) -> asyncio.Lock:
+        for idle in [c for c, lock in self._chat_locks.items() if not lock.locked()]:
+            if idle != chat_id:
+                del self._chat_locks[idle]
+        return self._chat_locks.setdefault(chat_id, asyncio.Lock())
 
     async def on_command(self, update: Update, context: Context) -> None:
         msg = update.message
@@ -194,18 +209,19 @@ class Handlers:
 
     async def _flush_album(self, key: tuple[int, str]) -> None:
         await asyncio.sleep(self.album_wait_s)
-        album = self.albums.pop(key, None)
-        if album is None:
-            return
-        messages = sorted(album.messages, key=lambda m: m.message_id)
-        checked = [self._addressed(m) for m in messages]
-        if not any(hit for hit, _ in checked) or not await self._admit(messages[0]):
-            return
-        question = " ".join(q for _, q in checked if q)
-        try:
-            await self._turn(messages, question, f"telegram:album:{key[0]}:{key[1]}")
-        except Exception as exc:
-            log.error("telegram album %s failed: %r", key[1], exc)
+        async with self._chat_lock(key[0]):
+            album = self.albums.pop(key, None)
+            if album is None:
+                return
+            messages = sorted(album.messages, key=lambda m: m.message_id)
+            checked = [self._addressed(m) for m in messages]
+            if not any(hit for hit, _ in checked) or not await self._admit(messages[0]):
+                return
+            question = " ".join(q for _, q in checked if q)
+            try:
+                await self._turn(messages, question, f"telegram:album:{key[0]}:{key[1]}")
+            except Exception as exc:
+                log.error("telegram album %s failed: %r", key[1], exc)
 
     # --- a turn ------------------------------------------------------------------------------
 
