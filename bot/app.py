@@ -44,8 +44,23 @@ def build_engine(settings: Settings) -> Engine:
             limits=intake_limits(settings),
             timeout_s=settings.remote.timeout_s,
         )
-    if settings.engine == "ocr":
-        raise SystemExit("vlbot: the OCR engine is not available yet; use VLBOT_ENGINE=qwen")
+    if settings.engine in ("ocr", "auto"):
+        from engine.ocr import OcrEngine
+
+        def make_ocr() -> Engine:
+            return OcrEngine(limits=intake_limits(settings), threads=settings.threads)
+
+        if settings.engine == "ocr":
+            return make_ocr()
+        from engine.auto import AutoEngine
+
+        return AutoEngine(
+            settings.model, lambda: qwen_engine(settings), make_ocr, limits=intake_limits(settings)
+        )
+    return qwen_engine(settings)
+
+
+def qwen_engine(settings: Settings) -> Engine:
     from engine.qwen import QwenVLEngine
 
     return QwenVLEngine(

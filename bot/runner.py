@@ -24,7 +24,9 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
+from bot import texts
 from bot.adapter import (
     Acceptance,
     Adapter,
@@ -40,7 +42,18 @@ from bot.adapter import (
 from bot.fairqueue import FairQueue
 from bot.history import HistoryStore
 from bot.jobs import JobStore, new_job_id
-from bot.models import ConversationId, GenerationParams, InputRejected, Job, JobStatus
+from bot.models import (
+    ConversationId,
+    GenerationParams,
+    InputRejected,
+    Job,
+    JobStatus,
+    Message,
+    Part,
+    TextPart,
+    Turn,
+)
+from bot.presets import generate_preset, get_preset, parse_preset_command, render_answer
 from engine.base import Engine, EngineNotReady
 
 log = logging.getLogger("vlbot.runner")
@@ -48,6 +61,20 @@ log = logging.getLogger("vlbot.runner")
 DEFAULT_JOB_SECONDS = 30.0
 NEAR_FRONT = 3  # positions announced on every change
 POSITION_UPDATE_S = 20.0  # further back: at most this often
+
+
+def with_preset(message: Message, origin: dict[str, Any]) -> tuple[Message, dict[str, Any]]:
+    """A message that starts with a preset command ("/triage what broke?", "ocr: …") runs that
+    preset: the command moves from the text to origin["preset"], the same for every adapter."""
+    if origin.get("preset") or not message.text:
+        return message, origin
+    preset, rest = parse_preset_command(message.text)
+    if preset is None:
+        return message, origin
+    parts: list[Part] = [p for p in message.parts if not isinstance(p, TextPart)]
+    if rest:
+        parts.append(TextPart(rest))
+    return Message(tuple(parts)), {**origin, "preset": preset.name}
 
 
 class Runner:
@@ -146,12 +173,13 @@ class Runner:
         self.engine.check(incoming.message)
         if len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue), self.retry_after_s())
+        message, origin = with_preset(incoming.message, dict(incoming.origin))
         job = Job(
             id=new_job_id(),
             conversation=incoming.conversation,
-            message=incoming.message,
+            message=message,
             user=incoming.user,
-            origin=dict(incoming.origin),
+            origin=origin,
         )
         if not await self.jobs.insert(job, incoming.event_key):
             log.info("duplicate event %s ignored", incoming.event_key)
@@ -274,6 +302,21 @@ class Runner:
     async def _generate(self, job: Job) -> str:
         history = await self.history.recent(job.conversation)
         params = self.params_for(job)
+        lang = job.user.language_code
+        preset = get_preset(job.origin.get("preset") or "")
+        if preset is not None:  # validated JSON: no partial text (it would be raw JSON)
+            result = await generate_preset(
+                self.engine, history, job.message, params, preset,
+                user_text=job.message.text, language_code=lang,
+            )
+            text = render_answer(result, lang, json_only=bool(job.origin.get("json_only")))
+        else:
+            text = await self._stream(job, history, params)
+        take_notice = getattr(self.engine, "take_notice", None)  # engine=auto fell back to OCR
+        notice = take_notice(job.conversation.key()) if take_notice else None
+        return f"{texts.text(notice, lang)}\n\n{text}" if notice else text
+
+    async def _stream(self, job: Job, history: list[Turn], params: GenerationParams) -> str:
         text = ""
         stream = self.engine.stream(history, job.message, params)
         try:

@@ -48,7 +48,7 @@ def test_ask_streams_an_answer_on_the_tiny_model(tiny_qwen3: Path, photo: Path,
 @pytest.mark.parametrize(
     ("setup", "expected"),
     [
-        ("missing-model", "does not exist"),
+        ("missing-model", "no such model folder"),
         ("corrupt-model", "config.json"),
         ("not-an-image", "not an image"),
         ("empty-question", "Please send an image"),

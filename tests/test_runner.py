@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.adapter import Failed, Final, Queued, QueueFull
+from bot.adapter import Failed, Final, Partial, Queued, QueueFull
 from bot.models import ImagePart, JobStatus, Role
 from tests.conftest import Stack, make_stack
 from tests.fakes import ScriptedEngine, incoming
@@ -253,3 +253,30 @@ async def test_cancel_while_the_start_is_being_announced_keeps_the_runner_alive(
     await stack.runner.submit(incoming("b", "still serving?"))
     assert isinstance((await stack.adapter.wait_for_finals(2))[1].event, Final)
     assert await stack.jobs.counts() == {"cancelled": 1, "done": 1}
+
+
+async def test_a_preset_command_runs_the_preset_through_the_runner(stack: Stack) -> None:
+    from tests.test_presets import GOOD
+
+    calls = 0
+
+    def reply(history: object, message: object) -> str:
+        nonlocal calls
+        calls += 1
+        return "not json at all" if calls == 1 else GOOD["triage"]  # repaired on the 2nd try
+
+    stack.engine.reply = reply
+    await stack.runner.start()
+    accepted = await stack.runner.submit(incoming("a", "/triage what is wrong?", RECEIPT))
+    finals = await stack.adapter.wait_for_finals(1)
+    answer = finals[0].event
+    assert isinstance(answer, Final) and "Billing" in answer.text and "```json" in answer.text
+    job = await stack.jobs.get(accepted.job_id)
+    assert job is not None and job.origin["preset"] == "triage"
+    assert job.message.text == "what is wrong?"
+    assert not any(isinstance(s.event, Partial) for s in stack.adapter.sent)  # no raw JSON shown
+
+    stack.engine.reply = lambda h, m: "still not json"
+    await stack.runner.submit(incoming("b", "/triage", RECEIPT))
+    failed = (await stack.adapter.wait_for_finals(2))[1].event
+    assert isinstance(failed, Failed) and failed.code == "preset_invalid_output"

@@ -27,7 +27,7 @@ from bot.presets.registry import (
     response_format,
     schema_json,
 )
-from bot.presets.render import render_text
+from bot.presets.render import render_answer, render_text
 from bot.presets.schemas import unwrap
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "preset_for_response_format",
     "preset_names",
     "redact",
+    "render_answer",
     "render_text",
     "repair_prompt",
     "response_format",

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from bot import texts
+from bot.presets.parsing import PresetResult
 from bot.presets.schemas import (
     DescribeResult,
     FormResult,
@@ -156,3 +157,13 @@ def render_text(model: BaseModel, language_code: str | None = None) -> str:
         return document.model_dump_json(indent=2)
     lines: list[str] = renderer(document, language_code)
     return "\n".join(lines) if lines else texts.text("pf_nothing_found", language_code)
+
+
+def render_answer(result: PresetResult, language_code: str | None = None, *,
+                  json_only: bool = False) -> str:
+    """The answer a job stores and delivers: for chats the readable list, then the JSON in a
+    fenced block (the raw JSON stays available); `json_only` for API clients that asked for a
+    response_format."""
+    if json_only:
+        return result.json(indent=None)
+    return f"{render_text(result.data, language_code)}\n\n```json\n{result.json()}\n```"

@@ -1,0 +1,1 @@
+"""vlbot benchmarks (not part of the test suite): ``python -m benchmarks.run [--quick]``."""

@@ -1,0 +1,178 @@
+"""Pure helpers of the benchmark: bandwidth and decode-limit math, rates, Markdown formatting.
+
+Nothing here loads a model or touches the clock, so the test suite checks it quickly
+(tests/test_benchmark_helpers.py); the floors and the report are in ``benchmarks.report``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+GB = 1e9
+GIB = 1024**3
+# Parameters the language model reads per generated token (28 layers 1.41 G + the tied lm_head
+# 0.31 G; the embedding lookup reads one row): Qwen3-VL-2B.
+QWEN3_VL_2B_LM_PARAMS = 1.72e9
+BF16_BYTES = 2.0
+
+# Image labels in benchmark order, with their sizes.
+IMAGES: dict[str, tuple[int, int]] = {
+    "640x480": (640, 480),
+    "1280x960": (1280, 960),
+    "1920x1080": (1920, 1080),
+    "4032x3024": (4032, 3024),
+}
+
+
+# --- math --------------------------------------------------------------------------------------
+
+
+def bandwidth_bytes_per_s(nbytes: int, seconds: Sequence[float]) -> float:
+    """Bytes per second of the best (fastest) of several timed passes over `nbytes`."""
+    valid = [s for s in seconds if s > 0]
+    if not valid:
+        raise ValueError("no positive timing")
+    return nbytes / min(valid)
+
+
+def lm_bytes_per_token(
+    lm_params: float = QWEN3_VL_2B_LM_PARAMS, bytes_per_param: float = BF16_BYTES
+) -> float:
+    return lm_params * bytes_per_param
+
+
+def decode_limit_tok_s(
+    bandwidth: float, lm_params: float = QWEN3_VL_2B_LM_PARAMS, bytes_per_param: float = BF16_BYTES
+) -> float:
+    """Tokens/s if every decode step only had to stream the language model's weights once."""
+    return bandwidth / lm_bytes_per_token(lm_params, bytes_per_param)
+
+
+def decode_rate(tokens: int, decode_seconds: float) -> float | None:
+    """Decode tokens/s: the first token belongs to the prefill, so `tokens - 1` over the time
+    from the first token to the last."""
+    if tokens < 2 or decode_seconds <= 0:
+        return None
+    return (tokens - 1) / decode_seconds
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def steady_aggregate_rate(chats: Sequence[Mapping[str, Any]]) -> float | None:
+    """Aggregate decode tokens/s while every chat is decoding.
+
+    Each chat gives ``piece_times`` (monotonic times of its streamed text pieces) and ``tokens``
+    (tokens generated). The window runs from the last chat's first piece to the first chat's last
+    piece; a chat's tokens in the window are its pieces there times its tokens per piece.
+    """
+    traced = [c for c in chats if len(c.get("piece_times") or []) >= 2 and c.get("tokens")]
+    if len(traced) != len(chats) or not chats:
+        return None
+    start = float(max(c["piece_times"][0] for c in traced))
+    end = float(min(c["piece_times"][-1] for c in traced))
+    if end <= start:
+        return None
+    tokens = 0.0
+    for chat in traced:
+        times: list[float] = chat["piece_times"]
+        per_piece = chat["tokens"] / len(times)
+        tokens += per_piece * sum(1 for t in times if start < t <= end)
+    return tokens / (end - start)
+
+
+def overall_aggregate_rate(chats: Sequence[Mapping[str, Any]]) -> float | None:
+    """All chats' tokens over the time from the earliest first piece to the latest last piece
+    (prefills of the later chats included)."""
+    traced = [c for c in chats if c.get("piece_times") and c.get("tokens")]
+    if not traced:
+        return None
+    start = float(min(c["piece_times"][0] for c in traced))
+    end = float(max(c["piece_times"][-1] for c in traced))
+    if end <= start:
+        return None
+    return sum(float(c["tokens"]) for c in traced) / (end - start)
+
+
+def interleaved(chats: Sequence[Mapping[str, Any]]) -> bool | None:
+    """True when every chat's first token came before any other chat's answer was complete."""
+    if len(chats) < 2 or any(c.get("first_token_s") is None or c.get("final_s") is None for c in chats):
+        return None
+    for i, chat in enumerate(chats):
+        others = [c["final_s"] for j, c in enumerate(chats) if j != i]
+        if chat["first_token_s"] >= min(others):
+            return False
+    return True
+
+
+def proc_status_bytes(field: str, status_text: str | None = None) -> int | None:
+    """A kB field of /proc/self/status in bytes: VmRSS (now) or VmHWM (this process's peak).
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across fork and exec, so a child
+    would report its parent's peak (here: the 2 GiB bandwidth buffer) when that is higher.
+    """
+    if status_text is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                status_text = f.read()
+        except OSError:
+            return None
+    for line in status_text.splitlines():
+        key, _, value = line.partition(":")
+        if key == field:
+            return int(value.split()[0]) * 1024
+    return None
+
+
+def growth_pct(samples: Sequence[float]) -> float | None:
+    """Percent change from the first to the last sample (RSS flatness over a run of requests)."""
+    if len(samples) < 2 or samples[0] <= 0:
+        return None
+    return 100.0 * (samples[-1] - samples[0]) / samples[0]
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+
+def fmt_s(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
+
+
+def fmt_rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f} tok/s"
+
+
+def fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.3f}×" if value < 0.995 else f"{value:.2f}×"
+
+
+def fmt_gb(value: float | None) -> str:
+    return "—" if value is None else f"{value / GB:.2f} GB"
+
+
+def fmt_int(value: Any) -> str:
+    return "—" if value is None else str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub Markdown table; cells are str()-ed, pipes escaped, columns padded."""
+
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    table = [[cell(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
+    for row in table[1:]:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, headers {len(headers)}")
+    widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
+    lines = ["| " + " | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) + " |" for r in table]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
