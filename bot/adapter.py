@@ -86,6 +86,7 @@ class CoreStatus:
     running: int
     uptime_s: float
     job_seconds: float  # recent mean job duration, for ETAs
+    fallback: str | None = None  # why engine=auto answers with OCR instead of the VLM
 
 
 class Core(Protocol):

@@ -18,8 +18,9 @@ from pydantic import SecretStr, ValidationError
 from bot import texts
 from bot.db import DataDirError, prepare_data_dir
 from bot.models import GenerationParams, ImagePart, InputRejected, Message
+from bot.presets import preset_names
 from bot.settings import Settings
-from engine.base import EngineError
+from engine.base import Engine, EngineError
 
 MIME_BY_SUFFIX = {
     ".jpg": "image/jpeg",
@@ -88,6 +89,8 @@ async def ask(args: argparse.Namespace) -> int:
         temperature=settings.temperature,
         system_prompt=settings.system_prompt,
     )
+    if args.preset:
+        return await ask_preset(args, engine, message, params)
     started = time.monotonic()
     pieces: list[str] = []
     async for piece in engine.stream([], message, params):
@@ -105,6 +108,20 @@ async def ask(args: argparse.Namespace) -> int:
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
+    await engine.close()
+    return 0
+
+
+async def ask_preset(
+    args: argparse.Namespace, engine: Engine, message: Message, params: GenerationParams
+) -> int:
+    """--preset: validated JSON (printed with --json) or its readable rendering."""
+    from bot.presets import generate_preset, get_preset, render_answer
+
+    preset = get_preset(args.preset)
+    assert preset is not None  # argparse choices
+    result = await generate_preset(engine, [], message, params, preset, user_text=message.text)
+    print(result.json() if args.json else render_answer(result))
     await engine.close()
     return 0
 
@@ -192,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_ask.add_argument("--dtype", choices=["auto", "bfloat16", "float32"])
     p_ask.add_argument("--max-new-tokens", type=int)
     p_ask.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    p_ask.add_argument("--preset", choices=preset_names(),
+                       help="answer as validated JSON: describe, ocr, extract, triage, …")
     p_serve = sub.add_parser("serve", help="run the configured adapters, runner and engine")
     p_serve.add_argument("--model")
     p_serve.add_argument("--engine", choices=["auto", "qwen", "ocr", "openai"])

@@ -63,6 +63,7 @@ class BotCore:
             running=self.runner.running_count,
             uptime_s=time.time() - self.started_at,
             job_seconds=self.runner.job_seconds(),
+            fallback=info.details.get("fallback"),
         )
 
     async def job_counts(self) -> dict[str, int]:

@@ -99,3 +99,19 @@ def test_unwritable_data_folder_is_one_clear_line(tmp_path: Path) -> None:
     assert out.returncode == 2
     assert "VLBOT_DATA_DIR" in out.stderr.strip().splitlines()[-1]
     assert "Traceback" not in out.stderr
+
+
+def test_ask_with_the_ocr_engine_prints_the_screenshot_text(tmp_path: Path) -> None:
+    pytest.importorskip("rapidocr_onnxruntime")
+    from tests.ocr_images import error_dialog
+
+    shot = tmp_path / "shot.png"
+    shot.write_bytes(error_dialog("DejaVu Sans", 24).png())
+    out = vlbot("ask", "--engine", "ocr", str(shot), "What does it say?")
+    assert out.returncode == 0, out.stderr
+    assert "Error 402: Your card was declined." in out.stdout
+
+    as_json = vlbot("ask", "--engine", "ocr", "--preset", "ocr", "--json", str(shot), "read it")
+    assert as_json.returncode == 0, as_json.stderr
+    lines = [line["text"] for line in json.loads(as_json.stdout)["lines"]]
+    assert "Payment failed" in lines

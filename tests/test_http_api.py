@@ -436,3 +436,39 @@ def test_error_body_shape() -> None:
             "code": "rate_limit_exceeded",
         }
     }
+
+
+async def test_presets_by_name_and_by_response_format(tmp_path: Path) -> None:
+    from openai import BadRequestError, OpenAI
+
+    from tests.test_presets import GOOD
+
+    engine = CheckingEngine(reply=lambda h, m: GOOD["triage"])
+    async with running(tmp_path, engine=engine) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            presets = (await http.get("/v1/presets")).json()["data"]
+            triage = next(p for p in presets if p["name"] == "triage")
+            by_name = await http.post("/v1/chat/completions", json={
+                "model": "m", "preset": "triage",
+                "messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(png())}},
+                    {"type": "text", "text": "what broke?"}]}]})
+        assert by_name.status_code == 200
+        content = by_name.json()["choices"][0]["message"]["content"]
+        assert "Billing" in content and "```json" in content  # readable, with the JSON
+
+        reply = await asyncio.to_thread(
+            client.chat.completions.create, model="m",
+            response_format=triage["response_format"],
+            messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url(png())}},
+                {"type": "text", "text": "what broke?"}]}])
+        data = json.loads(reply.choices[0].message.content or "")
+        assert data["product_area"] == "Billing" and data["severity"] == "blocker"
+
+        with pytest.raises(BadRequestError):
+            await asyncio.to_thread(
+                client.chat.completions.create, model="m",
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                messages=[{"role": "user", "content": "hi"}])

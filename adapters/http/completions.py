@@ -83,6 +83,9 @@ class Completions:
         origin: dict[str, Any] = {"request_id": rid}
         if chat.params():
             origin["params"] = chat.params()
+        if chat.preset:
+            origin["preset"] = chat.preset
+            origin["json_only"] = chat.json_only
         incoming = Incoming(
             conversation=conversation,
             user=User(platform_id=caller, display_name=caller, language_code=lang),

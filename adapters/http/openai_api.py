@@ -21,6 +21,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from adapters.http.errors import ApiError, bad_request
 from adapters.http.remote_images import RemoteImageError, RemoteImageFetcher
 from bot.models import ImagePart, Message, Part, Role, TextPart, Turn
+from bot.presets import get_preset, preset_for_response_format, preset_names
 
 CONVERSATION_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 DEFAULT_PROMPT = "Describe this image in one or two sentences."
@@ -35,6 +36,8 @@ class ChatRequest:
     include_usage: bool = False
     max_tokens: int | None = None
     temperature: float | None = None
+    preset: str | None = None  # run a preset (validated JSON)
+    json_only: bool = False  # answer with the preset's JSON alone (response_format)
 
     def params(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -110,6 +113,7 @@ class Parser:
             include_usage=isinstance(stream_options, dict) and bool(stream_options.get("include_usage")),
             max_tokens=_max_tokens(data.get("max_completion_tokens", data.get("max_tokens"))),
             temperature=_temperature(data.get("temperature")),
+            **_preset(data.get("preset"), data.get("response_format")),
         )
 
     async def _parts(self, content: Any, where: str) -> list[Part]:
@@ -205,6 +209,7 @@ class Parser:
             conversation = form.get("conversation_id")
             stream = form.get("stream")
             max_tokens = form.get("max_tokens")
+            preset = form.get("preset")
         finally:
             await form.close()
         if prompt is not None and not isinstance(prompt, str):
@@ -218,7 +223,29 @@ class Parser:
             stream=isinstance(stream, str) and stream.lower() in ("1", "true", "yes"),
             max_tokens=_max_tokens(int(max_tokens) if isinstance(max_tokens, str) and max_tokens.isdigit()
                                    else None),
+            **_preset(preset if isinstance(preset, str) and preset else None, None),
         )
+
+
+def _preset(name: Any, response_format: Any) -> dict[str, Any]:
+    """`preset` (a name) or `response_format` {"type": "json_schema", ...} with a preset's schema
+    (see GET /v1/presets) → run that preset; with response_format the answer is its JSON alone."""
+    if name is not None:
+        preset = get_preset(name) if isinstance(name, str) else None
+        if preset is None:
+            raise bad_request(f"Unknown preset {name!r}; use one of: {', '.join(preset_names())}.",
+                              param="preset")
+        return {"preset": preset.name}
+    if response_format is None or response_format == {"type": "text"}:
+        return {}
+    if isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        found = preset_for_response_format(response_format)
+        if found is not None:
+            return {"preset": found.name, "json_only": True}
+    raise bad_request(
+        "response_format must be a json_schema of one of the presets "
+        f"({', '.join(preset_names())}; GET /v1/presets lists them).", param="response_format",
+    )
 
 
 def _bool(value: Any, name: str) -> bool:

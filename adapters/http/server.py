@@ -35,6 +35,7 @@ from adapters.http.metrics import Metrics
 from adapters.http.remote_images import RemoteImageFetcher
 from bot.adapter import Core, Failed, ReplyEvent
 from bot.models import ConversationId, Job
+from bot.presets import PRESETS, response_format
 from bot.settings import Settings
 from bot.texts import text
 
@@ -252,6 +253,7 @@ class HttpAdapter:
             Route("/health", endpoint(self.health), methods=["GET"]),
             Route("/metrics", endpoint(self.metrics_page), methods=["GET"]),
             Route("/v1/models", endpoint(self.models), methods=["GET"]),
+            Route("/v1/presets", endpoint(self.presets), methods=["GET"]),
             Route("/v1/chat/completions", endpoint(self.chat), methods=["POST"]),
             Route("/v1/conversations/{cid}", endpoint(self.conversation), methods=["GET", "DELETE"]),
             Route("/v1/images/{sha}", endpoint(self.image), methods=["GET"]),
@@ -290,6 +292,8 @@ class HttpAdapter:
         }
         if status.engine_error:
             body["error"] = status.engine_error
+        if status.fallback:  # engine=auto: no VLM here, OCR answers
+            body["notice"] = f"{text('engine_fallback_ocr')} ({status.fallback})"
         return JSONResponse(body, status_code=200 if state == "healthy" else 503)
 
     async def metrics_page(self, request: Request) -> Response:
@@ -302,6 +306,12 @@ class HttpAdapter:
         status = self.core().status()
         model = {"id": status.model, "object": "model", "created": 0, "owned_by": "vlbot"}
         return JSONResponse({"object": "list", "data": [model]})
+
+    async def presets(self, request: Request) -> Response:
+        """The presets, each with the response_format that selects it."""
+        self._caller(request)
+        data = [{"name": p.name, "response_format": response_format(p)} for p in PRESETS.values()]
+        return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: Request) -> Response:
         caller = self._caller(request)
