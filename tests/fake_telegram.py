@@ -67,6 +67,7 @@ class FakeTelegram:
         self.messages: dict[tuple[int, int], ChatMessage] = {}
         self.files: dict[str, tuple[str, bytes]] = {}  # file_id -> (file_path, data)
         self.downloads: list[str] = []
+        self.documents: list[tuple[int, str, bytes]] = []  # (chat, file name, bytes) sent
         self.pushed_at: dict[int, float] = {}
         self.blocked: set[int] = set()
         self._failures: list[tuple[str, int, str | None, dict[str, Any]]] = []
@@ -192,6 +193,9 @@ class FakeTelegram:
         form = await request.post()
         params: dict[str, Any] = {}
         for key, value in form.items():
+            if isinstance(value, web.FileField):  # an uploaded file (sendDocument)
+                params[key] = {"filename": value.filename, "data": value.file.read()}
+                continue
             raw = value if isinstance(value, str) else str(value)
             if key in _RAW_STRING_FIELDS:
                 params[key] = raw
@@ -296,6 +300,16 @@ class FakeTelegram:
                         reply_to=reply.get("message_id"), thread_id=params.get("message_thread_id"))
         self.messages[(chat_id, m.message_id)] = m
         return self._message_json(m)
+
+    async def _m_sendDocument(self, params: dict[str, Any]) -> Any:
+        chat_id = int(params["chat_id"])
+        document = params["document"]
+        self.documents.append((chat_id, document["filename"], document["data"]))
+        m = ChatMessage(chat_id, next(self._ids(chat_id)), "", from_bot=True,
+                        thread_id=params.get("message_thread_id"))
+        self.messages[(chat_id, m.message_id)] = m
+        return {**self._message_json(m), "document": {
+            "file_id": "doc", "file_unique_id": "doc", "file_name": document["filename"]}}
 
     async def _m_editMessageText(self, params: dict[str, Any]) -> Any:
         chat_id, message_id = int(params["chat_id"]), int(params["message_id"])

@@ -127,6 +127,10 @@ async def test_conversation_id_keeps_server_side_history(tmp_path: Path) -> None
             url = next(p["url"] for p in exported["turns"][0]["parts"] if "url" in p)
             got = await http.get(url)
             bad = await http.get("/v1/conversations/bad%20id")
+            markdown = await http.get("/v1/conversations/c-1", params={"format": "markdown"})
+        assert markdown.headers["content-type"].startswith("text/markdown")
+        assert "and then?" in markdown.text and "seen 2 earlier turns" in markdown.text
+        assert "![" in markdown.text
         assert [t["role"] for t in exported["turns"]] == ["user", "assistant", "user", "assistant"]
         assert got.content == image and got.headers["content-type"] == "image/png"
         assert bad.status_code == 400

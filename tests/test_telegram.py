@@ -235,7 +235,8 @@ async def test_help_and_commands_registered(fake: FakeTelegram, tmp_path: Path) 
     assert "Model: script" in fake.texts(ALICE)[0] and "10 MB" in fake.texts(ALICE)[0]
     registered = [c.params for c in fake.calls if c.method == "setMyCommands"]
     assert {c.get("language_code") for c in registered} == {None, "zh"}
-    assert {"ask", "help", "reset", "cancel", "start"} == {x["command"] for x in registered[0]["commands"]}
+    names = {x["command"] for x in registered[0]["commands"]}
+    assert names == {"ask", "help", "reset", "cancel", "export", "start"}
 
 
 # --- access, language, logs ---------------------------------------------------------------------
@@ -280,3 +281,22 @@ async def test_the_token_is_in_no_log_line(
     leaked = [r.getMessage() for r in caplog.records if TOKEN in r.getMessage()]
     assert leaked == []
     assert TOKEN.split(":")[1] not in caplog.text
+
+
+async def test_export_sends_the_chat_as_markdown_and_json(fake: FakeTelegram, tmp_path: Path) -> None:
+    import json
+
+    async with running(fake, tmp_path) as h:
+        await fake.push(h.text("/export"))
+        await h.wait_text(ALICE, "There is nothing stored for this chat yet.")
+        await fake.push(h.photo(RED, "what is the total?"))
+        await h.wait_done(1)
+        await fake.push(h.text("/export"))
+        await fake.wait_for(lambda: len(fake.documents) == 2)
+    (_, md_name, md), (_, json_name, raw) = fake.documents
+    assert (md_name, json_name) == ("conversation.md", "conversation.json")
+    markdown = md.decode()
+    assert "what is the total?" in markdown and ANSWER in markdown and "![" in markdown
+    data = json.loads(raw)
+    assert [t["role"] for t in data["turns"]] == ["user", "assistant"]
+    assert data["turns"][0]["parts"][0]["size"] == len(RED)

@@ -22,7 +22,7 @@ from typing import Any
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,6 +34,7 @@ from adapters.http.logs import LogFiles, access_log, error_log, kv
 from adapters.http.metrics import Metrics
 from adapters.http.remote_images import RemoteImageFetcher
 from bot.adapter import Core, Failed, ReplyEvent
+from bot.export import to_markdown
 from bot.models import ConversationId, Job
 from bot.presets import PRESETS, response_format
 from bot.settings import Settings
@@ -350,6 +351,8 @@ class HttpAdapter:
                 if "image" in part:
                     part["url"] = f"/v1/images/{part['image']}"
         exported["conversation_id"] = cid
+        if request.query_params.get("format") in ("md", "markdown"):
+            return PlainTextResponse(to_markdown(exported), media_type="text/markdown")
         return JSONResponse(exported)
 
     async def image(self, request: Request) -> Response:

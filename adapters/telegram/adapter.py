@@ -39,6 +39,7 @@ COMMANDS = {
         ("help", "What I can do, the model and the limits"),
         ("reset", "Forget this chat's history"),
         ("cancel", "Stop the running or queued answer"),
+        ("export", "This chat as Markdown and JSON files"),
         ("start", "Start"),
     ],
     "zh": [
@@ -46,6 +47,7 @@ COMMANDS = {
         ("help", "功能、模型与限制"),
         ("reset", "清除本对话历史"),
         ("cancel", "停止正在进行或排队的回答"),
+        ("export", "以 Markdown 和 JSON 文件导出本对话"),
         ("start", "开始"),
     ],
 }
@@ -126,8 +128,8 @@ class TelegramAdapter:
             group_edit_interval_s=self.group_edit_interval_s,
         )
         commands = filters.UpdateType.MESSAGE
-        app.add_handler(CommandHandler(["start", "help", "reset", "cancel"], self.handlers.on_command,
-                                       filters=commands, block=False))
+        names = ["start", "help", "reset", "cancel", "export"]
+        app.add_handler(CommandHandler(names, self.handlers.on_command, filters=commands, block=False))
         app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self.handlers.on_message,
                                        block=False))
         app.add_error_handler(self.handlers.on_error, block=False)

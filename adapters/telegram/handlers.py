@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import math
 import time
@@ -12,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from telegram import Bot, Message, MessageEntity, ReplyParameters, Update
+from telegram import Bot, InputFile, Message, MessageEntity, ReplyParameters, Update
 from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import ContextTypes
@@ -27,6 +28,7 @@ from adapters.telegram.media import (
 )
 from bot import texts
 from bot.adapter import Core, Incoming, QueueFull
+from bot.export import to_markdown
 from bot.models import ConversationId, ImagePart, InputRejected, User
 from bot.models import Message as TurnMessage
 from bot.settings import Settings
@@ -133,6 +135,20 @@ class Handlers:
         elif command == "cancel":
             if await self.core.cancel(conversation) == 0:
                 await self._say(msg, "nothing_to_cancel")
+        elif command == "export":
+            await self._export(msg, conversation)
+
+    async def _export(self, msg: Message, conversation: ConversationId) -> None:
+        """/export: the chat's stored history as a Markdown and a JSON document."""
+        data = await self.core.history.export(conversation)
+        if not data["turns"]:
+            await self._say(msg, "export_empty")
+            return
+        files = [("conversation.md", to_markdown(data).encode()),
+                 ("conversation.json", json.dumps(data, ensure_ascii=False, indent=2).encode())]
+        for name, body in files:
+            await self.bot.send_document(msg.chat.id, InputFile(body, filename=name),
+                                         message_thread_id=thread_of(msg))
 
     async def on_error(self, update: object, context: Context) -> None:
         error = context.error
