@@ -411,3 +411,23 @@ def test_splitting_never_cuts_an_entity_or_exceeds_the_limit() -> None:
     assert all(len(c) <= 3000 for c in chunks) and "".join(chunks) == escape("<>&" * 2000)
     assert all(c.startswith("&") and c.endswith(";") for c in chunks)
     assert strip_mentions("<@U0BOT>  what is <@W123|bob> doing?") == "what is doing?"
+
+
+async def test_slash_presets_and_export(env: Env) -> None:
+    env.fake.add_user_message(CHANNEL, "shot", files=[env.fake.add_file(RED, "error.png")])
+    assert (await env.command("export"))["text"] == "There is nothing stored for this chat yet."
+    await env.command("what is the total?")
+    await env.fake.wait_for(lambda: any(
+        m.get("text", "").startswith(f"image {sha8(RED)}") for m in env.fake.messages[CHANNEL]))
+    for _ in range(100):  # the answer is recorded just after it is delivered
+        exported = (await env.command("export"))["text"]
+        if "what is the total?" in exported:
+            break
+        await asyncio.sleep(0.02)
+    assert exported.startswith("# Conversation slack:") and f"image {sha8(RED)}" in exported
+    await env.command("triage what broke?")
+    await env.fake.wait_for(lambda: len(env.engine.calls) == 2)
+    job = (await env.stack.jobs.unfinished() or [None])[0]
+    seen = env.engine.calls[1].message.text
+    assert "screenshot of a problem" in seen and seen.endswith("what broke?")  # the preset prompt
+    assert job is None or job.origin.get("preset") == "triage"

@@ -25,7 +25,9 @@ from adapters.slack.files import SlackFiles, latest_image_file
 from adapters.slack.format import escape, page_message, strip_mentions
 from adapters.slack.replies import ReplyWriter
 from bot.adapter import Core, Incoming, QueueFull
+from bot.export import to_markdown
 from bot.models import ConversationId, ImagePart, InputRejected, Message, User
+from bot.presets import parse_preset_command
 from bot.settings import Settings
 from bot.texts import text
 
@@ -187,6 +189,14 @@ class SlackHandlers:
             await self.core.reset(conversation)
             await ack(response_type="ephemeral", text=text("reset_done"))
             return
+        if word == "export":  # the channel's stored conversation, as Markdown, to the caller
+            exported = await self.core.history.export(conversation)
+            body = to_markdown(exported) if exported["turns"] else text("export_empty")
+            await ack(response_type="ephemeral", text=escape(body)[:MAX_EPHEMERAL])
+            return
+        preset, rest = parse_preset_command(question, bare=True)  # "/vlbot triage what broke?"
+        if preset is not None:
+            question = f"/{preset.name} {rest}".strip()
         await ack(response_type="ephemeral", text=text("slack_working"))
         origin: dict[str, Any] = {
             "channel": channel, "thread_ts": None, "user": command.get("user_id"),
@@ -231,6 +241,9 @@ class SlackHandlers:
             return () if known else None
         image = await self.files.download(found)
         return () if image.sha256 in known else (image,)
+
+
+MAX_EPHEMERAL = 39_000  # Slack's message text limit is 40k
 
 
 def _team(body: dict[str, Any], event: dict[str, Any]) -> str | None:
