@@ -197,7 +197,7 @@ async def test_slash_help_reset_and_private_answers(tmp_path: Path, fake: FakeSl
     try:
         assert "/vlbot reset" in (await env.command("help"))["text"]
         fake.add_user_message("D0ALICE", "", files=[fake.add_file(RED)])
-        await env.command("describe it", channel="D0ALICE")
+        await env.command("what is in it?", channel="D0ALICE")
         await fake.wait_for(lambda: len(fake.called("response_url")) == 1)
         private = fake.called("response_url")[0].args
         assert private["response_type"] == "ephemeral" and private["text"].startswith(f"image {sha8(RED)}")
