@@ -69,6 +69,9 @@ def qwen_engine(settings: Settings) -> Engine:
         threads=settings.threads,
         limits=intake_limits(settings),
         max_images=max(8, settings.max_images_per_message),  # whole prompt, history included
+        kv_cache_bytes=settings.kv_cache_mb * 2**20,
+        max_batch=settings.max_batch,
+        quantize=settings.quantize,
     )
 
 

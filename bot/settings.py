@@ -14,8 +14,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def default_concurrency() -> int:
-    """One generation at a time per 4 cores: a CPU engine saturates the cores it is given."""
-    return max(1, (os.cpu_count() or 1) // 4)
+    """Jobs in flight at once: the engine decodes concurrent jobs together in one batch (about
+    the cost of one), so a few run together even on 2 cores: one per core, 2 to 8."""
+    return min(8, max(2, os.cpu_count() or 1))
 
 
 class TelegramSettings(BaseModel):
@@ -101,6 +102,11 @@ class Settings(BaseSettings):
     max_visual_tokens: int = 1024  # pixel budget per image
     max_images_per_message: int = 10
     max_question_chars: int = 4000
+    kv_cache_mb: int = 1024  # follow-ups reuse each conversation's KV cache within this budget
+    max_batch: int = Field(
+        default=8, validation_alias=AliasChoices("VLBOT_MAX_BATCH", "BATCH_SIZE", "max_batch")
+    )
+    quantize: Literal["none", "int8", "int4"] = "none"
 
     # runner
     max_concurrency: int = Field(

@@ -12,6 +12,7 @@ passed the same limits and has been fitted into the pixel budget.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,9 @@ class Prompt:
 
     messages: list[ChatMessage]
     images: list[Image.Image] = field(default_factory=list)
+    # One digest of each shown image's encoded bytes, in the same order (for KV-cache reuse: two
+    # different pictures of the same size give the same token ids).
+    digests: list[bytes] = field(default_factory=list)
 
     @property
     def image_count(self) -> int:
@@ -99,6 +103,7 @@ def build_prompt(
     kept = _kept_history_images(entries, max_images)
     messages: list[ChatMessage] = []
     images: list[Image.Image] = []
+    digests: list[bytes] = []
     for entry in entries:
         content: list[dict[str, Any]] = []
         for part in entry.parts:
@@ -108,6 +113,7 @@ def build_prompt(
                 continue
             if entry.is_new:
                 images.append(opener(part, limits))
+                digests.append(image_digest(part))
                 content.append({"type": "image"})
                 continue
             image = _open_history_image(part, limits, opener) if id(part) in kept else None
@@ -115,12 +121,18 @@ def build_prompt(
                 content.append({"type": "text", "text": OMITTED_IMAGE})
             else:
                 images.append(image)
+                digests.append(image_digest(part))
                 content.append({"type": "image"})
         if content:
             messages.append({"role": entry.role, "content": content})
     if not messages or messages[-1]["role"] != "user":
         raise InputRejected("empty_question", "the message has neither text nor images")
-    return Prompt(messages, images)
+    return Prompt(messages, images, digests)
+
+
+def image_digest(part: ImagePart) -> bytes:
+    """A digest of an image's encoded bytes: equal for the same picture sent again."""
+    return hashlib.blake2b(part.data, digest_size=16).digest()
 
 
 def _open_history_image(

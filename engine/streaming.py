@@ -1,6 +1,7 @@
 """The bridge between `model.generate` in a worker thread and an async generator.
 
-- `TokenPipe` is a generate() streamer: it decodes new tokens incrementally (never splitting a
+- `TokenPipe` is a generate() streamer (and takes single tokens from the engine's own decode loop
+  through `push`): it decodes new tokens incrementally (never splitting a
   multi-byte character) and hands text pieces to the event loop's queue.
 - `StopFlag` is a StoppingCriteria that ends generation at the next token once set.
 - `install_abort_hooks` makes a set flag abort even inside one long forward pass (the vision
@@ -74,7 +75,13 @@ class TokenPipe(BaseStreamer):
         if not self._prompt_seen:
             self._prompt_seen = True
             return
-        ids = [int(i) for i in value.reshape(-1).tolist()]
+        self._accept([int(i) for i in value.reshape(-1).tolist()])
+
+    def push(self, token: int) -> None:
+        """One generated token (from the engine's own decode loop; no prompt to skip)."""
+        self._accept([token])
+
+    def _accept(self, ids: list[int]) -> None:
         if not ids:
             return
         if self.first_token_at is None:

@@ -1,0 +1,49 @@
+"""Opt-in weight-only int8 / int4 quantization of the language model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bot.models import Message
+from engine.quant import Int4Linear, Int8Linear, quantize_language_model
+from engine.qwen import QwenVLEngine
+from tests.test_engine_qwen import answer, png_image
+
+
+@pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
+def test_quantized_linear_is_close_to_the_original(cls: type[nn.Module]) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64, bias=False).to(torch.bfloat16)
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    q = Int8Linear(linear, torch.bfloat16) if cls is Int8Linear else Int4Linear(linear, 128)
+    want, got = linear(x).float(), q(x).float()
+    assert got.shape == want.shape and got.dtype == torch.float32
+    error = (got - want).norm() / want.norm()
+    assert error < (0.02 if cls is Int8Linear else 0.15), float(error)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+async def test_engine_answers_with_a_quantized_language_model(tiny_qwen3: Path, mode: str) -> None:
+    engine = QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2, quantize=mode)
+    await engine.load()
+    assert engine.info.details["quantize"] == mode
+    kinds = {type(m) for m in engine.model.model.language_model.modules()}
+    assert Int8Linear in kinds or Int4Linear in kinds
+    assert not any(isinstance(m, nn.Linear) for m in engine.model.model.language_model.layers.modules())
+    head = engine.model.lm_head  # int4 packs rows in eights: the tiny vocabulary (685) is not
+    assert isinstance(head, (Int8Linear, Int4Linear)) == (mode == "int8" or head.out_features % 8 == 0)
+    assert isinstance(engine.model.model.language_model.embed_tokens.weight, torch.Tensor)
+    message = Message.of("What is in this picture?", png_image())
+    text = await answer(engine, message)
+    assert text.strip() and text == await answer(engine, message)
+    await engine.close()
+
+
+def test_unknown_quantize_setting_is_rejected() -> None:
+    with pytest.raises(ValueError, match="quantize"):
+        QwenVLEngine("/nowhere", quantize="int3")
+    assert quantize_language_model(object(), "none") == 0
