@@ -280,3 +280,24 @@ async def test_a_preset_command_runs_the_preset_through_the_runner(stack: Stack)
     await stack.runner.submit(incoming("b", "/triage", RECEIPT))
     failed = (await stack.adapter.wait_for_finals(2))[1].event
     assert isinstance(failed, Failed) and failed.code == "preset_invalid_output"
+
+
+async def test_a_memory_error_in_the_engine_is_reported_and_the_runner_goes_on(stack: Stack) -> None:
+    from collections.abc import Sequence
+
+    from bot.models import Message, Turn
+
+    def explode(history: Sequence[Turn], message: Message) -> str:
+        if message.text == "huge":
+            raise MemoryError("cannot allocate")
+        return "fine"
+
+    stack.engine.reply = explode
+    await stack.runner.start()
+    accepted = await stack.runner.submit(incoming("a", "huge"))
+    await stack.runner.submit(incoming("b", "small"))
+    finals = await stack.adapter.wait_for_finals(2)
+    by_chat = {f.conversation: f.event for f in finals}
+    failed = by_chat["test:a"]
+    assert isinstance(failed, Failed) and failed.code == "failed" and failed.ref == accepted.job_id
+    assert by_chat["test:b"] == Final("fine")
