@@ -8,25 +8,18 @@ import os
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.fake_telegram import TOKEN, FakeTelegram
-from tests.telegram_harness import BLUE, GREEN, RED, Harness, jpeg
+from tests.telegram_harness import BLUE, GREEN, RED, Harness, fake_server, jpeg
+
+__all__ = ["fake_server"]
 
 pytestmark = pytest.mark.slow
 
 CHATS = (301, 302, 303, 304)
-
-
-@pytest.fixture(name="fake")
-async def fake_server() -> AsyncIterator[FakeTelegram]:
-    server = FakeTelegram()
-    await server.start()
-    yield server
-    await server.stop()
 
 
 async def start_serve(fake: FakeTelegram, model: Path, data: Path) -> asyncio.subprocess.Process:
