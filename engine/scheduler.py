@@ -29,6 +29,7 @@ import torch
 from engine.base import EngineNotReady
 from engine.batching import Batch, Row, cache_length, crop_cache
 from engine.kvcache import ImageSpan, SessionCacheStore, prompt_keys, reusable_prefix
+from engine.loading import onednn_decodes_faster
 from engine.streaming import Aborted, TokenPipe
 
 logger = logging.getLogger("vlbot.engine")
@@ -170,8 +171,8 @@ class Scheduler:
         started = time.monotonic()
         self._warming = True
         try:
-            if self.decode_mkldnn is None:
-                self.decode_mkldnn = self._onednn_decodes_faster()
+            if self.decode_mkldnn is None:  # from the CPU flags
+                self.decode_mkldnn = onednn_decodes_faster()
             with torch.inference_mode():
                 ids = torch.zeros((1, 2), dtype=torch.long)
                 self.model(input_ids=ids, cache=self._new_cache(), use_cache=True, logits_to_keep=1)
@@ -185,35 +186,6 @@ class Scheduler:
             time.monotonic() - started,
             self.decode_mkldnn,
         )
-
-    def _onednn_decodes_faster(self) -> bool:
-        """Time a matrix-vector product on one of the model's own bf16 weights with oneDNN on
-        and off. On CPUs without AMX (e.g. AMD EPYC with AVX512-BF16) torch's native kernel reads
-        weights about twice as fast; with AMX oneDNN wins. Not bf16: keep oneDNN."""
-        weights = [
-            m.weight
-            for m in self.model.model.language_model.modules()
-            if isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.bfloat16
-        ]
-        if not weights:
-            return True
-        weight = max(weights, key=lambda w: w.numel())
-        x = torch.zeros((1, weight.shape[1]), dtype=weight.dtype)
-        best = {True: float("inf"), False: float("inf")}
-        enabled = torch._C._get_mkldnn_enabled()
-        try:
-            with torch.inference_mode():
-                for _ in range(3):
-                    for onednn in (True, False):
-                        torch._C._set_mkldnn_enabled(onednn)
-                        torch.nn.functional.linear(x, weight)
-                        started = time.perf_counter()
-                        for _ in range(4):
-                            torch.nn.functional.linear(x, weight)
-                        best[onednn] = min(best[onednn], time.perf_counter() - started)
-        finally:
-            torch._C._set_mkldnn_enabled(enabled)
-        return not best[False] < 0.9 * best[True]
 
     def _run(self) -> None:
         torch.set_num_threads(self._threads)

@@ -171,3 +171,11 @@ async def test_token_pipe_never_splits_a_character() -> None:
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
     assert pipe.token_count == len(ids) and pipe.first_token_at is not None
+
+
+def test_onednn_is_kept_for_decode_with_amx_and_dropped_with_avx512_bf16_only() -> None:
+    from engine.loading import onednn_decodes_faster
+
+    assert onednn_decodes_faster("flags\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile")
+    assert not onednn_decodes_faster("flags\t: fpu avx512f avx512_bf16")
+    assert onednn_decodes_faster("flags\t: fpu avx2")  # no bf16 at all: fp32 weights, keep it
