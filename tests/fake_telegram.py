@@ -60,6 +60,9 @@ class ChatMessage:
     edits: list[str] = field(default_factory=list)
 
 
+RESET = 0  # fail_next status: the connection is reset
+
+
 class FakeTelegram:
     def __init__(self, token: str = TOKEN) -> None:
         self.token = token
@@ -148,7 +151,8 @@ class FakeTelegram:
     def fail_next(self, method: str, status: int, times: int = 1, text: str | None = None,
                   **parameters: Any) -> None:
         """Answer the next `times` calls of `method` (with this `text`, if given) with a
-        Telegram error; `parameters` become the error's parameters (e.g. retry_after)."""
+        Telegram error; `parameters` become the error's parameters (e.g. retry_after).
+        `status=RESET` drops the connection instead of answering."""
         for _ in range(times):
             self._failures.append((method, status, text, parameters))
 
@@ -211,6 +215,10 @@ class FakeTelegram:
             if m == method and (text is None or params.get("text") == text):
                 del self._failures[i]
                 call.status = status
+                if status == RESET:  # the connection drops before any answer
+                    assert request.transport is not None
+                    request.transport.close()
+                    raise ConnectionResetError("reset by the fake server")
                 return _error(status, _DESCRIPTIONS.get(status, "Internal Server Error"), **extra)
         handler = getattr(self, "_m_" + method, None)
         if handler is None:

@@ -58,3 +58,22 @@ async def test_a_failed_file_download_still_gets_a_reply(fake: FakeTelegram, tmp
         assert fake.texts(111)[0].startswith("Sorry, that failed, please try again.")
         await fake.push(h.document(jpeg(), "photo.jpg", "image/jpeg"))  # and it keeps serving
         await fake.wait_for(lambda: fake.texts(111)[-1].startswith("I see"), timeout=30)
+
+
+async def test_connection_resets_while_downloading_and_sending(fake: FakeTelegram, tmp_path: Path) -> None:
+    from tests.fake_telegram import RESET
+    from tests.hostile import jpeg
+
+    async with running(fake, tmp_path, engine=DecodingEngine()) as h:
+        fake.fail_next("getFile", RESET)  # the download's connection drops: told, not lost
+        await fake.push(h.document(jpeg(), "photo.jpg", "image/jpeg"))
+        await fake.wait_for(lambda: bool(fake.texts(111)), timeout=30)
+        assert fake.texts(111)[0].startswith("Sorry, that failed, please try again.")
+
+        fake.fail_next("editMessageText", RESET, times=2)  # and while the answer is sent
+        await fake.push(h.document(jpeg(), "again.jpg", "image/jpeg"))
+        await h.wait_done(1, timeout=60)
+        shown = fake.texts(111)
+        assert len(shown) == 2 and shown[1].startswith("I see"), shown  # complete, once
+    assert [c.method for c in fake.calls if c.status == RESET] == [
+        "getFile", "editMessageText", "editMessageText"]
