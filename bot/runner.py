@@ -303,21 +303,24 @@ class Runner:
         history = await self.history.recent(job.conversation)
         params = self.params_for(job)
         lang = job.user.language_code
+        take_notice = getattr(self.engine, "take_notice", None)  # engine=auto fell back to OCR
+        json_only = bool(job.origin.get("json_only"))  # an API client parses the answer as JSON
+        notice = take_notice(job.conversation.key()) if take_notice and not json_only else None
+        text = f"{texts.text(notice, lang)}\n\n" if notice else ""
+        if text:
+            await self._emit(job, Partial(text, text))
         preset = get_preset(job.origin.get("preset") or "")
         if preset is not None:  # validated JSON: no partial text (it would be raw JSON)
             result = await generate_preset(
                 self.engine, history, job.message, params, preset,
                 user_text=job.message.text, language_code=lang,
             )
-            text = render_answer(result, lang, json_only=bool(job.origin.get("json_only")))
-        else:
-            text = await self._stream(job, history, params)
-        take_notice = getattr(self.engine, "take_notice", None)  # engine=auto fell back to OCR
-        notice = take_notice(job.conversation.key()) if take_notice else None
-        return f"{texts.text(notice, lang)}\n\n{text}" if notice else text
+            return text + render_answer(result, lang, json_only=json_only)
+        return await self._stream(job, history, params, text)
 
-    async def _stream(self, job: Job, history: list[Turn], params: GenerationParams) -> str:
-        text = ""
+    async def _stream(
+        self, job: Job, history: list[Turn], params: GenerationParams, text: str = ""
+    ) -> str:
         stream = self.engine.stream(history, job.message, params)
         try:
             async for piece in stream:

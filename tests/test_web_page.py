@@ -49,6 +49,10 @@ RECORD_TEXTS = """() => {
 
 
 def script(history: Sequence[Turn], message: Message) -> str:
+    if "screenshot of a problem" in message.text:  # the triage preset's prompt
+        from tests.test_presets import GOOD
+
+        return GOOD["triage"]
     n = len(message.images) + sum(len(t.images) for t in history)
     return f"I see {n} image(s) and {len(history)} earlier turns; you asked {message.text}"
 
@@ -108,6 +112,13 @@ async def test_web_chat_upload_stream_follow_up_copy_reload(tmp_path: Path) -> N
         await page.screenshot(path=str(shot))
         if os.environ.get("VLBOT_WEB_SCREENSHOT"):
             shutil.copyfile(shot, os.environ["VLBOT_WEB_SCREENSHOT"])
+
+        # a preset button: the validated result, rendered readably
+        await page.click("button[data-preset=triage]")
+        await page.wait_for_function(
+            "() => [...document.querySelectorAll('.msg.assistant .text')].some("
+            "e => e.textContent.includes('Billing') && e.textContent.includes('blocker'))"
+        )
 
         # errors from the server are shown; phone width has no sideways scrolling
         await page.set_viewport_size({"width": 375, "height": 700})

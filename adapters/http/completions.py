@@ -182,6 +182,10 @@ class Completions:
                     streamed += event.delta
                     yield api.chunk(rid, model, {"content": event.delta})
                 elif isinstance(event, Final):
+                    if event.text.startswith(streamed) and len(event.text) > len(streamed):
+                        # what was not streamed (a preset's result arrives whole)
+                        timing.first_token = timing.first_token or time.monotonic()
+                        yield api.chunk(rid, model, {"content": event.text[len(streamed):]})
                     finished = exchange.answered = True
                     timing.finished = time.monotonic()
                     self._metrics.jobs.labels("http", "done").inc()

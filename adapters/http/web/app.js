@@ -170,17 +170,17 @@ function parseEvents(buffer, onData) {
   return buffer;
 }
 
-async function send(event) {
+async function send(event, preset) {
   event.preventDefault();
   const question = promptBox.value.trim();
-  if (busy || (!question && attachments.length === 0)) return;
+  if (busy || (!question && attachments.length === 0 && !preset)) return;
   busy = true;
   sendButton.disabled = true;
   const images = attachments.map((a) => a.dataUrl);
   const content = [];
   if (question) content.push({ type: "text", text: question });
   for (const url of images) content.push({ type: "image_url", image_url: { url } });
-  addMessage("user", question, images);
+  addMessage("user", preset ? `[${preset}] ${question}`.trim() : question, images);
   promptBox.value = "";
   attachments = [];
   renderPending();
@@ -193,7 +193,8 @@ async function send(event) {
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({
         model: "vlbot", stream: true, conversation_id: conversationId(),
-        messages: [{ role: "user", content }],
+        messages: [{ role: "user", content: content.length ? content : preset }],
+        ...(preset ? { preset } : {}),
       }),
     });
     if (!response.ok) {
@@ -237,7 +238,10 @@ async function send(event) {
   }
 }
 
-$("composer").addEventListener("submit", send);
+$("composer").addEventListener("submit", (e) => send(e));
+document.querySelectorAll("[data-preset]").forEach((button) => {
+  button.addEventListener("click", (e) => send(e, button.dataset.preset));
+});
 promptBox.addEventListener("keydown", (e) => {
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing) send(e);
 });
