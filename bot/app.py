@@ -63,7 +63,7 @@ def build_engine(settings: Settings) -> Engine:
 def qwen_engine(settings: Settings) -> Engine:
     from engine.qwen import QwenVLEngine
 
-    return QwenVLEngine(
+    vlm = QwenVLEngine(
         settings.model,
         dtype=settings.dtype,
         threads=settings.threads,
@@ -73,6 +73,12 @@ def qwen_engine(settings: Settings) -> Engine:
         max_batch=settings.max_batch,
         quantize=settings.quantize,
     )
+    if not settings.ocr_hints:
+        return vlm
+    from engine.ocr import OcrEngine
+    from engine.ocr_hints import OcrHintedEngine
+
+    return OcrHintedEngine(vlm, OcrEngine(limits=intake_limits(settings), threads=settings.threads))
 
 
 def build_adapters(settings: Settings) -> list[Adapter]:

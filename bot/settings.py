@@ -107,6 +107,7 @@ class Settings(BaseSettings):
         default=8, validation_alias=AliasChoices("VLBOT_MAX_BATCH", "BATCH_SIZE", "max_batch")
     )
     quantize: Literal["none", "int8", "int4"] = "none"
+    ocr_hints: bool = False  # put the OCR engine's reading of each new image into the VLM prompt
 
     # runner
     max_concurrency: int = Field(
