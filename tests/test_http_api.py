@@ -476,3 +476,23 @@ async def test_presets_by_name_and_by_response_format(tmp_path: Path) -> None:
                 client.chat.completions.create, model="m",
                 response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
                 messages=[{"role": "user", "content": "hi"}])
+
+
+async def test_basic_auth_guards_the_web_page_and_its_api_calls(tmp_path: Path) -> None:
+    http = {"web_user": "team", "web_password": "s3cret-pass", "api_keys": ["sk-test-key-123"]}
+    async with running(tmp_path, CheckingEngine(), http=http) as server:
+        async with httpx.AsyncClient(base_url=server.url) as client:
+            page = await client.get("/")
+            assert page.status_code == 401 and page.headers["www-authenticate"].startswith("Basic")
+            wrong = await client.get("/", auth=("team", "nope"))
+            assert wrong.status_code == 401
+            ok = await client.get("/", auth=("team", "s3cret-pass"))
+            assert ok.status_code == 200 and "<html" in ok.text.lower()
+            # the page's own API calls go through with the same credentials...
+            asked = await client.post("/v1/chat/completions", auth=("team", "s3cret-pass"), json={
+                "model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            assert asked.status_code == 200
+            # ...and API clients with a key; nobody else
+            keyed = await client.get("/v1/models", headers={"Authorization": "Bearer sk-test-key-123"})
+            assert keyed.status_code == 200
+            assert (await client.get("/v1/models")).status_code == 401
