@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ class TimedEngine:
     async def close(self) -> None:
         await self.inner.close()
 
-    async def stream(self, history: Sequence[Any], message: Any, params: Any) -> AsyncIterator[str]:
+    async def stream(self, history: Sequence[Any], message: Any, params: Any) -> AsyncGenerator[str, None]:
         trace = Trace(params.session, time.monotonic())
         self.traces[params.session].append(trace)
         inner = self.inner.stream(history, message, params)

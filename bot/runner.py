@@ -322,16 +322,12 @@ class Runner:
         self, job: Job, history: list[Turn], params: GenerationParams, text: str = ""
     ) -> str:
         stream = self.engine.stream(history, job.message, params)
-        try:
+        async with contextlib.aclosing(stream):  # a timeout or cancel stops the generation
             async for piece in stream:
                 if not piece:
                     continue
                 text += piece
                 await self._emit(job, Partial(text, piece))
-        finally:
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
         return text.strip()
 
     def params_for(self, job: Job) -> GenerationParams:

@@ -12,9 +12,10 @@ onnxruntime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,18 +198,14 @@ class AutoEngine:
 
     async def stream(
         self, history: Sequence[Turn], message: Message, params: GenerationParams
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         engine = self._engine
         if engine is None or not engine.ready:
             raise EngineNotReady("no engine has been loaded yet")
         inner = engine.stream(history, message, params)
-        try:
+        async with contextlib.aclosing(inner):  # closing this stream stops the inner one too
             async for piece in inner:
                 yield piece
-        finally:  # closing this stream stops the inner engine's generation too
-            aclose = getattr(inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     async def close(self) -> None:
         if self._engine is not None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -57,7 +57,8 @@ class Engine(Protocol):
 
     def stream(
         self, history: Sequence[Turn], message: Message, params: GenerationParams
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         """Yield text pieces of the answer. Closing the iterator stops generation."""
 
     async def close(self) -> None: ...
+

@@ -20,7 +20,7 @@ import logging
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -110,7 +110,7 @@ class OcrEngine:
 
     async def stream(
         self, history: Sequence[Turn], message: Message, params: GenerationParams
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         if self._reader is None or self._closed:
             raise EngineNotReady("the OCR engine is not loaded" if not self._closed else "closed")
         images = list(message.images) or _latest_images(history)

@@ -7,8 +7,9 @@ screenshot on 2 cores) before the VLM starts, and the prompt grows by the text f
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 from bot.models import GenerationParams, Message, TextPart, Turn
 from engine.base import Engine, EngineInfo
@@ -63,7 +64,7 @@ class OcrHintedEngine:
 
     async def stream(
         self, history: Sequence[Turn], message: Message, params: GenerationParams
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         rows = []
         for part in message.images:
             try:
@@ -72,13 +73,9 @@ class OcrHintedEngine:
                 logger.info("no OCR hint for an image: %s", exc)
                 rows.append(())
         inner = self.vlm.stream(history, hinted(message, rows), params)
-        try:
+        async with contextlib.aclosing(inner):  # closing this stream stops the VLM's too
             async for piece in inner:
                 yield piece
-        finally:
-            aclose = getattr(inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
     async def close(self) -> None:
         await self.vlm.close()

@@ -19,7 +19,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -180,7 +180,7 @@ class QwenVLEngine:
 
     async def stream(
         self, history: Sequence[Turn], message: Message, params: GenerationParams
-    ) -> AsyncIterator[str]:
+    ) -> AsyncGenerator[str, None]:
         loaded = self._loaded
         scheduler = self._scheduler
         if loaded is None or scheduler is None or self._closed:

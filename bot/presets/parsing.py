@@ -9,6 +9,7 @@ retries, a clear message). A half-parsed answer is never returned as data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -241,15 +242,11 @@ async def _answer(engine: Engine, history: Sequence[Turn], message: Message,
                   params: GenerationParams, on_piece: OnPiece | None) -> str:
     pieces: list[str] = []
     stream = engine.stream(history, message, params)
-    try:
+    async with contextlib.aclosing(stream):
         async for piece in stream:
             pieces.append(piece)
             if on_piece is not None:
                 await on_piece(piece)
-    finally:
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            await aclose()
     return "".join(pieces).strip()
 
 
