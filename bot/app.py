@@ -16,6 +16,7 @@ from bot.core import BotCore
 from bot.db import Database
 from bot.history import HistoryStore
 from bot.jobs import JobStore
+from bot.logs import SecretRedactor, secret_values
 from bot.models import GenerationParams
 from bot.runner import Runner
 from bot.settings import Settings
@@ -98,6 +99,10 @@ def build_adapters(settings: Settings) -> list[Adapter]:
     return adapters
 
 
+class AdapterStartError(Exception):
+    """An adapter could not start; the message names the settings to check."""
+
+
 class App:
     """Owns the lifecycle: start everything, run until stopped, stop in reverse order."""
 
@@ -137,7 +142,15 @@ class App:
         self.core = BotCore(self.runner, history, self.engine)
         self.core.load_engine_in_background()
         for adapter in self.adapters:
-            await adapter.start(self.core)
+            try:
+                await adapter.start(self.core)
+            except Exception as exc:  # a wrong token, an unreachable platform, a busy port ...
+                await self.stop()
+                reason = SecretRedactor(secret_values(self.settings)).redact(str(exc))
+                raise AdapterStartError(
+                    f"the {adapter.platform} adapter could not start: {reason} "
+                    f"(check the VLBOT_{adapter.platform.upper()}__* settings and the network)"
+                ) from exc
             log.info("adapter %s started", adapter.platform)
         await self.runner.start()
         self._prune_task = asyncio.create_task(self._prune_forever(history))

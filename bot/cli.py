@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import SecretStr, ValidationError
 
 from bot import texts
+from bot.app import AdapterStartError
 from bot.db import DataDirError, prepare_data_dir
 from bot.models import GenerationParams, ImagePart, InputRejected, Message
 from bot.presets import preset_names
@@ -239,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputRejected as exc:
         print(f"vlbot: {texts.text(exc.code, **exc.params)}", file=sys.stderr)
         return 2
-    except (EngineError, DataDirError) as exc:
+    except (EngineError, DataDirError, AdapterStartError) as exc:
         print(f"vlbot: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
