@@ -8,6 +8,7 @@ import itertools
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from adapters.telegram import TelegramAdapter
 from adapters.telegram.replies import split_message, utf16_len
@@ -177,3 +178,19 @@ async def test_forum_topic_is_its_own_conversation(fake: FakeTelegram, tmp_path:
         assert (await h.stack.history.export(ConversationId("telegram", str(GROUP))))["turns"] == []
     placeholder = fake.calls_to(GROUP, "sendMessage")[0]
     assert placeholder.params["message_thread_id"] == 77
+
+
+async def test_typing_is_renewed_while_a_long_answer_is_generated(
+    fake: FakeTelegram, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from adapters.telegram import replies
+
+    monkeypatch.setattr(replies, "TYPING_RENEW_S", 0.2)
+    slow = ScriptedEngine(reply=lambda h, m: " ".join(["word"] * 10), delay_s=0.1)
+    async with running(fake, tmp_path, engine=slow) as h:
+        await fake.push(h.photo(RED, "take your time"))
+        await h.wait_done(1)
+        typing = len(fake.calls_to(ALICE, "sendChatAction"))
+        await asyncio.sleep(0.5)
+        assert len(fake.calls_to(ALICE, "sendChatAction")) == typing  # stops with the answer
+    assert typing >= 3

@@ -65,6 +65,9 @@ def preview(text: str) -> str:
     return shown + " …"
 
 
+TYPING_RENEW_S = 4.5
+
+
 @dataclass
 class ReplyState:
     placeholder_id: int | None
@@ -161,7 +164,9 @@ class Replier:
             if created or state.shown != label:
                 await self._show(job, state, label)
         if isinstance(event, Started):
-            await self._typing(job)
+            while not state.done:  # Telegram shows "typing…" for 5 s: renew it until the answer
+                await self._typing(job)
+                await asyncio.sleep(TYPING_RENEW_S)
         return {"placeholder_id": state.placeholder_id} if created else None
 
     async def _quietly(self, job: Job, work: Awaitable[Any]) -> None:
