@@ -10,7 +10,7 @@ from bot.adapter import Acceptance, CoreStatus, Incoming
 from bot.history import HistoryStore
 from bot.models import ConversationId, ImagePart
 from bot.runner import Runner
-from engine.base import Engine, EngineNotReady
+from engine.base import Engine
 
 log = logging.getLogger("vlbot.core")
 
@@ -43,12 +43,6 @@ class BotCore:
 
         self._load_task = asyncio.create_task(_load(), name="vlbot-engine-load")
         return self._load_task
-
-    async def wait_engine(self) -> None:
-        if self._load_task is not None:
-            await self._load_task
-        if self.engine_error:
-            raise EngineNotReady(self.engine_error)
 
     def status(self) -> CoreStatus:
         info = self.engine.info

@@ -401,10 +401,3 @@ class QwenVLEngine:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
-
-
-def _sampling(params: GenerationParams) -> dict[str, Any]:
-    if params.temperature <= 0:
-        # greedy; clear sampling settings a model's generation_config may carry
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-    return {"do_sample": True, "temperature": float(params.temperature)}

@@ -1,9 +1,7 @@
-"""The bridge between `model.generate` in a worker thread and an async generator.
+"""The bridge between the engine's compute thread and an async generator.
 
-- `TokenPipe` is a generate() streamer (and takes single tokens from the engine's own decode loop
-  through `push`): it decodes new tokens incrementally (never splitting a
-  multi-byte character) and hands text pieces to the event loop's queue.
-- `StopFlag` is a StoppingCriteria that ends generation at the next token once set.
+- `TokenPipe` takes the tokens of the engine's decode loop (`push`), decodes them incrementally
+  (never splitting a multi-byte character) and hands text pieces to the event loop's queue.
 - `install_abort_hooks` makes a set flag abort even inside one long forward pass (the vision
   encoder and the prefill of a large image take seconds on a CPU), by raising `Aborted` from a
   forward pre-hook on every block of the model's layer lists.
@@ -12,14 +10,11 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.generation.stopping_criteria import StoppingCriteria
-from transformers.generation.streamers import BaseStreamer
 
 
 class Aborted(Exception):
@@ -33,24 +28,10 @@ class Finished:
 FINISHED = Finished()
 
 
-class StopFlag(StoppingCriteria):
-    """Stops generate() at the next token once `event` is set."""
+class TokenPipe:
+    """Sends the decoded text of generated tokens to an asyncio queue.
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def __call__(  # type: ignore[override]
-        self, input_ids: torch.Tensor, scores: torch.Tensor | None, **kwargs: Any
-    ) -> torch.Tensor:
-        return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
-        )
-
-
-class TokenPipe(BaseStreamer):
-    """A generate() streamer that sends decoded text pieces to an asyncio queue.
-
-    The first `put` is the prompt and is skipped. Decoding uses a sliding window (decode the last
+    Decoding uses a sliding window (decode the last
     few ids with and without the newest ones, emit the difference) so the cost per token stays
     constant and a character split over several byte-level tokens is emitted whole.
     """
@@ -67,27 +48,15 @@ class TokenPipe(BaseStreamer):
         self._ids: list[int] = []
         self._prefix = 0  # start of the window decoded for context
         self._read = 0  # end of what has been emitted
-        self._prompt_seen = False
         self.first_token_at: float | None = None
         self.token_count = 0
 
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        self._accept([int(i) for i in value.reshape(-1).tolist()])
-
     def push(self, token: int) -> None:
-        """One generated token (from the engine's own decode loop; no prompt to skip)."""
-        self._accept([token])
-
-    def _accept(self, ids: list[int]) -> None:
-        if not ids:
-            return
+        """One generated token."""
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        self.token_count += len(ids)
-        self._ids.extend(ids)
+        self.token_count += 1
+        self._ids.append(token)
         piece = self._next_piece(final=False)
         if piece:
             self.send(piece)

@@ -158,9 +158,8 @@ async def test_token_pipe_never_splits_a_character() -> None:
     ids = tokenizer(text)["input_ids"]
     queue: asyncio.Queue[object] = asyncio.Queue()
     pipe = TokenPipe(tokenizer, asyncio.get_running_loop(), queue)
-    pipe.put(torch.tensor([[1, 2, 3]]))  # the prompt: skipped
     for token in ids:
-        pipe.put(torch.tensor([token]))
+        pipe.push(token)
     pipe.end()
     await asyncio.sleep(0)
     pieces: list[str] = []

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import ipaddress
 import math
@@ -162,8 +161,3 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise too_large(limit)
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def key_fingerprint(secret: str) -> str:
-    """A short, non-reversible name of a secret, for logs."""
-    return hashlib.sha256(secret.encode()).hexdigest()[:8]
