@@ -25,8 +25,12 @@ def parts_to_json(parts: Sequence[Part]) -> str:
 
 async def parts_from_json(conn: aiosqlite.Connection, raw: str) -> tuple[Part, ...]:
     items: list[dict[str, Any]] = json.loads(raw)
-    shas = [item["image"] for item in items if "image" in item]
-    data = await load_images(conn, shas)
+    data = await load_images(conn, [item["image"] for item in items if "image" in item])
+    return parts_from_items(items, data)
+
+
+def parts_from_items(items: list[dict[str, Any]], data: dict[str, bytes]) -> tuple[Part, ...]:
+    """Stored parts with their image bytes (`data` by sha256); unknown images are left out."""
     parts: list[Part] = []
     for item in items:
         if "text" in item:
@@ -126,12 +130,14 @@ class HistoryStore:
         rows.reverse()
         while rows and rows[0]["role"] != Role.USER.value:
             rows.pop(0)
-        turns = []
-        for row in rows:
-            async with self.db.reading() as conn:
-                parts = await parts_from_json(conn, row["parts"])
-            turns.append(Turn(Role(row["role"]), parts, row["created_at"], row["job_id"]))
-        return turns
+        items = [json.loads(row["parts"]) for row in rows]
+        shas = sorted({part["image"] for parts in items for part in parts if "image" in part})
+        async with self.db.reading() as conn:
+            data = await load_images(conn, shas)  # one query for every image of the window
+        return [
+            Turn(Role(row["role"]), parts_from_items(parts, data), row["created_at"], row["job_id"])
+            for row, parts in zip(rows, items, strict=True)
+        ]
 
     async def reset(self, conversation: ConversationId) -> int:
         """Forget a conversation: its turns and every image no longer referenced."""
