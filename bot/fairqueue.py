@@ -58,13 +58,13 @@ class FairQueue:
     def predicted_order(self) -> list[Job]:
         """All queued jobs in the order they would start if nothing else arrived; busy
         conversations rejoin the line after the ready ones, as `release` would put them."""
-        queues = {key: list(q) for key, q in self._pending.items()}
+        queues = {key: deque(q) for key, q in self._pending.items()}
         line = list(self._ready) + [k for k in self._pending if k in self._busy]
         order: list[Job] = []
         ring = deque(line)
         while ring:
             key = ring.popleft()
-            order.append(queues[key].pop(0))
+            order.append(queues[key].popleft())
             if queues[key]:
                 ring.append(key)
         return order

@@ -402,12 +402,12 @@ class Runner:
         job, and one edit per job per start would flood the platforms' rate limits (and delay
         the answers behind them): a job hears of a change at once only when it is near the
         front, otherwise at most every POSITION_UPDATE_S seconds."""
-        positions = self._queue.positions()
-        for job_id in [j for j in self._sent_positions if j not in positions]:
+        order = self._queue.predicted_order()
+        queued = {job.id for job in order}
+        for job_id in [j for j in self._sent_positions if j not in queued]:
             del self._sent_positions[job_id]  # started or gone: no more position updates
         now = time.monotonic()
-        for job in self._queue.predicted_order():
-            position = positions[job.id]
+        for position, job in enumerate(order, start=1):
             last = self._sent_positions.get(job.id)
             if last is None or (
                 last[0] != position
