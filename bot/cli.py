@@ -20,6 +20,7 @@ from bot.app import AdapterStartError
 from bot.db import DataDirError, prepare_data_dir
 from bot.models import GenerationParams, ImagePart, InputRejected, Message
 from bot.presets import preset_names
+from bot.runner import check_message
 from bot.settings import Settings
 from engine.base import Engine, EngineError
 
@@ -75,13 +76,8 @@ async def ask(args: argparse.Namespace) -> int:
     images = [read_image(p, settings) for p in image_paths]
     if not question.strip() and not images:
         raise CliError(texts.text("empty_question"))
-    if len(question) > settings.max_question_chars:
-        raise InputRejected("question_too_long", "too long", length=len(question),
-                            limit=settings.max_question_chars)
-    if len(images) > settings.max_images_per_message:
-        raise InputRejected("too_many_images", "too many", count=len(images),
-                            limit=settings.max_images_per_message)
     message = Message.of(question.strip() or texts.text("default_prompt"), *images)
+    check_message(message, settings.max_question_chars, settings.max_images_per_message)
     engine = build_engine(settings)
     engine.check(message)
     await engine.load()

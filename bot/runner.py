@@ -63,6 +63,18 @@ NEAR_FRONT = 3  # positions announced on every change
 POSITION_UPDATE_S = 20.0  # further back: at most this often
 
 
+def check_message(message: Message, max_question_chars: int, max_images: int) -> None:
+    """The limits every message meets before it is queued (the CLI applies them too)."""
+    length = len(message.text)
+    if length > max_question_chars:
+        raise InputRejected(
+            "question_too_long", f"{length} characters", length=length, limit=max_question_chars
+        )
+    count = len(message.images)
+    if count > max_images:
+        raise InputRejected("too_many_images", f"{count} images", count=count, limit=max_images)
+
+
 def with_preset(message: Message, origin: dict[str, Any]) -> tuple[Message, dict[str, Any]]:
     """A message that starts with a preset command ("/triage what broke?", "ocr: …") runs that
     preset: the command moves from the text to origin["preset"], the same for every adapter."""
@@ -159,17 +171,7 @@ class Runner:
     async def submit(self, incoming: Incoming) -> Acceptance:
         if not incoming.message.parts:
             raise InputRejected("empty_question", "empty message")
-        length = len(incoming.message.text)
-        if length > self.max_question_chars:
-            raise InputRejected(
-                "question_too_long", f"{length} characters", length=length,
-                limit=self.max_question_chars,
-            )
-        count = len(incoming.message.images)
-        if count > self.max_images_per_message:
-            raise InputRejected(
-                "too_many_images", f"{count} images", count=count, limit=self.max_images_per_message
-            )
+        check_message(incoming.message, self.max_question_chars, self.max_images_per_message)
         self.engine.check(incoming.message)
         if len(self._queue) >= self.max_queue:
             raise QueueFull(len(self._queue), self.retry_after_s())
