@@ -44,6 +44,11 @@ def _looks_like_path(model: str) -> bool:
     )
 
 
+def names_a_folder(model: str) -> bool:
+    """VLBOT_MODEL is a folder (existing or not), rather than a hub id; blocking (stat)."""
+    return _looks_like_path(model) or Path(model).expanduser().exists()
+
+
 def _hub_reachable(model: str, timeout_s: float) -> bool:
     from huggingface_hub import HfApi
 
@@ -162,9 +167,9 @@ class AutoEngine:
         async with self._lock:
             if self._engine is not None and self._engine.ready:
                 return
-            availability = await asyncio.to_thread(self._probe, self._model)
-            local = availability.where == "local folder" or availability.where.endswith(
-                "has no config.json") or _looks_like_path(self._model)
+            availability, local = await asyncio.to_thread(
+                lambda: (self._probe(self._model), names_a_folder(self._model))
+            )
             if local and not availability.available:
                 # a folder the operator named is a setting to fix, not a reason to fall back
                 raise ModelNotFound(
