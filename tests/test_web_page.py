@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +20,9 @@ from tests.http_helpers import CheckingEngine, png, running
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.async_api")
+# Waits use locators and expect() (no JavaScript predicates): the page's CSP forbids eval, which
+# Playwright's polled string predicates need.
+expect = playwright_api.expect
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
 ARGS = [
     "--no-sandbox",
@@ -77,9 +81,9 @@ async def test_web_chat_upload_stream_follow_up_copy_reload(tmp_path: Path) -> N
         await page.evaluate(
             DROP_FILE, [base64.b64encode(red).decode(), "pasted.png", "image/png", "paste"]
         )
-        await page.wait_for_function("document.querySelectorAll('#pending .thumb').length === 3")
+        await expect(page.locator("#pending .thumb")).to_have_count(3)
         await page.locator(".thumb button").nth(2).click()  # remove one again
-        await page.wait_for_function("document.querySelectorAll('#pending .thumb').length === 2")
+        await expect(page.locator("#pending .thumb")).to_have_count(2)
 
         await page.evaluate(RECORD_TEXTS)
         await page.fill("#prompt", "what is this?")
@@ -104,7 +108,7 @@ async def test_web_chat_upload_stream_follow_up_copy_reload(tmp_path: Path) -> N
         assert await page.evaluate("navigator.clipboard.readText()") == second
 
         await page.reload()
-        await page.wait_for_function("document.querySelectorAll('.msg').length === 4")
+        await expect(page.locator(".msg")).to_have_count(4)
         assert await page.locator(".msg.assistant .text").all_text_contents() == [first, second]
         assert await page.locator(".msg.user img").count() == 2
         assert await page.locator(".msg.assistant .copy").count() == 2
@@ -115,22 +119,22 @@ async def test_web_chat_upload_stream_follow_up_copy_reload(tmp_path: Path) -> N
 
         # a preset button: the validated result, rendered readably
         await page.click("button[data-preset=triage]")
-        await page.wait_for_function(
-            "() => [...document.querySelectorAll('.msg.assistant .text')].some("
-            "e => e.textContent.includes('Billing') && e.textContent.includes('blocker'))"
-        )
+        # (selectors, not a polled JS predicate: the page's CSP forbids eval)
+        result = page.locator(".msg.assistant .text:has-text('Billing')")
+        await result.wait_for()
+        assert "blocker" in (await result.text_content() or "")
 
         # errors from the server are shown; phone width has no sideways scrolling
         await page.set_viewport_size({"width": 375, "height": 700})
         await page.evaluate(
             DROP_FILE, [base64.b64encode(b"%PDF-1.4 nope").decode(), "x.png", "image/png", "drop"]
         )
-        await page.wait_for_function("document.querySelectorAll('#pending .thumb').length === 1")
+        await expect(page.locator("#pending .thumb")).to_have_count(1)
         await page.fill("#prompt", "read this")
         await page.press("#prompt", "Enter")
-        await page.wait_for_function(
-            "m => [...document.querySelectorAll('.msg.error .text')].some(e => e.textContent === m)",
-            arg=text("not_an_image"),
-        )
+        await expect(
+            page.locator(".msg.error .text").filter(
+                has_text=re.compile("^" + re.escape(text("not_an_image")) + "$"))
+        ).to_have_count(1)
         assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
         await browser.close()
