@@ -81,12 +81,20 @@ def reusable_prefix(cached: Sequence[int], new: Sequence[int], spans: Sequence[I
 
 
 def cache_nbytes(cache: Any) -> int:
-    """Bytes held by a transformers Cache's key/value tensors."""
+    """Bytes of memory behind a transformers Cache's key/value tensors.
+
+    Counts each tensor's whole storage once: a view of a larger buffer (engine.kvbuffer's spare
+    room, a cropped cache) holds all of it.
+    """
+    seen: set[int] = set()
     total = 0
     for layer in getattr(cache, "layers", ()):
         for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
             if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
+                storage = tensor.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += int(storage.nbytes())
     return total
 
 

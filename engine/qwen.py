@@ -42,6 +42,7 @@ from engine.loading import (
     resolve_source,
     visual_token_pixels,
 )
+from engine.patch_embed import linearize_patch_embedding
 from engine.prompt import Prompt, build_prompt
 from engine.quant import check_mode, quantize_language_model
 from engine.scheduler import Encoded, Request, SamplingDefaults, Scheduler, make_encoded
@@ -254,6 +255,7 @@ class QwenVLEngine:
         except Exception as e:  # OSError, ValueError, safetensors/json errors, hub errors, ...
             raise load_failure(source, e) from e
         model.eval()
+        linearize_patch_embedding(model)
         quantize_language_model(model, self._quantize)
         install_abort_hooks(model, self._should_abort)
         self._scheduler = self._start_scheduler(model)
@@ -290,12 +292,12 @@ class QwenVLEngine:
         return self._closed or (scheduler is not None and scheduler.should_abort())
 
     def _start_scheduler(self, model: Any) -> Scheduler:
-        from transformers import DynamicCache
+        from engine.kvbuffer import appending_cache  # imports transformers: only once loading
 
         config = model.config
 
         def new_cache() -> Any:
-            return DynamicCache(config=config)
+            return appending_cache(config)
 
         generation = model.generation_config
         eos = generation.eos_token_id

@@ -94,10 +94,11 @@ def test_store_evicts_least_recently_used_within_budget() -> None:
 # --- end to end on the tiny model -----------------------------------------------------------------
 
 
-async def test_engine_decode_loop_equals_transformers_generate(tiny_qwen3: Path) -> None:
+@pytest.mark.parametrize("tokens", [24, 150])  # 150: the in-place cache outgrows its room twice
+async def test_engine_decode_loop_equals_transformers_generate(tiny_qwen3: Path, tokens: int) -> None:
     engine = await engine_for(tiny_qwen3)
     message = Message.of("What is in this picture?", png_image())
-    text = await answer(engine, message, params=PARAMS)
+    text = await answer(engine, message, params=GenerationParams(max_new_tokens=tokens, temperature=0.0))
     prompt_tokens = engine.last_stats.prompt_tokens if engine.last_stats else 0
     from engine.prompt import build_prompt
 
@@ -106,7 +107,7 @@ async def test_engine_decode_loop_equals_transformers_generate(tiny_qwen3: Path)
     inputs = engine._encode(engine._loaded, prompt)
     assert int(inputs["input_ids"].shape[1]) == prompt_tokens
     with torch.inference_mode():
-        out = engine.model.generate(**inputs, max_new_tokens=24, do_sample=False)
+        out = engine.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
     expected = engine.processor.tokenizer.decode(
         out[0, prompt_tokens:], skip_special_tokens=True
     )

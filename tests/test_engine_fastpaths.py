@@ -1,0 +1,105 @@
+"""The engine's speed paths give the same numbers as the code they replace.
+
+- engine.kvbuffer: KV-cache layers that append in place (no whole-cache copy per token) hold
+  exactly what transformers' concatenating DynamicLayer holds, also across reallocations and after
+  outside code replaced their tensors (batch join / crop / split);
+- engine.patch_embed: the vision patch embedding as a matrix product equals the Conv3d.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+from transformers.cache_utils import DynamicLayer
+
+from bot.models import Message
+from engine.kvbuffer import SPARE_TOKENS, AppendingLayer, appending_cache
+from engine.kvcache import cache_nbytes
+from engine.patch_embed import PatchLinear, linearize_patch_embedding
+from engine.prompt import build_prompt
+from engine.qwen import QwenVLEngine
+from tests.test_engine_qwen import png_image
+
+
+def kv(tokens: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(batch, 2, tokens, 8), torch.randn(batch, 2, tokens, 8)
+
+
+def test_appending_layer_holds_what_dynamic_layer_holds() -> None:
+    torch.manual_seed(0)
+    fast, slow = AppendingLayer(spare=16), DynamicLayer()
+    buffers = set()
+    for tokens in [7] + [1] * 40 + [5]:
+        k, v = kv(tokens)
+        got, want = fast.update(k, v), slow.update(k, v)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert fast.get_seq_length() == slow.get_seq_length()
+        buffers.add(fast.keys.untyped_storage().data_ptr())
+    assert fast.get_seq_length() == 52
+    assert len(buffers) == 3  # 7+16 room, then 24+16, then 41+16: not one buffer per token
+
+
+def test_appending_layer_adopts_tensors_replaced_from_outside() -> None:
+    torch.manual_seed(1)
+    layer = AppendingLayer(spare=8)
+    k, v = kv(10, batch=2)
+    layer.update(k, v)
+    # what engine.batching does: crop, then keep one row of the batch
+    layer.keys, layer.values = layer.keys[1:, :, :6].clone(), layer.values[1:, :, :6].clone()
+    k2, v2 = kv(1)
+    keys, values = layer.update(k2, v2)
+    assert keys.shape == (1, 2, 7, 8)
+    assert torch.equal(keys, torch.cat([k[1:, :, :6], k2], dim=2))
+    assert torch.equal(values, torch.cat([v[1:, :, :6], v2], dim=2))
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.capacity == 0
+
+
+def test_cache_size_counts_the_spare_room() -> None:
+    config = AutoConfig.for_model(
+        "qwen3", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+        num_hidden_layers=3, intermediate_size=64, head_dim=8, vocab_size=100,
+    )
+    cache = appending_cache(config)
+    assert all(isinstance(layer, AppendingLayer) for layer in cache.layers)
+    for index in range(3):
+        cache.update(*kv(10), layer_idx=index)
+    per_token = 2 * 2 * 8 * 4  # K and V x 2 heads x 8 dims x float32
+    assert cache.get_seq_length() == 10
+    assert cache_nbytes(cache) == 3 * (10 + SPARE_TOKENS) * per_token
+
+
+def test_patch_linear_equals_the_convolution() -> None:
+    torch.manual_seed(2)
+    conv = nn.Conv3d(3, 16, kernel_size=(2, 4, 4), stride=(2, 4, 4), bias=True)
+    patches = torch.randn(37, 3, 2, 4, 4)
+    fast = PatchLinear(conv)
+    assert fast.weight is conv.weight  # shared, not copied
+    torch.testing.assert_close(fast(patches), conv(patches), rtol=1e-5, atol=1e-5)
+    bigger = torch.randn(2, 3, 4, 8, 8)  # not one patch per row: the convolution itself
+    torch.testing.assert_close(fast(bigger), conv(bigger), rtol=1e-5, atol=1e-5)
+
+
+async def test_loaded_engine_encodes_images_as_the_convolution_does(tiny_qwen3: Path) -> None:
+    engine = QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
+    await engine.load()
+    embed = engine.model.model.visual.patch_embed
+    assert isinstance(embed.proj, PatchLinear)
+    assert engine._loaded is not None
+    prompt = build_prompt((), Message.of("What is this?", png_image()), limits=engine.limits)
+    inputs = engine._encode(engine._loaded, prompt)
+    with torch.inference_mode():
+        fast = engine.model.model.visual.patch_embed(inputs["pixel_values"])
+        conv = nn.Conv3d(  # rebuilt around the same weights
+            embed.proj.weight.shape[1], embed.proj.out_channels,
+            kernel_size=embed.proj.kernel_size, stride=embed.proj.stride,
+        )
+        conv.weight, conv.bias = embed.proj.weight, embed.proj.bias
+        embed.proj = conv
+        slow = embed(inputs["pixel_values"])
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    assert not linearize_patch_embedding(object())
+    await engine.close()
