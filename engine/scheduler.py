@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from engine.base import EngineNotReady
-from engine.batching import Batch, Row, cache_length, crop_cache
+from engine.batching import Batch, Row, cache_length, compact_cache, crop_cache
 from engine.kvcache import ImageSpan, SessionCacheStore, prompt_keys, reusable_prefix
 from engine.loading import onednn_decodes_faster
 from engine.streaming import Aborted, TokenPipe
@@ -328,8 +328,12 @@ class Scheduler:
 
     def _leave(self, rows: list[Row]) -> None:
         for row, cache in self._batch.remove(rows):
-            self._keep(row.owner.session, row.keys, cache, row.length)
-            self._finish(row.owner, None)
+            try:
+                self._keep(row.owner.session, row.keys, cache, row.length)
+            except Exception:  # the answer is complete: only the next turn's reuse is lost
+                logger.exception("could not keep a conversation's KV cache")
+            finally:
+                self._finish(row.owner, None)
 
     def _keep(self, session: str | None, keys: list[int], cache: Any, length: int) -> None:
         if session is None or cache is None or not keys:
@@ -337,6 +341,7 @@ class Scheduler:
         if cache_length(cache) != length or len(keys) != length:  # never store an inconsistent one
             logger.warning("not keeping a KV cache of %d tokens for %d keys", length, len(keys))
             return
+        compact_cache(cache)
         self.store.put(session, keys, cache)
 
     def _done(self, row: Row) -> bool:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig
 from transformers.cache_utils import DynamicLayer
 
-from bot.models import Message
+from bot.models import GenerationParams, Message
 from engine.kvbuffer import SPARE_TOKENS, AppendingLayer, appending_cache
 from engine.kvcache import cache_nbytes
 from engine.patch_embed import PatchLinear, linearize_patch_embedding
@@ -102,4 +103,20 @@ async def test_loaded_engine_encodes_images_as_the_convolution_does(tiny_qwen3: 
         slow = embed(inputs["pixel_values"])
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     assert not linearize_patch_embedding(object())
+    await engine.close()
+
+
+async def test_a_kept_conversation_cache_holds_only_its_tokens(tiny_qwen3: Path) -> None:
+    engine = QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
+    await engine.load()
+    params = GenerationParams(max_new_tokens=20, temperature=0.0, session="chat-1")
+    async with aclosing(engine.stream((), Message.of("What is this?", png_image()), params)) as s:
+        async for _ in s:
+            pass
+    text = engine.model.config.get_text_config()
+    per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * text.head_dim * 4
+    entry = engine.caches.take("chat-1")
+    assert entry is not None and len(entry.keys) > 20
+    assert entry.cache.get_seq_length() == len(entry.keys)
+    assert entry.nbytes == cache_nbytes(entry.cache) == len(entry.keys) * per_token  # no spare room
     await engine.close()
