@@ -52,18 +52,6 @@ def crop_cache(cache: Any, length: int) -> None:
     )
 
 
-def compact_cache(cache: Any) -> None:
-    """Give back spare room: tensors that view a larger buffer (engine.kvbuffer's room to append,
-    a crop) are replaced by exact copies, so a cache kept between turns holds only its tokens."""
-    tensors = layer_tensors(cache)
-    if any(_oversized(k) or _oversized(v) for k, v in tensors):
-        set_layer_tensors(cache, [(k.clone(), v.clone()) for k, v in tensors])
-
-
-def _oversized(tensor: torch.Tensor) -> bool:
-    return int(tensor.untyped_storage().nbytes()) > tensor.numel() * tensor.element_size()
-
-
 def cache_length(cache: Any) -> int:
     return int(cache.get_seq_length())
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from engine.base import EngineNotReady
-from engine.batching import Batch, Row, cache_length, compact_cache, crop_cache
+from engine.batching import Batch, Row, cache_length, crop_cache
 from engine.kvcache import ImageSpan, SessionCacheStore, prompt_keys, reusable_prefix
 from engine.loading import onednn_decodes_faster
 from engine.streaming import Aborted, TokenPipe
@@ -341,7 +341,6 @@ class Scheduler:
         if cache_length(cache) != length or len(keys) != length:  # never store an inconsistent one
             logger.warning("not keeping a KV cache of %d tokens for %d keys", length, len(keys))
             return
-        compact_cache(cache)
         self.store.put(session, keys, cache)
 
     def _done(self, row: Row) -> bool:

@@ -17,7 +17,7 @@ from transformers import AutoConfig
 from transformers.cache_utils import DynamicLayer
 
 from bot.models import GenerationParams, Message
-from engine.kvbuffer import SPARE_TOKENS, AppendingLayer, appending_cache
+from engine.kvbuffer import MIN_SPARE_TOKENS, SPARE_TOKENS, AppendingLayer, appending_cache
 from engine.kvcache import cache_nbytes
 from engine.patch_embed import PatchLinear, linearize_patch_embedding
 from engine.prompt import build_prompt
@@ -32,15 +32,17 @@ def kv(tokens: int, batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 def test_appending_layer_holds_what_dynamic_layer_holds() -> None:
     torch.manual_seed(0)
     fast, slow = AppendingLayer(spare=16), DynamicLayer()
-    buffers = set()
-    for tokens in [7] + [1] * 40 + [5]:
+    capacities: list[int] = []
+    for tokens in [7] + [1] * 60 + [5]:
         k, v = kv(tokens)
         got, want = fast.update(k, v), slow.update(k, v)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert fast.get_seq_length() == slow.get_seq_length()
-        buffers.add(fast.keys.untyped_storage().data_ptr())
-    assert fast.get_seq_length() == 52
-    assert len(buffers) == 3  # 7+16 room, then 24+16, then 41+16: not one buffer per token
+        if fast.capacity not in capacities:
+            capacities.append(fast.capacity)
+    assert fast.get_seq_length() == 72
+    # reallocated with room for an eighth more (at least 8, at most 16), not once per token
+    assert capacities == [15, 24, 33, 42, 51, 60, 69, 72 + 9]
 
 
 def test_appending_layer_adopts_tensors_replaced_from_outside() -> None:
@@ -70,7 +72,9 @@ def test_cache_size_counts_the_spare_room() -> None:
         cache.update(*kv(10), layer_idx=index)
     per_token = 2 * 2 * 8 * 4  # K and V x 2 heads x 8 dims x float32
     assert cache.get_seq_length() == 10
-    assert cache_nbytes(cache) == 3 * (10 + SPARE_TOKENS) * per_token
+    assert cache_nbytes(cache) == 3 * (10 + MIN_SPARE_TOKENS) * per_token
+    cache.update(*kv(600), layer_idx=0)  # a long prompt: room for 64 more (the cap), not 610 / 8
+    assert cache.layers[0].capacity == 610 + SPARE_TOKENS
 
 
 def test_patch_linear_equals_the_convolution() -> None:
@@ -106,7 +110,7 @@ async def test_loaded_engine_encodes_images_as_the_convolution_does(tiny_qwen3: 
     await engine.close()
 
 
-async def test_a_kept_conversation_cache_holds_only_its_tokens(tiny_qwen3: Path) -> None:
+async def test_a_kept_conversation_cache_is_counted_with_its_spare_room(tiny_qwen3: Path) -> None:
     engine = QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
     await engine.load()
     params = GenerationParams(max_new_tokens=20, temperature=0.0, session="chat-1")
@@ -118,5 +122,7 @@ async def test_a_kept_conversation_cache_holds_only_its_tokens(tiny_qwen3: Path)
     entry = engine.caches.take("chat-1")
     assert entry is not None and len(entry.keys) > 20
     assert entry.cache.get_seq_length() == len(entry.keys)
-    assert entry.nbytes == cache_nbytes(entry.cache) == len(entry.keys) * per_token  # no spare room
+    room = entry.cache.layers[0].capacity - len(entry.keys)
+    assert 0 <= room <= max(MIN_SPARE_TOKENS, len(entry.keys) // 8)  # little unused room kept
+    assert entry.nbytes == cache_nbytes(entry.cache) == (len(entry.keys) + room) * per_token
     await engine.close()
