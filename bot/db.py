@@ -137,14 +137,41 @@ class Database:
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """BEGIN IMMEDIATE … COMMIT, rolled back on any exception — cancellation included.
+
+        aiosqlite runs a statement on its thread even when the awaiting task is cancelled, so
+        BEGIN, ROLLBACK and COMMIT are awaited to the end (`_settle`) and a cancelled task never
+        leaves the shared connection inside a transaction."""
         async with self._lock:
-            await self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                await self._settle("BEGIN IMMEDIATE")
+            except asyncio.CancelledError:  # BEGIN itself ran: end what it started
+                await self._settle("ROLLBACK", quiet=True)
+                raise
             try:
                 yield self.conn
             except BaseException:
-                await self.conn.execute("ROLLBACK")
+                await self._settle("ROLLBACK", quiet=True)  # queued after any pending write
                 raise
-            await self.conn.execute("COMMIT")
+            await self._settle("COMMIT")
+
+    async def _settle(self, sql: str, quiet: bool = False) -> None:
+        """Run `sql` and wait until it has run even if this task is cancelled meanwhile; a
+        cancellation is re-raised afterwards. `quiet`: ignore the statement's own sqlite error."""
+        statement = asyncio.ensure_future(self.conn.execute(sql))
+        cancelled = False
+        while not statement.done():
+            try:
+                await asyncio.shield(statement)
+            except asyncio.CancelledError:
+                cancelled = cancelled or not statement.done() or statement.cancelled()
+            except sqlite3.Error:
+                break
+        if cancelled:
+            raise asyncio.CancelledError
+        error = statement.exception()
+        if error is not None and not (quiet and isinstance(error, sqlite3.Error)):
+            raise error
 
     @contextlib.asynccontextmanager
     async def reading(self) -> AsyncIterator[aiosqlite.Connection]:
