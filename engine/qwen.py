@@ -16,6 +16,7 @@ the generator waits until its request has ended before it returns.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
@@ -173,7 +174,7 @@ class QwenVLEngine:
                 return
             if self._closed:
                 raise EngineNotReady("the engine is closed")
-            self._loaded = await asyncio.to_thread(self._load_blocking)
+            self._loaded = await self._load_on_engine_thread()
 
     def check(self, message: Message) -> None:
         for part in message.images:
@@ -233,6 +234,25 @@ class QwenVLEngine:
         self._loaded = None
 
     # --- loading ---------------------------------------------------------------------------------
+
+    async def _load_on_engine_thread(self) -> _Loaded:
+        """Load the model on a new thread that then runs the compute loop: all torch work on one
+        thread (see `Scheduler.run`)."""
+        result: concurrent.futures.Future[_Loaded] = concurrent.futures.Future()
+
+        def engine_thread() -> None:
+            try:
+                loaded = self._load_blocking()
+            except BaseException as e:  # reported to load()'s caller
+                result.set_exception(e)
+                return
+            scheduler = self._scheduler
+            result.set_result(loaded)
+            if scheduler is not None:
+                scheduler.run()
+
+        threading.Thread(target=engine_thread, name="vlbot-engine", daemon=True).start()
+        return await asyncio.wrap_future(result)
 
     def _load_blocking(self) -> _Loaded:
         from transformers import AutoConfig, AutoModelForImageTextToText

@@ -11,7 +11,6 @@ import asyncio
 import io
 import json
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,12 +87,15 @@ def _copy(folder: Path, to: Path) -> Path:
     return to
 
 
-def _generate_threads_alive() -> bool:
-    """Whether a worker thread is still running (each has resolved its stream just before)."""
-    workers = [t for t in threading.enumerate() if t.name == "vlbot-generate"]
-    for worker in workers:
-        worker.join(timeout=1.0)
-    return any(worker.is_alive() for worker in workers)
+def _engine_busy(engine: QwenVLEngine) -> bool:
+    """Whether the engine's compute loop still works on something (each stream has resolved just
+    before, so it should be idle at once)."""
+    scheduler = engine._scheduler
+    assert scheduler is not None
+    deadline = time.monotonic() + 1.0
+    while not scheduler.idle and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not scheduler.idle
 
 
 @pytest.fixture
@@ -238,7 +240,7 @@ async def test_closing_the_stream_stops_generation(tiny_qwen3: Path) -> None:
     started = time.monotonic()
     await stream.aclose()  # type: ignore[attr-defined]
     assert time.monotonic() - started < 2.0
-    assert not _generate_threads_alive()
+    assert not _engine_busy(engine)
     assert engine.last_stats is not None
     assert engine.last_stats.completion_tokens < 100
     # the engine is free for the next question
@@ -259,7 +261,7 @@ async def test_cancelling_during_prefill_stops_promptly(tiny_qwen3: Path) -> Non
     with pytest.raises(asyncio.CancelledError):
         await task
     assert time.monotonic() - started < 1.2  # aborted at the next block, not after prefill
-    assert not _generate_threads_alive()
+    assert not _engine_busy(engine)
     assert engine.last_stats is not None and engine.last_stats.completion_tokens == 0
 
 
