@@ -164,7 +164,7 @@ class Database:
             try:
                 await asyncio.shield(statement)
             except asyncio.CancelledError:
-                cancelled = cancelled or not statement.done() or statement.cancelled()
+                cancelled = True
             except sqlite3.Error:
                 break
         if cancelled:

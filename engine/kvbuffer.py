@@ -91,11 +91,11 @@ class AppendingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         super().reset()
 
 
-def appending_cache(config: Any, spare: int = SPARE_TOKENS) -> DynamicCache:
+def appending_cache(config: Any) -> DynamicCache:
     """A DynamicCache for `config`'s text model whose layers append in place."""
     cache = DynamicCache(config=config)
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return cache  # sliding-window or other special layers: keep transformers' own
-    cache.layers = [AppendingLayer(spare) for _ in cache.layers]
+    cache.layers = [AppendingLayer() for _ in cache.layers]
     return cache
 

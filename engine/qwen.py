@@ -4,7 +4,8 @@ One code path for every family: `AutoModelForImageTextToText` and the processor 
 maps the model's config to (loaded without its torchvision-only video processor). The model comes
 from a local folder or a hub id (downloaded into the HF cache on first use).
 
-Generation runs on one compute thread (engine.scheduler): each new request is prefilled on its own
+Generation runs on one compute thread (engine.scheduler), the thread that loaded the model (torch's
+thread pool is per thread; see `Scheduler.run`): each new request is prefilled on its own
 — reusing its conversation's KV cache from the previous turn when the new prompt extends it
 (engine.kvcache), with explicit 3-D rotary positions — and then decodes in a batch with every other
 active conversation, one forward per step (engine.batching). Text pieces flow back to each async

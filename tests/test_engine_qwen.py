@@ -90,7 +90,7 @@ def _copy(folder: Path, to: Path) -> Path:
 def _engine_busy(engine: QwenVLEngine) -> bool:
     """Whether the engine's compute loop still works on something (each stream has resolved just
     before, so it should be idle at once)."""
-    scheduler = engine._scheduler
+    scheduler = engine.scheduler
     assert scheduler is not None
     deadline = time.monotonic() + 1.0
     while not scheduler.idle and time.monotonic() < deadline:
