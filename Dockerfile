@@ -8,6 +8,11 @@ ENV PYTHONUNBUFFERED=1 \
     VLBOT_DATA_DIR=/data \
     VLBOT_HTTP__HOST=0.0.0.0
 
+# A C compiler for the opt-in int4 setting's VNNI kernel, built on first use (engine/int4_kernel.py);
+# without one, int4 uses torch's slower kernel.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 # CPU build of torch from the PyTorch CPU index (PyPI's default torch is a multi-GB CUDA build).
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 

@@ -18,12 +18,16 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn import functional as F
+
+from engine.int4_kernel import Int4Kernel, PackedInt4, fits, load_kernel, pack
 
 logger = logging.getLogger("vlbot.engine")
 
 Quantize = Literal["none", "int8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4")
 _INT4_GROUPS = (128, 64, 32)
+VNNI_MAX_ROWS = 16  # inputs up to this many rows use the VNNI kernel, larger ones expand weights
 
 
 def check_mode(mode: str) -> Quantize:
@@ -58,9 +62,16 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """Asymmetric 4-bit weights in groups along the input channels (torch's CPU int4 kernel)."""
+    """Asymmetric 4-bit weights in groups along the input channels.
 
-    def __init__(self, linear: nn.Linear, group: int) -> None:
+    Where the AVX-512 VNNI kernel loads (engine.int4_kernel), the weights are kept in its layout:
+    up to `VNNI_MAX_ROWS` rows (decode steps, batched or not) go through it, and larger inputs
+    (prefill) multiply with the weights expanded to the activations' dtype for that call, which
+    keeps oneDNN's fast matrix products for the prompt. Elsewhere torch's CPU int4 kernel
+    (`_weight_int4pack_mm_for_cpu`) takes every input.
+    """
+
+    def __init__(self, linear: nn.Linear, group: int, *, kernel: Int4Kernel | None = None) -> None:
         super().__init__()
         weight = linear.weight.detach().float()
         n, k = weight.shape
@@ -69,22 +80,40 @@ class Int4Linear(nn.Module):
         scale = ((high - low) / 15.0).clamp(min=1e-8)
         q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15)
         q = q.to(torch.int32).reshape(n, k)
-        zero = low + 8.0 * scale  # the kernel computes (q - 8) * scale + zero
+        self.group = group
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.in_features, self.out_features = k, n
+        self._kernel = kernel if kernel is not None and fits(n, k, group) else None
+        self._packed: PackedInt4 | None = None
+        if self._kernel is not None:
+            self._packed = pack(q, scale, low, group)
+            for name in ("packed", "scales", "lows"):  # buffers: counted with the model's state
+                self.register_buffer(name, getattr(self._packed, name))
+            return
+        zero = low + 8.0 * scale  # torch's kernel computes (q - 8) * scale + zero
         self.packed: torch.Tensor
         self.scales_zeros: torch.Tensor
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
-        self.group = group
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        self.in_features, self.out_features = k, n
+
+    @property
+    def kernel_name(self) -> str:
+        return "vnni" if self._kernel is not None else "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(torch.bfloat16)
-        y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
-            flat, self.packed, self.group, self.scales_zeros
-        )
+        flat = x.reshape(-1, shape[-1])
+        if self._kernel is not None and self._packed is not None:
+            if flat.shape[0] <= VNNI_MAX_ROWS:
+                y = self._kernel.matmul(flat, self._packed)
+            else:
+                weight = self._kernel.dequantize(self._packed, x.dtype)
+                y = F.linear(flat.to(weight.dtype), weight)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                flat.to(torch.bfloat16), self.packed, self.group, self.scales_zeros
+            )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -97,11 +126,13 @@ def _int4_group(linear: nn.Linear) -> int | None:
     return next((g for g in _INT4_GROUPS if k % g == 0), None)
 
 
-def _quantized(linear: nn.Linear, mode: Quantize, dtype: torch.dtype) -> nn.Module | None:
+def _quantized(
+    linear: nn.Linear, mode: Quantize, dtype: torch.dtype, kernel: Int4Kernel | None
+) -> nn.Module | None:
     if mode == "int8":
         return Int8Linear(linear, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
     group = _int4_group(linear)
-    return None if group is None else Int4Linear(linear, group)
+    return None if group is None else Int4Linear(linear, group, kernel=kernel)
 
 
 def quantize_language_model(model: Any, mode: str) -> int:
@@ -115,20 +146,22 @@ def quantize_language_model(model: Any, mode: str) -> int:
         return 0
     language_model = model.model.language_model
     dtype = next(language_model.parameters()).dtype
+    kernel = load_kernel() if key == "int4" else None
     count = 0
     for parent in list(language_model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                replacement = _quantized(child, key, dtype)
+                replacement = _quantized(child, key, dtype, kernel)
                 if replacement is not None:
                     setattr(parent, name, replacement)
                     count += 1
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear):
         # quantize a copy: the (tied) token embedding keeps its full-precision weights
-        replacement = _quantized(head, key, dtype)
+        replacement = _quantized(head, key, dtype, kernel)
         if replacement is not None:
             model.lm_head = replacement
             count += 1
-    logger.info("quantized %d language-model layers to %s (weight-only)", count, key)
+    detail = "" if key != "int4" else f", {'VNNI' if kernel else 'torch'} kernel"
+    logger.info("quantized %d language-model layers to %s (weight-only%s)", count, key, detail)
     return count

@@ -94,9 +94,16 @@ def test_store_evicts_least_recently_used_within_budget() -> None:
 # --- end to end on the tiny model -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tokens", [24, 150])  # 150: the in-place cache outgrows its room twice
-async def test_engine_decode_loop_equals_transformers_generate(tiny_qwen3: Path, tokens: int) -> None:
-    engine = await engine_for(tiny_qwen3)
+@pytest.mark.parametrize(
+    ("tokens", "quantize"),
+    [(24, "none"), (150, "none"), (40, "int4")],  # 150: the in-place cache outgrows its room twice
+)
+async def test_engine_decode_loop_equals_transformers_generate(
+    tiny_qwen3: Path, tokens: int, quantize: str
+) -> None:
+    """Also with 4-bit weights: generate's steps go through the same kernels (the VNNI kernel
+    for single rows where this CPU has it), so the answers match token for token."""
+    engine = await engine_for(tiny_qwen3, quantize=quantize)
     message = Message.of("What is in this picture?", png_image())
     text = await answer(engine, message, params=GenerationParams(max_new_tokens=tokens, temperature=0.0))
     prompt_tokens = engine.last_stats.prompt_tokens if engine.last_stats else 0
@@ -108,9 +115,7 @@ async def test_engine_decode_loop_equals_transformers_generate(tiny_qwen3: Path,
     assert int(inputs["input_ids"].shape[1]) == prompt_tokens
     with torch.inference_mode():
         out = engine.model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
-    expected = engine.processor.tokenizer.decode(
-        out[0, prompt_tokens:], skip_special_tokens=True
-    )
+    expected = engine.processor.tokenizer.decode(out[0, prompt_tokens:], skip_special_tokens=True)
     assert text == expected and len(set(text.split())) > 3
     await engine.close()
 

@@ -1,0 +1,154 @@
+"""The AVX-512 VNNI int4 kernel: exact against its arithmetic, close to the float weights, and the
+fallback to torch's kernel where it cannot be built."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from engine import int4_kernel
+from engine.int4_kernel import Int4Kernel, PackedInt4, load_kernel, pack
+from engine.quant import VNNI_MAX_ROWS, Int4Linear
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Int4Kernel:
+    built = load_kernel()
+    if built is None:
+        pytest.skip("this machine cannot build or run the AVX-512 VNNI kernel")
+    return built
+
+
+def quantized(n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=generator)
+    scale = torch.rand(n, k // group, generator=generator) * 0.02 + 1e-3
+    low = -8 * scale + torch.randn(n, k // group, generator=generator) * 1e-3
+    return q, scale, low
+
+
+def float_weights(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) -> torch.Tensor:
+    n, k = q.shape
+    grouped = q.double().reshape(n, k // group, group)
+    return (grouped * scale.double()[..., None] + low.double()[..., None]).reshape(n, k)
+
+
+def reference(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int
+) -> torch.Tensor:
+    """The kernel's arithmetic in float64: activations rounded to int8 per group (scale max/127),
+    the group's exact sum times `low`."""
+    rows, k = x.shape
+    xg = x.double().reshape(rows, k // group, group)
+    step = xg.abs().amax(dim=-1, keepdim=True) / 127
+    xq = torch.where(step > 0, torch.round(xg / step), torch.zeros_like(xg)) * step
+    n = q.shape[0]
+    qg = q.double().reshape(n, k // group, group)
+    dots = torch.einsum("rgi,ngi->rng", xq, qg)
+    return (dots * scale.double()[None]).sum(-1) + torch.einsum("rg,ng->rn", xg.sum(-1), low.double())
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "group", "rows"), [(16, 128, 128, 1), (64, 256, 64, 3), (48, 384, 128, 16)]
+)
+def test_matmul_is_its_arithmetic_exactly(kernel: Int4Kernel, n: int, k: int, group: int, rows: int) -> None:
+    q, scale, low = quantized(n, k, group)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(1))
+    if k > group:
+        x[0, :group] = 0  # an all-zero group quantizes to zeros, not NaN
+    got = kernel.matmul(x, pack(q, scale, low, group))
+    want = reference(x, q, scale, low, group)
+    assert got.dtype == torch.float32 and got.shape == (rows, n)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    exact = x.double() @ float_weights(q, scale, low, group).T  # int8 activations: ~1 % off
+    assert float((got.double() - exact).norm() / exact.norm()) < 0.03
+
+
+def test_bfloat16_in_and_out(kernel: Int4Kernel) -> None:
+    q, scale, low = quantized(32, 256, 128)
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(2))
+    weights = pack(q, scale, low, 128)
+    got = kernel.matmul(x.to(torch.bfloat16), weights)
+    want = kernel.matmul(x.to(torch.bfloat16).float(), weights)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2 * float(want.abs().max()))
+
+
+def test_rows_are_independent(kernel: Int4Kernel) -> None:
+    """Batched decode gives each conversation exactly what it gets alone."""
+    q, scale, low = quantized(32, 256, 64)
+    weights = pack(q, scale, low, 64)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3))
+    together = kernel.matmul(x, weights)
+    for row in range(5):
+        assert torch.equal(together[row], kernel.matmul(x[row : row + 1], weights)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_gives_the_float_weights(kernel: Int4Kernel, dtype: torch.dtype) -> None:
+    q, scale, low = quantized(32, 256, 64)
+    got = kernel.dequantize(pack(q, scale, low, 64), dtype)
+    want = float_weights(q, scale, low, 64).to(dtype)
+    assert (
+        got.dtype == dtype and torch.equal(got, want)
+        if dtype == torch.bfloat16
+        else torch.allclose(got.double(), want.double(), atol=1e-6)
+    )
+
+
+def test_pack_refuses_shapes_the_kernel_cannot_take() -> None:
+    q, scale, low = quantized(24, 128, 128)  # 24 rows: not whole blocks of 16
+    with pytest.raises(ValueError, match="does not fit"):
+        pack(q, scale, low, 128)
+
+
+@torch.inference_mode()
+def test_linear_uses_the_kernel_for_decode_and_float_weights_for_prefill(kernel: Int4Kernel) -> None:
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 64, bias=True)
+    vnni, plain = Int4Linear(linear, 128, kernel=kernel), Int4Linear(linear, 128)
+    assert (vnni.kernel_name, plain.kernel_name) == ("vnni", "torch")
+    prefill = torch.randn(1, VNNI_MAX_ROWS + 4, 256)
+    packed = vnni._packed
+    assert isinstance(packed, PackedInt4)
+    expanded = kernel.dequantize(packed, torch.float32)
+    assert torch.allclose(vnni(prefill), prefill @ expanded.T + linear.bias, atol=1e-5)
+    step = torch.randn(1, 1, 256)
+    want = linear(step)
+    for module in (vnni, plain):  # both close to the original layer
+        assert float((module(step) - want).norm() / want.norm()) < 0.15
+    assert torch.allclose(vnni(step)[0], kernel.matmul(step[0], packed) + linear.bias)
+
+
+@pytest.fixture
+def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    load_kernel.cache_clear()
+    yield
+    load_kernel.cache_clear()
+
+
+def test_a_failing_compiler_falls_back_to_torch(fresh_build: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int4_kernel, "_cpu_supports", lambda: True)
+    monkeypatch.setenv("CC", "/bin/false")
+    assert load_kernel() is None
+    linear = nn.Linear(128, 16, bias=False)
+    assert Int4Linear(linear, 128, kernel=load_kernel()).kernel_name == "torch"
+
+
+def test_the_torch_kernel_can_be_forced(fresh_build: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLBOT_INT4_KERNEL", "torch")
+    assert load_kernel() is None
+
+
+def test_the_build_is_cached_by_source(kernel: Int4Kernel, fresh_build: None, tmp_path: Path) -> None:
+    assert load_kernel() is not None
+    built = list((tmp_path / "vlbot" / "kernels").glob("int4_vnni-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    load_kernel.cache_clear()
+    assert load_kernel() is not None and built[0].stat().st_mtime_ns == stamp  # not rebuilt
