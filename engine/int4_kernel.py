@@ -6,34 +6,22 @@ of a decode step's ~100 ms. The VNNI kernel keeps weights as bytes, quantizes th
 8 bits per group (as llama.cpp's 4-bit kernels do) and lets one instruction do 64 multiply-adds,
 so a decode step reads the weights at close to memory speed.
 
-The C source is compiled on first use with the system C compiler into a cache directory
-(`$XDG_CACHE_HOME/vlbot/kernels`, else `~/.cache/vlbot/kernels`), keyed by the source's hash, and
-loaded with ctypes (which releases the GIL for the call). Where the CPU lacks AVX-512 VNNI, no
-compiler is found or the build fails, `load_kernel()` returns None and the caller keeps torch's
-kernel. `VLBOT_INT4_KERNEL=torch` forces that.
+It is built and loaded by engine.native; where the CPU lacks AVX-512 VNNI, no compiler is found
+or the build fails, `load_kernel()` returns None and the caller keeps torch's kernel.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import logging
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("vlbot.engine")
+from engine.native import load_library
 
-SOURCE = Path(__file__).with_name("kernels") / "int4_vnni.c"
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-COMPILE_FLAGS: tuple[str, ...] = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma")
-COMPILE_FLAGS += ("-fopenmp", "-shared", "-fPIC")
+COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma")
 BLOCK_ROWS = 16  # output rows per block in the packed layout
 CHANNEL_STEP = 8  # input channels per 64-byte chunk
 
@@ -73,40 +61,6 @@ def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) ->
         return blocks.permute(0, 2, 1).contiguous()
 
     return PackedInt4(packed.contiguous(), per_block(scale), per_block(low), n, k, group)
-
-
-def _cpu_supports() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    lines = [line for line in text.splitlines() if line.startswith("flags")]
-    flags = lines[0].split(":", 1)[1].split() if lines else []
-    return all(flag in flags for flag in CPU_FLAGS)
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vlbot" / "kernels"
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(COMPILE_FLAGS).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"int4_vnni-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        subprocess.run(
-            [compiler, *COMPILE_FLAGS, "-o", str(built), str(SOURCE)],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-        os.replace(built, target)  # atomic: a concurrent build yields the same file
-    return target
 
 
 class Int4Kernel:
@@ -170,18 +124,5 @@ class Int4Kernel:
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> Int4Kernel | None:
     """The kernel, or None where this machine cannot build or run it (reason logged once)."""
-    if os.environ.get("VLBOT_INT4_KERNEL", "").strip().lower() == "torch":
-        return None
-    if not _cpu_supports():
-        logger.info("int4: this CPU lacks AVX-512 VNNI; using torch's int4 kernel")
-        return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if compiler is None:
-        logger.info("int4: no C compiler found; using torch's int4 kernel")
-        return None
-    try:
-        return Int4Kernel(ctypes.CDLL(str(_build(compiler))))
-    except (OSError, subprocess.SubprocessError, AttributeError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        logger.warning("int4: could not build the VNNI kernel (%s %s); using torch's", e, detail[:500])
-        return None
+    library = load_library("int4_vnni", COMPILE_FLAGS, CPU_FLAGS)
+    return None if library is None else Int4Kernel(library)

@@ -29,6 +29,8 @@ import torch
 
 from bot.models import GenerationParams, InputRejected, Message, Turn
 from engine.base import EngineError, EngineInfo, EngineNotReady, ModelNotFound, StreamStats
+from engine.bf16_kernel import use_for_decode
+from engine.decode_step import DecodeStep
 from engine.intake import IntakeLimits, check_image
 from engine.kvcache import DEFAULT_KV_CACHE_BYTES, SessionCacheStore
 from engine.loading import (
@@ -261,16 +263,12 @@ class QwenVLEngine:
         started = time.monotonic()
         torch.set_num_threads(self._threads)
         source = resolve_source(self._model_name)
-        logger.info(
-            "loading %s (%s, %d threads)", source, dtype_name(self._dtype), self._threads
-        )
+        logger.info("loading %s (%s, %d threads)", source, dtype_name(self._dtype), self._threads)
         try:
             config = AutoConfig.from_pretrained(source.location)
             processor = load_processor(source.location, config)
             auto_model: Any = AutoModelForImageTextToText
-            model = auto_model.from_pretrained(
-                source.location, config=config, dtype=self._dtype
-            )
+            model = auto_model.from_pretrained(source.location, config=config, dtype=self._dtype)
         except ModelNotFound:
             raise
         except Exception as e:  # OSError, ValueError, safetensors/json errors, hub errors, ...
@@ -278,6 +276,7 @@ class QwenVLEngine:
         model.eval()
         linearize_patch_embedding(model)
         quantize_language_model(model, self._quantize)
+        use_for_decode(model)  # the bf16 layers quantization left (all of them by default)
         install_abort_hooks(model, self._should_abort)
         self._scheduler = self._start_scheduler(model)
         token_pixels = visual_token_pixels(processor)
@@ -335,6 +334,7 @@ class QwenVLEngine:
             threads=self._threads,
             max_batch=self._max_batch,
             decode_mkldnn=self._decode_mkldnn,
+            decode_step=DecodeStep.for_model(model),
         )
 
     # --- generation ------------------------------------------------------------------------------
@@ -355,9 +355,7 @@ class QwenVLEngine:
                 max_images=self._max_images,
             )
             inputs = self._encode(loaded, prompt)
-            return make_encoded(
-                dict(inputs), loaded.image_token_id, prompt.digests, prompt.image_count
-            )
+            return make_encoded(dict(inputs), loaded.image_token_id, prompt.digests, prompt.image_count)
 
         return encode
 

@@ -109,8 +109,10 @@ class Scheduler:
         max_batch: int = 8,
         decode_mkldnn: bool | None = None,
         positions: Callable[[Any, Encoded], Positions] = rope_positions,
+        decode_step: Callable[..., torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        self.decode_step = decode_step  # logits for a step's inputs; None: the model's forward
         self.store = store
         self.sampling = sampling
         self.positions = positions
@@ -323,7 +325,10 @@ class Scheduler:
         started = time.perf_counter()
         try:
             with torch.inference_mode(), self._decode_backend():
-                logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
+                if self.decode_step is not None:
+                    logits = self.decode_step(**inputs)
+                else:
+                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
         except BaseException as e:  # a failed step fails every row in it
             rows = list(self._batch.rows)
             self._batch.remove(rows)
@@ -414,9 +419,7 @@ class Scheduler:
         request.on_done(request, error)
 
 
-def make_encoded(
-    inputs: dict[str, Any], image_token_id: int, digests: list[bytes], images: int
-) -> Encoded:
+def make_encoded(inputs: dict[str, Any], image_token_id: int, digests: list[bytes], images: int) -> Encoded:
     from engine.kvcache import image_spans
 
     ids = [int(i) for i in inputs["input_ids"][0].tolist()]

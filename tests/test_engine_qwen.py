@@ -66,7 +66,9 @@ def _slow_blocks(model: torch.nn.Module, seconds: float) -> list[Any]:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList):
             for block in module:
-                handles.append(block.register_forward_pre_hook(lambda *_: time.sleep(seconds)))
+                # the MLP: decode steps (engine.decode_step) call it as a module, not the block
+                part = getattr(block, "mlp", block)
+                handles.append(part.register_forward_pre_hook(lambda *_: time.sleep(seconds)))
     return handles
 
 
@@ -75,11 +77,12 @@ def _never_end(model: Any) -> Any:
     eos = model.generation_config.eos_token_id
     ids = eos if isinstance(eos, list) else [eos]
 
-    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
-        output.logits[..., ids] = -1e9
+    def hook(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        output[..., ids] = -1e9
         return output
 
-    return model.register_forward_hook(hook)
+    # on the output head: both the model's forward and the engine's decode step call it
+    return model.lm_head.register_forward_hook(hook)
 
 
 def _copy(folder: Path, to: Path) -> Path:

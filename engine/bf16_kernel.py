@@ -1,0 +1,115 @@
+"""bfloat16 decode steps at memory speed: the language model's linear layers through
+engine/kernels/bf16_matvec.c when a step has only a few rows.
+
+A decode step reads every weight of the language model once (3.44 GB in bf16 for Qwen3-VL-2B);
+oneDNN's matrix-vector product streams them at ~18-20 GB/s on the 2-core machine vlbot is measured
+on, the C loop at ~25 GB/s. Prefill (many rows) keeps oneDNN, whose matrix-matrix products are the
+fast ones. The weights stay the model's own tensors (the output head stays tied to the embedding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.native import load_library
+
+logger = logging.getLogger("vlbot.engine")
+
+CPU_FLAGS = ("avx512f",)
+COMPILE_FLAGS = ("-mavx512f", "-mfma")
+MAX_ROWS = 8  # inputs with more rows than this (prefill) use torch's F.linear
+
+
+class Bf16Kernel:
+    """The loaded library's function, typed."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._matvec = library.vlbot_bf16_matvec
+        self._matvec.restype = i32
+        self._matvec.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer, i32]
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (rows, K) bfloat16 times weight (N, K) bfloat16, transposed: (rows, N) bfloat16."""
+        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+            raise TypeError("the bf16 kernel takes bfloat16 inputs and weights")
+        flat = x.contiguous()
+        rows, k = flat.shape
+        n = weight.shape[0]
+        if weight.shape[1] != k or not weight.is_contiguous():
+            raise ValueError(f"weights {tuple(weight.shape)} do not take inputs of {k} features")
+        out = torch.empty((rows, n), dtype=torch.bfloat16)
+        status = self._matvec(
+            flat.data_ptr(),
+            rows,
+            k,
+            n,
+            weight.data_ptr(),
+            None if bias is None else bias.to(torch.bfloat16).contiguous().data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("the bf16 kernel could not allocate its scratch memory")
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> Bf16Kernel | None:
+    """The kernel, or None where this machine cannot build or run it (reason logged once)."""
+    library = load_library("bf16_matvec", COMPILE_FLAGS, CPU_FLAGS)
+    return None if library is None else Bf16Kernel(library)
+
+
+class DecodeLinear(nn.Module):
+    """A bfloat16 nn.Linear whose few-row inputs go through the kernel; same parameters."""
+
+    def __init__(self, linear: nn.Linear, kernel: Bf16Kernel) -> None:
+        super().__init__()
+        self.weight = linear.weight  # shared, not copied: a tied output head stays tied
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if flat.shape[0] > MAX_ROWS or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        y = self._kernel.matmul(flat, self.weight, self.bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def use_for_decode(model: Any) -> int:
+    """Swap the language model's bfloat16 nn.Linear layers and output head for DecodeLinear.
+
+    Returns how many were swapped: 0 where the model is not bfloat16 or the kernel is not
+    available here."""
+    language_model = model.model.language_model
+    if next(language_model.parameters()).dtype != torch.bfloat16:
+        return 0
+    kernel = load_kernel()
+    if kernel is None:
+        return 0
+    count = 0
+    parents: list[tuple[nn.Module, str, nn.Linear]] = [
+        (parent, name, child)
+        for parent in language_model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
+    ]
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16:
+        parents.append((model, "lm_head", head))
+    for parent, name, child in parents:
+        setattr(parent, name, DecodeLinear(child, kernel))
+        count += 1
+    logger.info("bf16 decode kernel on %d language-model layers", count)
+    return count

@@ -1,0 +1,85 @@
+"""The bf16 matrix-vector kernel behind the language model's decode steps (engine.bf16_kernel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.bf16_kernel import MAX_ROWS, Bf16Kernel, DecodeLinear, load_kernel, use_for_decode
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Bf16Kernel:
+    built = load_kernel()
+    if built is None:
+        pytest.skip("this machine cannot build or run the AVX-512 bf16 kernel")
+    return built
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 64, 256), (3, 37, 100), (8, 130, 2048)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_products_match_float64(kernel: Bf16Kernel, rows: int, n: int, k: int, bias: bool) -> None:
+    """Whole blocks and the tails (rows not a multiple of 4, inputs not of 32), with a bias."""
+    generator = torch.Generator().manual_seed(n + k)
+    x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
+    weight = torch.randn(n, k, generator=generator).to(torch.bfloat16)
+    offset = torch.randn(n, generator=generator).to(torch.bfloat16) if bias else None
+    got = kernel.matmul(x, weight, offset)
+    want = x.double() @ weight.double().T + (0 if offset is None else offset.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    assert torch.allclose(got.double(), want, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the sum
+    assert float((got.double() - want).abs().max()) <= 2**-7 * float(want.abs().max())
+
+
+def test_rows_are_independent(kernel: Bf16Kernel) -> None:
+    x = torch.randn(5, 96).to(torch.bfloat16)
+    weight = torch.randn(40, 96).to(torch.bfloat16)
+    together = kernel.matmul(x, weight, None)
+    for row in range(5):
+        assert torch.equal(together[row], kernel.matmul(x[row : row + 1], weight, None)[0])
+
+
+def test_refuses_other_dtypes(kernel: Bf16Kernel) -> None:
+    with pytest.raises(TypeError):
+        kernel.matmul(torch.randn(1, 32), torch.randn(8, 32), None)
+
+
+@torch.inference_mode()
+def test_decode_linear_shares_the_weights_and_leaves_prefill_to_torch(kernel: Bf16Kernel) -> None:
+    linear = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    layer = DecodeLinear(linear, kernel)
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    step = torch.randn(2, 1, 64).to(torch.bfloat16)
+    assert torch.equal(layer(step)[:, 0], kernel.matmul(step[:, 0], linear.weight, linear.bias))
+    prefill = torch.randn(1, MAX_ROWS + 1, 64).to(torch.bfloat16)
+    assert torch.equal(layer(prefill), F.linear(prefill, linear.weight, linear.bias))
+    as_float = torch.randn(1, 1, 64)  # not bf16: torch's operator (and its type error, if any)
+    with pytest.raises(RuntimeError):
+        layer(as_float)
+
+
+def test_use_for_decode_skips_float32_models(kernel: Bf16Kernel) -> None:
+    class Text(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.language_model = Text()
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Inner()
+            self.lm_head = nn.Linear(8, 16)
+
+    model = Model()
+    assert use_for_decode(model) == 0 and isinstance(model.lm_head, nn.Linear)
+    model = model.to(torch.bfloat16)
+    assert use_for_decode(model) == 2
+    assert isinstance(model.lm_head, DecodeLinear)
+    assert isinstance(model.model.language_model.proj, DecodeLinear)
