@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.bf16_kernel import MAX_ROWS, Bf16Kernel, DecodeLinear, load_kernel, use_for_decode
+from engine.bf16_kernel import Bf16Kernel, DecodeLinear, load_kernel, use_for_decode
 
 
 @pytest.fixture(scope="module")
@@ -51,9 +51,9 @@ def test_decode_linear_shares_the_weights_and_leaves_prefill_to_torch(kernel: Bf
     linear = nn.Linear(64, 48, bias=True).to(torch.bfloat16)
     layer = DecodeLinear(linear, kernel)
     assert layer.weight is linear.weight and layer.bias is linear.bias
-    step = torch.randn(2, 1, 64).to(torch.bfloat16)
+    step = torch.randn(min(2, kernel.max_rows), 1, 64).to(torch.bfloat16)
     assert torch.equal(layer(step)[:, 0], kernel.matmul(step[:, 0], linear.weight, linear.bias))
-    prefill = torch.randn(1, MAX_ROWS + 1, 64).to(torch.bfloat16)
+    prefill = torch.randn(1, kernel.max_rows + 1, 64).to(torch.bfloat16)
     assert torch.equal(layer(prefill), F.linear(prefill, linear.weight, linear.bias))
     as_float = torch.randn(1, 1, 64)  # not bf16: torch's operator (and its type error, if any)
     with pytest.raises(RuntimeError):

@@ -5,7 +5,8 @@
  * ~18-20 GB/s on the 2-core machine vlbot is measured on; this loop reads four weight rows at a
  * time, widens each bfloat16 to float (a 16-bit shift) and accumulates in float, at ~25 GB/s
  * (29 GB/s measured for a plain float sum there). Weights are used as they are (row-major
- * (N, K) bfloat16, the model's own tensor): nothing is repacked or copied.
+ * (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch of up to
+ * MAX_ROWS conversations reads each weight vector once for all of its rows.
  *
  * Built at run time by engine/native.py and called through ctypes (engine/bf16_kernel.py).
  */
@@ -14,11 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define WEIGHT_ROWS 4       /* output rows computed together */
+#define WEIGHT_ROWS 4 /* weight rows read together for a single activation row */
+#define MAX_ROWS 8    /* activation rows that share one reading of the weights */
 #ifndef PREFETCH_ELEMENTS
 #define PREFETCH_ELEMENTS 1024
 #endif
-#define PREFETCH_ELEMENTS_DOC /* how far ahead in a weight row to prefetch (2 KiB) */
 
 static inline __m512 widen(const uint16_t *p) {
     __m256i half = _mm256_loadu_si256((const __m256i *)p);
@@ -43,6 +44,87 @@ static inline float dot_tail(const uint16_t *w, const float *x, int64_t from, in
     return sum;
 }
 
+static inline float bias_of(const uint16_t *bias, int64_t n) {
+    if (bias == NULL) return 0.0f;
+    uint32_t bits = (uint32_t)bias[n] << 16;
+    float value;
+    memcpy(&value, &bits, 4);
+    return value;
+}
+
+/* One activation row: four weight rows at a time, two accumulators each. */
+static void single_row(const float *xf, int64_t k, int64_t n_out, const uint16_t *w,
+                       const uint16_t *bias, uint16_t *y, int64_t b) {
+    const int64_t body = k - k % 32;
+    const int64_t first = b * WEIGHT_ROWS;
+    const int64_t count = n_out - first < WEIGHT_ROWS ? n_out - first : WEIGHT_ROWS;
+    __m512 acc[WEIGHT_ROWS][2];
+    for (int i = 0; i < WEIGHT_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    if (count == WEIGHT_ROWS) {
+        for (int64_t c = 0; c < body; c += 32) {
+            __m512 x0 = _mm512_loadu_ps(xf + c), x1 = _mm512_loadu_ps(xf + c + 16);
+            for (int i = 0; i < WEIGHT_ROWS; i++) {
+                const uint16_t *row = w + (first + i) * k + c;
+                _mm_prefetch((const char *)(row + PREFETCH_ELEMENTS), _MM_HINT_T0);
+                acc[i][0] = _mm512_fmadd_ps(widen(row), x0, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(widen(row + 16), x1, acc[i][1]);
+            }
+        }
+    }
+    const int64_t done = count == WEIGHT_ROWS ? body : 0;
+    for (int64_t i = 0; i < count; i++) {
+        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+        sum += dot_tail(w + (first + i) * k, xf, done, k) + bias_of(bias, first + i);
+        y[first + i] = to_bf16(sum);
+    }
+}
+
+/* `rows` (2..MAX_ROWS) activation rows against two weight rows: each weight vector is loaded
+ * once for all of them, so a batch costs about what one row costs (the weights' reading). */
+static inline __attribute__((always_inline)) void few_rows(const float *xf, int64_t k,
+                                                          int64_t n_out, const uint16_t *w,
+                                                          const uint16_t *bias, uint16_t *y,
+                                                          int64_t pair, const int rows) {
+    const int64_t body = k - k % 16;
+    const int64_t first = pair * 2;
+    const uint16_t *r0 = w + first * k;
+    const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0; /* odd n_out: the last row twice */
+    __m512 a0[MAX_ROWS], a1[MAX_ROWS];
+    for (int m = 0; m < rows; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < body; c += 16) {
+        _mm_prefetch((const char *)(r0 + c + PREFETCH_ELEMENTS), _MM_HINT_T0);
+        _mm_prefetch((const char *)(r1 + c + PREFETCH_ELEMENTS), _MM_HINT_T0);
+        __m512 w0 = widen(r0 + c), w1 = widen(r1 + c);
+        for (int m = 0; m < rows; m++) {
+            __m512 xv = _mm512_loadu_ps(xf + m * k + c);
+            a0[m] = _mm512_fmadd_ps(w0, xv, a0[m]);
+            a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        const float *xm = xf + m * k;
+        float s0 = _mm512_reduce_add_ps(a0[m]) + dot_tail(r0, xm, body, k);
+        y[m * n_out + first] = to_bf16(s0 + bias_of(bias, first));
+        if (first + 1 < n_out) {
+            float s1 = _mm512_reduce_add_ps(a1[m]) + dot_tail(r1, xm, body, k);
+            y[m * n_out + first + 1] = to_bf16(s1 + bias_of(bias, first + 1));
+        }
+    }
+}
+
+static void few_rows_any(const float *xf, int64_t k, int64_t n_out, const uint16_t *w,
+                         const uint16_t *bias, uint16_t *y, int64_t pair, int rows) {
+    switch (rows) { /* constant row counts: the accumulators stay in registers */
+    case 2: few_rows(xf, k, n_out, w, bias, y, pair, 2); break;
+    case 3: few_rows(xf, k, n_out, w, bias, y, pair, 3); break;
+    case 4: few_rows(xf, k, n_out, w, bias, y, pair, 4); break;
+    case 5: few_rows(xf, k, n_out, w, bias, y, pair, 5); break;
+    case 6: few_rows(xf, k, n_out, w, bias, y, pair, 6); break;
+    case 7: few_rows(xf, k, n_out, w, bias, y, pair, 7); break;
+    default: few_rows(xf, k, n_out, w, bias, y, pair, MAX_ROWS); break;
+    }
+}
+
 /* y[m][n] = sum_k x[m][k] * w[n][k] (+ bias[n]) for m < rows; x, y and bias bfloat16, w (n_out, k)
  * bfloat16. Returns 0, or -1 when its scratch memory could not be allocated. */
 int vlbot_bf16_matvec(const uint16_t *x, int64_t rows, int64_t k, int64_t n_out,
@@ -53,40 +135,18 @@ int vlbot_bf16_matvec(const uint16_t *x, int64_t rows, int64_t k, int64_t n_out,
         uint32_t bits = (uint32_t)x[i] << 16;
         memcpy(xf + i, &bits, 4);
     }
-    const int64_t body = k - k % 32;
-    const int64_t blocks = (n_out + WEIGHT_ROWS - 1) / WEIGHT_ROWS;
+    for (int64_t start = 0; start < rows; start += MAX_ROWS) {
+        const int count = rows - start < MAX_ROWS ? (int)(rows - start) : MAX_ROWS;
+        const float *xs = xf + start * k;
+        uint16_t *ys = y + start * n_out;
+        if (count == 1) {
+            const int64_t blocks = (n_out + WEIGHT_ROWS - 1) / WEIGHT_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t first = b * WEIGHT_ROWS;
-        const int64_t count = n_out - first < WEIGHT_ROWS ? n_out - first : WEIGHT_ROWS;
-        for (int64_t m = 0; m < rows; m++) {
-            const float *xm = xf + m * k;
-            __m512 acc[WEIGHT_ROWS][2];
-            for (int i = 0; i < WEIGHT_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-            if (count == WEIGHT_ROWS) {
-                for (int64_t c = 0; c < body; c += 32) {
-                    __m512 x0 = _mm512_loadu_ps(xm + c), x1 = _mm512_loadu_ps(xm + c + 16);
-                    for (int i = 0; i < WEIGHT_ROWS; i++) {
-                        const uint16_t *row = w + (first + i) * k + c;
-                        if (m == 0) _mm_prefetch((const char *)(row + PREFETCH_ELEMENTS), _MM_HINT_T0);
-                        acc[i][0] = _mm512_fmadd_ps(widen(row), x0, acc[i][0]);
-                        acc[i][1] = _mm512_fmadd_ps(widen(row + 16), x1, acc[i][1]);
-                    }
-                }
-            }
-            for (int64_t i = 0; i < count; i++) {
-                const uint16_t *row = w + (first + i) * k;
-                const int64_t done = count == WEIGHT_ROWS ? body : 0;
-                float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
-                sum += dot_tail(row, xm, done, k);
-                if (bias != NULL) {
-                    uint32_t bits = (uint32_t)bias[first + i] << 16;
-                    float value;
-                    memcpy(&value, &bits, 4);
-                    sum += value;
-                }
-                y[m * n_out + first + i] = to_bf16(sum);
-            }
+            for (int64_t b = 0; b < blocks; b++) single_row(xs, k, n_out, w, bias, ys, b);
+        } else {
+            const int64_t pairs = (n_out + 1) / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t p = 0; p < pairs; p++) few_rows_any(xs, k, n_out, w, bias, ys, p, count);
         }
     }
     free(xf);
