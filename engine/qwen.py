@@ -51,6 +51,7 @@ from engine.prompt import Prompt, build_prompt
 from engine.quant import check_mode, quantize_language_model
 from engine.scheduler import Encoded, Request, SamplingDefaults, Scheduler, make_encoded
 from engine.streaming import FINISHED, TokenPipe, install_abort_hooks
+from engine.vision_attention import use_fast_vision_attention
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -275,6 +276,7 @@ class QwenVLEngine:
             raise load_failure(source, e) from e
         model.eval()
         linearize_patch_embedding(model)
+        use_fast_vision_attention(model)
         quantize_language_model(model, self._quantize)
         use_for_decode(model)  # the bf16 layers quantization left (all of them by default)
         install_abort_hooks(model, self._should_abort)
