@@ -14,12 +14,14 @@ embedding in Qwen3-VL-2B, gets its own quantized copy.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.hugepages import release_file_pages
 from engine.int4_kernel import Int4Kernel, PackedInt4, fits, load_kernel, pack
 
 logger = logging.getLogger("vlbot.engine")
@@ -85,17 +87,29 @@ class Int4Linear(nn.Module):
         self.in_features, self.out_features = k, n
         self._kernel = kernel if kernel is not None and fits(n, k, group) else None
         self._packed: PackedInt4 | None = None
+        self.packed: torch.Tensor
+        self.scales: torch.Tensor
+        self.lows: torch.Tensor
         if self._kernel is not None:
             self._packed = pack(q, scale, low, group)
             for name in ("packed", "scales", "lows"):  # buffers: counted with the model's state
                 self.register_buffer(name, getattr(self._packed, name))
             return
         zero = low + 8.0 * scale  # torch's kernel computes (q - 8) * scale + zero
-        self.packed: torch.Tensor
         self.scales_zeros: torch.Tensor
         self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
         scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
+
+    def _current_packed(self) -> PackedInt4:
+        """The VNNI weights as the module's buffers are now (engine.hugepages moves them)."""
+        packed = self._packed
+        assert packed is not None
+        held = (packed.packed, packed.scales, packed.lows)
+        if any(a is not b for a, b in zip((self.packed, self.scales, self.lows), held, strict=True)):
+            packed = replace(packed, packed=self.packed, scales=self.scales, lows=self.lows)
+            self._packed = packed
+        return packed
 
     @property
     def kernel_name(self) -> str:
@@ -105,10 +119,11 @@ class Int4Linear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self._kernel is not None and self._packed is not None:
+            packed = self._current_packed()
             if flat.shape[0] <= VNNI_MAX_ROWS:
-                y = self._kernel.matmul(flat, self._packed)
+                y = self._kernel.matmul(flat, packed)
             else:
-                weight = self._kernel.dequantize(self._packed, x.dtype)
+                weight = self._kernel.dequantize(packed, x.dtype)
                 y = F.linear(flat.to(weight.dtype), weight)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -148,12 +163,14 @@ def quantize_language_model(model: Any, mode: str) -> int:
     dtype = next(language_model.parameters()).dtype
     kernel = load_kernel() if key == "int4" else None
     count = 0
+    replaced: list[torch.Tensor] = []
     for parent in list(language_model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 replacement = _quantized(child, key, dtype, kernel)
                 if replacement is not None:
                     setattr(parent, name, replacement)
+                    replaced.append(child.weight.data)
                     count += 1
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear):
@@ -162,6 +179,8 @@ def quantize_language_model(model: Any, mode: str) -> int:
         if replacement is not None:
             model.lm_head = replacement
             count += 1
+    # the replaced bf16 weights' pages of the model file no longer count as this process's memory
+    release_file_pages(replaced)
     detail = "" if key != "int4" else f", {'VNNI' if kernel else 'torch'} kernel"
     logger.info("quantized %d language-model layers to %s (weight-only%s)", count, key, detail)
     return count

@@ -31,6 +31,7 @@ from bot.models import GenerationParams, InputRejected, Message, Turn
 from engine.base import EngineError, EngineInfo, EngineNotReady, ModelNotFound, StreamStats
 from engine.bf16_kernel import use_for_decode
 from engine.decode_step import DecodeStep
+from engine.hugepages import move_to_huge_pages
 from engine.intake import IntakeLimits, check_image
 from engine.kvcache import DEFAULT_KV_CACHE_BYTES, SessionCacheStore
 from engine.loading import (
@@ -337,6 +338,7 @@ class QwenVLEngine:
             max_batch=self._max_batch,
             decode_mkldnn=self._decode_mkldnn,
             decode_step=DecodeStep.for_model(model),
+            prepare=lambda should_stop: move_to_huge_pages(model, should_stop),
         )
 
     # --- generation ------------------------------------------------------------------------------

@@ -110,9 +110,12 @@ class Scheduler:
         decode_mkldnn: bool | None = None,
         positions: Callable[[Any, Encoded], Positions] = rope_positions,
         decode_step: Callable[..., torch.Tensor] | None = None,
+        prepare: Callable[[Callable[[], bool]], bool] | None = None,
     ) -> None:
         self.model = model
         self.decode_step = decode_step  # logits for a step's inputs; None: the model's forward
+        self._prepare = prepare  # idle-time work after loading; stops when asked (a request came)
+        self.prepared = prepare is None  # True once `prepare` reported it is done
         self.store = store
         self.sampling = sampling
         self.positions = positions
@@ -186,12 +189,27 @@ class Scheduler:
 
     # --- the compute thread --------------------------------------------------------------------
 
+    def _idle_work(self) -> None:
+        """Run `prepare` (engine.hugepages moves the weights) while nothing waits; a request
+        stops it between steps, and the next idle moment resumes it until it is done."""
+        if self._prepare is None or self.prepared:
+            return
+        self._warming = True
+        try:
+            self.prepared = bool(self._prepare(self.should_abort))
+        except Exception:  # an optimisation only: never fatal, not retried
+            logger.exception("the engine's idle-time preparation failed")
+            self.prepared = True
+        finally:
+            self._warming = False
+
     def _warm_up(self) -> None:
-        """Use the idle time after load: pick the single-row decode backend (when not set), then
-        run one tiny forward, since the first pass over freshly loaded weights (page faults,
-        oneDNN kernel setup) costs seconds a user's first question should not pay. A request
-        that arrives meanwhile aborts the forward and goes first."""
+        """Use the idle time after load: the idle work, the single-row decode backend (when not
+        set), then one tiny forward, since the first pass over freshly loaded weights (page
+        faults, oneDNN kernel setup) costs seconds a user's first question should not pay. A
+        request that arrives meanwhile stops the work, aborts the forward and goes first."""
         started = time.monotonic()
+        self._idle_work()
         self._warming = True
         try:
             if self.decode_mkldnn is None:  # from the CPU flags
@@ -214,6 +232,9 @@ class Scheduler:
         torch.set_num_threads(self._threads)
         self._warm_up()
         while True:
+            if not self.prepared and self.idle and not self._closed:
+                self._idle_work()
+                continue
             with self._cond:
                 while not self._closed and not self._pending and not self._batch.rows:
                     self._cond.wait()
