@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from engine.decode_ops import DecodeOps, load_ops
+
 SUPPORTED_LAYER = "Qwen3VLTextDecoderLayer"
 
 
@@ -49,6 +51,10 @@ class DecodeStep:
         self.inv_freq = rotary.inv_freq.detach().float()
         self.rotary_scale = float(rotary.attention_scaling)
         self.scaling = self.head_dim**-0.5
+        # bfloat16 steps use the C norms and rotary (~10 ms less per step on the full-size model);
+        # float32 keeps torch's operators, whose results are transformers' to the last bit or two
+        # (4-bit weights round activations to 8 bits, which turns any difference into tokens)
+        self.ops: DecodeOps | None = load_ops() if model.dtype == torch.bfloat16 else None
 
     @classmethod
     def for_model(cls, model: Any) -> DecodeStep | None:
@@ -69,16 +75,31 @@ class DecodeStep:
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # transformers' Qwen3VLTextRMSNorm: normalize in float32, back to the input dtype, scale
+        if self.ops is not None and self.ops.takes(x, weight):
+            return self.ops.rms_norm(x, weight, self.eps)
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return weight * normed.to(x.dtype)
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (B, 1, 1, head_dim) for text positions (equal on the three M-RoPE axes)."""
+        """cos, sin (B, head_dim) for text positions (equal on the three M-RoPE axes)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        table = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+        table = torch.cat((freqs, freqs), dim=-1)
         cos = (table.cos() * self.rotary_scale).to(dtype)
         sin = (table.sin() * self.rotary_scale).to(dtype)
         return cos, sin
+
+    def _query_key(
+        self, attention: Any, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head norms and rotary embedding; q (B, 1, H, D) -> (B, H, 1, D), k likewise."""
+        q_weight, k_weight = attention.q_norm.weight, attention.k_norm.weight
+        if self.ops is not None and self.ops.takes(q, k, q_weight, k_weight, cos, sin):
+            self.ops.qk_norm_rotate(q, q_weight, k, k_weight, cos, sin, self.eps)
+            return q.transpose(1, 2), k.transpose(1, 2)
+        cos4, sin4 = cos[:, None, None, :], sin[:, None, None, :]
+        q = self._rotate(self._rms(q, q_weight).transpose(1, 2), cos4, sin4)
+        k = self._rotate(self._rms(k, k_weight).transpose(1, 2), cos4, sin4)
+        return q, k
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
@@ -106,8 +127,7 @@ class DecodeStep:
             q = attention.q_proj(x).view(rows, 1, heads, head_dim)
             k = attention.k_proj(x).view(rows, 1, kv_heads, head_dim)
             v = attention.v_proj(x).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
-            q = self._rotate(self._rms(q, attention.q_norm.weight).transpose(1, 2), cos, sin)
-            k = self._rotate(self._rms(k, attention.k_norm.weight).transpose(1, 2), cos, sin)
+            q, k = self._query_key(attention, q, k, cos, sin)
             keys, values = cache.update(k, v, index)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True

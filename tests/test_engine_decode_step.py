@@ -95,3 +95,43 @@ async def test_the_engine_decodes_with_the_step(tiny_qwen3: Path) -> None:
     await engine.load()
     assert isinstance(engine.scheduler.decode_step if engine.scheduler else None, DecodeStep)
     await engine.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_c_norms_and_rotary_round_as_transformers_does(dtype: torch.dtype) -> None:
+    """engine/kernels/decode_ops.c against transformers' own RMSNorm and rotary functions."""
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+        Qwen3VLTextRMSNorm,
+        apply_rotary_pos_emb,
+    )
+
+    from engine.decode_ops import load_ops
+
+    ops = load_ops()
+    if ops is None:
+        pytest.skip("no C compiler here")
+    generator = torch.Generator().manual_seed(0)
+    norm = Qwen3VLTextRMSNorm(128, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(128, generator=generator) + 0.5)
+    x = (torch.randn(3, 1, 128, generator=generator) * 3).to(dtype)
+    with torch.inference_mode():
+        want = norm(x)
+        got = ops.rms_norm(x, norm.weight.detach(), 1e-6)
+    ulps = 2**-7 if dtype == torch.bfloat16 else 1e-6  # rsqrt vs 1/sqrt may differ in the last bit
+    assert float((got.float() - want.float()).abs().max()) <= ulps * float(want.abs().max())
+
+    q = (torch.randn(3, 1, 4, 128, generator=generator)).to(dtype)
+    k = (torch.randn(3, 1, 2, 128, generator=generator)).to(dtype)
+    angles = torch.rand(3, 64, generator=generator) * 50
+    cos = torch.cat((angles, angles), dim=-1).cos().to(dtype)
+    sin = torch.cat((angles, angles), dim=-1).sin().to(dtype)
+    q_norm, k_norm = Qwen3VLTextRMSNorm(128).to(dtype), Qwen3VLTextRMSNorm(128).to(dtype)
+    with torch.inference_mode():
+        want_q, want_k = apply_rotary_pos_emb(
+            q_norm(q).transpose(1, 2), k_norm(k).transpose(1, 2), cos[:, None], sin[:, None]
+        )
+        got_q, got_k = q.clone(), k.clone()
+        ops.qk_norm_rotate(got_q, q_norm.weight, got_k, k_norm.weight, cos, sin, 1e-6)
+    for got_t, want_t in ((got_q.transpose(1, 2), want_q), (got_k.transpose(1, 2), want_k)):
+        assert float((got_t.float() - want_t.float()).abs().max()) <= 2 * ulps * float(want_t.abs().max())
