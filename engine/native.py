@@ -1,9 +1,10 @@
 """Build and load vlbot's small C kernels (engine/kernels/*.c) at run time.
 
-Each kernel is one C file compiled with the system C compiler (`$CC`, else `cc`, else `gcc`) on
-first use into a cache directory (`$XDG_CACHE_HOME/vlbot/kernels`, else `~/.cache/vlbot/kernels`),
-named by the hash of its source and flags, and loaded with ctypes (which releases the GIL during a
-call). The libraries use OpenMP; the `libgomp.so.1` torch has already loaded satisfies them, so the
+Each kernel is one C file (plus the shared headers beside it) compiled with the system C
+compiler (`$CC`, else `cc`, else `gcc`) on first use into a cache directory
+(`$XDG_CACHE_HOME/vlbot/kernels`, else `~/.cache/vlbot/kernels`), named by the hash of its
+source, the headers and the flags, and loaded with ctypes (which releases the GIL during a call).
+The libraries use OpenMP; the `libgomp.so.1` torch has already loaded satisfies them, so the
 kernels share torch's thread pool.
 
 A kernel is offered only where the CPU has the instructions it was compiled for. Where it is not
@@ -52,7 +53,8 @@ def _compiler() -> str | None:
 
 def _build(source: Path, flags: Sequence[str], compiler: str) -> Path:
     options = [*COMMON_FLAGS, *flags]
-    digest = hashlib.sha256(source.read_bytes() + " ".join(options).encode()).hexdigest()[:16]
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(text + " ".join(options).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target

@@ -39,6 +39,17 @@ def logits(model: Any) -> torch.Tensor:
         return out
 
 
+async def settled(loaded: engine.qwen.QwenVLEngine, timeout: float = 5.0) -> bool:
+    """Wait until the engine's idle-time preparation is done; whether it was."""
+    scheduler = loaded.scheduler
+    assert scheduler is not None
+    for _ in range(int(timeout / 0.01)):
+        if scheduler.prepared:
+            break
+        await asyncio.sleep(0.01)
+    return scheduler.prepared
+
+
 def language_tensors(model: Any) -> list[torch.Tensor]:
     tensors = [
         t
@@ -124,13 +135,7 @@ async def test_the_engine_moves_in_idle_time_and_a_request_goes_first(
     text = await answer(tiny_engine, Message.of("What is in this picture?", png_image()))
     assert text.strip() and time.monotonic() - started < 1.5  # did not wait for the move
     assert calls[0] is False  # the first call stopped for the request
-    scheduler = tiny_engine.scheduler
-    assert scheduler is not None
-    for _ in range(400):
-        if scheduler.prepared:
-            break
-        await asyncio.sleep(0.01)
-    assert scheduler.prepared and calls[-1] is True
+    assert await settled(tiny_engine) and calls[-1] is True
     await tiny_engine.close()
 
 
@@ -139,12 +144,7 @@ async def test_the_engine_answers_the_same_on_huge_pages(
 ) -> None:
     tiny_engine = engine.qwen.QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
     await tiny_engine.load()
-    scheduler = tiny_engine.scheduler
-    assert scheduler is not None
-    for _ in range(500):
-        if scheduler.prepared:
-            break
-        await asyncio.sleep(0.01)
+    assert await settled(tiny_engine)
     model = tiny_engine.model
     assert all(on_huge_pages(model, t) for t in language_tensors(model) if t.is_contiguous())
     message = Message.of("What is in this picture?", png_image())

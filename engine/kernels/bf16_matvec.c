@@ -15,6 +15,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define WEIGHT_ROWS 4 /* weight rows read together for a single activation row */
 #define MAX_ROWS 8    /* activation rows that share one reading of the weights */
 #ifndef PREFETCH_ELEMENTS
@@ -26,30 +28,14 @@ static inline __m512 widen(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-static inline uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even (values are finite) */
-    return (uint16_t)(bits >> 16);
-}
-
 static inline float dot_tail(const uint16_t *w, const float *x, int64_t from, int64_t k) {
     float sum = 0.0f;
-    for (int64_t c = from; c < k; c++) {
-        uint32_t bits = (uint32_t)w[c] << 16;
-        float value;
-        memcpy(&value, &bits, 4);
-        sum += value * x[c];
-    }
+    for (int64_t c = from; c < k; c++) sum += bf16_to_float(w[c]) * x[c];
     return sum;
 }
 
 static inline float bias_of(const uint16_t *bias, int64_t n) {
-    if (bias == NULL) return 0.0f;
-    uint32_t bits = (uint32_t)bias[n] << 16;
-    float value;
-    memcpy(&value, &bits, 4);
-    return value;
+    return bias == NULL ? 0.0f : bf16_to_float(bias[n]);
 }
 
 /* One activation row: four weight rows at a time, two accumulators each. */
@@ -75,7 +61,7 @@ static void single_row(const float *xf, int64_t k, int64_t n_out, const uint16_t
     for (int64_t i = 0; i < count; i++) {
         float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
         sum += dot_tail(w + (first + i) * k, xf, done, k) + bias_of(bias, first + i);
-        y[first + i] = to_bf16(sum);
+        y[first + i] = float_to_bf16(sum);
     }
 }
 
@@ -104,10 +90,10 @@ static inline __attribute__((always_inline)) void few_rows(const float *xf, int6
     for (int m = 0; m < rows; m++) {
         const float *xm = xf + m * k;
         float s0 = _mm512_reduce_add_ps(a0[m]) + dot_tail(r0, xm, body, k);
-        y[m * n_out + first] = to_bf16(s0 + bias_of(bias, first));
+        y[m * n_out + first] = float_to_bf16(s0 + bias_of(bias, first));
         if (first + 1 < n_out) {
             float s1 = _mm512_reduce_add_ps(a1[m]) + dot_tail(r1, xm, body, k);
-            y[m * n_out + first + 1] = to_bf16(s1 + bias_of(bias, first + 1));
+            y[m * n_out + first + 1] = float_to_bf16(s1 + bias_of(bias, first + 1));
         }
     }
 }
@@ -131,10 +117,7 @@ int vlbot_bf16_matvec(const uint16_t *x, int64_t rows, int64_t k, int64_t n_out,
                       const uint16_t *w, const uint16_t *bias, uint16_t *y, int threads) {
     float *xf = malloc(sizeof(float) * (size_t)(rows * k));
     if (xf == NULL) return -1;
-    for (int64_t i = 0; i < rows * k; i++) {
-        uint32_t bits = (uint32_t)x[i] << 16;
-        memcpy(xf + i, &bits, 4);
-    }
+    for (int64_t i = 0; i < rows * k; i++) xf[i] = bf16_to_float(x[i]);
     for (int64_t start = 0; start < rows; start += MAX_ROWS) {
         const int count = rows - start < MAX_ROWS ? (int)(rows - start) : MAX_ROWS;
         const float *xs = xf + start * k;

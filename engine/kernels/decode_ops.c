@@ -11,34 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float load_value(const void *base, int64_t at, int bf16) {
-    if (!bf16) return ((const float *)base)[at];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[at] << 16;
-    float value;
-    memcpy(&value, &bits, 4);
-    return value;
-}
-
-static inline float rounded(float value, int bf16) {
-    if (!bf16) return value;
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even */
-    bits &= 0xffff0000u;
-    memcpy(&value, &bits, 4);
-    return value;
-}
-
-static inline void store_value(void *base, int64_t at, float value, int bf16) {
-    if (!bf16) {
-        ((float *)base)[at] = value;
-        return;
-    }
-    uint32_t bits;
-    value = rounded(value, 1);
-    memcpy(&bits, &value, 4);
-    ((uint16_t *)base)[at] = (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 /* One row: out = weight * dtype(x * rsqrt(mean(x^2) + eps)). `x` and `out` may be the same. */
 static void norm_row(const void *x, int64_t row, const void *weight, void *out, int64_t dim,
@@ -51,7 +24,7 @@ static void norm_row(const void *x, int64_t row, const void *weight, void *out, 
     }
     const float scale = 1.0f / sqrtf(squares / (float)dim + eps);
     for (int64_t d = 0; d < dim; d++) {
-        float normed = rounded(load_value(x, at + d, bf16) * scale, bf16);
+        float normed = round_to(load_value(x, at + d, bf16) * scale, bf16);
         store_value(out, at + d, load_value(weight, d, bf16) * normed, bf16);
     }
 }
@@ -75,8 +48,8 @@ static void norm_rotate(void *x, const void *weight, const void *cos, const void
             for (int64_t d = 0; d < dim; d++) row[d] = load_value(x, line * dim + d, bf16);
             for (int64_t d = 0; d < dim; d++) {
                 float turned = d < half ? -row[d + half] : row[d - half];
-                float a = rounded(row[d] * load_value(cos, b * dim + d, bf16), bf16);
-                float c = rounded(turned * load_value(sin, b * dim + d, bf16), bf16);
+                float a = round_to(row[d] * load_value(cos, b * dim + d, bf16), bf16);
+                float c = round_to(turned * load_value(sin, b * dim + d, bf16), bf16);
                 store_value(x, line * dim + d, a + c, bf16);
             }
         }

@@ -21,23 +21,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 1024 /* how far ahead of the weights being read to prefetch */
 #endif
-
-static inline float from_bf16(uint16_t value) {
-    uint32_t bits = (uint32_t)value << 16;
-    float out;
-    memcpy(&out, &bits, 4);
-    return out;
-}
-
-static inline uint16_t to_bf16(float value) {
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even (values are finite) */
-    return (uint16_t)(bits >> 16);
-}
 
 static void quantize_rows(const void *x, int x_bf16, int64_t rows, int64_t k, int64_t group,
                           int8_t *xq, float *xs, float *xsum) {
@@ -47,7 +35,7 @@ static void quantize_rows(const void *x, int x_bf16, int64_t rows, int64_t k, in
         for (int64_t g = 0; g < groups; g++) {
             const int64_t at = m * k + g * group;
             for (int64_t i = 0; i < group; i++) {
-                values[i] = x_bf16 ? from_bf16(((const uint16_t *)x)[at + i]) : ((const float *)x)[at + i];
+                values[i] = x_bf16 ? bf16_to_float(((const uint16_t *)x)[at + i]) : ((const float *)x)[at + i];
             }
             float amax = 0.0f, sum = 0.0f;
             for (int64_t i = 0; i < group; i++) {
@@ -125,7 +113,7 @@ int vlbot_int4_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
                 float lanes[16];
                 _mm512_storeu_ps(lanes, acc);
                 uint16_t *out = (uint16_t *)y + m * n_out + b * 16;
-                for (int i = 0; i < 16; i++) out[i] = to_bf16(lanes[i]);
+                for (int i = 0; i < 16; i++) out[i] = float_to_bf16(lanes[i]);
             } else {
                 _mm512_storeu_ps((float *)y + m * n_out + b * 16, acc);
             }
@@ -157,7 +145,7 @@ void vlbot_int4_dequantize(int64_t k, int64_t n_out, int64_t group, const uint8_
                 }
                 if (as_bf16) {
                     uint16_t *out = (uint16_t *)w + n * k + c * 8;
-                    for (int i = 0; i < 8; i++) out[i] = to_bf16(row[i]);
+                    for (int i = 0; i < 8; i++) out[i] = float_to_bf16(row[i]);
                 } else {
                     memcpy((float *)w + n * k + c * 8, row, sizeof row);
                 }

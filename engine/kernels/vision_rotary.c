@@ -11,24 +11,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float load_value(const void *base, int64_t at, int bf16) {
-    if (!bf16) return ((const float *)base)[at];
-    uint32_t bits = (uint32_t)((const uint16_t *)base)[at] << 16;
-    float value;
-    memcpy(&value, &bits, 4);
-    return value;
-}
-
-static inline void store_value(void *base, int64_t at, float value, int bf16) {
-    if (!bf16) {
-        ((float *)base)[at] = value;
-        return;
-    }
-    uint32_t bits;
-    memcpy(&bits, &value, 4);
-    bits += 0x7fffu + ((bits >> 16) & 1u); /* round to nearest even, as torch's .to(bfloat16) */
-    ((uint16_t *)base)[at] = (uint16_t)(bits >> 16);
-}
+#include "bf16.h"
 
 /* qkv: (seq, 3, heads, dim) float or bfloat16 (`bf16`); cos, sin: (seq, dim) float.
  * q, k, v: (heads, seq, dim) in qkv's dtype; q and k rotated: x * cos + rotate_half(x) * sin. */
