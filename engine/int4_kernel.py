@@ -38,6 +38,10 @@ class PackedInt4:
     in_features: int
     group: int
 
+    def pointers(self) -> tuple[int, int, int]:
+        """Addresses of `packed`, `scales` and `lows`, in the C functions' argument order."""
+        return self.packed.data_ptr(), self.scales.data_ptr(), self.lows.data_ptr()
+
 
 def fits(out_features: int, in_features: int, group: int) -> bool:
     return (
@@ -91,9 +95,7 @@ class Int4Kernel:
             k,
             weights.out_features,
             weights.group,
-            weights.packed.data_ptr(),
-            weights.scales.data_ptr(),
-            weights.lows.data_ptr(),
+            *weights.pointers(),
             out.data_ptr(),
             int(bf16),
             torch.get_num_threads(),
@@ -111,9 +113,7 @@ class Int4Kernel:
             weights.in_features,
             weights.out_features,
             weights.group,
-            weights.packed.data_ptr(),
-            weights.scales.data_ptr(),
-            weights.lows.data_ptr(),
+            *weights.pointers(),
             out.data_ptr(),
             int(dtype == torch.bfloat16),
             torch.get_num_threads(),
