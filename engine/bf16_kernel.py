@@ -51,13 +51,15 @@ class Bf16Kernel:
         if weight.shape[1] != k or not weight.is_contiguous():
             raise ValueError(f"weights {tuple(weight.shape)} do not take inputs of {k} features")
         out = torch.empty((rows, n), dtype=torch.bfloat16)
+        # held in a name for the call: a temporary's address could be freed before C reads it
+        offset = None if bias is None else bias.to(torch.bfloat16).contiguous()
         status = self._matvec(
             flat.data_ptr(),
             rows,
             k,
             n,
             weight.data_ptr(),
-            None if bias is None else bias.to(torch.bfloat16).contiguous().data_ptr(),
+            None if offset is None else offset.data_ptr(),
             out.data_ptr(),
             torch.get_num_threads(),
         )

@@ -18,6 +18,7 @@ not Linux, nothing moves.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import mmap
 import sys
@@ -83,6 +84,11 @@ def _file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)
+
+
 def release_file_pages(tensors: list[torch.Tensor]) -> None:
     """Drop from this process the file-mapped pages under tensors that are no longer used
     (weights replaced by quantized copies): they stop counting in its resident memory."""
@@ -100,14 +106,13 @@ def _release_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
     if last > first:
-        libc = ctypes.CDLL(None)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
 def _return_free_heap() -> None:
     """Give the heap's free memory back to the system (glibc): moved tensors that came from the
     heap (quantized weights) leave holes the allocator would otherwise keep."""
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:
         trim(0)
 

@@ -14,7 +14,6 @@ embedding in Qwen3-VL-2B, gets its own quantized copy.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Any, Literal
 
 import torch
@@ -86,14 +85,13 @@ class Int4Linear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
         self.in_features, self.out_features = k, n
         self._kernel = kernel if kernel is not None and fits(n, k, group) else None
-        self._packed: PackedInt4 | None = None
         self.packed: torch.Tensor
         self.scales: torch.Tensor
         self.lows: torch.Tensor
         if self._kernel is not None:
-            self._packed = pack(q, scale, low, group)
+            packed = pack(q, scale, low, group)
             for name in ("packed", "scales", "lows"):  # buffers: counted with the model's state
-                self.register_buffer(name, getattr(self._packed, name))
+                self.register_buffer(name, getattr(packed, name))
             return
         zero = low + 8.0 * scale  # torch's kernel computes (q - 8) * scale + zero
         self.scales_zeros: torch.Tensor
@@ -101,15 +99,14 @@ class Int4Linear(nn.Module):
         scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
         self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
 
-    def _current_packed(self) -> PackedInt4:
-        """The VNNI weights as the module's buffers are now (engine.hugepages moves them)."""
-        packed = self._packed
-        assert packed is not None
-        held = (packed.packed, packed.scales, packed.lows)
-        if any(a is not b for a, b in zip((self.packed, self.scales, self.lows), held, strict=True)):
-            packed = replace(packed, packed=self.packed, scales=self.scales, lows=self.lows)
-            self._packed = packed
-        return packed
+    @property
+    def _packed(self) -> PackedInt4 | None:
+        """The VNNI weights as the buffers are now (engine.hugepages may have moved them)."""
+        if self._kernel is None:
+            return None
+        return PackedInt4(
+            self.packed, self.scales, self.lows, self.out_features, self.in_features, self.group
+        )
 
     @property
     def kernel_name(self) -> str:
@@ -118,8 +115,8 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if self._kernel is not None and self._packed is not None:
-            packed = self._current_packed()
+        packed = self._packed
+        if self._kernel is not None and packed is not None:
             if flat.shape[0] <= VNNI_MAX_ROWS:
                 y = self._kernel.matmul(flat, packed)
             else:
