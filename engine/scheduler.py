@@ -28,7 +28,14 @@ import torch
 
 from engine.base import EngineNotReady
 from engine.batching import Batch, Row, cache_length, crop_cache
-from engine.kvcache import ImageSpan, SessionCacheStore, prompt_keys, reusable_prefix
+from engine.kvcache import (
+    ImageSpan,
+    SessionCacheStore,
+    cache_nbytes,
+    kv_bytes_per_token,
+    prompt_keys,
+    reusable_prefix,
+)
 from engine.loading import onednn_decodes_faster
 from engine.streaming import Aborted, TokenPipe
 
@@ -93,6 +100,10 @@ def rope_positions(model: Any, encoded: Encoded) -> Positions:
     )
     return Positions(positions, int(deltas.reshape(-1)[0]))
 
+# Decode steps between checks that the batch's growing caches and the kept ones fit the KV budget
+# (also the room reserved for a new prompt's first tokens of answer).
+KV_CHECK_STEPS = 64
+
 
 class Scheduler:
     """Runs requests on `model` in one thread, the one that calls `run()` (prefill one at a time,
@@ -117,6 +128,8 @@ class Scheduler:
         self._prepare = prepare  # idle-time work after loading; stops when asked (a request came)
         self.prepared = prepare is None  # True once `prepare` reported it is done
         self.store = store
+        # what one more token of context costs in KV memory (to make room before a prefill)
+        self.kv_per_token = kv_bytes_per_token(model.config, getattr(model, "dtype", torch.float32))
         self.sampling = sampling
         self.positions = positions
         self.max_batch = max(1, max_batch)
@@ -294,6 +307,9 @@ class Scheduler:
             else:
                 cache, prefix = self._new_cache(), 0
             request.reused_tokens = prefix
+            # the budget covers this prompt's cache and the batch's too: kept ones make room
+            growth = (len(encoded.ids) - prefix + KV_CHECK_STEPS) * self.kv_per_token
+            self.store.make_room(self.kv_in_use_bytes + cache_nbytes(cache) + growth)
             positions = self.positions(self.model, encoded)
             self._prefilling = request
             logits = self._prefill(encoded, positions, cache, prefix)
@@ -368,6 +384,8 @@ class Scheduler:
         self.decode_steps += 1
         self.decode_tokens += len(self._batch.rows)
         self.decode_seconds += time.perf_counter() - started
+        if self.decode_steps % KV_CHECK_STEPS == 0:  # the batch's caches grew: keep to the budget
+            self.store.make_room(self.kv_in_use_bytes)
         self._leave(done)
 
     def _reap(self) -> None:
@@ -388,7 +406,12 @@ class Scheduler:
         if cache_length(cache) != length or len(keys) != length:  # never store an inconsistent one
             logger.warning("not keeping a KV cache of %d tokens for %d keys", length, len(keys))
             return
-        self.store.put(session, keys, cache)
+        self.store.put(session, keys, cache, in_use=self.kv_in_use_bytes)
+
+    @property
+    def kv_in_use_bytes(self) -> int:
+        """KV memory of the conversations decoding now (the batch's stacked cache)."""
+        return 0 if self._batch.cache is None else cache_nbytes(self._batch.cache)
 
     def _done(self, row: Row) -> bool:
         request: Request = row.owner

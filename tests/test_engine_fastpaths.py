@@ -61,6 +61,18 @@ def test_appending_layer_adopts_tensors_replaced_from_outside() -> None:
     assert layer.get_seq_length() == 0 and layer.capacity == 0
 
 
+def test_appending_layer_holds_no_buffer_but_its_views() -> None:
+    """Replacing a layer's tensors (batch join / split) frees the old buffer at once: the layer
+    keeps no tensor of its own besides `keys` and `values`."""
+    layer = AppendingLayer(spare=8)
+    layer.update(*kv(10))
+    assert layer.capacity == 18
+    held = [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+    assert len(held) == 2 and held[0] is layer.keys and held[1] is layer.values
+    layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    assert layer.capacity == 0  # no longer its own views: adopted into a new buffer next update
+
+
 def test_cache_size_counts_the_spare_room() -> None:
     config = AutoConfig.for_model(
         "qwen3", hidden_size=32, num_attention_heads=4, num_key_value_heads=2,

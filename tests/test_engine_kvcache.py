@@ -72,13 +72,15 @@ def test_keys_tell_different_pictures_of_the_same_size_apart() -> None:
     assert reusable_prefix(a, b, spans) == 5
 
 
-def test_store_evicts_least_recently_used_within_budget() -> None:
-    def cache(tokens: int) -> Any:
-        layer = type("L", (), {})()
-        layer.keys = torch.zeros(1, 1, tokens, 4)
-        layer.values = torch.zeros(1, 1, tokens, 4)
-        return type("C", (), {"layers": [layer]})()
+def cache(tokens: int) -> Any:
+    """A stand-in Cache of one layer: `tokens` x 32 bytes."""
+    layer = type("L", (), {})()
+    layer.keys = torch.zeros(1, 1, tokens, 4)
+    layer.values = torch.zeros(1, 1, tokens, 4)
+    return type("C", (), {"layers": [layer]})()
 
+
+def test_store_evicts_least_recently_used_within_budget() -> None:
     store = SessionCacheStore(budget_bytes=3 * 10 * 32)  # three 10-token caches
     for key in "abc":
         assert store.put(key, [1] * 10, cache(10))
@@ -89,6 +91,19 @@ def test_store_evicts_least_recently_used_within_budget() -> None:
     assert store.evictions == 1 and store.nbytes <= store.budget_bytes
     assert not store.put("huge", [1] * 40, cache(40))  # larger than the whole budget
     assert store.take(None) is None and not store.put(None, [1], cache(1))
+
+
+def test_store_leaves_room_for_the_conversations_being_answered() -> None:
+    store = SessionCacheStore(budget_bytes=3 * 10 * 32)
+    for key in "abc":
+        assert store.put(key, [1] * 10, cache(10))
+    assert store.make_room(in_use=15 * 32) == 2  # 15 tokens in flight: the two oldest go
+    assert "c" in store and "a" not in store and "b" not in store
+    assert store.put("d", [1] * 10, cache(10), in_use=10 * 32)  # c, d and 10 in flight: fit
+    assert "c" in store and store.put("e", [1] * 10, cache(10), in_use=10 * 32)
+    assert "c" not in store and {"d", "e"} == {k for k in "cde" if k in store}
+    assert not store.put("f", [1] * 10, cache(10), in_use=25 * 32)  # not beside what is in flight
+    assert store.make_room(in_use=0) == 0 and store.evictions == 3
 
 
 # --- end to end on the tiny model -----------------------------------------------------------------
@@ -171,8 +186,32 @@ async def test_evicted_conversation_falls_back_to_a_full_prefill(tiny_qwen3: Pat
     follow = Message.of("Tell me more")
     reused = await answer(engine, follow, history, session("one"))
     assert engine.last_reused_tokens == 0
-    assert reused == await answer(engine, follow, history, PARAMS)
     assert "one" in engine.caches  # kept again for the next turn
+    assert reused == await answer(engine, follow, history, PARAMS)
+    await engine.close()
+
+
+async def test_kept_caches_make_room_for_the_conversation_being_answered(tiny_qwen3: Path) -> None:
+    """The budget bounds all KV memory: while a chat is answered, its cache and the kept ones
+    together stay within it (the oldest kept chat is evicted, the newer one stays)."""
+    probe = await engine_for(tiny_qwen3)
+    one = Message.of("What is this?", png_image())
+    await answer(probe, one, params=session("probe"))
+    one_bytes = probe.caches.nbytes
+    await probe.close()
+    engine = await engine_for(tiny_qwen3, kv_cache_bytes=int(one_bytes * 2.5))  # 2 kept fit, 3 not
+    await first_turn(engine, "old", one)
+    await first_turn(engine, "newer", Message.of("Describe", png_image((0, 120, 0))))
+    assert "old" in engine.caches and "newer" in engine.caches
+    scheduler = engine.scheduler
+    assert scheduler is not None
+    held: list[int] = []
+    engine.model.lm_head.register_forward_hook(
+        lambda *_: held.append(engine.caches.nbytes + scheduler.kv_in_use_bytes)
+    )
+    await answer(engine, Message.of("And this?", png_image((0, 0, 120))), params=session("third"))
+    assert len(held) > 10 and max(held) <= engine.caches.budget_bytes
+    assert "old" not in engine.caches and "newer" in engine.caches and "third" in engine.caches
     await engine.close()
 
 
