@@ -31,6 +31,7 @@ from bot.models import GenerationParams, InputRejected, Message, Turn
 from engine.base import EngineError, EngineInfo, EngineNotReady, ModelNotFound, StreamStats
 from engine.bf16_kernel import use_for_decode
 from engine.decode_step import DecodeStep
+from engine.gelu import use_fast_gelu
 from engine.hugepages import move_to_huge_pages
 from engine.intake import IntakeLimits, check_image
 from engine.kvcache import DEFAULT_KV_CACHE_BYTES, SessionCacheStore
@@ -278,6 +279,7 @@ class QwenVLEngine:
         model.eval()
         linearize_patch_embedding(model)
         use_fast_vision_attention(model)
+        use_fast_gelu(model)  # bf16 only
         quantize_language_model(model, self._quantize)
         use_for_decode(model)  # the bf16 layers quantization left (all of them by default)
         install_abort_hooks(model, self._should_abort)
