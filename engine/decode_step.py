@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from engine.decode_attention import DecodeAttention, left_padding, load_attention
 from engine.decode_ops import DecodeOps, load_ops
 
 SUPPORTED_LAYER = "Qwen3VLTextDecoderLayer"
@@ -55,6 +56,10 @@ class DecodeStep:
         # float32 keeps torch's operators, whose results are transformers' to the last bit or two
         # (4-bit weights round activations to 8 bits, which turns any difference into tokens)
         self.ops: DecodeOps | None = load_ops() if model.dtype == torch.bfloat16 else None
+        # and their attention in C too: one read of each layer's cache (~12 ms less per step at
+        # 1,100 tokens of context)
+        bf16 = model.dtype == torch.bfloat16
+        self.attention: DecodeAttention | None = load_attention() if bf16 else None
 
     @classmethod
     def for_model(cls, model: Any) -> DecodeStep | None:
@@ -120,6 +125,8 @@ class DecodeStep:
         mask = None
         if not bool(attention_mask.all()):
             mask = attention_mask.bool()[:, None, None, :]
+        starts = None if mask is None or self.attention is None else left_padding(attention_mask)
+        kernel = self.attention if mask is None or starts is not None else None
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         for index, layer in enumerate(self.layers):
             attention = layer.self_attn
@@ -129,10 +136,13 @@ class DecodeStep:
             v = attention.v_proj(x).view(rows, 1, kv_heads, head_dim).transpose(1, 2)
             q, k = self._query_key(attention, q, k, cos, sin)
             keys, values = cache.update(k, v, index)
-            out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
-            )
-            hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(rows, 1, heads * head_dim))
+            if kernel is not None and kernel.takes(q, keys, values):
+                out = kernel(q, keys, values, starts, self.scaling)  # (B, 1, H * D)
+            else:
+                out = F.scaled_dot_product_attention(
+                    q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
+                ).transpose(1, 2).reshape(rows, 1, heads * head_dim)
+            hidden = hidden + attention.o_proj(out)
             x = self._rms(hidden, layer.post_attention_layernorm.weight)
             hidden = hidden + layer.mlp(x)
         hidden = self.norm(hidden)

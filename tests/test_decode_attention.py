@@ -1,0 +1,88 @@
+"""engine.decode_attention: one query per conversation attended over its cached keys and values in
+C gives the attention (float64 reference) as closely as torch's kernel does, reading the cache in
+place (views with spare room) and honouring each batch row's left padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.decode_attention import DecodeAttention, left_padding, load_attention
+
+
+@pytest.fixture
+def kernel() -> DecodeAttention:
+    loaded = load_attention()
+    if loaded is None:
+        pytest.skip("this machine cannot build the decode attention kernel")
+    return loaded
+
+
+def exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: list[int]) -> torch.Tensor:
+    """(B, 1, H * D) in float64, row b attending to positions starts[b]: only."""
+    batch, heads, _, dim = q.shape
+    group = heads // keys.shape[1]
+    rows = []
+    for b in range(batch):
+        k = keys[b, :, starts[b] :].double().repeat_interleave(group, dim=0)
+        v = values[b, :, starts[b] :].double().repeat_interleave(group, dim=0)
+        weights = torch.softmax(q[b].double() @ k.transpose(1, 2) * dim**-0.5, dim=-1)
+        rows.append((weights @ v).reshape(1, heads * dim))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "kv_heads", "dim", "length", "pads"),
+    [
+        (1, 16, 8, 128, 300, [0]),
+        (3, 16, 8, 128, 300, [0, 17, 299]),  # left padding; the last row has only its new token
+        (2, 8, 2, 64, 45, [3, 0]),
+        (1, 4, 4, 32, 1, [0]),
+    ],
+)
+def test_attention_of_one_query_per_row(
+    kernel: DecodeAttention, batch: int, heads: int, kv_heads: int, dim: int, length: int, pads: list[int]
+) -> None:
+    generator = torch.Generator().manual_seed(length)
+    # cache views with spare room after them, as engine.kvbuffer holds them
+    spare = (batch, kv_heads, length + 24, dim)
+    keys = torch.randn(spare, generator=generator).to(torch.bfloat16)[:, :, :length]
+    values = torch.randn(spare, generator=generator).to(torch.bfloat16)[:, :, :length]
+    q = torch.randn(batch, 1, heads, dim, generator=generator).to(torch.bfloat16).transpose(1, 2)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    starts = left_padding(mask)
+    assert starts is not None and starts.tolist() == pads
+    assert kernel.takes(q, keys, values)
+    got = kernel(q, keys, values, starts if any(pads) else None, dim**-0.5)
+    truth = exact(q, keys, values, pads)
+    theirs = (
+        F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask.bool()[:, None, None, :], scale=dim**-0.5, enable_gqa=True
+        )
+        .transpose(1, 2)
+        .reshape(batch, 1, heads * dim)
+    )
+    ours_error = float((got.double() - truth).norm() / truth.norm())
+    torch_error = float((theirs.double() - truth).norm() / truth.norm())
+    assert got.shape == theirs.shape and got.dtype == torch.bfloat16
+    assert ours_error < 4e-3 and ours_error <= 2 * torch_error + 1e-4
+
+
+def test_left_padding_is_recognised_and_anything_else_refused() -> None:
+    assert left_padding(torch.tensor([[1, 1, 1], [0, 1, 1]])).tolist() == [0, 1]  # type: ignore[union-attr]
+    assert left_padding(torch.tensor([[1, 0, 1]])) is None  # a hole: not left padding
+    assert left_padding(torch.tensor([[0, 0, 0]])) is None  # nothing to attend to
+
+
+def test_only_bfloat16_caches_it_can_read_are_taken(kernel: DecodeAttention) -> None:
+    keys = torch.randn(1, 8, 10, 128, dtype=torch.bfloat16)
+    q = torch.randn(1, 16, 1, 256, dtype=torch.bfloat16)[..., :128]  # heads not packed together
+    assert not kernel.takes(q, keys, keys)
+    q = q.contiguous()
+    assert kernel.takes(q, keys, keys)
+    assert not kernel.takes(q.float(), keys.float(), keys.float())
+    assert not kernel.takes(q, keys, keys.transpose(2, 3).contiguous().transpose(2, 3))
+    assert not kernel.takes(q, torch.randn(1, 5, 10, 128, dtype=torch.bfloat16), keys)
