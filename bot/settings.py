@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     max_visual_tokens: int = 1024  # pixel budget per image
     max_images_per_message: int = 10
     max_question_chars: int = 4000
-    kv_cache_mb: int = 512  # follow-ups reuse each conversation's KV cache within this budget
+    kv_cache_mb: int = 512  # all KV-cache memory: kept for follow-ups + chats being answered
     max_batch: int = Field(
         default=8, validation_alias=AliasChoices("VLBOT_MAX_BATCH", "BATCH_SIZE", "max_batch")
     )
