@@ -3,8 +3,9 @@ engine/kernels/bf16_matvec.c when a step has only a few rows.
 
 A decode step reads every weight of the language model once (3.44 GB in bf16 for Qwen3-VL-2B);
 oneDNN's matrix-vector product streams them at ~18-20 GB/s on the 2-core machine vlbot is measured
-on, the C loop at ~25 GB/s. Prefill (many rows) keeps oneDNN, whose matrix-matrix products are the
-fast ones. The weights stay the model's own tensors (the output head stays tied to the embedding).
+on, the C loop at ~26-28 GB/s (about a plain float sum's speed). Prefill (many rows) keeps
+oneDNN, whose matrix-matrix products are the fast ones. The weights stay the model's own tensors
+(the output head stays tied to the embedding).
 """
 
 from __future__ import annotations

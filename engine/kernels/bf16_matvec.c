@@ -3,8 +3,8 @@
  * A decode step multiplies one activation row per conversation by every weight matrix: the time
  * is the time to stream the weights from memory. oneDNN's bf16 matrix-vector product reads them at
  * ~18-20 GB/s on the 2-core machine vlbot is measured on; this loop reads four weight rows at a
- * time, widens each bfloat16 to float (a 16-bit shift) and accumulates in float, at ~25 GB/s
- * (29 GB/s measured for a plain float sum there). Weights are used as they are (row-major
+ * time, widens each bfloat16 to float (a 16-bit shift) and accumulates in float, at ~26-28 GB/s
+ * (27-28.5 GB/s measured for a plain float sum there at the same time). Weights are used as they are (row-major
  * (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch of up to
  * MAX_ROWS conversations reads each weight vector once for all of its rows.
  *
@@ -20,7 +20,9 @@
 #define WEIGHT_ROWS 4 /* weight rows read together for a single activation row */
 #define MAX_ROWS 8    /* activation rows that share one reading of the weights */
 #ifndef PREFETCH_ELEMENTS
-#define PREFETCH_ELEMENTS 1024
+/* how far ahead each weight row is prefetched: swept over all 28 layers + head (3.44 GB, huge
+ * pages, 2 cores): 384 elements (768 bytes) 121 ms, 256 125, 512 125, 1024 130, 2048 128 */
+#define PREFETCH_ELEMENTS 384
 #endif
 
 static inline __m512 widen(const uint16_t *p) {
