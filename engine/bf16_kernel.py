@@ -26,9 +26,10 @@ logger = logging.getLogger("vlbot.engine")
 CPU_FLAGS = ("avx512f",)
 COMPILE_FLAGS = ("-mavx512f", "-mfma")
 # Inputs with more rows than this go to oneDNN (prefill always). With AMX, oneDNN's tile products
-# beat this kernel from 3 rows on (all 28 layers + head, 2 cores: 4 rows 173 vs 209 ms, 8 rows
-# 181 vs 345 ms; 2 rows 179 vs 175 ms); without AMX the kernel takes batches of up to 8.
-MAX_ROWS_WITH_AMX = 2
+# beat this kernel from 5 rows on (all 28 layers + head, 2 cores, kernel vs oneDNN: 2 rows 138 vs
+# 160 ms, 3 rows 140 vs 160, 4 rows 150 vs 161, 6 rows 176 vs 162); without AMX the kernel takes
+# batches of up to 8.
+MAX_ROWS_WITH_AMX = 4
 MAX_ROWS = 8
 
 
