@@ -123,7 +123,28 @@ int vlbot_int4_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
     return 0;
 }
 
-/* The weights w[n][k] row-major, as float (`as_bf16` 0) or bfloat16 (1), for large products. */
+/* bfloat16 of 16 finite floats, rounded to nearest even (bf16.h's float_to_bf16, vectorized). */
+static inline __m256i to_bf16_x16(__m512 v) {
+    __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+}
+
+/* The 4-bit values of 16 input channels (two 8-channel chunks) of one row, in channel order:
+ * each chunk's 4 bytes hold channels 0-3 in their low nibbles and 4-7 in their high ones. */
+static inline __m512 nibbles_x16(const uint8_t *first, const uint8_t *second) {
+    uint32_t a, b;
+    memcpy(&a, first, 4);
+    memcpy(&b, second, 4);
+    const uint64_t lo = (uint64_t)(a & 0x0f0f0f0fu) | (uint64_t)((a >> 4) & 0x0f0f0f0fu) << 32;
+    const uint64_t hi = (uint64_t)(b & 0x0f0f0f0fu) | (uint64_t)((b >> 4) & 0x0f0f0f0fu) << 32;
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_set_epi64x((long long)hi, (long long)lo)));
+}
+
+/* The weights w[n][k] row-major, as float (`as_bf16` 0) or bfloat16 (1), for large products
+ * (a prompt's prefill expands every layer's weights: 16 channels per step, w = q * scale + low
+ * with one fused multiply-add; groups are multiples of 16 channels, so one scale per step). */
 void vlbot_int4_dequantize(int64_t k, int64_t n_out, int64_t group, const uint8_t *packed,
                            const float *scales, const float *lows, void *w, int as_bf16,
                            int threads) {
@@ -132,22 +153,17 @@ void vlbot_int4_dequantize(int64_t k, int64_t n_out, int64_t group, const uint8_
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *block = packed + b * (k / 8) * 64;
-        float row[8];
         for (int64_t r = 0; r < 16; r++) {
             const int64_t n = b * 16 + r;
-            for (int64_t c = 0; c < k / 8; c++) {
+            for (int64_t c = 0; c < k / 8; c += 2) {
                 const uint8_t *bytes = block + c * 64 + 4 * r;
                 const int64_t at = b * groups * 16 + (c * 8 / group) * 16 + r;
-                const float scale = scales[at], low = lows[at];
-                for (int i = 0; i < 4; i++) {
-                    row[i] = (float)(bytes[i] & 0x0f) * scale + low;
-                    row[4 + i] = (float)(bytes[i] >> 4) * scale + low;
-                }
+                const __m512 q = nibbles_x16(bytes, bytes + 64);
+                const __m512 v = _mm512_fmadd_ps(q, _mm512_set1_ps(scales[at]), _mm512_set1_ps(lows[at]));
                 if (as_bf16) {
-                    uint16_t *out = (uint16_t *)w + n * k + c * 8;
-                    for (int i = 0; i < 8; i++) out[i] = float_to_bf16(row[i]);
+                    _mm256_storeu_si256((__m256i *)((uint16_t *)w + n * k + c * 8), to_bf16_x16(v));
                 } else {
-                    memcpy((float *)w + n * k + c * 8, row, sizeof row);
+                    _mm512_storeu_ps((float *)w + n * k + c * 8, v);
                 }
             }
         }
