@@ -100,6 +100,7 @@ def rope_positions(model: Any, encoded: Encoded) -> Positions:
     )
     return Positions(positions, int(deltas.reshape(-1)[0]))
 
+
 # Decode steps between checks that the batch's growing caches and the kept ones fit the KV budget
 # (also the room reserved for a new prompt's first tokens of answer).
 KV_CHECK_STEPS = 64
