@@ -18,6 +18,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "exp_avx512.h"
+
 #define MAX_DIM 256  /* head dims up to this (Qwen3-VL: 128) */
 #define MAX_GROUP 16 /* query heads per key/value head */
 #ifndef AHEAD
@@ -29,25 +31,6 @@ static inline __m512 widen(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
 }
 
-static inline __m512 exp_ps(__m512 y) {
-    /* exp(y) for y <= 0 (scores minus their maximum): 2^n exp(r), |r| <= ln 2 / 2, degree-7
-     * polynomial (error below float rounding); below -100 the result is 0 either way */
-    y = _mm512_max_ps(y, _mm512_set1_ps(-100.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), y);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* In place: p[j] = exp(p[j] - max) for j < count; returns their sum. */
 static float softmax_numerators(float *p, int64_t count) {
     float top = -INFINITY;
@@ -56,13 +39,13 @@ static float softmax_numerators(float *p, int64_t count) {
     __m512 total = _mm512_setzero_ps();
     int64_t j = 0;
     for (; j + 16 <= count; j += 16) {
-        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(p + j), top_v));
+        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(p + j), top_v));
         _mm512_storeu_ps(p + j, e);
         total = _mm512_add_ps(total, e);
     }
     if (j < count) {
         const __mmask16 mask = (__mmask16)((1u << (count - j)) - 1u);
-        __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + j), top_v));
+        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + j), top_v));
         e = _mm512_maskz_mov_ps(mask, e);
         _mm512_mask_storeu_ps(p + j, mask, e);
         total = _mm512_add_ps(total, e);

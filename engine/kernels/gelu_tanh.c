@@ -14,33 +14,16 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#define LANES 16
+#include "exp_avx512.h"
 
-static inline __m512 exp_ps(__m512 y) {
-    /* exp(y) = 2^n exp(r), n = round(y / ln 2), |r| <= ln 2 / 2; y clamped so that 2^n stays a
-     * float (exp(88) ~ 1.6e38; below -100 the result is 0 either way) */
-    y = _mm512_min_ps(_mm512_max_ps(y, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(88.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(y, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), y); /* ln 2, high part */
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);     /* ln 2, low part */
-    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
+#define LANES 16
 
 static inline __m512 gelu_tanh_ps(__m512 x) {
     const __m512 beta = _mm512_set1_ps(0.7978845608028654f); /* sqrt(2 / pi) */
     const __m512 kappa = _mm512_set1_ps(0.044715f);
     const __m512 cube = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
     const __m512 inner = _mm512_mul_ps(beta, _mm512_fmadd_ps(kappa, cube, x));
-    const __m512 e = exp_ps(_mm512_mul_ps(_mm512_set1_ps(-2.0f), inner));
+    const __m512 e = exp_avx512(_mm512_mul_ps(_mm512_set1_ps(-2.0f), inner));
     return _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
