@@ -7,8 +7,19 @@ Built once per test session under pytest's tmp folder (never in the working dire
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
+
+Kernel = TypeVar("Kernel")
+
+
+def built_or_skip(kernel: Kernel | None, what: str) -> Kernel:
+    """A C kernel's binding (engine.native), or skip the test where this machine cannot build or
+    run it (another CPU, no compiler)."""
+    if kernel is None:
+        pytest.skip(f"this machine cannot build or run the {what}")
+    return kernel
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.bf16_kernel import Bf16Kernel, DecodeLinear, load_kernel, use_for_decode
+from tests.engine_fixtures import built_or_skip
 
 
 @pytest.fixture(scope="module")
 def kernel() -> Bf16Kernel:
-    built = load_kernel()
-    if built is None:
-        pytest.skip("this machine cannot build or run the AVX-512 bf16 kernel")
-    return built
+    return built_or_skip(load_kernel(), "AVX-512 bf16 kernel")
 
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 64, 256), (3, 37, 100), (8, 130, 2048)])

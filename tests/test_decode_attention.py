@@ -9,14 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from engine.decode_attention import DecodeAttention, left_padding, load_attention
+from tests.engine_fixtures import built_or_skip
 
 
 @pytest.fixture
 def kernel() -> DecodeAttention:
-    loaded = load_attention()
-    if loaded is None:
-        pytest.skip("this machine cannot build the decode attention kernel")
-    return loaded
+    return built_or_skip(load_attention(), "decode attention kernel")
 
 
 def exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: list[int]) -> torch.Tensor:

@@ -13,14 +13,12 @@ from transformers import AutoModelForImageTextToText
 from transformers.activations import GELUTanh
 
 from engine.gelu import FastGeluTanh, GeluKernel, load_kernel, use_fast_gelu
+from tests.engine_fixtures import built_or_skip
 
 
 @pytest.fixture
 def kernel() -> GeluKernel:
-    loaded = load_kernel()
-    if loaded is None:
-        pytest.skip("this machine cannot build the GELU kernel")
-    return loaded
+    return built_or_skip(load_kernel(), "GELU kernel")
 
 
 def every_bfloat16(low: float, high: float) -> torch.Tensor:

@@ -9,14 +9,12 @@ from torch import nn
 
 from engine.int4_kernel import Int4Kernel, PackedInt4, load_kernel, pack
 from engine.quant import VNNI_MAX_ROWS, Int4Linear
+from tests.engine_fixtures import built_or_skip
 
 
 @pytest.fixture(scope="module")
 def kernel() -> Int4Kernel:
-    built = load_kernel()
-    if built is None:
-        pytest.skip("this machine cannot build or run the AVX-512 VNNI kernel")
-    return built
+    return built_or_skip(load_kernel(), "AVX-512 VNNI kernel")
 
 
 def quantized(n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
