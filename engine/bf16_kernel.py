@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.native import cpu_flags, load_library
+from engine.native import I32, I64, POINTER, c_function, cpu_flags, load_library
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -38,10 +38,9 @@ class Bf16Kernel:
 
     def __init__(self, library: ctypes.CDLL, max_rows: int = MAX_ROWS) -> None:
         self.max_rows = max_rows
-        pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self._matvec = library.vlbot_bf16_matvec
-        self._matvec.restype = i32
-        self._matvec.argtypes = [pointer, i64, i64, i64, pointer, pointer, pointer, i32]
+        self._matvec = c_function(
+            library, "vlbot_bf16_matvec", I32, POINTER, I64, I64, I64, POINTER, POINTER, POINTER, I32
+        )
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (rows, K) bfloat16 times weight (N, K) bfloat16, transposed: (rows, N) bfloat16."""

@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from engine.native import load_library
+from engine.native import F32, I32, I64, POINTER, c_function, load_library
 
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
@@ -36,11 +36,10 @@ class DecodeAttention:
     """The loaded library's function, typed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        self._attend = library.vlbot_decode_attention
-        self._attend.restype = i32
-        self._attend.argtypes = [pointer, pointer, pointer, i64, i64, i64, pointer]
-        self._attend.argtypes += [i64, i64, i64, i64, i64, f32, pointer, i32]
+        self._attend = c_function(
+            library, "vlbot_decode_attention", I32, POINTER, POINTER, POINTER, I64, I64, I64,
+            POINTER, I64, I64, I64, I64, I64, F32, POINTER, I32,
+        )  # fmt: skip
 
     @staticmethod
     def takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:

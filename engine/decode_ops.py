@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from engine.native import load_library
+from engine.native import F32, I32, I64, POINTER, c_function, load_library
 
 COMPILE_FLAGS = ("-ffp-contract=off",)  # plain C: any CPU; no fused multiply-adds (same rounding)
 DTYPES = (torch.float32, torch.bfloat16)
@@ -18,14 +18,13 @@ class DecodeOps:
     """The loaded library's functions, typed. Tensors must be contiguous, float32 or bfloat16."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        pointer, i64, i32, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
-        self._norm = library.vlbot_rms_norm
-        self._norm.restype = None
-        self._norm.argtypes = [pointer, pointer, pointer, i64, i64, f32, i32]
-        self._qk = library.vlbot_qk_norm_rotate
-        self._qk.restype = None
-        self._qk.argtypes = [pointer, pointer, i64, pointer, pointer, i64, pointer, pointer]
-        self._qk.argtypes += [i64, i64, f32, i32]
+        self._norm = c_function(
+            library, "vlbot_rms_norm", None, POINTER, POINTER, POINTER, I64, I64, F32, I32
+        )
+        self._qk = c_function(
+            library, "vlbot_qk_norm_rotate", None, POINTER, POINTER, I64, POINTER, POINTER, I64,
+            POINTER, POINTER, I64, I64, F32, I32,
+        )  # fmt: skip
 
     @staticmethod
     def takes(*tensors: torch.Tensor) -> bool:

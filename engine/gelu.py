@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.native import load_library
+from engine.native import I32, I64, POINTER, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -32,10 +32,7 @@ class GeluKernel:
     """The loaded library's function, typed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self._gelu = library.vlbot_gelu_tanh_bf16
-        self._gelu.restype = None
-        self._gelu.argtypes = [pointer, pointer, i64, i32]
+        self._gelu = c_function(library, "vlbot_gelu_tanh_bf16", None, POINTER, POINTER, I64, I32)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """gelu_tanh of a contiguous bfloat16 tensor, as a new tensor."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.native import load_library
+from engine.native import I32, I64, POINTER, c_function, load_library
 
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma")
@@ -71,14 +71,14 @@ class Int4Kernel:
     """The loaded library's two functions, typed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self._matmul = library.vlbot_int4_matmul
-        self._matmul.restype = i32
-        self._matmul.argtypes = [pointer, i32, i64, i64, i64, i64, pointer, pointer, pointer]
-        self._matmul.argtypes += [pointer, i32, i32]
-        self._dequantize = library.vlbot_int4_dequantize
-        self._dequantize.restype = None
-        self._dequantize.argtypes = [i64, i64, i64, pointer, pointer, pointer, pointer, i32, i32]
+        self._matmul = c_function(
+            library, "vlbot_int4_matmul", I32, POINTER, I32, I64, I64, I64, I64,
+            POINTER, POINTER, POINTER, POINTER, I32, I32,
+        )  # fmt: skip
+        self._dequantize = c_function(
+            library, "vlbot_int4_dequantize", None, I64, I64, I64,
+            POINTER, POINTER, POINTER, POINTER, I32, I32,
+        )  # fmt: skip
 
     def matmul(self, x: torch.Tensor, weights: PackedInt4) -> torch.Tensor:
         """x (rows, K) -> (rows, N), bfloat16 for bfloat16 input, else float32."""

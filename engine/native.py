@@ -22,12 +22,15 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("vlbot.engine")
 
 KERNELS = Path(__file__).with_name("kernels")
+# the C argument types the kernels' functions take
+POINTER, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 
 
@@ -90,3 +93,14 @@ def load_library(name: str, flags: Sequence[str], cpu_needs: Sequence[str]) -> c
         detail = (getattr(e, "stderr", b"") or b"")[:500]
         logger.warning("%s: could not build (%s %r); using torch's operators", name, e, detail)
         return None
+
+
+def c_function(
+    library: ctypes.CDLL, name: str, result: type[Any] | None, *arguments: type[Any]
+) -> Callable[..., Any]:
+    """`library`'s function `name` with its C result and argument types set (ctypes converts
+    Python ints and floats accordingly and checks the argument count)."""
+    function = getattr(library, name)
+    function.restype = result
+    function.argtypes = list(arguments)
+    return function  # type: ignore[no-any-return]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.native import load_library
+from engine.native import I32, I64, POINTER, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -35,11 +35,10 @@ class RotaryKernel:
     """The loaded library's function, typed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        pointer, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        self._rotate = library.vlbot_vision_rotary
-        self._rotate.restype = None
-        self._rotate.argtypes = [pointer, pointer, pointer, i64, i64, i64, pointer, pointer, pointer]
-        self._rotate.argtypes += [i32, i32]
+        self._rotate = c_function(
+            library, "vlbot_vision_rotary", None, POINTER, POINTER, POINTER, I64, I64, I64,
+            POINTER, POINTER, POINTER, I32, I32,
+        )  # fmt: skip
 
     def split_rotated(
         self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
