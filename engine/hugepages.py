@@ -69,7 +69,7 @@ def huge_pages_available() -> bool:
     return "[never]" not in setting
 
 
-def _file_mappings() -> list[tuple[int, int]]:
+def file_mappings() -> list[tuple[int, int]]:
     """Address ranges of this process's .safetensors file mappings."""
     ranges = []
     try:
@@ -89,10 +89,14 @@ def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None)
 
 
-def release_file_pages(tensors: list[torch.Tensor]) -> None:
+def release_file_pages(
+    tensors: list[torch.Tensor], mappings: list[tuple[int, int]] | None = None
+) -> None:
     """Drop from this process the file-mapped pages under tensors that are no longer used
-    (weights replaced by quantized copies): they stop counting in its resident memory."""
-    mappings = _file_mappings()
+    (weights replaced by quantized copies): they stop counting in its resident memory.
+    `mappings`: `file_mappings()` when the caller has read them already."""
+    if mappings is None:
+        mappings = file_mappings()
     for tensor in tensors:
         _release_file_pages(tensor, mappings)
 
@@ -174,7 +178,7 @@ def move_to_huge_pages(model: Any, should_stop: Callable[[], bool] = lambda: Fal
         return True
     arena = HugePageArena(sum(-(-size // ALIGNMENT) * ALIGNMENT for _, _, size in movable))
     model._vlbot_huge_pages = [*_arenas(model), arena]  # they live as long as the model
-    mappings = _file_mappings()
+    mappings = file_mappings()
     done = 0
     with torch.no_grad():
         for module, name, _ in movable:  # one at a time: each old copy goes before the next

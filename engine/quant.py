@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.hugepages import release_file_pages
+from engine.hugepages import file_mappings, release_file_pages
 from engine.int4_kernel import Int4Kernel, PackedInt4, fits, load_kernel, pack
 
 logger = logging.getLogger("vlbot.engine")
@@ -160,6 +160,7 @@ def quantize_language_model(model: Any, mode: str) -> int:
     dtype = next(language_model.parameters()).dtype
     kernel = load_kernel() if key == "int4" else None
     count = 0
+    mappings = file_mappings()  # the model file's; quantizing maps no new files
     for parent in list(language_model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
@@ -169,7 +170,7 @@ def quantize_language_model(model: Any, mode: str) -> int:
                     # its bf16 weights' pages of the model file stop counting as this process's
                     # memory now, not after the last layer (full-size model: loading peaks at
                     # 6.1 GB instead of 8.9 GB)
-                    release_file_pages([child.weight.data])
+                    release_file_pages([child.weight.data], mappings)
                     count += 1
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear):

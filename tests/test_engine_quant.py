@@ -66,7 +66,7 @@ def test_each_replaced_layer_lets_go_of_its_file_pages_at_once(
         events.append(("quantize", linear.weight.data_ptr()))
         return quantize_one(linear, *args)  # type: ignore[arg-type]
 
-    def release(tensors: list[torch.Tensor]) -> None:
+    def release(tensors: list[torch.Tensor], mappings: object = None) -> None:
         events.extend(("release", t.data_ptr()) for t in tensors)
 
     monkeypatch.setattr(quant, "_quantized", quantized)
