@@ -16,8 +16,8 @@ fewer operators:
 
 `DecodeStep.for_model` returns None for a model it does not know exactly (another architecture,
 sliding windows, a rotary scaling other than the default): the scheduler then uses the model's
-forward. Tests check the logits against transformers' forward (float32 and bfloat16, one row and
-a padded batch) and the engine's answers against `generate`.
+forward. Tests check the logits (through the output head) against transformers' forward (float32
+and bfloat16, one row and a padded batch) and the engine's answers against `generate`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ SUPPORTED_LAYER = "Qwen3VLTextDecoderLayer"
 
 
 class DecodeStep:
-    """Logits for every row's next token: `step(input_ids (B, 1), attention_mask (B, W + 1),
+    """Every row's last hidden states (B, H), normalized, for the output head (the scheduler
+    applies it: engine.output_head): `step(input_ids (B, 1), attention_mask (B, W + 1),
     position_ids (3, B, 1), cache)`, the inputs engine.batching prepares."""
 
     def __init__(self, model: Any) -> None:
@@ -43,7 +44,6 @@ class DecodeStep:
         self.embed = language_model.embed_tokens
         self.layers = list(language_model.layers)
         self.norm = language_model.norm
-        self.head = model.lm_head
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
@@ -145,6 +145,5 @@ class DecodeStep:
             hidden = hidden + attention.o_proj(out)
             x = self._rms(hidden, layer.post_attention_layernorm.weight)
             hidden = hidden + layer.mlp(x)
-        hidden = self.norm(hidden)
-        logits: torch.Tensor = self.head(hidden)[:, -1]
-        return logits
+        last: torch.Tensor = self.norm(hidden)[:, -1]
+        return last

@@ -22,7 +22,7 @@ import functools
 import logging
 import mmap
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,19 @@ class HugePageArena:
         self.capacity = nbytes + HUGE_PAGE
         self.nbytes = 0
 
-    def place(self, tensor: torch.Tensor) -> torch.Tensor:
-        size = tensor.numel() * tensor.element_size()
-        view = self.memory[self.offset : self.offset + size].view(tensor.dtype).view(tensor.shape)
-        view.copy_(tensor)
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of `shape` in the arena, its contents not set."""
+        size = dtype.itemsize * int(torch.Size(shape).numel())
+        if self.offset + size > self.capacity:
+            raise ValueError("the huge-page arena is full")
+        view = self.memory[self.offset : self.offset + size].view(dtype).view(shape)
         self.offset += -(-size // ALIGNMENT) * ALIGNMENT
         self.nbytes += size
+        return view
+
+    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+        view = self.empty(tuple(tensor.shape), tensor.dtype)
+        view.copy_(tensor)
         return view
 
 
@@ -157,8 +164,13 @@ def on_huge_pages(model: Any, tensor: torch.Tensor) -> bool:
     return any(a.start <= address < a.start + a.capacity for a in _arenas(model))
 
 
-def move_to_huge_pages(model: Any, should_stop: Callable[[], bool] = lambda: False) -> bool:
-    """Move the language model's (and output head's) large tensors onto huge pages.
+def move_to_huge_pages(
+    model: Any,
+    should_stop: Callable[[], bool] = lambda: False,
+    keep: Sequence[torch.Tensor] = (),
+) -> bool:
+    """Move the language model's (and output head's) large tensors, except those in `keep`,
+    onto huge pages.
 
     `should_stop` is asked between tensors: the scheduler runs this in idle time and stops for
     a request; a later call moves the rest. Returns True once nothing is left to move (at once
@@ -169,10 +181,12 @@ def move_to_huge_pages(model: Any, should_stop: Callable[[], bool] = lambda: Fal
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Module):
         roots.append(head)
+    kept = {tensor.data_ptr() for tensor in keep}
     movable = [
         (module, name, size)
         for module, name, size in _movable(roots)
         if not on_huge_pages(model, _store(module, name)[name])
+        and _store(module, name)[name].data_ptr() not in kept
     ]
     if not movable:
         return True

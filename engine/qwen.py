@@ -48,6 +48,7 @@ from engine.loading import (
     resolve_source,
     visual_token_pixels,
 )
+from engine.output_head import OutputHead
 from engine.patch_embed import linearize_patch_embedding
 from engine.prompt import Prompt, build_prompt
 from engine.quant import check_mode, quantize_language_model
@@ -324,6 +325,14 @@ class QwenVLEngine:
         def new_cache() -> Any:
             return appending_cache(config)
 
+        head = OutputHead.for_model(model)
+
+        def prepare(should_stop: Callable[[], bool]) -> bool:
+            # the head's 8-bit copy first: once it exists, the bf16 head stays in its file
+            if not head.prepare(should_stop):
+                return False
+            return move_to_huge_pages(model, should_stop, keep=head.kept_in_file())
+
         generation = model.generation_config
         eos = generation.eos_token_id
         eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
@@ -340,7 +349,8 @@ class QwenVLEngine:
             max_batch=self._max_batch,
             decode_mkldnn=self._decode_mkldnn,
             decode_step=DecodeStep.for_model(model),
-            prepare=lambda should_stop: move_to_huge_pages(model, should_stop),
+            head=head,
+            prepare=prepare,
         )
 
     # --- generation ------------------------------------------------------------------------------

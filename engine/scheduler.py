@@ -122,10 +122,15 @@ class Scheduler:
         decode_mkldnn: bool | None = None,
         positions: Callable[[Any, Encoded], Positions] = rope_positions,
         decode_step: Callable[..., torch.Tensor] | None = None,
+        head: Callable[[torch.Tensor, int | None], torch.Tensor] | None = None,
         prepare: Callable[[Callable[[], bool]], bool] | None = None,
     ) -> None:
         self.model = model
-        self.decode_step = decode_step  # logits for a step's inputs; None: the model's forward
+        # the last hidden states (B, H) for a step's inputs; None: the model's own forward
+        self.decode_step = decode_step
+        # logits (B, V) from last hidden states, exact at least for each row's `top` largest
+        # (engine.output_head); None: the model's lm_head, every logit
+        self.head = head if head is not None else lambda hidden, top: model.lm_head(hidden)
         self._prepare = prepare  # idle-time work after loading; stops when asked (a request came)
         self.prepared = prepare is None  # True once `prepare` reported it is done
         self.store = store
@@ -230,7 +235,8 @@ class Scheduler:
                 self.decode_mkldnn = onednn_decodes_faster()
             with torch.inference_mode():
                 ids = torch.zeros((1, 2), dtype=torch.long)
-                self.model(input_ids=ids, cache=self._new_cache(), use_cache=True, logits_to_keep=1)
+                hidden = self._last_hidden(input_ids=ids, cache=self._new_cache(), use_cache=True)
+                self.head(hidden, 1)
         except Exception as e:  # never fatal (Aborted included): the first request pays instead
             logger.info("warm-up stopped: %s", e)
             return
@@ -313,7 +319,7 @@ class Scheduler:
             self.store.make_room(self.kv_in_use_bytes + cache_nbytes(cache) + growth)
             positions = self.positions(self.model, encoded)
             self._prefilling = request
-            logits = self._prefill(encoded, positions, cache, prefix)
+            logits = self._prefill(request, encoded, positions, cache, prefix)
         except Aborted:
             if cache is not None and prefix:  # layers the aborted forward reached grew: undo
                 crop_cache(cache, prefix)
@@ -336,7 +342,9 @@ class Scheduler:
         self._batch.join(row, cache)
         self.peak_batch = max(self.peak_batch, len(self._batch))
 
-    def _prefill(self, encoded: Encoded, positions: Positions, cache: Any, prefix: int) -> Any:
+    def _prefill(
+        self, request: Request, encoded: Encoded, positions: Positions, cache: Any, prefix: int
+    ) -> torch.Tensor:
         inputs = encoded.inputs
         ids = inputs["input_ids"]
         kwargs: dict[str, Any] = {
@@ -345,7 +353,6 @@ class Scheduler:
             "position_ids": positions.ids[:, :, prefix:],
             "cache": cache,
             "use_cache": True,
-            "logits_to_keep": 1,
         }
         shown = [i for i, span in enumerate(encoded.spans) if span.start >= prefix]
         if shown:
@@ -355,8 +362,20 @@ class Scheduler:
             kwargs["pixel_values"] = inputs["pixel_values"][first:]
             kwargs["image_grid_thw"] = grid[shown[0] :]
         with torch.inference_mode():
-            out = self.model(**kwargs)
-        return out.logits[0, -1]
+            return self.head(self._last_hidden(**kwargs), self._top([request]))[0]
+
+    def _last_hidden(self, **inputs: Any) -> torch.Tensor:
+        """The model's forward without its output head: the last position's hidden states."""
+        out = self.model.model(**inputs)
+        hidden: torch.Tensor = out.last_hidden_state[:, -1]
+        return hidden
+
+    def _top(self, requests: list[Request]) -> int | None:
+        """How many of each row's largest logits sampling needs: 1 when every request is
+        greedy, the sampler's top-k otherwise (None: all of them)."""
+        if all(request.temperature <= 0 for request in requests):
+            return 1
+        return self.sampling.top_k or None
 
     def _step(self) -> None:
         inputs = self._batch.step_inputs()
@@ -364,9 +383,10 @@ class Scheduler:
         try:
             with torch.inference_mode(), self._decode_backend():
                 if self.decode_step is not None:
-                    logits = self.decode_step(**inputs)
+                    hidden = self.decode_step(**inputs)
                 else:
-                    logits = self.model(**inputs, logits_to_keep=1).logits[:, -1]
+                    hidden = self._last_hidden(**inputs)
+                logits = self.head(hidden, self._top([row.owner for row in self._batch.rows]))
         except BaseException as e:  # a failed step fails every row in it
             rows = list(self._batch.rows)
             self._batch.remove(rows)

@@ -1,5 +1,6 @@
-"""engine.decode_step gives the logits transformers' forward gives, for one conversation and for
-a padded batch, in float32 and in bfloat16 (with the bf16 kernel where this machine has it)."""
+"""engine.decode_step's hidden states, through the output head, give the logits transformers'
+forward gives, for one conversation and for a padded batch, in float32 and in bfloat16 (with the
+bf16 kernel where this machine has it)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def compare_steps(model: Any, prompts: list[list[int]], steps: int, tolerance: f
     for _ in range(steps):
         with torch.inference_mode():
             a_inputs, b_inputs = ours.step_inputs(), theirs.step_inputs()
-            got = step(**a_inputs)
+            got = model.lm_head(step(**a_inputs))
             want = model(**b_inputs, logits_to_keep=1).logits[:, -1]
         scale = float(want.abs().max())
         assert got.shape == want.shape
@@ -79,7 +80,7 @@ def test_bfloat16_step_with_the_kernel_is_close_to_the_forward(
     batch, twin = prefilled_batch(reference, prompts), None
     twin = copy.deepcopy(batch)
     with torch.inference_mode():
-        got = step(**batch.step_inputs())
+        got = model.lm_head(step(**batch.step_inputs()))
         want = reference(**twin.step_inputs(), logits_to_keep=1).logits[:, -1]
     error = (got.float() - want.float()).norm() / want.float().norm()
     assert float(error) < 0.02  # bf16: products summed in another order, rounded once

@@ -117,7 +117,7 @@ async def test_the_engine_moves_in_idle_time_and_a_request_goes_first(
 ) -> None:
     calls: list[bool] = []
 
-    def slow_move(model: Any, should_stop: Any) -> bool:
+    def slow_move(model: Any, should_stop: Any, keep: Any = ()) -> bool:
         """Takes 2 s unless a request comes; done on the second call."""
         started = time.monotonic()
         while time.monotonic() - started < 2.0:
