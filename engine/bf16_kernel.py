@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 from typing import Any
 
@@ -41,6 +42,11 @@ class Bf16Kernel:
         self._matvec = c_function(
             library, "vlbot_bf16_matvec", I32, POINTER, I64, I64, I64, POINTER, POINTER, POINTER, I32
         )
+
+    @property
+    def function(self) -> object:
+        """The C function itself (engine.decode_layer calls it by address)."""
+        return self._matvec
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (rows, K) bfloat16 times weight (N, K) bfloat16, transposed: (rows, N) bfloat16."""
@@ -123,3 +129,82 @@ def use_for_decode(model: Any) -> int:
         count += 1
     logger.info("bf16 decode kernel on %d language-model layers", count)
     return count
+
+
+class AdjacentLinears:
+    """DecodeLinear layers whose weights lie back to back in memory, read as one matrix: a
+    layer's q, k and v projections, or its gate and up projections, are consecutive tensors,
+    and engine.hugepages places them one after the other. One kernel call then reads them all
+    (fewer, longer passes over memory: the prefetchers' ramp and the threads' start-up are paid
+    once), and each product is the one its own layer gives, bit for bit.
+
+    `project(x)` returns the concatenated outputs, or None where the weights are not adjacent
+    (yet) or the input has more rows than the kernel takes: the caller then uses the layers."""
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        self.linears = linears
+        self.sizes = [linear.weight.shape[0] for linear in linears if isinstance(linear, DecodeLinear)]
+        self._address = -1
+        self._weight: torch.Tensor | None = None
+        self._kernel: Bf16Kernel | None = None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor | None:
+        weight, kernel = self._joined()
+        flat = x.reshape(-1, x.shape[-1])
+        if weight is None or kernel is None or flat.shape[0] > kernel.max_rows:
+            return None
+        if x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+            return None
+        out = kernel.matmul(flat, weight, None)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @property
+    def address(self) -> int:
+        """Where the first layer's weight is now (0 where it is not a DecodeLinear)."""
+        first = self.linears[0]
+        return first.weight.data_ptr() if isinstance(first, DecodeLinear) else 0
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The joined weight (rows of all layers, in order), or None where not adjacent."""
+        return self._joined()[0]
+
+    @property
+    def max_rows(self) -> int:
+        """Most input rows `project` takes (0 where the weights are not joined)."""
+        kernel = self._joined()[1]
+        return 0 if kernel is None else kernel.max_rows
+
+    def parts(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """`project`'s output split into each layer's (views)."""
+        starts = [0]
+        for size in self.sizes:
+            starts.append(starts[-1] + size)
+        return [out[..., a:b] for a, b in itertools.pairwise(starts)]
+
+    def _joined(self) -> tuple[torch.Tensor | None, Bf16Kernel | None]:
+        address = self.address
+        if address != self._address:  # computed again when the weights move
+            self._address = address
+            self._weight, self._kernel = _join(self.linears)
+        return self._weight, self._kernel
+
+
+def _join(linears: list[nn.Module]) -> tuple[torch.Tensor | None, Bf16Kernel | None]:
+    layers = [linear for linear in linears if isinstance(linear, DecodeLinear)]
+    if len(layers) != len(linears) or any(layer.bias is not None for layer in layers):
+        return None, None
+    weights: list[torch.Tensor] = [layer.weight for layer in layers]
+    first = weights[0]
+    columns = int(first.shape[1])
+    if any(w.dtype != torch.bfloat16 or not w.is_contiguous() or w.shape[1] != columns for w in weights):
+        return None, None
+    for before, after in itertools.pairwise(weights):
+        if after.data_ptr() != before.data_ptr() + before.numel() * before.element_size():
+            return None, None
+    rows = sum(int(w.shape[0]) for w in weights)
+    try:  # one view over the storage they share (separate storages: not joined)
+        joined = torch.as_strided(first.detach(), (rows, columns), (columns, 1))
+    except RuntimeError:
+        return None, None
+    return joined, layers[0]._kernel

@@ -41,6 +41,11 @@ class DecodeAttention:
             POINTER, I64, I64, I64, I64, I64, F32, POINTER, I32,
         )  # fmt: skip
 
+    @property
+    def function(self) -> object:
+        """The C function itself (engine.decode_layer calls it by address)."""
+        return self._attend
+
     @staticmethod
     def takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """q (B, H, 1, D) laid out as (B, 1, H, D); keys/values (B, Hkv, L, D) with rows of D

@@ -26,6 +26,15 @@ class DecodeOps:
             POINTER, POINTER, I64, I64, F32, I32,
         )  # fmt: skip
 
+    @property
+    def norm_function(self) -> object:
+        """The C functions themselves (engine.decode_layer calls them by address)."""
+        return self._norm
+
+    @property
+    def qk_function(self) -> object:
+        return self._qk
+
     @staticmethod
     def takes(*tensors: torch.Tensor) -> bool:
         dtype = tensors[0].dtype

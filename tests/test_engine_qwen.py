@@ -66,8 +66,10 @@ def _slow_blocks(model: torch.nn.Module, seconds: float) -> list[Any]:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList):
             for block in module:
-                # the MLP: decode steps (engine.decode_step) call it as a module, not the block
+                # the MLP's last layer: decode steps (engine.decode_step) call it as a module,
+                # not the block (and read the MLP's first two layers in one pass)
                 part = getattr(block, "mlp", block)
+                part = getattr(part, "down_proj", part)
                 handles.append(part.register_forward_pre_hook(lambda *_: time.sleep(seconds)))
     return handles
 

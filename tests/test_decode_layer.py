@@ -1,0 +1,118 @@
+"""engine.decode_layer: with bfloat16 weights back to back, a decode step runs each layer in two C
+calls and gives the hidden states the operator-by-operator step gives (the same kernels; only
+silu's last bit may differ now and then), for one conversation and a padded batch, and keeps the
+caches the same; batches larger than the bf16 kernel takes keep the operator step."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from engine.batching import Batch
+from engine.bf16_kernel import use_for_decode
+from engine.decode_step import DecodeStep
+from tests.engine_fixtures import built_or_skip
+from tests.test_engine_decode_step import PROMPTS, load, prefilled_batch
+
+pytest_plugins = ["tests.engine_fixtures"]
+
+
+def back_to_back(linears: list[nn.Module]) -> None:
+    """Put the layers' weights one after the other in one tensor (what engine.hugepages does)."""
+    joined = torch.cat([linear.weight.detach() for linear in linears])
+    start = 0
+    for linear in linears:
+        rows = linear.weight.shape[0]
+        linear.weight.data = joined[start : start + rows]
+        start += rows
+
+
+def fast_model(folder: Path) -> tuple[Any, DecodeStep]:
+    model = load(folder, torch.bfloat16)
+    use_for_decode(model)
+    for layer in model.model.language_model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        back_to_back([attention.q_proj, attention.k_proj, attention.v_proj])
+        back_to_back([mlp.gate_proj, mlp.up_proj])
+    step = DecodeStep.for_model(model)
+    assert step is not None
+    built_or_skip(step.layer_kernel, "decode layer kernel")
+    return model, step
+
+
+def run_both(model: Any, step: DecodeStep, batch: Batch, steps: int) -> int:
+    """Steps through the C layers on `batch` and through the operators on a copy; returns how
+    many ran in C. Hidden states and caches must agree at every step."""
+    twin = copy.deepcopy(batch)
+    kernel = step.layer_kernel
+    before = step.fast_steps
+    for _ in range(steps):
+        with torch.inference_mode():
+            a_inputs, b_inputs = batch.step_inputs(), twin.step_inputs()
+            got = step(**a_inputs)
+            step.layer_kernel = None
+            try:
+                want = step(**b_inputs)
+            finally:
+                step.layer_kernel = kernel
+            tokens = model.lm_head(want).argmax(dim=-1).tolist()
+        scale = float(want.float().abs().max())
+        assert float((got.float() - want.float()).abs().max()) <= 2**-6 * scale
+        assert float((got == want).float().mean()) > 0.9  # the same bits, but for silu's rare last bit
+        for layer_a, layer_b in zip(batch.cache.layers, twin.cache.layers, strict=True):
+            keys_a, keys_b = layer_a.keys.float(), layer_b.keys.float()
+            assert float((keys_a - keys_b).abs().max()) <= 2**-6 * float(keys_b.abs().max())
+        for each, inputs in ((batch, a_inputs), (twin, b_inputs)):
+            each.advance(inputs["attention_mask"])
+            for row, token in zip(each.rows, tokens, strict=True):
+                row.last = token
+    return step.fast_steps - before
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "padded-batch"])
+def test_the_c_layers_give_the_operator_steps_hidden_states(
+    tiny_qwen3: Path, prompts: list[list[int]]
+) -> None:
+    model, step = fast_model(tiny_qwen3)
+    assert run_both(model, step, prefilled_batch(model, prompts), steps=5) == 5
+
+
+def test_weights_not_back_to_back_keep_the_operator_step(tiny_qwen3: Path) -> None:
+    model = load(tiny_qwen3, torch.bfloat16)
+    use_for_decode(model)
+    step = DecodeStep.for_model(model)
+    assert step is not None
+    built_or_skip(step.layer_kernel, "decode layer kernel")
+    layer = model.model.language_model.layers[0]
+    # q, k, v in separate tensors: not joined, so no layer runs in C
+    for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+        linear.weight.data = linear.weight.detach().clone()
+    batch = prefilled_batch(model, PROMPTS[:1])
+    with torch.inference_mode():
+        step(**batch.step_inputs())
+    assert step.fast_steps == 0
+
+
+def test_batches_beyond_the_kernels_rows_keep_the_operator_step(tiny_qwen3: Path) -> None:
+    model, step = fast_model(tiny_qwen3)
+    rows = step.qkv[0].max_rows + 1
+    prompts = [list(range(10 + n, 20 + 2 * n)) for n in range(rows)]
+    assert run_both(model, step, prefilled_batch(model, prompts), steps=2) == 0
+
+
+def test_the_c_layers_are_close_to_transformers_forward(tiny_qwen3: Path) -> None:
+    reference = load(tiny_qwen3, torch.bfloat16)  # oneDNN / torch products throughout
+    model, step = fast_model(tiny_qwen3)
+    batch = prefilled_batch(reference, PROMPTS)
+    twin = copy.deepcopy(batch)
+    with torch.inference_mode():
+        got = model.lm_head(step(**batch.step_inputs()))
+        want = reference(**twin.step_inputs(), logits_to_keep=1).logits[:, -1]
+    assert step.fast_steps == 1
+    error = (got.float() - want.float()).norm() / want.float().norm()
+    assert float(error) < 0.02  # bf16: products summed in another order, rounded once
