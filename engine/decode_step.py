@@ -14,7 +14,9 @@ fewer operators:
   has padding; in bfloat16 engine.decode_attention's C loop instead;
 - the bf16 kernel reads each layer's q, k and v projections in one pass, and its gate and up
   projections in another, once engine.hugepages has placed their weights back to back
-  (engine.bf16_kernel.AdjacentLinears); the down projection is called as its module.
+  (engine.bf16_kernel.AdjacentLinears); the down projection is called as its module;
+- and then, with at most as many rows as the bf16 kernel takes, each layer runs in two C calls
+  around the cache append (engine.decode_layer): the same kernels, without Python between them.
 
 `DecodeStep.for_model` returns None for a model it does not know exactly (another architecture,
 sliding windows, a rotary scaling other than the default): the scheduler then uses the model's
