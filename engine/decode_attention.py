@@ -32,6 +32,22 @@ def left_padding(attention_mask: torch.Tensor) -> torch.Tensor | None:
     return starts.to(torch.int64).contiguous()
 
 
+def cache_arguments(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor | None
+) -> tuple[int | None, ...]:
+    """The addresses of q, keys and values, the cache's strides (batch, head, token) and the
+    address of `starts`, in the order the C functions take them."""
+    return (
+        q.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        None if starts is None else starts.data_ptr(),
+    )
+
+
 class DecodeAttention:
     """The loaded library's function, typed."""
 
@@ -82,13 +98,7 @@ class DecodeAttention:
         kv_heads, length = keys.shape[1], keys.shape[2]
         out = q.new_empty((batch, 1, heads * dim))
         status = self._attend(
-            q.data_ptr(),
-            keys.data_ptr(),
-            values.data_ptr(),
-            keys.stride(0),
-            keys.stride(1),
-            keys.stride(2),
-            None if starts is None else starts.data_ptr(),
+            *cache_arguments(q, keys, values, starts),
             batch,
             heads,
             kv_heads,

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.bf16_kernel import Bf16Kernel
-from engine.decode_attention import DecodeAttention
+from engine.decode_attention import DecodeAttention, cache_arguments
 from engine.decode_ops import DecodeOps
 from engine.native import F32, I32, I64, POINTER, c_function, load_library
 
@@ -121,13 +121,7 @@ class LayerKernel:
             ctypes.byref(self._kernels),
             ctypes.byref(shape),
             hidden.data_ptr(),
-            q.data_ptr(),
-            keys.data_ptr(),
-            values.data_ptr(),
-            keys.stride(0),
-            keys.stride(1),
-            keys.stride(2),
-            None if starts is None else starts.data_ptr(),
+            *cache_arguments(q, keys, values, starts),
             keys.shape[2],
             scale,
             weights.o.data_ptr(),
