@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -148,7 +149,7 @@ class OutputHead:
         """Tensors that should stay in their file mapping (not move onto huge pages)."""
         return [self.weight] if self.screens else []
 
-    def prepare(self, should_stop: Any = lambda: False) -> bool:
+    def prepare(self, should_stop: Callable[[], bool] = lambda: False) -> bool:
         """Build the 8-bit copy, a slice at a time while `should_stop()` is False. Returns True
         once there is nothing left to do (at once where the head is not screened)."""
         if self._screen is None or self.screens:
