@@ -26,11 +26,14 @@ logger = logging.getLogger("vlbot.engine")
 
 CPU_FLAGS = ("avx512f",)
 COMPILE_FLAGS = ("-mavx512f", "-mfma")
+# where the CPU has AVX-512 BF16, batches of rows multiply bf16 pairs with `vdpbf16ps`
+BF16_DOT_FLAGS = ("-mavx512bf16",)
 # Inputs with more rows than this go to oneDNN (prefill always). With AMX, oneDNN's tile products
-# beat this kernel from 5 rows on (all 28 layers + head, 2 cores, kernel vs oneDNN: 2 rows 138 vs
-# 160 ms, 3 rows 140 vs 160, 4 rows 150 vs 161, 6 rows 176 vs 162); without AMX the kernel takes
-# batches of up to 8.
-MAX_ROWS_WITH_AMX = 4
+# beat this kernel from 7 rows on (the 28 layers' joined shapes, 2.82 GB, 2 cores, kernel vs
+# oneDNN: 4 rows 138 vs 163 ms, 5 rows 147 vs 161, 6 rows 155 vs 164, 8 rows 179 vs 171; with
+# float multiply-adds instead of `vdpbf16ps` 4 rows took 149 ms and 6 rows 211); without AMX the
+# kernel takes batches of up to 8.
+MAX_ROWS_WITH_AMX = 6
 MAX_ROWS = 8
 
 
@@ -78,10 +81,12 @@ class Bf16Kernel:
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> Bf16Kernel | None:
     """The kernel, or None where this machine cannot build or run it (reason logged once)."""
-    library = load_library("bf16_matvec", COMPILE_FLAGS, CPU_FLAGS)
+    flags = cpu_flags()
+    extra = BF16_DOT_FLAGS if "avx512_bf16" in flags else ()
+    library = load_library("bf16_matvec", COMPILE_FLAGS + extra, CPU_FLAGS)
     if library is None:
         return None
-    return Bf16Kernel(library, MAX_ROWS_WITH_AMX if "amx_bf16" in cpu_flags() else MAX_ROWS)
+    return Bf16Kernel(library, MAX_ROWS_WITH_AMX if "amx_bf16" in flags else MAX_ROWS)
 
 
 class DecodeLinear(nn.Module):
