@@ -69,6 +69,23 @@ static void single_row(const float *xf, int64_t k, int64_t n_out, const uint16_t
     }
 }
 
+/* The two weight rows' sums for each activation row: the accumulators' lanes, the tail past
+ * `body`, the bias; rounded to bfloat16 into y. */
+static inline __attribute__((always_inline)) void store_pair(
+    const __m512 *a0, const __m512 *a1, const int rows, const float *xf, int64_t k, int64_t n_out,
+    const uint16_t *r0, const uint16_t *r1, int64_t body, const uint16_t *bias, uint16_t *y,
+    int64_t first) {
+    for (int m = 0; m < rows; m++) {
+        const float *xm = xf + m * k;
+        float s0 = _mm512_reduce_add_ps(a0[m]) + dot_tail(r0, xm, body, k);
+        y[m * n_out + first] = float_to_bf16(s0 + bias_of(bias, first));
+        if (first + 1 < n_out) {
+            float s1 = _mm512_reduce_add_ps(a1[m]) + dot_tail(r1, xm, body, k);
+            y[m * n_out + first + 1] = float_to_bf16(s1 + bias_of(bias, first + 1));
+        }
+    }
+}
+
 /* `rows` (2..MAX_ROWS) activation rows against two weight rows: each weight vector is loaded
  * once for all of them, so a batch costs about what one row costs (the weights' reading). */
 static inline __attribute__((always_inline)) void few_rows(const float *xf, int64_t k,
@@ -91,15 +108,7 @@ static inline __attribute__((always_inline)) void few_rows(const float *xf, int6
             a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
         }
     }
-    for (int m = 0; m < rows; m++) {
-        const float *xm = xf + m * k;
-        float s0 = _mm512_reduce_add_ps(a0[m]) + dot_tail(r0, xm, body, k);
-        y[m * n_out + first] = float_to_bf16(s0 + bias_of(bias, first));
-        if (first + 1 < n_out) {
-            float s1 = _mm512_reduce_add_ps(a1[m]) + dot_tail(r1, xm, body, k);
-            y[m * n_out + first + 1] = float_to_bf16(s1 + bias_of(bias, first + 1));
-        }
-    }
+    store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, first);
 }
 
 #ifdef __AVX512BF16__
@@ -128,15 +137,7 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
             a1[m] = _mm512_dpbf16_ps(a1[m], w1, xv);
         }
     }
-    for (int m = 0; m < rows; m++) {
-        const float *xm = xf + m * k;
-        float s0 = _mm512_reduce_add_ps(a0[m]) + dot_tail(r0, xm, body, k);
-        y[m * n_out + first] = float_to_bf16(s0 + bias_of(bias, first));
-        if (first + 1 < n_out) {
-            float s1 = _mm512_reduce_add_ps(a1[m]) + dot_tail(r1, xm, body, k);
-            y[m * n_out + first + 1] = float_to_bf16(s1 + bias_of(bias, first + 1));
-        }
-    }
+    store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, first);
 }
 #define FEW_ROWS(rows) few_rows_dp(x, xf, k, n_out, w, bias, y, pair, rows)
 #else
