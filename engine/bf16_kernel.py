@@ -174,12 +174,6 @@ class AdjacentLinears:
         """The joined weight (rows of all layers, in order), or None where not adjacent."""
         return self._joined()[0]
 
-    @property
-    def max_rows(self) -> int:
-        """Most input rows `project` takes (0 where the weights are not joined)."""
-        kernel = self._joined()[1]
-        return 0 if kernel is None else kernel.max_rows
-
     def parts(self, out: torch.Tensor) -> list[torch.Tensor]:
         """`project`'s output split into each layer's (views)."""
         starts = [0]

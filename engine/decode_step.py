@@ -78,8 +78,10 @@ class DecodeStep:
         # (engine.decode_layer: ~20 ms less per step on the full-size model)
         matvec = load_bf16_kernel() if bf16 else None
         self.layer_kernel: LayerKernel | None = None
+        self.layer_rows = 0  # most rows a step runs in C: what the bf16 kernel takes
         if matvec is not None and self.ops is not None and self.attention is not None:
             self.layer_kernel = load_layer(matvec, self.ops, self.attention)
+            self.layer_rows = matvec.max_rows
         self.hidden_size = int(config.hidden_size)
         self._layer_weights: list[LayerWeights] = []
         self._layer_addresses: list[int] = []
@@ -114,13 +116,13 @@ class DecodeStep:
         (not bfloat16, more rows than the bf16 kernel takes, weights not back to back yet)."""
         if self.layer_kernel is None or dtype != torch.bfloat16 or torch.is_grad_enabled():
             return None
+        if rows > self.layer_rows:
+            return None
         addresses = [joined.address for joined in (*self.qkv, *self.gate_up)]
         if addresses != self._layer_addresses:  # the weights moved (engine.hugepages): again
             self._layer_addresses = addresses
             self._layer_weights = self._collect_layer_weights()
         if len(self._layer_weights) != len(self.layers):
-            return None
-        if rows > min(joined.max_rows for joined in self.qkv[:1]):
             return None
         return self._layer_weights
 
@@ -217,13 +219,14 @@ class DecodeStep:
         kernel = self.attention if mask is None or starts is not None else None
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         fast = self._fast_layers(rows, hidden.dtype)
+        layer_kernel = self.layer_kernel if fast is not None else None
         shape = self._shape(rows)
         self.fast_steps += fast is not None
         for index, layer in enumerate(self.layers):
             attention = layer.self_attn
-            if fast is not None and self.layer_kernel is not None:
+            if layer_kernel is not None and fast is not None:
                 q, k, v = (hidden.new_empty((rows, 1, n, head_dim)) for n in (heads, kv_heads, kv_heads))
-                self.layer_kernel.before_attention(shape, hidden, fast[index], cos, sin, (q, k, v))
+                layer_kernel.before_attention(shape, hidden, fast[index], cos, sin, (q, k, v))
                 q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
             else:
                 x = self._rms(hidden, layer.input_layernorm.weight)
@@ -233,17 +236,12 @@ class DecodeStep:
                 v = v.view(rows, 1, kv_heads, head_dim).transpose(1, 2)
                 q, k = self._query_key(attention, q, k, cos, sin)
             keys, values = cache.update(k, v, index)
-            if (
-                kernel is not None
-                and kernel.takes(q, keys, values)
-                and fast is not None
-                and self.layer_kernel
-            ):
-                self.layer_kernel.after_attention(
-                    shape, hidden, q, keys, values, starts, self.scaling, fast[index]
-                )
+            in_c = kernel is not None and kernel.takes(q, keys, values)
+            if in_c and layer_kernel is not None and fast is not None:
+                weights = fast[index]
+                layer_kernel.after_attention(shape, hidden, q, keys, values, starts, self.scaling, weights)
                 continue
-            if kernel is not None and kernel.takes(q, keys, values):
+            if in_c and kernel is not None:
                 out = kernel(q, keys, values, starts, self.scaling)  # (B, 1, H * D)
             else:
                 out = (

@@ -100,7 +100,7 @@ def test_weights_not_back_to_back_keep_the_operator_step(tiny_qwen3: Path) -> No
 
 def test_batches_beyond_the_kernels_rows_keep_the_operator_step(tiny_qwen3: Path) -> None:
     model, step = fast_model(tiny_qwen3)
-    rows = step.qkv[0].max_rows + 1
+    rows = step.layer_rows + 1
     prompts = [list(range(10 + n, 20 + 2 * n)) for n in range(rows)]
     assert run_both(model, step, prefilled_batch(model, prompts), steps=2) == 0
 
