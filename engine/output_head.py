@@ -91,14 +91,9 @@ class Int8Copy:
     def complete(self) -> bool:
         return self.built == self.rows
 
-    def pointers(self) -> tuple[int, int, int, int, int]:
-        return (
-            self.q.data_ptr(),
-            self.scale.data_ptr(),
-            self.qnorm.data_ptr(),
-            self.resid.data_ptr(),
-            self.rowsum.data_ptr(),
-        )
+    def parts(self) -> tuple[torch.Tensor, ...]:
+        """q, scale, qnorm, resid and rowsum, in the C functions' argument order."""
+        return (self.q, self.scale, self.qnorm, self.resid, self.rowsum)
 
 
 class OutputHead:
@@ -165,18 +160,12 @@ class OutputHead:
                 if should_stop():
                     return False
                 start, end = copy.built, min(copy.built + BUILD_ROWS, rows)
-                q, scale, qnorm, resid, rowsum = copy.pointers()
-                step = copy.padded
                 self._screen.build(
                     weight[start].data_ptr(),
                     end - start,
                     channels,
-                    step,
-                    q + start * step,
-                    scale + 4 * start,
-                    qnorm + 4 * start,
-                    resid + 4 * start,
-                    rowsum + 4 * start,
+                    copy.padded,
+                    *(part[start:].data_ptr() for part in copy.parts()),
                     torch.get_num_threads(),
                 )
                 copy.built = end
@@ -200,18 +189,13 @@ class OutputHead:
         rows = hidden.shape[0]
         found = torch.empty((rows, CANDIDATES), dtype=torch.int64)
         counts = torch.empty(rows, dtype=torch.int64)
-        q, scale, qnorm, resid, rowsum = copy.pointers()
         status = screen.screen(
             hidden.data_ptr(),
             rows,
             copy.channels,
             copy.padded,
             copy.rows,
-            q,
-            scale,
-            qnorm,
-            resid,
-            rowsum,
+            *(part.data_ptr() for part in copy.parts()),
             top,
             CANDIDATES,
             found.data_ptr(),
