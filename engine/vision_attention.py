@@ -4,8 +4,12 @@ transformers rotates each vision layer's queries and keys with seven float32 who
 operations and then lays them out head-major for attention; for a 1080p screenshot (4,032 patches)
 that is ~0.7 s of the encoder's ~4.6 s on 2 cores. `VisionAttention` keeps the layer's own
 projections and attention (`scaled_dot_product_attention` per image, as transformers' "sdpa" path
-does) and does the rotation and layout in one pass with the same arithmetic, so its outputs are
-those of the module it replaces (tests compare them bit for bit).
+does) and does the rotation and layout in one pass with the same arithmetic.
+
+In bfloat16, where the CPU has AMX, the attention itself runs in engine/vision_flash.py instead of
+`scaled_dot_product_attention` (about half the time; as close to exact attention as torch's, but
+not bit for bit torch's). Elsewhere (float32, other head sizes, no AMX) the outputs are bit for bit
+those of transformers' module.
 
 Only the "sdpa" attention of `Qwen3VLVisionAttention` is replaced, and only where the kernel
 builds (engine.native); anything else keeps transformers' module.
@@ -23,6 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.native import I32, I64, POINTER, c_function, load_library
+from engine.vision_flash import FlashKernel
+from engine.vision_flash import load_kernel as load_flash_kernel
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -76,7 +82,9 @@ def load_kernel() -> RotaryKernel | None:
 class VisionAttention(nn.Module):
     """Drop-in for Qwen3VLVisionAttention (sdpa) with the rotary pass in C; same parameters."""
 
-    def __init__(self, attention: Any, kernel: RotaryKernel) -> None:
+    def __init__(
+        self, attention: Any, kernel: RotaryKernel, flash: FlashKernel | None = None
+    ) -> None:
         super().__init__()
         self.qkv: nn.Module = attention.qkv
         self.proj: nn.Module = attention.proj
@@ -84,6 +92,7 @@ class VisionAttention(nn.Module):
         self.head_dim = int(attention.head_dim)
         self.scaling = float(attention.scaling)
         self._kernel = kernel
+        self._flash = flash
 
     def forward(
         self,
@@ -97,21 +106,30 @@ class VisionAttention(nn.Module):
         seq = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, self.head_dim)
         q, k, v = self._kernel.split_rotated(qkv, *position_embeddings)
+        starts = cu_seqlens[:-1].tolist()
         lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        windows = [(int(a), int(n)) for a, n in zip(starts, lengths, strict=True)]
+        out = None
+        if self._flash is not None and self._flash.supports(q):
+            out = self._flash(q, k, v, windows, self.scaling)
+        if out is None:
+            out = self._torch_attention(q, k, v, windows)
+        projected: torch.Tensor = self.proj(out)
+        return projected
+
+    def _torch_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, windows: list[tuple[int, int]]
+    ) -> torch.Tensor:
         outputs = []
-        start = 0
-        for length in lengths:  # one attention per image: patches see only their own image
-            window = slice(start, start + int(length))
+        for start, length in windows:  # one attention per image: patches see only their own image
+            window = slice(start, start + length)
             outputs.append(
                 F.scaled_dot_product_attention(
                     q[None, :, window], k[None, :, window], v[None, :, window], scale=self.scaling
                 )
             )
-            start += int(length)
         out = torch.cat(outputs, dim=2)[0] if len(outputs) > 1 else outputs[0][0]
-        out = out.transpose(0, 1).reshape(seq, self.num_heads * self.head_dim)
-        projected: torch.Tensor = self.proj(out)
-        return projected
+        return out.transpose(0, 1).reshape(q.shape[1], self.num_heads * self.head_dim)
 
 
 def use_fast_vision_attention(model: Any) -> int:
@@ -127,7 +145,12 @@ def use_fast_vision_attention(model: Any) -> int:
     kernel = load_kernel()
     if kernel is None:
         return 0
+    flash = load_flash_kernel()
     for block in blocks:
-        block.attn = VisionAttention(block.attn, kernel)
-    logger.info("vision rotary kernel on %d vision layers", len(blocks))
+        block.attn = VisionAttention(block.attn, kernel, flash)
+    logger.info(
+        "vision rotary kernel on %d vision layers%s",
+        len(blocks),
+        "" if flash is None else ", AMX attention for bfloat16 64-channel heads",
+    )
     return len(blocks)
