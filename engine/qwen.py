@@ -50,6 +50,7 @@ from engine.loading import (
 )
 from engine.output_head import OutputHead
 from engine.patch_embed import linearize_patch_embedding
+from engine.prefill_ops import use_fast_prefill_ops
 from engine.prompt import Prompt, build_prompt
 from engine.quant import check_mode, quantize_language_model
 from engine.scheduler import Encoded, Request, SamplingDefaults, Scheduler, make_encoded
@@ -282,6 +283,7 @@ class QwenVLEngine:
         use_fast_vision_attention(model)
         use_fast_gelu(model)  # bf16 only
         quantize_language_model(model, self._quantize)
+        use_fast_prefill_ops(model)  # bf16 only
         use_for_decode(model)  # the bf16 layers quantization left (all of them by default)
         install_abort_hooks(model, self._should_abort)
         self._scheduler = self._start_scheduler(model)

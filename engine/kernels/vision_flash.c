@@ -33,7 +33,9 @@
 #define DIM 64
 #define ROWS 32  /* query rows per block: two tiles' rows */
 #define KEYS 32  /* keys per step of the second product: one bfloat16 A tile's columns */
+#ifndef CHUNK
 #define CHUNK 512 /* keys per softmax step */
+#endif
 /* score and probability rows 64 bytes longer than a chunk: rows 2 KB apart would share cache sets */
 #define SCORE_ROW (CHUNK + 16)
 #define PROBABILITY_ROW (CHUNK + 32)
