@@ -3,13 +3,13 @@
 The vision tower attends over all of an image's patches in every layer: 16 heads x 4,032^2 scores
 for a 1080p screenshot. torch's CPU flash attention spends 90-110 ms per layer on that here (2.6 s
 of the screenshot's ~7 s first token); the kernel computes the same attention with AMX tile
-products and a vectorized softmax in 42-46 ms (alternating runs on the same VM). Its arithmetic is torch's flash attention's
-(bfloat16 products with float sums, float softmax, probabilities rounded to bfloat16 for the
-second product), but the blocks and the exponential differ, so results are not bit for bit torch's:
-the tests hold its error against exact float attention to torch's own.
+products and a vectorized softmax in 42-46 ms (alternating runs on the same VM). Its arithmetic is
+torch's flash attention's (bfloat16 products with float sums, float softmax, probabilities rounded
+to bfloat16 for the second product), but the blocks and the exponential differ, so results are not
+bit for bit torch's: the tests hold its error against exact float attention to torch's own.
 
-Offered where the CPU has AMX (and the OS grants it) and the heads have 64 channels (every
-published Qwen3-VL vision tower up to 8B); elsewhere `VisionAttention` keeps torch's attention.
+Offered where the CPU has AMX (and the OS grants it) and the heads have 64 channels (as
+Qwen3-VL-2B's: 16 heads of 64); elsewhere `VisionAttention` keeps torch's attention.
 """
 
 from __future__ import annotations
