@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -149,3 +150,27 @@ def count_images(history: Sequence[Turn], message: Message) -> int:
     """How many images a prompt for this conversation would show without a max_images limit."""
     older = sum(len(t.images) for t in history if t.role != Role.ASSISTANT)
     return older + len(message.images)
+
+
+class RecentImages:
+    """An ImageOpener that keeps the last few images it opened, by the digest of their bytes and
+    the limits: a follow-up question rebuilds its prompt with the earlier turns' images, and
+    decoding and fitting a 1080p photo again cost ~45 ms of its first token. Images that fail
+    to open are not kept (the next attempt raises again). One thread at a time."""
+
+    def __init__(self, opener: ImageOpener = open_image, keep: int = 8) -> None:
+        self._opener = opener
+        self._keep = keep
+        self._images: OrderedDict[tuple[bytes, IntakeLimits], Image.Image] = OrderedDict()
+
+    def __call__(self, part: ImagePart, limits: IntakeLimits) -> Image.Image:
+        key = (image_digest(part), limits)
+        image = self._images.get(key)
+        if image is not None:
+            self._images.move_to_end(key)
+            return image
+        image = self._opener(part, limits)
+        self._images[key] = image
+        while len(self._images) > self._keep:
+            self._images.popitem(last=False)
+        return image

@@ -52,7 +52,7 @@ from engine.loading import (
 from engine.output_head import OutputHead
 from engine.patch_embed import linearize_patch_embedding
 from engine.prefill_ops import use_fast_prefill_ops
-from engine.prompt import Prompt, build_prompt
+from engine.prompt import Prompt, RecentImages, build_prompt
 from engine.quant import check_mode, quantize_language_model
 from engine.scheduler import Encoded, Request, SamplingDefaults, Scheduler, make_encoded
 from engine.streaming import FINISHED, TokenPipe, install_abort_hooks
@@ -113,6 +113,7 @@ class QwenVLEngine:
         self._threads = threads if threads and threads > 0 else physical_cores()
         self._limits = limits or IntakeLimits()
         self._max_images = max_images
+        self._recent_images = RecentImages()  # a follow-up's earlier images, decoded once
         self._loaded: _Loaded | None = None
         self._load_lock = asyncio.Lock()
         self._quantize = check_mode(quantize)  # ValueError for a bad name, before any loading
@@ -373,6 +374,7 @@ class QwenVLEngine:
                 limits=self._limits,
                 system_prompt=params.system_prompt,
                 max_images=self._max_images,
+                opener=self._recent_images,
             )
             inputs = self._encode(loaded, prompt)
             return make_encoded(dict(inputs), loaded.image_token_id, prompt.digests, prompt.image_count)

@@ -19,7 +19,7 @@ from engine.loading import (
     resolve_dtype,
     resolve_source,
 )
-from engine.prompt import OMITTED_IMAGE, build_prompt, count_images
+from engine.prompt import OMITTED_IMAGE, RecentImages, build_prompt, count_images
 from engine.streaming import TokenPipe
 
 LIMITS = IntakeLimits()
@@ -97,6 +97,34 @@ def test_prompt_unreadable_history_image_becomes_a_note() -> None:
     assert prompt.messages[0]["content"][0] == {"type": "text", "text": OMITTED_IMAGE}
     with pytest.raises(InputRejected):
         build_prompt([], Message.of("new", image("bad-new")), limits=LIMITS, opener=fake_open)
+
+
+def test_recent_images_open_a_follow_ups_earlier_image_once() -> None:
+    opened: list[str] = []
+
+    def counting_open(part: ImagePart, limits: IntakeLimits) -> Image.Image:
+        opened.append(part.data.decode())
+        return fake_open(part, limits)
+
+    recent = RecentImages(counting_open, keep=2)
+    first = build_prompt([], Message.of("what is this?", image("a")), limits=LIMITS, opener=recent)
+    history = [
+        Turn(Role.USER, (image("a"), TextPart("what is this?"))),
+        Turn(Role.ASSISTANT, (TextPart("a cat"),)),
+    ]
+    follow_up = build_prompt(history, Message.of("and its colour?"), limits=LIMITS, opener=recent)
+    assert opened == ["a"] and follow_up.images[0] is first.images[0]
+    # other limits: opened again (the image is fitted to them)
+    build_prompt(history, Message.of("again"), limits=IntakeLimits(max_visual_tokens=64), opener=recent)
+    assert opened == ["a", "a"]
+    # the least recently used go first; an image that fails to open is not kept
+    for tag in ("b", "c", "a"):
+        recent(image(tag), LIMITS)
+    assert opened == ["a", "a", "b", "c", "a"]
+    for _ in range(2):
+        with pytest.raises(InputRejected):
+            recent(image("bad"), LIMITS)
+    assert opened[-2:] == ["bad", "bad"]
 
 
 def test_prompt_rejects_an_empty_message_and_skips_empty_turns() -> None:
