@@ -28,7 +28,6 @@ from typing import Any
 import torch
 
 from bot.models import GenerationParams, InputRejected, Message, Turn
-from engine.allocator import keep_large_buffers
 from engine.base import EngineError, EngineInfo, EngineNotReady, ModelNotFound, StreamStats
 from engine.bf16_kernel import use_for_decode
 from engine.decode_step import DecodeStep
@@ -269,7 +268,6 @@ class QwenVLEngine:
 
         started = time.monotonic()
         torch.set_num_threads(self._threads)
-        keep_large_buffers()
         source = resolve_source(self._model_name)
         logger.info("loading %s (%s, %d threads)", source, dtype_name(self._dtype), self._threads)
         try:
