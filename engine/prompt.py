@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -174,3 +175,56 @@ class RecentImages:
         while len(self._images) > self._keep:
             self._images.popitem(last=False)
         return image
+
+
+class ProcessedImages:
+    """The image processor's `preprocess`, remembering its result for the last list of images
+    it was given (the same image objects, which RecentImages hands a follow-up, and the same
+    options): a follow-up question's prompt shows the earlier image again, and resizing,
+    normalizing and cutting a 1080p photo into patches costs ~60 ms of its first token. One
+    result is kept (24 MB of float32 pixels at 1080p) until the next call with other images."""
+
+    def __init__(self, preprocess: Callable[..., Any]) -> None:
+        self._preprocess = preprocess
+        self._images: tuple[weakref.ref[Any], ...] = ()
+        self._options = ""
+        self._result: Any = None
+
+    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> Any:
+        given: list[Any] = []
+        shape = _flatten(images, given)  # the processor nests them per prompt
+        options = repr((shape, args, sorted(kwargs.items())))
+        if (
+            self._result is not None
+            and options == self._options
+            and len(given) == len(self._images)
+            and all(ref() is image for ref, image in zip(self._images, given, strict=True))
+        ):
+            return self._result
+        result = self._preprocess(images, *args, **kwargs)
+        try:  # inputs without weak references (arrays) are not remembered
+            self._images = tuple(weakref.ref(image) for image in given)
+        except TypeError:
+            self._images, self._result = (), None
+            return result
+        self._options, self._result = options, result
+        return result
+
+
+def _flatten(images: Any, into: list[Any]) -> Any:
+    """Append the leaves of nested lists/tuples to `into`; returns the nesting's shape."""
+    if isinstance(images, (list, tuple)):
+        return [_flatten(item, into) for item in images]
+    into.append(images)
+    return None
+
+
+def remember_processed_images(processor: Any) -> bool:
+    """Give the processor's image processor a ProcessedImages; False where it has none."""
+    image_processor = getattr(processor, "image_processor", None)
+    preprocess = getattr(image_processor, "preprocess", None)
+    if image_processor is None or preprocess is None:
+        return False
+    image_processor.preprocess = ProcessedImages(preprocess)
+    return True
+

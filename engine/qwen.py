@@ -51,7 +51,7 @@ from engine.loading import (
 from engine.output_head import OutputHead
 from engine.patch_embed import linearize_patch_embedding
 from engine.prefill_ops import use_fast_prefill_ops
-from engine.prompt import Prompt, RecentImages, build_prompt
+from engine.prompt import Prompt, RecentImages, build_prompt, remember_processed_images
 from engine.quant import check_mode, quantize_language_model
 from engine.scheduler import Encoded, Request, SamplingDefaults, Scheduler, make_encoded
 from engine.streaming import FINISHED, TokenPipe, install_abort_hooks
@@ -273,6 +273,7 @@ class QwenVLEngine:
         try:
             config = AutoConfig.from_pretrained(source.location)
             processor = load_processor(source.location, config)
+            remember_processed_images(processor)  # a follow-up's earlier image, processed once
             auto_model: Any = AutoModelForImageTextToText
             model = auto_model.from_pretrained(source.location, config=config, dtype=self._dtype)
         except ModelNotFound:

@@ -15,11 +15,19 @@ from engine.base import ModelNotFound
 from engine.intake import IntakeLimits
 from engine.loading import (
     cpu_supports_bf16,
+    load_processor,
     physical_cores,
     resolve_dtype,
     resolve_source,
 )
-from engine.prompt import OMITTED_IMAGE, RecentImages, build_prompt, count_images
+from engine.prompt import (
+    OMITTED_IMAGE,
+    ProcessedImages,
+    RecentImages,
+    build_prompt,
+    count_images,
+    remember_processed_images,
+)
 from engine.streaming import TokenPipe
 
 LIMITS = IntakeLimits()
@@ -125,6 +133,53 @@ def test_recent_images_open_a_follow_ups_earlier_image_once() -> None:
         with pytest.raises(InputRejected):
             recent(image("bad"), LIMITS)
     assert opened[-2:] == ["bad", "bad"]
+
+
+def test_processed_images_are_remembered_for_the_same_images_and_options() -> None:
+    calls: list[int] = []
+
+    def preprocess(images: object, **options: object) -> dict[str, object]:
+        calls.append(1)
+        return {"pixels": object()}
+
+    remembered = ProcessedImages(preprocess)
+    a, b = Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8))
+    first = remembered([[a, b]], size=1)
+    assert remembered([[a, b]], size=1) is first and len(calls) == 1  # a follow-up's prompt
+    assert remembered([[a, b]], size=2) is not first  # other options
+    assert remembered([[a], [b]], size=2) is not None and len(calls) == 3  # other nesting
+    assert remembered([[b, a]], size=2) is not first and len(calls) == 4  # other order
+    pixels = [[object()]]  # no weak references (like arrays): computed every time
+    with pytest.raises(TypeError):
+        __import__("weakref").ref(pixels[0][0])
+    remembered(pixels)
+    remembered(pixels)
+    assert len(calls) == 6
+
+
+def test_tiny_processor_gives_the_same_inputs_from_remembered_images(tiny_qwen3: Path) -> None:
+    from transformers import AutoConfig
+
+    processor = load_processor(str(tiny_qwen3), AutoConfig.from_pretrained(str(tiny_qwen3)))
+    picture = Image.effect_mandelbrot((96, 64), (-2.0, -1.2, 1.0, 1.2), 60).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
+
+    def encode() -> dict[str, torch.Tensor]:
+        return dict(
+            processor.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                return_tensors="pt", processor_kwargs={"images": [picture]},
+            )
+        )  # fmt: skip
+
+    want = encode()
+    assert remember_processed_images(processor)
+    first, again = encode(), encode()
+    for got in (first, again):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert again["pixel_values"] is first["pixel_values"]  # not processed again
+    assert not remember_processed_images(object())
 
 
 def test_prompt_rejects_an_empty_message_and_skips_empty_turns() -> None:
