@@ -157,6 +157,13 @@ class FastTextAttention(nn.Module):
         self.scaling: float = attention.scaling
         self.attention_dropout: float = attention.attention_dropout
         self.is_causal: bool = attention.is_causal
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.qwen3_vl import modeling_qwen3_vl
+
+        # transformers' own functions, for what the C pass does not take and for the attention
+        self._rotate: Any = modeling_qwen3_vl.apply_rotary_pos_emb
+        self._eager: Any = modeling_qwen3_vl.eager_attention_forward
+        self._attention_function: Any = ALL_ATTENTION_FUNCTIONS.get_interface
         self._ops = ops
 
     def forward(
@@ -167,9 +174,6 @@ class FastTextAttention(nn.Module):
         cache: Any = None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-        from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
-
         if cache is None:
             cache = kwargs.pop("past_key_values", None)
         input_shape = hidden_states.shape[:-1]
@@ -183,12 +187,10 @@ class FastTextAttention(nn.Module):
             k = self._ops.norm_rotate(k, self.k_norm.weight, cos, sin, self.k_norm.variance_epsilon)
         else:
             q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
-            q, k = qwen3_vl.apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = self._rotate(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
-        attend = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, qwen3_vl.eager_attention_forward
-        )
+        attend = self._attention_function(self.config._attn_implementation, self._eager)
         out, weights = attend(
             self, q, k, v, attention_mask,
             dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling,

@@ -9,13 +9,15 @@
  *   RMSNorm     out = bfloat16(weight * bfloat16(x / sqrt(mean(x^2) + eps)))  (float inside)
  *   SiLU-gate   out = bfloat16(bfloat16(silu(g)) * u),  silu(g) = g / (1 + e^-g) in float
  *
- * The sums of squares are added in another order than torch's, and e^-g comes from a polynomial
- * (relative error 1.6e-7) instead of torch's, so a result can differ from torch's by one
- * bfloat16 step now and then (the tests bound how often).
+ * The sums of squares are added in another order than torch's, and e^-g comes from exp_avx512.h
+ * instead of torch's exponential, so a result can differ from torch's by one bfloat16 step now
+ * and then (the tests bound how often).
  */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+
+#include "exp_avx512.h"
 
 /* 16 bfloat16 values -> 16 floats */
 static inline __m512 load16(const uint16_t *p) {
@@ -69,20 +71,6 @@ void vlbot_prefill_rms_norm(const uint16_t *x, const uint16_t *weight, uint16_t 
     }
 }
 
-/* e^x for x <= ~88 (beyond: inf): 2^(x log2 e) as 2^floor(t) times a degree-5 polynomial of the
- * fraction (relative error 1.6e-7). */
-static inline __m512 exp_ps(__m512 x) {
-    const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.4426950408889634f));
-    const __m512 f = _mm512_reduce_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 p = _mm512_set1_ps(1.8762681866064668e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.992498740553856e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.582367628812790e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4015450477600098e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931529641151428e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.999999403953552e-1f));
-    return _mm512_scalef_ps(p, t);
-}
-
 /* gate and up (rows, columns) bfloat16, rows `stride` elements apart -> out (rows, columns);
  * columns a multiple of 16. */
 void vlbot_prefill_silu_gate(const uint16_t *gate, const uint16_t *up, int64_t stride,
@@ -93,7 +81,7 @@ void vlbot_prefill_silu_gate(const uint16_t *gate, const uint16_t *up, int64_t s
         const uint16_t *g_row = gate + r * stride, *u_row = up + r * stride;
         for (int64_t c = 0; c < columns; c += 16) {
             const __m512 g = load16(g_row + c);
-            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g));
+            const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g));
             const __m512 silu = to_bf16_precision(_mm512_div_ps(g, _mm512_add_ps(one, e)));
             const __m256i result = round16(_mm512_mul_ps(silu, load16(u_row + c)));
             _mm256_storeu_si256((__m256i *)(out + r * columns + c), result);
