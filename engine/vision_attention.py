@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 from typing import Any
 
@@ -106,9 +107,8 @@ class VisionAttention(nn.Module):
         seq = hidden_states.shape[0]
         qkv = self.qkv(hidden_states).reshape(seq, 3, self.num_heads, self.head_dim)
         q, k, v = self._kernel.split_rotated(qkv, *position_embeddings)
-        starts = cu_seqlens[:-1].tolist()
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        windows = [(int(a), int(n)) for a, n in zip(starts, lengths, strict=True)]
+        bounds = [int(b) for b in cu_seqlens.tolist()]  # one image per window
+        windows = [(start, end - start) for start, end in itertools.pairwise(bounds)]
         out = None
         if self._flash is not None and self._flash.supports(q):
             out = self._flash(q, k, v, windows, self.scaling)
