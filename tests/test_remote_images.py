@@ -8,7 +8,7 @@ import ipaddress
 import httpx
 import pytest
 
-from adapters.http.remote_images import Address, RemoteImageError, RemoteImageFetcher, is_public
+from bot.remote_images import Address, RemoteImageError, RemoteImageFetcher, is_public
 from tests.http_helpers import png
 
 

@@ -19,9 +19,9 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.http.errors import ApiError, bad_request
-from adapters.http.remote_images import RemoteImageError, RemoteImageFetcher
 from bot.models import ImagePart, Message, Part, Role, TextPart, Turn
 from bot.presets import get_preset, preset_for_response_format, preset_names
+from bot.remote_images import RemoteImageError, RemoteImageFetcher
 
 CONVERSATION_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 DEFAULT_PROMPT = "Describe this image in one or two sentences."

@@ -32,11 +32,11 @@ from adapters.http.errors import ApiError
 from adapters.http.guard import Authenticator, RateLimiter, check_bind, read_body
 from adapters.http.logs import LogFiles, access_log, error_log, kv
 from adapters.http.metrics import Metrics
-from adapters.http.remote_images import RemoteImageFetcher
 from bot.adapter import Core, Failed, ReplyEvent
 from bot.export import to_markdown
 from bot.models import ConversationId, Job
 from bot.presets import PRESETS, response_format
+from bot.remote_images import RemoteImageFetcher
 from bot.settings import Settings
 from bot.texts import text
 
