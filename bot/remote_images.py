@@ -1,4 +1,5 @@
-"""Fetching http(s) image URLs (the HTTP API's `image_url`, links in a Slack command) without becoming an SSRF proxy.
+"""Fetching http(s) image URLs (the HTTP API's `image_url`, links in a Slack command) without
+becoming an SSRF proxy.
 
 Every hop (the first URL and each redirect) is resolved first and refused unless all of its
 addresses are public (no loopback, private, link-local, multicast, reserved or unspecified ones,
