@@ -118,6 +118,7 @@ class Runner:
         self.params = params or GenerationParams()
         self.adapters: dict[str, Adapter] = {}
         self._queue = FairQueue()
+        self._admitting = 0  # submits past the capacity check whose job is not queued yet
         self._wakeup = asyncio.Event()
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
         self._cancelled: set[str] = set()
@@ -173,20 +174,29 @@ class Runner:
             raise InputRejected("empty_question", "empty message")
         check_message(incoming.message, self.max_question_chars, self.max_images_per_message)
         self.engine.check(incoming.message)
-        if len(self._queue) >= self.max_queue:
-            raise QueueFull(len(self._queue), self.retry_after_s())
-        message, origin = with_preset(incoming.message, dict(incoming.origin))
-        job = Job(
-            id=new_job_id(),
-            conversation=incoming.conversation,
-            message=message,
-            user=incoming.user,
-            origin=origin,
-        )
-        if not await self.jobs.insert(job, incoming.event_key):
+        # Admission is one step: the slot is taken here, before the first await (the SQLite
+        # write), so concurrent submits cannot all pass the check; it is given back if the
+        # write fails, is cancelled or finds a duplicate.
+        if self.queue_depth >= self.max_queue:
+            raise QueueFull(self.queue_depth, self.retry_after_s())
+        self._admitting += 1
+        try:
+            message, origin = with_preset(incoming.message, dict(incoming.origin))
+            job = Job(
+                id=new_job_id(),
+                conversation=incoming.conversation,
+                message=message,
+                user=incoming.user,
+                origin=origin,
+            )
+            inserted = await self.jobs.insert(job, incoming.event_key)
+            if inserted:
+                self._queue.push(job)
+        finally:
+            self._admitting -= 1
+        if not inserted:
             log.info("duplicate event %s ignored", incoming.event_key)
             return Acceptance(job_id="", position=0, eta_s=0.0, duplicate=True)
-        self._queue.push(job)
         positions = self._queue.positions()
         position = positions.get(job.id, 1)
         self._wakeup.set()
@@ -218,7 +228,8 @@ class Runner:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Jobs waiting, counting those being written to the database right now."""
+        return len(self._queue) + self._admitting
 
     @property
     def running_count(self) -> int:

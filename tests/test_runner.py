@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.adapter import Failed, Final, Partial, Queued, QueueFull
+from bot.adapter import Acceptance, Failed, Final, Partial, Queued, QueueFull
 from bot.models import ImagePart, JobStatus, Role
 from tests.conftest import Stack, make_stack
 from tests.fakes import ScriptedEngine, incoming
@@ -61,6 +61,44 @@ async def test_full_queue_gets_a_busy_reply_not_a_silent_drop(stack: Stack) -> N
         await stack.runner.submit(incoming("c", "3"))
     assert busy.value.queued == 2 and busy.value.retry_after_s >= 1
     assert (await stack.jobs.counts()) == {"queued": 2}
+
+
+async def test_a_burst_of_concurrent_submits_admits_only_max_queue(stack: Stack) -> None:
+    stack.runner.max_queue = 3
+    results = await asyncio.gather(
+        *(stack.runner.submit(incoming(f"c{i}", f"q{i}")) for i in range(30)),
+        return_exceptions=True,
+    )
+    accepted = [r for r in results if isinstance(r, Acceptance)]
+    busy = [r for r in results if isinstance(r, QueueFull)]
+    assert len(accepted) == 3 and len(busy) == 27
+    assert sorted(a.position for a in accepted) == [1, 2, 3]
+    assert all(b.queued == 3 for b in busy)
+    assert await stack.jobs.counts() == {"queued": 3}
+    await stack.runner.start()
+    finals = await stack.adapter.wait_for_finals(3)
+    assert all(isinstance(f.event, Final) for f in finals)
+
+
+async def test_a_failed_or_duplicate_write_gives_its_queue_slot_back(stack: Stack) -> None:
+    stack.runner.max_queue = 1
+    write = stack.jobs.insert
+
+    async def broken_disk(job: object, event_key: str | None = None) -> bool:
+        raise OSError("disk I/O error")
+
+    stack.jobs.insert = broken_disk  # type: ignore[assignment,method-assign]
+    with pytest.raises(OSError):
+        await stack.runner.submit(incoming("a", "lost"))
+    stack.jobs.insert = write  # type: ignore[method-assign]
+    assert stack.runner.queue_depth == 0
+    await stack.runner.start()
+    await stack.runner.submit(incoming("a", "kept", event="update:1"))
+    await stack.adapter.wait_for_finals(1)
+    again = await stack.runner.submit(incoming("a", "kept", event="update:1"))
+    assert again.duplicate and stack.runner.queue_depth == 0
+    await stack.runner.submit(incoming("b", "room for this one"))
+    assert [f.conversation for f in await stack.adapter.wait_for_finals(2)] == ["test:a", "test:b"]
 
 
 async def test_a_hanging_job_times_out_and_others_go_on(stack: Stack) -> None:
