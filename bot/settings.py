@@ -48,7 +48,7 @@ class SlackSettings(BaseModel):
     base_url: str | None = None  # Web API base (tests)
     slash_command: str = "/vlbot"
     answer_in_channel: bool = True
-    follow_all_thread_messages: bool = False
+    follow_all_thread_messages: bool = True  # plain replies in threads the bot answers in
     allowed_teams: list[str] = Field(default_factory=list)
     allowed_channels: list[str] = Field(default_factory=list)
 

@@ -107,7 +107,23 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "The app needs the files:read scope: add it under OAuth & Permissions (or in "
             "manifest.yml), reinstall the app, and send the image again."
         ),
-        "slack_download_failed": "I could not download that file from Slack (HTTP {status}).",
+        "slack_download_failed": (
+            "I could not download {name} from Slack ({status}). Please upload it again."
+        ),
+        "slack_file_no_url": (
+            "I could not download {name}: Slack gives me no download link for it. That happens with "
+            "external files (Google Drive, Dropbox…) and files the bot may not access. Upload the "
+            "image itself into Slack (drag it into the message box, or paste it) and ask again."
+        ),
+        "slack_skipped_files": (
+            "I skipped {names}: only images (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC) can be read."
+        ),
+        "slack_link_not_https": "I only open https:// image links; {url} is not one.",
+        "slack_link_failed": "I could not use the image link {url}: {reason}",
+        "invalid_text": (
+            "Your message contains characters that are not valid text (a broken Unicode sequence), "
+            "so I cannot read it. Please type or paste it again."
+        ),
         "slack_attach_hint": (
             "I found no image in this conversation. Upload a screenshot here (drag it into the "
             "message box, or paste it) and run {command} <question> again, or mention me in the "
@@ -117,10 +133,13 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "I can't read this channel. Invite me first: /invite @vlbot, then try again."
         ),
         "slack_continued": "(continued)",
+        "slack_follow_ups_all": "reply in that thread to ask follow-up questions",
+        "slack_follow_ups_mention": "mention me in that thread to ask follow-up questions",
         "slack_help": (
-            "Mention me in a message with a screenshot and I answer in its thread; mention me in "
-            "that thread to ask follow-up questions. In a direct message just send the image.\n"
-            "{command} <question> asks about the latest image in this channel, "
+            "Mention me in a message with a screenshot and I answer in its thread; {follow_ups}. "
+            "In a direct message just send the image.\n"
+            "{command} <question> asks about the latest image in this channel, or about the images "
+            "you link in it (Slack file links, https:// URLs); "
             "{command} reset forgets this conversation, {command} help shows this.\n"
             "Model: {model}. Images up to {limit_mb} MB."
         ),
@@ -210,17 +229,27 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "无法下载该文件：Slack 返回了登录页面而不是图片。应用需要 files:read 权限："
             "请在 OAuth & Permissions（或 manifest.yml）中添加该权限，重新安装应用，然后再次发送图片。"
         ),
-        "slack_download_failed": "无法从 Slack 下载该文件（HTTP {status}）。",
+        "slack_download_failed": "无法从 Slack 下载 {name}（{status}）。请重新上传。",
+        "slack_file_no_url": (
+            "无法下载 {name}：Slack 没有给我它的下载链接。外部文件（Google Drive、Dropbox 等）"
+            "和机器人无权访问的文件会这样。请把图片本身上传到 Slack（拖入消息框或粘贴），然后再问一次。"
+        ),
+        "slack_skipped_files": "我跳过了 {names}：只能读取图片（JPEG、PNG、WebP、GIF、BMP、TIFF、HEIC）。",
+        "slack_link_not_https": "我只打开 https:// 图片链接；{url} 不是。",
+        "slack_link_failed": "无法使用图片链接 {url}：{reason}",
+        "invalid_text": "你的消息包含无效的文本字符（损坏的 Unicode 序列），我无法读取。请重新输入或粘贴。",
         "slack_attach_hint": (
             "在这个对话中没有找到图片。请在这里上传截图（拖入消息框或粘贴），"
             "然后再次运行 {command} <问题>，或在带图片的消息中提及我。"
         ),
         "slack_not_in_channel": "我无法读取这个频道。请先邀请我：/invite @vlbot，然后再试一次。",
         "slack_continued": "（续）",
+        "slack_follow_ups_all": "在该话题中回复即可继续追问",
+        "slack_follow_ups_mention": "在该话题中提及我即可继续追问",
         "slack_help": (
-            "在带截图的消息中提及我，我会在该消息的话题中回答；在话题中提及我即可继续追问。"
+            "在带截图的消息中提及我，我会在该消息的话题中回答；{follow_ups}。"
             "在私信中直接发送图片即可。\n"
-            "{command} <问题> 针对本频道最新的图片提问，{command} reset 清除本对话，"
+            "{command} <问题> 针对本频道最新的图片或你附上的图片链接（Slack 文件链接、https:// 网址）提问，{command} reset 清除本对话，"
             "{command} help 显示本帮助。\n"
             "模型：{model}。图片最大 {limit_mb} MB。"
         ),

@@ -40,6 +40,7 @@ class FakeFile:
     mimetype: str
     data: bytes
     html: bool = False  # answer downloads with the login page (the files:read scope is missing)
+    external: bool = False  # an external file (Google Drive...): its url_private is not Slack's
 
 
 class FakeSlack:
@@ -102,13 +103,22 @@ class FakeSlack:
         return f"{1_700_000_000 + next(self._ts)}.{next(self._ids):06d}"
 
     def add_file(self, data: bytes, name: str = "screenshot.png", mimetype: str = "image/png",
-                 html: bool = False) -> dict[str, Any]:
+                 html: bool = False, external: bool = False) -> dict[str, Any]:
         """Store a file; returns the file object as it appears in events and history."""
         fid = f"F{next(self._ids):08d}"
-        self.files[fid] = FakeFile(fid, name, mimetype, data, html)
+        self.files[fid] = FakeFile(fid, name, mimetype, data, html, external)
         return self._file_object(self.files[fid])
 
+    def file_link(self, file: dict[str, Any]) -> str:
+        """The file's link as a user pastes it (on Slack: https://team.slack.com/files/U…/F…/name)."""
+        return f"{self.base_url}/files/{file['id']}/{quote(file['name'], safe='')}"
+
     def _file_object(self, f: FakeFile) -> dict[str, Any]:
+        if f.external:  # what Slack sends for a Google Drive file: no Slack-hosted bytes
+            return {"id": f.id, "created": int(time.time()), "name": f.name, "title": f.name,
+                    "mimetype": f.mimetype, "mode": "external", "is_external": True,
+                    "external_type": "gdrive",
+                    "url_private": f"https://docs.google.com/file/d/{f.id}/view"}
         url = f"{self.base_url}/files/{f.id}/{quote(f.name, safe='')}"  # as Slack encodes names
         return {
             "id": f.id, "created": int(time.time()), "name": f.name, "title": f.name,

@@ -21,6 +21,7 @@ from PIL import Image
 
 from adapters.slack import SlackAdapter
 from bot.models import Message, Turn
+from bot.remote_images import RemoteImageFetcher
 from bot.settings import Settings, SlackSettings
 from tests.conftest import CoreStack, make_core
 from tests.fake_slack import FakeSlack
@@ -118,7 +119,8 @@ class Env:
 
 
 async def open_env(tmp_path: Path, fake: FakeSlack, engine: ScriptedEngine | None = None,
-                   runner_kw: dict[str, Any] | None = None, **slack: Any) -> Env:
+                   runner_kw: dict[str, Any] | None = None, fetcher: RemoteImageFetcher | None = None,
+                   **slack: Any) -> Env:
     settings = Settings(
         data_dir=tmp_path,
         slack=SlackSettings.model_validate({
@@ -126,11 +128,10 @@ async def open_env(tmp_path: Path, fake: FakeSlack, engine: ScriptedEngine | Non
             "mode": "http", "port": 0, "base_url": fake.api_url,
         } | slack),
     )
-    adapter = SlackAdapter(settings, update_interval_s=0.1)
+    adapter = SlackAdapter(settings, update_interval_s=0.1, fetcher=fetcher)
     engine = engine or ScriptedEngine(reply=describe, delay_s=0.02)
     stack = await make_core(tmp_path / "vlbot.sqlite3", [adapter], engine, **(runner_kw or {}))
     return Env(fake, adapter, stack, engine, aiohttp.ClientSession())
-
 
 
 def mention(fake: FakeSlack, text: str, files: list[dict[str, Any]] | None = None,
@@ -143,6 +144,16 @@ def mention(fake: FakeSlack, text: str, files: list[dict[str, Any]] | None = Non
     if thread_ts:
         payload["event"]["thread_ts"] = thread_ts
     payload["event_id"] = f"Ev{next(_event_ids):08d}"
+    return payload
+
+
+def thread_reply(fake: FakeSlack, text: str, thread_ts: str, files: list[dict[str, Any]] | None = None,
+                 user: str = "U0ALICE") -> dict[str, Any]:
+    """A plain `message` event (no mention) in a channel thread, as message.channels delivers it."""
+    payload = mention(fake, text, files, thread_ts=thread_ts, user=user)
+    payload["event"] |= {"type": "message", "channel_type": "channel"}
+    if files:
+        payload["event"]["subtype"] = "file_share"
     return payload
 
 

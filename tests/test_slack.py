@@ -19,12 +19,15 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import httpx
 import pytest
 
 from adapters.slack import SlackAdapter
 from adapters.slack.format import escape, split_escaped, strip_mentions
+from bot import texts
 from bot.adapter import Core
-from bot.models import ConversationId, Message, Turn
+from bot.models import ConversationId, GenerationParams, Message, Turn
+from bot.remote_images import RemoteImageFetcher
 from bot.settings import Settings, SlackSettings
 from tests.fake_slack import FakeSlack
 from tests.fakes import ScriptedEngine
@@ -43,9 +46,13 @@ from tests.slack_helpers import (
     fixture,
     mention,
     open_env,
+    png,
     sha8,
     signed,
+    thread_reply,
 )
+
+GREEN = png((30, 200, 30))
 
 
 @pytest.fixture
@@ -130,25 +137,142 @@ async def test_a_follow_up_in_the_thread_is_about_the_same_image(env: Env) -> No
     assert replies[-1]["text"].startswith(f"image {sha8(BLUE)}: about 'and what is the trend?'")
 
 
-async def test_thread_messages_without_mention_count_only_when_enabled(
+def bot_messages(fake: FakeSlack, thread: str) -> list[str]:
+    return [m["text"] for m in fake.thread(CHANNEL, thread) if m.get("bot_id")]
+
+
+async def test_plain_replies_in_the_bots_thread_are_follow_ups_by_default(
     tmp_path: Path, fake: FakeSlack
 ) -> None:
-    env = await open_env(tmp_path, fake, follow_all_thread_messages=True)
+    env = await open_env(tmp_path, fake)  # follow_all_thread_messages left at its default
     try:
         first = mention(fake, "<@U0BOT> read this", [fake.add_file(RED)])
         await env.event(first)
         await answered(fake, first)
-        stranger = mention(fake, "unrelated thread chatter", thread_ts="1600000000.000001")
-        stranger["event"] |= {"type": "message", "channel_type": "channel"}
-        plain = mention(fake, "what about the second line?", thread_ts=first["event"]["ts"])
-        plain["event"] |= {"type": "message", "channel_type": "channel"}
-        await env.event(stranger)
+        thread = first["event"]["ts"]
+        elsewhere = fake.add_user_message(CHANNEL, "lunch, anyone?")["ts"]
+        from_a_bot = thread_reply(fake, "deploy finished", thread, user="U0DEPLOY")
+        from_a_bot["event"]["bot_id"] = "B0DEPLOY"
+        for ignored in (
+            thread_reply(fake, "count me in", elsewhere),  # a thread the bot has not answered in
+            thread_reply(fake, "<@U0BOB> can you check the second line?", thread),  # for bob
+            thread_reply(fake, "<!here> the build is red", thread),
+            from_a_bot,
+        ):
+            assert await env.event(ignored) == 200
+        plain = thread_reply(fake, "what about the second line?", thread)
         await env.event(plain)
         await answered(fake, plain)
-        assert len(env.engine.calls) == 2
-        assert env.engine.calls[1].message.text == "what about the second line?"
+        await asyncio.sleep(0.2)
+        assert [c.message.text for c in env.engine.calls] == ["read this", "what about the second line?"]
+        answers = bot_messages(fake, thread)
+        assert len(answers) == 2 and answers[1].startswith(f"image {sha8(RED)}: about 'what about")
+        assert bot_messages(fake, elsewhere) == []
     finally:
         await env.close()
+    restarted = await open_env(tmp_path, fake)  # the thread is still the bot's: its history is on disk
+    try:
+        again = thread_reply(fake, "and the third line?", thread)
+        await restarted.event(again)
+        await answered(fake, again)
+        assert bot_messages(fake, thread)[-1].startswith(f"image {sha8(RED)}: about 'and the third line?'")
+    finally:
+        await restarted.close()
+
+
+async def test_following_plain_thread_replies_can_be_turned_off(tmp_path: Path, fake: FakeSlack) -> None:
+    env = await open_env(tmp_path, fake, follow_all_thread_messages=False)
+    try:
+        assert "mention me in that thread" in (await env.command("help"))["text"]
+        first = mention(fake, "<@U0BOT> read this", [fake.add_file(RED)])
+        await env.event(first)
+        await answered(fake, first)
+        thread = first["event"]["ts"]
+        await env.event(thread_reply(fake, "what about the second line?", thread))
+        follow = mention(fake, "<@U0BOT> and the third?", thread_ts=thread)
+        await env.event(follow)
+        await answered(fake, follow)
+        await asyncio.sleep(0.2)
+        assert [c.message.text for c in env.engine.calls] == ["read this", "and the third?"]
+    finally:
+        await env.close()
+
+
+async def test_skipped_attachments_are_named_in_the_reply(env: Env) -> None:
+    skipped = escape("I skipped report.pdf: only images (JPEG, PNG, WebP, GIF, BMP, TIFF, HEIC) can be read.")
+    pdf = env.fake.add_file(b"%PDF-1.7\n%fake report\n", "report.pdf", "application/pdf")
+    alone = mention(env.fake, "<@U0BOT>", [pdf])
+    await env.event(alone)
+    thread = alone["event"]["ts"]
+    await env.fake.wait_for(lambda: bot_messages(env.fake, thread))
+    assert bot_messages(env.fake, thread) == [skipped]
+    image_next = thread_reply(env.fake, "", thread, files=[env.fake.add_file(BLUE)])  # no mention
+    await env.event(image_next)
+    await answered(env.fake, image_next)
+    assert bot_messages(env.fake, thread)[-1].startswith(f"image {sha8(BLUE)}")
+
+    both = mention(env.fake, "<@U0BOT> what does the chart show?", [env.fake.add_file(RED), pdf])
+    await env.event(both)
+    await answered(env.fake, both)
+    [reply] = env.fake.thread(CHANNEL, both["event"]["ts"])
+    blocks = [b["text"]["text"] for b in reply["blocks"]]
+    assert blocks[0] == skipped and blocks[1].startswith(f"image {sha8(RED)}: about 'what does the chart")
+    assert [i.data for i in env.engine.calls[-1].message.images] == [RED]
+    assert not [c for c in env.fake.called("files.download") if c.args["file"] == pdf["id"]]
+
+
+async def test_text_that_is_not_unicode_gets_a_clear_reply(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    invalid = escape(texts.text("invalid_text"))
+    in_channel = mention(env.fake, "<@U0BOT> zebra-question \ud800 here", [env.fake.add_file(RED)])
+    in_dm = dm(env.fake, "zebra-question \udfff")
+    for payload in (in_channel, in_dm):
+        assert "\\ud" in json.dumps(payload)  # sent as JSON escapes, as a hostile client would
+        assert await env.event(payload) == 200
+    await env.fake.wait_for(lambda: len(env.fake.called("chat.postMessage")) == 2)
+    assert bot_messages(env.fake, in_channel["event"]["ts"]) == [invalid]
+    assert env.fake.messages["D0ALICE"][-1]["text"] == invalid
+    assert env.engine.calls == [] and not env.fake.called("files.download")
+    assert "zebra-question" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    fine = dm(env.fake, "what is it?", [env.fake.add_file(BLUE)])  # the next message is answered
+    await env.event(fine)
+    await answered(env.fake, fine)
+
+
+async def test_a_file_without_a_download_url_is_explained(env: Env) -> None:
+    gdrive = env.fake.add_file(RED, "design.png", external=True)
+    payload = mention(env.fake, "<@U0BOT> what is this?", [gdrive])
+    await env.event(payload)
+    await env.fake.wait_for(lambda: bot_messages(env.fake, payload["event"]["ts"]))
+    [reply] = bot_messages(env.fake, payload["event"]["ts"])
+    assert reply.startswith("I could not download design.png: Slack gives me no download link")
+    assert "external files (Google Drive" in reply and "Upload the image itself" in reply
+    assert "HTTP" not in reply and env.engine.calls == []
+
+
+async def test_the_bot_token_goes_only_to_the_configured_origin(env: Env) -> None:
+    other_port = await FakeSlack(BOT_TOKEN).start()  # the same host, another port
+    try:
+        elsewhere = other_port.add_file(RED, "elsewhere.png")
+        payload = mention(env.fake, "<@U0BOT> what is it?", [elsewhere])
+        await env.event(payload)
+        await env.fake.wait_for(lambda: bot_messages(env.fake, payload["event"]["ts"]))
+        assert other_port.calls == [], "nothing, least of all the token, went to the other port"
+    finally:
+        await other_port.close()
+    assert bot_messages(env.fake, payload["event"]["ts"])[0].startswith("I could not download elsewhere.png")
+    files = env.adapter.files
+    assert files.is_slack_url(f"{env.fake.base_url}/files/F00000001/a.png")
+    assert files.is_slack_url("https://files.slack.com/files-pri/T0TEAM-F00000001/a.png")
+    for url in (f"http://localhost:{env.fake.port}/files/F00000001/a.png",
+                f"https://127.0.0.1:{env.fake.port}/files/F00000001/a.png",
+                "https://files.slack.com:8443/files-pri/T0TEAM-F00000001/a.png",
+                "http://files.slack.com/files-pri/T0TEAM-F00000001/a.png",
+                "https://slack.com.attacker.example/a.png", "https://notslack.com/a.png"):
+        assert not files.is_slack_url(url), url
 
 
 async def test_dm_turns_are_answered_in_the_dm_and_remember_the_image(env: Env) -> None:
@@ -192,10 +316,45 @@ async def test_slash_command_without_an_image_says_how_to_attach_one(env: Env) -
     assert env.engine.calls == []
 
 
+async def test_slash_command_reads_the_images_it_links(tmp_path: Path, fake: FakeSlack) -> None:
+    def internet(request: httpx.Request) -> httpx.Response:  # the public host the guard checked
+        assert request.url.host == "93.184.216.34" and request.headers["host"] == "images.example"
+        return httpx.Response(200, content=GREEN, headers={"content-type": "image/png"})
+
+    async def resolve(host: str, port: int) -> list[str]:
+        return {"images.example": ["93.184.216.34"], "intranet.example": ["10.0.0.7"]}[host]
+
+    def posted(prefix: str) -> bool:
+        return any(m["text"].startswith(prefix) for m in fake.messages[CHANNEL])
+
+    fetcher = RemoteImageFetcher(10_000_000, resolver=resolve, transport=httpx.MockTransport(internet))
+    env = await open_env(tmp_path, fake, fetcher=fetcher)
+    try:
+        fake.add_user_message(CHANNEL, "latest", files=[fake.add_file(RED)])  # not the one asked about
+        chart = fake.add_file(BLUE, "chart.png")
+        await env.command(f"what is the trend? {fake.file_link(chart)}")
+        await fake.wait_for(lambda: posted(f"image {sha8(BLUE)}: about 'what is the trend?'"))
+        assert [c.args["authorized"] for c in fake.called("files.download")] == [True]
+        await env.command("and this photo? <https://images.example/photo.png>")
+        await fake.wait_for(lambda: posted(f"image {sha8(GREEN)}: about 'and this photo?'"))
+        for refused in ("what is it? https://127.0.0.1:9/x.png", "https://intranet.example/x.png",
+                        "http://images.example/photo.png"):
+            await env.command(refused)
+        await fake.wait_for(lambda: len(fake.called("response_url")) == 3)
+        told = [c.args["text"] for c in fake.called("response_url")]
+        assert "private or local address (127.0.0.1)" in told[0]
+        assert "private or local address (intranet.example)" in told[1]
+        assert told[2] == "I only open https:// image links; http://images.example/photo.png is not one."
+        assert len(env.engine.calls) == 2
+    finally:
+        await env.close()
+
+
 async def test_slash_help_reset_and_private_answers(tmp_path: Path, fake: FakeSlack) -> None:
     env = await open_env(tmp_path, fake, answer_in_channel=False)
     try:
-        assert "/vlbot reset" in (await env.command("help"))["text"]
+        help_text = (await env.command("help"))["text"]
+        assert "/vlbot reset" in help_text and "reply in that thread to ask follow-up" in help_text
         fake.add_user_message("D0ALICE", "", files=[fake.add_file(RED)])
         await env.command("what is in it?", channel="D0ALICE")
         await fake.wait_for(lambda: len(fake.called("response_url")) == 1)
@@ -257,7 +416,8 @@ async def test_rate_limited_chat_update_still_delivers_the_whole_answer(
 
 async def test_long_answers_are_split_within_slack_limits(tmp_path: Path, fake: FakeSlack) -> None:
     long_answer = " ".join(f"<w{i}> & more" for i in range(3000))  # ~55k characters escaped
-    env = await open_env(tmp_path, fake, ScriptedEngine(reply=lambda h, m: long_answer))
+    env = await open_env(tmp_path, fake, ScriptedEngine(reply=lambda h, m: long_answer),
+                         runner_kw={"params": GenerationParams(max_new_tokens=20_000)})
     try:
         payload = mention(fake, "<@U0BOT> everything please", [fake.add_file(RED)])
         await env.event(payload)

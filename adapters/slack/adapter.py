@@ -6,14 +6,14 @@ Transport is chosen by `settings.slack.mode`:
   command, url_verification) to bolt, which verifies the v0 signature and the timestamp (older
   than 5 minutes → 401) with the signing secret.
 The Web API client talks to `settings.slack.base_url` when set (tests, proxies) and retries
-HTTP 429 (honouring Retry-After) and connection errors.
+HTTP 429 (honouring Retry-After) and connection errors. `fetcher` fetches the https image links
+of a slash command through the SSRF guard (bot/remote_images.py).
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
@@ -31,6 +31,7 @@ from adapters.slack.handlers import SlackHandlers
 from adapters.slack.replies import ReplyWriter
 from bot.adapter import Core, ReplyEvent
 from bot.models import Job
+from bot.remote_images import RemoteImageFetcher
 from bot.settings import Settings
 
 log = logging.getLogger("vlbot.slack")
@@ -43,7 +44,8 @@ class SlackAdapter:
     platform = "slack"
 
     def __init__(
-        self, settings: Settings, *, update_interval_s: float = 1.0, rate_limit_retries: int = 3
+        self, settings: Settings, *, update_interval_s: float = 1.0, rate_limit_retries: int = 3,
+        fetcher: RemoteImageFetcher | None = None,
     ) -> None:
         slack = settings.slack
         if slack.bot_token is None:
@@ -76,12 +78,14 @@ class SlackAdapter:
             logger=logging.getLogger("vlbot.slack.bolt"),
         )
         self.replies = ReplyWriter(self.client, update_interval_s=update_interval_s)
-        extra_hosts = (urlsplit(slack.base_url).hostname or "",) if slack.base_url else ()
         self.files = SlackFiles(
             self.client, slack.bot_token.get_secret_value(), settings.max_image_bytes,
-            settings.max_images_per_message, extra_hosts=tuple(h for h in extra_hosts if h),
+            settings.max_images_per_message, own_base_url=slack.base_url,
         )
-        self.handlers = SlackHandlers(settings, self.client, self.files, self.replies)
+        self.handlers = SlackHandlers(
+            settings, self.client, self.files, self.replies,
+            fetcher or RemoteImageFetcher(settings.max_image_bytes),
+        )
         self.app.event("app_mention")(self.handlers.on_mention)
         self.app.event("message")(self.handlers.on_message)
         self.app.command(slack.slash_command)(self.handlers.on_command)

@@ -1,5 +1,9 @@
-"""Slack files: which attachments are images, downloading url_private with the bot token, and
-finding the latest image in a channel's history (for the slash command).
+"""Slack files: which attachments are images, downloading url_private with the bot token, Slack
+file links, and finding the latest image in a channel's history (for the slash command).
+
+The bot token goes only to Slack's own https hosts (slack.com and its subdomains, port 443) or to
+exactly the configured Web API origin (VLBOT_SLACK__BASE_URL: scheme, host and port), never to a
+URL a file or a user names elsewhere.
 
 A missing `files:read` scope does not produce an error status: Slack answers the download with a
 200 HTML login page. That page is recognised and turned into a message naming the scope.
@@ -8,6 +12,7 @@ A missing `files:read` scope does not produce an error status: Slack answers the
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -20,11 +25,36 @@ from bot.models import ImagePart, InputRejected
 log = logging.getLogger("vlbot.slack.files")
 
 _MIB = 1024 * 1024
+# A file id in a Slack file URL: /files/U123/F0ABC/name (permalink), /files-pri/T123-F0ABC/name.
+FILE_ID_RE = re.compile(r"(?:^|[/-])(F[A-Z0-9]{8,})(?=/|$)")
+Origin = tuple[str, str, int]
 
 
 def image_files(files: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """The attachments that claim to be images (their bytes are checked later by the engine)."""
-    return [f for f in files or [] if str(f.get("mimetype", "")).startswith("image/")]
+    return [f for f in files or [] if is_image(f)]
+
+
+def is_image(file: dict[str, Any]) -> bool:
+    return str(file.get("mimetype", "")).startswith("image/")
+
+
+def file_name(file: dict[str, Any]) -> str:
+    """A file's name for a reply (never a lone surrogate from a hostile event)."""
+    name = str(file.get("name") or file.get("title") or "that file")
+    return name.encode("utf-8", "replace").decode("utf-8")
+
+
+def origin_of(url: str) -> Origin | None:
+    """(scheme, host, port) of a URL, with the scheme's default port filled in."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname.lower(), port or (443 if parts.scheme == "https" else 80)
 
 
 class SlackFiles:
@@ -32,13 +62,13 @@ class SlackFiles:
 
     def __init__(
         self, client: AsyncWebClient, bot_token: str, max_bytes: int, max_images: int,
-        extra_hosts: tuple[str, ...] = (), timeout_s: float = 30.0,
+        own_base_url: str | None = None, timeout_s: float = 30.0,
     ) -> None:
         self._client = client
         self._token = bot_token
         self.max_bytes = max_bytes
         self.max_images = max_images
-        self._extra_hosts = {h.lower() for h in extra_hosts}
+        self._own_origin = origin_of(own_base_url) if own_base_url else None
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._session: aiohttp.ClientSession | None = None
 
@@ -47,12 +77,24 @@ class SlackFiles:
             await self._session.close()
             self._session = None
 
-    def _token_allowed(self, url: str) -> bool:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        if host in self._extra_hosts:
+    def is_slack_url(self, url: str) -> bool:
+        """May the bot token go to this URL: Slack's https hosts or the configured origin only."""
+        origin = origin_of(url)
+        if origin is None:
+            return False
+        if self._own_origin is not None and origin == self._own_origin:
             return True
-        return parts.scheme == "https" and (host == "slack.com" or host.endswith(".slack.com"))
+        scheme, host, port = origin
+        return scheme == "https" and port == 443 and (host == "slack.com" or host.endswith(".slack.com"))
+
+    def file_link(self, url: str) -> dict[str, Any] | None:
+        """A Slack file link (permalink or url_private) as a file stub for `download`; None when
+        the URL is not a Slack file link."""
+        found = FILE_ID_RE.search(urlsplit(url).path)
+        if not self.is_slack_url(url) or found is None:
+            return None
+        name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+        return {"id": found.group(1), "name": name, "file_access": "check_file_info"}
 
     async def images_of(self, files: list[dict[str, Any]] | None) -> tuple[ImagePart, ...]:
         wanted = image_files(files)
@@ -72,15 +114,20 @@ class SlackFiles:
             error = str(exc.response.get("error", ""))
             if error == "missing_scope":
                 raise InputRejected("slack_files_scope", "files.info: missing_scope") from exc
-            raise InputRejected("slack_download_failed", f"files.info: {error}", status=error) from exc
+            raise InputRejected(
+                "slack_download_failed", f"files.info: {error}", name=file_name(file), status=error
+            ) from exc
         info: dict[str, Any] = resp["file"]
         return info
 
     async def download(self, file: dict[str, Any]) -> ImagePart:
         info = await self._file_info(file)
+        name = file_name(info)
         url = str(info.get("url_private_download") or info.get("url_private") or "")
-        if not url or not self._token_allowed(url):
-            raise InputRejected("slack_download_failed", "no Slack file URL", status="no URL")
+        if not url or not self.is_slack_url(url):
+            # external (Google Drive...) files, or files hidden from the bot: nothing to fetch here
+            log.info("file %s: no Slack download URL (external: %s)", info.get("id"), info.get("is_external"))
+            raise InputRejected("slack_file_no_url", "no Slack file URL", name=name)
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         headers = {"Authorization": f"Bearer {self._token}"}
@@ -88,7 +135,9 @@ class SlackFiles:
             content_type = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
             if resp.status != 200:
                 log.warning("file %s: download answered HTTP %d", info.get("id"), resp.status)
-                raise InputRejected("slack_download_failed", f"HTTP {resp.status}", status=resp.status)
+                raise InputRejected(
+                    "slack_download_failed", f"HTTP {resp.status}", name=name, status=f"HTTP {resp.status}"
+                )
             if content_type == "text/html":
                 log.warning("file %s: Slack sent an HTML page (files:read scope missing?)", info.get("id"))
                 raise InputRejected("slack_files_scope", "HTML instead of file bytes")
@@ -102,7 +151,7 @@ class SlackFiles:
                         size_mb=f"{size / _MIB:.1f}", limit_mb=f"{self.max_bytes / _MIB:g}",
                     )
         mime = str(info.get("mimetype") or content_type or "application/octet-stream")
-        return ImagePart(bytes(data), mime, info.get("name"))
+        return ImagePart(bytes(data), mime, name if info.get("name") else None)
 
 
 async def latest_image_file(client: AsyncWebClient, channel: str, limit: int = 100) -> dict[str, Any] | None:

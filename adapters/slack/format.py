@@ -16,6 +16,10 @@ BLOCK_LIMIT = 3000  # characters of mrkdwn in one section block
 TEXT_LIMIT = 40000  # characters of a message's `text` before Slack truncates it
 PAGE_LIMIT = 12000  # characters per message we post: 4 blocks, readable on a phone
 MENTION_RE = re.compile(r"<@[UW][A-Z0-9]+(?:\|[^>]*)?>")
+# Who a message is addressed to: users (<@U123>), user groups and @here/@channel/@everyone.
+ADDRESSED_RE = re.compile(r"<@([UW][A-Z0-9]+)(?:\|[^>]*)?>|<!(?:here|channel|everyone|subteam\^)[^>]*>")
+# Links: Slack's <https://...|label> form (events, escaped commands) and bare URLs (commands).
+LINK_RE = re.compile(r"<(https?://[^>|\s]+)(?:\|[^>]*)?>|(?<![<\w])(https?://[^\s<>]+)", re.IGNORECASE)
 
 
 def escape(text: str) -> str:
@@ -26,6 +30,25 @@ def escape(text: str) -> str:
 def strip_mentions(text: str) -> str:
     """Remove `<@U123>` user mentions (the bot's handle) from a message's text."""
     return re.sub(r"[ \t]{2,}", " ", MENTION_RE.sub(" ", text)).strip()
+
+
+def addresses_others(text: str, bot_user_id: str | None) -> bool:
+    """Does the message mention anyone (a user, a group, @here...) other than the bot?"""
+    return any(m.group(1) != bot_user_id for m in ADDRESSED_RE.finditer(text))
+
+
+def split_links(text: str) -> tuple[str, list[str]]:
+    """The text without its links, and the links (bare ones without trailing punctuation)."""
+    links: list[str] = []
+
+    def take(match: re.Match[str]) -> str:
+        bare = match.group(2)
+        url = match.group(1) or bare.rstrip(".,;:!?)]}'\"")
+        links.append(url)
+        return " " + bare[len(url):] if bare else " "
+
+    rest = LINK_RE.sub(take, text)
+    return re.sub(r"[ \t]{2,}", " ", rest).strip(), links
 
 
 def _cut_point(text: str, limit: int) -> int:

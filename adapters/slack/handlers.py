@@ -7,7 +7,13 @@ listener runs; the slash command acknowledges ("working…") before anything slo
 
 Conversations: a channel mention lives in its thread (`thread_ts`, or the mention's own `ts` when
 it starts one); a DM is one conversation (no thread); a slash command's conversation is its
-channel or DM.
+channel or DM. A plain message (no mention) in a thread counts as a follow-up when
+`follow_all_thread_messages` is on (the default) and the bot has answered in that thread, unless
+it is from a bot or addressed to someone else (mentions another user, a group or @here).
+
+Attachments that are not images are not read: the reply says which were skipped and why. A slash
+command reads the images it links (Slack file links with the bot token, other https URLs through
+the SSRF guard of bot/remote_images.py) instead of the channel's latest image.
 """
 
 from __future__ import annotations
@@ -15,19 +21,21 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from typing import Any
+from urllib.parse import urlsplit
 
 from slack_bolt.context.ack.async_ack import AsyncAck
 from slack_bolt.context.async_context import AsyncBoltContext
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.slack.files import SlackFiles, latest_image_file
-from adapters.slack.format import escape, page_message, strip_mentions
+from adapters.slack.files import SlackFiles, file_name, is_image, latest_image_file
+from adapters.slack.format import addresses_others, escape, page_message, split_links, strip_mentions
 from adapters.slack.replies import ReplyWriter
 from bot.adapter import Core, Incoming, QueueFull
 from bot.export import to_markdown
 from bot.models import ConversationId, ImagePart, InputRejected, Message, User
 from bot.presets import parse_preset_command
+from bot.remote_images import RemoteImageError, RemoteImageFetcher
 from bot.settings import Settings
 from bot.texts import text
 
@@ -37,18 +45,28 @@ log = logging.getLogger("vlbot.slack")
 TURN_SUBTYPES = (None, "file_share", "thread_broadcast")
 
 
+def check_text(value: str) -> None:
+    """Refuse text that is not valid Unicode (a lone UTF-16 surrogate from an escaped "\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputRejected("invalid_text", "text is not valid Unicode") from None
+
+
 class SlackHandlers:
     def __init__(
-        self, settings: Settings, client: AsyncWebClient, files: SlackFiles, replies: ReplyWriter
+        self, settings: Settings, client: AsyncWebClient, files: SlackFiles, replies: ReplyWriter,
+        fetcher: RemoteImageFetcher,
     ) -> None:
         self.settings = settings
         self.slack = settings.slack
         self.client = client
         self.files = files
         self.replies = replies
+        self.fetcher = fetcher
         self.core: Core | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()  # event ids seen by this process
-        self._threads: set[str] = set()  # threads this process answered in
+        self._threads: set[str] = set()  # threads this process replied in
 
     # --- filters -----------------------------------------------------------------------------
 
@@ -112,9 +130,12 @@ class SlackHandlers:
             origin = {"channel": channel, "thread_ts": None, "message_ts": event["ts"]}
         else:
             thread = event.get("thread_ts")
-            mentioned = bool(context.bot_user_id) and f"<@{context.bot_user_id}" in event.get("text", "")
+            words = str(event.get("text") or "")
+            mentioned = bool(context.bot_user_id) and f"<@{context.bot_user_id}" in words
             if not thread or mentioned or not self.slack.follow_all_thread_messages:
                 return  # mentions arrive as app_mention; other channel chatter is not for us
+            if addresses_others(words, context.bot_user_id):
+                return  # "@bob what do you think?" in the bot's thread is for bob
             conversation = ConversationId("slack", channel, thread)
             if not await self._bot_in_thread(conversation):
                 return
@@ -136,10 +157,15 @@ class SlackHandlers:
         event_id = body.get("event_id")
         user = User(platform_id=str(event.get("user", "")))
         try:
-            images = await self.files.images_of(event.get("files"))
             question = strip_mentions(event.get("text") or "")
-            if event.get("files") and not images and not question:
-                raise InputRejected("send_an_image", "only non-image files")
+            check_text(question)
+            files: list[dict[str, Any]] = event.get("files") or []
+            skipped = ", ".join(file_name(f) for f in files if not is_image(f))
+            images = await self.files.images_of(files)
+            if skipped and not images and not question:
+                raise InputRejected("slack_skipped_files", "only non-image files", names=skipped)
+            if skipped:  # answered without them; the answer says what was left out and why
+                origin = {**origin, "notice": text("slack_skipped_files", origin.get("lang"), names=skipped)}
             incoming = Incoming(
                 conversation, user, Message.of(question or None, *images), origin,
                 event_key=f"slack:event:{event_id}" if event_id else None,
@@ -152,11 +178,19 @@ class SlackHandlers:
             busy = text("busy", origin.get("lang"), queued=exc.queued, retry_s=round(exc.retry_after_s))
             await self._tell(origin, busy)
             return
+        except Exception as exc:  # never silence: say it failed (details at DEBUG: no user text)
+            ref = str(event_id or event.get("ts"))
+            log.error("slack event %s could not be submitted: %s", ref, type(exc).__name__)
+            log.debug("slack event %s", ref, exc_info=True)
+            await self._tell(origin, text("failed", origin.get("lang"), ref=ref))
+            return
         self._threads.add(conversation.key())
         log.info("slack event %s → job %s (duplicate=%s)", event_id, acceptance.job_id, acceptance.duplicate)
 
     async def _tell(self, origin: dict[str, Any], message: str) -> None:
         """A direct reply outside the job flow (input rejected, queue full, no image...)."""
+        if origin.get("thread_ts") and not origin.get("ephemeral"):  # a thread the bot talks in
+            self._threads.add(ConversationId("slack", str(origin["channel"]), origin["thread_ts"]).key())
         try:
             if origin.get("response_url") or origin.get("ephemeral"):
                 await self.replies.post_ephemeral(origin, page_message([escape(message)]))
@@ -171,17 +205,19 @@ class SlackHandlers:
 
     async def on_command(self, ack: AsyncAck, command: dict[str, Any]) -> None:
         assert self.core is not None
-        question = (command.get("text") or "").strip()
+        given = (command.get("text") or "").strip()
         channel = str(command.get("channel_id"))
-        word = question.lower()
+        word = given.lower()
         if not self._allowed(command.get("team_id"), channel):
             await ack(response_type="ephemeral", text=text("not_allowed"))
             return
         if word in ("", "help"):
             limit_mb = f"{self.settings.max_image_mb:g}"
+            follow_ups = text("slack_follow_ups_all" if self.slack.follow_all_thread_messages
+                              else "slack_follow_ups_mention")
             await ack(response_type="ephemeral", text=escape(text(
                 "slack_help", command=self.slack.slash_command, model=self.core.status().model,
-                limit_mb=limit_mb,
+                limit_mb=limit_mb, follow_ups=follow_ups,
             )))
             return
         conversation = ConversationId("slack", channel)
@@ -194,6 +230,7 @@ class SlackHandlers:
             body = to_markdown(exported) if exported["turns"] else text("export_empty")
             await ack(response_type="ephemeral", text=escape(body)[:MAX_EPHEMERAL])
             return
+        question, links = split_links(given)  # "/vlbot what is this? https://…/chart.png"
         preset, rest = parse_preset_command(question, bare=True)  # "/vlbot triage what broke?"
         if preset is not None:
             question = f"/{preset.name} {rest}".strip()
@@ -203,7 +240,9 @@ class SlackHandlers:
             "response_url": command.get("response_url"), "ephemeral": not self.slack.answer_in_channel,
         }
         try:
-            images = await self._latest_image(conversation)
+            check_text(question)
+            images = await (self._linked_images(conversation, links) if links
+                            else self._latest_image(conversation))
         except InputRejected as exc:
             await self._tell(origin, text(exc.code, None, **exc.params))
             return
@@ -213,7 +252,7 @@ class SlackHandlers:
         user = User(platform_id=str(command.get("user_id", "")), display_name=command.get("user_name", ""))
         trigger = command.get("trigger_id")
         incoming = Incoming(
-            conversation, user, Message.of(question, *images), origin,
+            conversation, user, Message.of(question or None, *images), origin,
             event_key=f"slack:command:{trigger}" if trigger else None,
         )
         try:
@@ -234,13 +273,40 @@ class SlackHandlers:
             log.warning("conversations.history in %s: %s", conversation.chat, error)
             if error in ("not_in_channel", "channel_not_found"):
                 raise InputRejected("slack_not_in_channel", error) from exc
-            raise InputRejected("slack_download_failed", error, status=error) from exc
-        history = await self.core.history.recent(conversation)
-        known = {image.sha256 for turn in history for image in turn.images}
+            raise InputRejected("slack_download_failed", error, name="that file", status=error) from exc
+        known = await self._known_images(conversation)
         if found is None:
             return () if known else None
         image = await self.files.download(found)
         return () if image.sha256 in known else (image,)
+
+    async def _linked_images(self, conversation: ConversationId, links: list[str]) -> tuple[ImagePart, ...]:
+        """The images a slash command links: Slack file links are downloaded with the bot token,
+        other https URLs fetched through the SSRF guard. Images the conversation already holds
+        are not sent again."""
+        if len(links) > self.files.max_images:
+            raise InputRejected("too_many_images", f"{len(links)} links", count=len(links),
+                                limit=self.files.max_images)
+        images: list[ImagePart] = []
+        for url in links:
+            stub = self.files.file_link(url)
+            if stub is not None:
+                images.append(await self.files.download(stub))
+                continue
+            if urlsplit(url).scheme.lower() != "https":
+                raise InputRejected("slack_link_not_https", "not an https link", url=url)
+            try:
+                images.append(await self.fetcher.fetch(url))
+            except RemoteImageError as exc:
+                log.info("image link refused or failed: %s", type(exc).__name__)
+                raise InputRejected("slack_link_failed", "image link", url=url, reason=str(exc)) from exc
+        known = await self._known_images(conversation)
+        return tuple(image for image in images if image.sha256 not in known)
+
+    async def _known_images(self, conversation: ConversationId) -> set[str]:
+        assert self.core is not None
+        history = await self.core.history.recent(conversation)
+        return {image.sha256 for turn in history for image in turn.images}
 
 
 MAX_EPHEMERAL = 39_000  # Slack's message text limit is 40k

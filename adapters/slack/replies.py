@@ -9,7 +9,8 @@ rate-limited Web API never slows generation; the final edit always carries the w
 
 Origin fields (captured by the handlers): channel, thread_ts (None: reply top level), message_ts
 (the user's message, for reactions), lang, ephemeral + user + response_url (slash command
-answered privately).
+answered privately), notice (a note put first in the final reply, e.g. which attachments were
+skipped and why).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class ReplyWriter:
             else:
                 assert isinstance(event, Failed)
                 body = text(event.code, lang, ref=event.ref, **event.params)
-                changes = await self._write(job, reply, page_message([escape(body)]))
+                changes = await self._write(job, reply, page_message([*_notice(job), escape(body)]))
                 await self._react(job, reply, done=False)
             self._replies.pop(job.id, None)
             return changes
@@ -130,7 +131,7 @@ class ReplyWriter:
 
     async def _final(self, job: Job, reply: _Reply, answer: str) -> dict[str, Any] | None:
         all_pages = pages(answer)
-        changes = await self._write(job, reply, page_message(all_pages[0]))
+        changes = await self._write(job, reply, page_message([*_notice(job), *all_pages[0]]))
         for page in all_pages[1:]:
             await self.client.chat_postMessage(
                 channel=job.origin["channel"],
@@ -169,6 +170,7 @@ class ReplyWriter:
             blocks_pages = [[escape(text(event.code, lang, ref=event.ref, **event.params))]]
         else:
             return  # the ack already said "working…"; ephemeral messages cannot be edited
+        blocks_pages[0] = [*_notice(job), *blocks_pages[0]]
         for page in blocks_pages:
             await self.post_ephemeral(job.origin, page_message(page))
 
@@ -182,3 +184,9 @@ class ReplyWriter:
                 return
             log.info("response_url answered HTTP %d; using chat.postEphemeral", resp.status_code)
         await self.client.chat_postEphemeral(channel=origin["channel"], user=origin["user"], **message)
+
+
+def _notice(job: Job) -> list[str]:
+    """The job's notice (see the module docstring) as a block to put first, or nothing."""
+    notice = job.origin.get("notice")
+    return [escape(str(notice))] if notice else []
