@@ -66,6 +66,15 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE pending_updates (
+        platform   TEXT NOT NULL,
+        id         TEXT NOT NULL,     -- the platform's update id
+        body       TEXT NOT NULL,     -- the raw update, JSON
+        created_at REAL NOT NULL,
+        PRIMARY KEY (platform, id)
+    );
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

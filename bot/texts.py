@@ -97,8 +97,13 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "help": (
             "Send me a photo or a screenshot and ask about it: what it says, which fields a receipt "
             "holds, a one-line summary. Follow-up questions about the same image work.\n"
-            "Commands: /reset forgets this chat, /cancel stops the current answer.\n"
+            "Commands: /ask <question> asks (in groups: or mention me), /export sends this chat as "
+            "files, /reset forgets this chat, /cancel stops the current answer.\n"
+            "Presets (before your question or in the photo's caption): {presets}.\n"
             "Model: {model}. Images up to {limit_mb} MB."
+        ),
+        "unknown_command": (
+            "I don't know the command /{command}. Commands: {commands}. Presets: {presets}."
         ),
         # Slack
         "slack_working": "working…",
@@ -221,9 +226,12 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "help": (
             "给我发送照片或截图并提问：上面写了什么、收据有哪些字段、一句话总结。"
             "可以就同一张图片继续追问。\n"
-            "命令：/reset 清除本对话历史，/cancel 停止当前回答。\n"
+            "命令：/ask <问题> 提问（群组中也可以提及我），/export 以文件导出本对话，"
+            "/reset 清除本对话历史，/cancel 停止当前回答。\n"
+            "预设（写在问题前或照片说明中）：{presets}。\n"
             "模型：{model}。图片最大 {limit_mb} MB。"
         ),
+        "unknown_command": "我不认识命令 /{command}。可用命令：{commands}。预设：{presets}。",
         "slack_working": "处理中…",
         "slack_files_scope": (
             "无法下载该文件：Slack 返回了登录页面而不是图片。应用需要 files:read 权限："

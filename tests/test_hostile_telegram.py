@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adapters.telegram.media import DOWNLOAD_TRIES
 from bot import texts
 from tests.fake_telegram import FakeTelegram
 from tests.hostile import CASES, DecodingEngine
@@ -48,14 +49,31 @@ async def test_hostile_documents_through_telegram(fake: FakeTelegram, tmp_path: 
         assert "Traceback" not in shown[0]
 
 
-async def test_a_failed_file_download_still_gets_a_reply(fake: FakeTelegram, tmp_path: Path) -> None:
+async def test_a_getfile_5xx_is_retried_and_the_photo_answered(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
     from tests.hostile import jpeg
 
     async with running(fake, tmp_path, engine=DecodingEngine()) as h:
-        fake.fail_next("getFile", 500, times=1)
+        fake.fail_next("getFile", 503, times=2)
+        await fake.push(h.document(jpeg(), "photo.jpg", "image/jpeg"))
+        await h.wait_done(1, timeout=30)
+    assert [c.status for c in fake.calls if c.method == "getFile"] == [503, 503, 200]
+    shown = fake.texts(111)
+    assert len(shown) == 1 and shown[0].startswith("I see"), shown
+
+
+async def test_a_download_that_keeps_failing_still_gets_a_reply(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    from tests.hostile import jpeg
+
+    async with running(fake, tmp_path, engine=DecodingEngine()) as h:
+        fake.fail_next("getFile", 500, times=DOWNLOAD_TRIES)
         await fake.push(h.document(jpeg(), "photo.jpg", "image/jpeg"))
         await fake.wait_for(lambda: bool(fake.texts(111)), timeout=30)
         assert fake.texts(111)[0].startswith("Sorry, that failed, please try again.")
+        assert [c.status for c in fake.calls if c.method == "getFile"] == [500] * DOWNLOAD_TRIES
         await fake.push(h.document(jpeg(), "photo.jpg", "image/jpeg"))  # and it keeps serving
         await fake.wait_for(lambda: fake.texts(111)[-1].startswith("I see"), timeout=30)
 
@@ -65,14 +83,14 @@ async def test_connection_resets_while_downloading_and_sending(fake: FakeTelegra
     from tests.hostile import jpeg
 
     async with running(fake, tmp_path, engine=DecodingEngine()) as h:
-        fake.fail_next("getFile", RESET)  # the download's connection drops: told, not lost
+        fake.fail_next("getFile", RESET)  # the download's connection drops: tried again
         await fake.push(h.document(jpeg(), "photo.jpg", "image/jpeg"))
-        await fake.wait_for(lambda: bool(fake.texts(111)), timeout=30)
-        assert fake.texts(111)[0].startswith("Sorry, that failed, please try again.")
+        await h.wait_done(1, timeout=30)
+        assert fake.texts(111)[0].startswith("I see")
 
         fake.fail_next("editMessageText", RESET, times=2)  # and while the answer is sent
         await fake.push(h.document(jpeg(), "again.jpg", "image/jpeg"))
-        await h.wait_done(1, timeout=60)
+        await h.wait_done(2, timeout=60)
         shown = fake.texts(111)
         assert len(shown) == 2 and shown[1].startswith("I see"), shown  # complete, once
     assert [c.method for c in fake.calls if c.status == RESET] == [

@@ -1,7 +1,10 @@
 """The Telegram adapter: python-telegram-bot v22 on the caller's asyncio loop.
 
 `start` initialises the bot (getMe), registers the commands, starts the application and long
-polling (or the webhook server) and returns; `stop` undoes it. Handlers never block the update
+polling (or the webhook server) and returns; with the Bot API unreachable it returns at once and
+keeps trying in the background with backoff. `stop` undoes it. Received updates are persisted
+before Telegram's acknowledgement (adapters.telegram.durable) in the bot's SQLite file, through a
+connection of the adapter's own. Handlers never block the update
 loop (block=False). Replies go through `Replier` (placeholder, throttled edits, final answer);
 all bot calls pass PTB's AIORateLimiter, which also waits out 429 retry_after and retries.
 """
@@ -9,12 +12,14 @@ all bot calls pass PTB's AIORateLimiter, which also waits out 429 retry_after an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 from typing import Any
 from urllib.parse import quote
 
 from telegram import BotCommand
+from telegram.error import NetworkError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -24,11 +29,15 @@ from telegram.ext import (
     filters,
 )
 
-from adapters.telegram.handlers import Handlers
+from adapters.telegram.durable import DurableUpdateQueue
+from adapters.telegram.handlers import COMMAND_NAMES, Handlers
+from adapters.telegram.ledger import ChatLedger
 from adapters.telegram.replies import Replier
 from adapters.telegram.webhook import WebhookServer
 from bot.adapter import Core, Queued, ReplyEvent
+from bot.db import Database
 from bot.models import Job
+from bot.pending import PendingUpdates
 from bot.settings import Settings
 
 log = logging.getLogger("vlbot.telegram")
@@ -69,9 +78,12 @@ class TokenRedactor(logging.Filter):
             message = record.getMessage()
         except Exception:  # a broken record: let logging report it as usual
             return True
-        record.msg = message.replace(self.secret, "<token>").replace(self.quoted, "<token>")
+        record.msg = self.redact(message)
         record.args = None
         return True
+
+    def redact(self, text: str) -> str:
+        return text.replace(self.secret, "<token>").replace(self.quoted, "<token>")
 
 
 class TelegramAdapter:
@@ -85,6 +97,8 @@ class TelegramAdapter:
         group_edit_interval_s: float = 3.0,
         album_wait_s: float = 1.0,
         poll_timeout_s: float = 10.0,
+        connect_backoff_s: float = 2.0,
+        connect_backoff_max_s: float = 60.0,
     ) -> None:
         if settings.telegram.token is None:
             raise ValueError("Telegram is not configured: set VLBOT_TELEGRAM__TOKEN")
@@ -93,23 +107,34 @@ class TelegramAdapter:
         self.group_edit_interval_s = group_edit_interval_s
         self.album_wait_s = album_wait_s
         self.poll_timeout_s = poll_timeout_s
+        self.connect_backoff_s = connect_backoff_s
+        self.connect_backoff_max_s = connect_backoff_max_s
         self.app: Application[Any, Any, Any, Any, Any, Any] | None = None
         self.replier: Replier | None = None
         self.handlers: Handlers | None = None
         self.webhook: WebhookServer | None = None
         self.core: Core | None = None
+        self.queue: DurableUpdateQueue | None = None
+        self._db: Database | None = None
+        self._connecting: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._redactor = TokenRedactor(settings.telegram.token.get_secret_value())
 
     async def start(self, core: Core) -> None:
+        """Connect to the Bot API and start receiving. If the Bot API cannot be reached (network
+        error, 5xx), keep trying in the background with backoff and return: the other adapters
+        serve meanwhile. A wrong token still fails here, at once."""
         tg = self.settings.telegram
         assert tg.token is not None
         self.core = core
         _protect_logs(self._redactor)
+        self._db = await Database.open(self.settings.db_path)
+        self.queue = DurableUpdateQueue(PendingUpdates(self._db, self.platform))
         builder = (
             ApplicationBuilder()
             .token(tg.token.get_secret_value())
             .rate_limiter(AIORateLimiter(max_retries=3))
+            .update_queue(self.queue)
         )
         if tg.base_url:
             builder = builder.base_url(tg.base_url)
@@ -117,30 +142,69 @@ class TelegramAdapter:
             builder = builder.base_file_url(tg.base_file_url)
         if tg.mode == "webhook":
             builder = builder.updater(None)
-        app = builder.build()
+        self.app = builder.build()
+        try:
+            await self._connect(self.app)
+        except NetworkError as exc:
+            self._log_unreachable(exc, 1, self.connect_backoff_s)
+            self._connecting = asyncio.create_task(self._keep_connecting(self.app),
+                                                   name="tg-connect")
+
+    async def _keep_connecting(self, app: Application[Any, Any, Any, Any, Any, Any]) -> None:
+        delay = self.connect_backoff_s
+        attempt = 1
+        while True:
+            await asyncio.sleep(delay)
+            attempt += 1
+            delay = min(delay * 2, self.connect_backoff_max_s)
+            try:
+                await self._connect(app)
+                return
+            except NetworkError as exc:
+                self._log_unreachable(exc, attempt, delay)
+            except Exception as exc:  # e.g. the token was revoked meanwhile: stop trying
+                log.error("telegram: cannot start: %s", self._redactor.redact(str(exc)))
+                return
+
+    def _log_unreachable(self, exc: Exception, attempt: int, delay: float) -> None:
+        log.warning("telegram: the Bot API is unreachable (attempt %d: %s: %s); retrying in %.0f s",
+                    attempt, type(exc).__name__, self._redactor.redact(str(exc)), delay)
+
+    async def _connect(self, app: Application[Any, Any, Any, Any, Any, Any]) -> None:
+        """Everything that talks to the Bot API at start; safe to call again after a failure."""
+        tg = self.settings.telegram
+        assert self.queue is not None and self.core is not None
         await app.initialize()  # getMe: fails here, clearly, on a wrong token
-        self.app = app
-        self.handlers = Handlers(self.settings, app.bot, core, album_wait_s=self.album_wait_s)
-        self.replier = Replier(
-            app.bot,
-            max_concurrency=self.settings.max_concurrency,
-            edit_interval_s=self.edit_interval_s,
-            group_edit_interval_s=self.group_edit_interval_s,
-        )
-        commands = filters.UpdateType.MESSAGE
-        names = ["start", "help", "reset", "cancel", "export"]
-        app.add_handler(CommandHandler(names, self.handlers.on_command, filters=commands, block=False))
-        app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self.handlers.on_message,
-                                       block=False))
-        app.add_error_handler(self.handlers.on_error, block=False)
+        if self.handlers is None:
+            ledger = ChatLedger(app.bot)
+            self.handlers = Handlers(self.settings, app.bot, self.core,
+                                     album_wait_s=self.album_wait_s, queue=self.queue,
+                                     ledger=ledger)
+            self.replier = Replier(
+                app.bot,
+                ledger=ledger,
+                max_concurrency=self.settings.max_concurrency,
+                edit_interval_s=self.edit_interval_s,
+                group_edit_interval_s=self.group_edit_interval_s,
+            )
+            commands = filters.UpdateType.MESSAGE
+            names = [n for n in COMMAND_NAMES if n != "ask"]  # /ask is a question: on_message
+            app.add_handler(CommandHandler(names, self.handlers.on_command, filters=commands,
+                                           block=False))
+            app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self.handlers.on_message,
+                                           block=False))
+            app.add_error_handler(self.handlers.on_error, block=False)
         for lang, items in COMMANDS.items():
             await app.bot.set_my_commands(
                 [BotCommand(name, about) for name, about in items],
                 language_code=None if lang == "en" else lang,
             )
-        await app.start()
+        if not app.running:
+            await app.start()
+            await self.queue.replay(app.bot)  # what an earlier run received but did not finish
         if tg.mode == "webhook":
-            self.webhook = WebhookServer(self.settings, app)
+            if self.webhook is None:
+                self.webhook = WebhookServer(self.settings, app)
             await self.webhook.start()
         else:
             assert app.updater is not None
@@ -154,9 +218,20 @@ class TelegramAdapter:
 
     async def stop(self) -> None:
         self._ready.clear()
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+            self._connecting = None
         app, self.app = self.app, None
-        if app is None:
-            return
+        if app is not None:
+            await self._stop_app(app)
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+        log.info("telegram: stopped")
+
+    async def _stop_app(self, app: Application[Any, Any, Any, Any, Any, Any]) -> None:
         if self.webhook is not None:
             await self.webhook.stop()
             self.webhook = None
@@ -166,10 +241,10 @@ class TelegramAdapter:
             await self.handlers.close()
         if self.replier is not None:
             await self.replier.close()
+        self.handlers = self.replier = None
         if app.running:
             await app.stop()
         await app.shutdown()
-        log.info("telegram: stopped")
 
     async def send(self, job: Job, event: ReplyEvent) -> dict[str, Any] | None:
         # Resumed jobs may be delivered before start() finished: wait for the bot (the runner

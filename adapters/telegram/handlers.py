@@ -1,5 +1,16 @@
 """Telegram updates → `Incoming` turns: access, addressing in groups, rate limits, albums,
-images, commands. Handlers only validate, download and submit; they never wait for an answer."""
+images, commands. Handlers only validate, download and submit; they never wait for an answer.
+
+Every update is pending in SQLite from before Telegram's acknowledgement until `settle` (see
+adapters.telegram.durable): a handler settles its update when the job is written or the user got
+a reply; an album settles its parts when the album's job is written.
+
+/cancel covers everything the chat sent before it: it sets a barrier (the /cancel's message id)
+for the conversation, then cancels the queued and running jobs under the chat's lock. A message
+older than the barrier that is still downloading, waiting for the lock or inside its album's
+collection window is dropped (and told "Cancelled.") when it reaches the lock; one already
+submitting finishes first, inside the lock, and is then cancelled with the others.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +22,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from telegram import Bot, InputFile, Message, MessageEntity, ReplyParameters, Update
@@ -18,6 +30,8 @@ from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import ContextTypes
 
+from adapters.telegram.durable import DurableUpdateQueue
+from adapters.telegram.ledger import ChatLedger
 from adapters.telegram.media import (
     FileRef,
     check_size,
@@ -31,16 +45,21 @@ from bot.adapter import Core, Incoming, QueueFull
 from bot.export import to_markdown
 from bot.models import ConversationId, ImagePart, InputRejected, User
 from bot.models import Message as TurnMessage
+from bot.presets import get_preset, preset_names
 from bot.settings import Settings
+from engine.auto import names_a_folder
 
 log = logging.getLogger("vlbot.telegram")
 
 Context = ContextTypes.DEFAULT_TYPE
+# The commands of the bot menu (registered with setMyCommands by the adapter), in /help order.
+COMMAND_NAMES = ("ask", "help", "reset", "cancel", "export", "start")
 
 
 @dataclass
 class Album:
     messages: list[Message] = field(default_factory=list)
+    update_ids: list[int] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
 
 
@@ -71,19 +90,27 @@ class RateLimiter:
 
 
 class Handlers:
-    def __init__(self, settings: Settings, bot: Bot, core: Core, *, album_wait_s: float) -> None:
+    def __init__(self, settings: Settings, bot: Bot, core: Core, *, album_wait_s: float,
+                 queue: DurableUpdateQueue, ledger: ChatLedger) -> None:
         self.settings = settings
         self.tg = settings.telegram
         self.bot = bot
         self.core = core
         self.album_wait_s = album_wait_s
+        self.queue = queue
+        self.ledger = ledger
         self.rate = RateLimiter(self.tg.rate_limit_per_minute)
         self.albums: dict[tuple[int, str], Album] = {}
         # handlers run concurrently (block=False); a chat's messages are turned into jobs one at
         # a time, in arrival order, so a quick "and the total?" never overtakes its photo
         self._chat_locks: dict[int, asyncio.Lock] = {}
+        # conversation key → message id of its latest /cancel: older messages are dropped
+        self._cancel_before: dict[str, int] = {}
+        # conversation key → ids of its messages being handled (downloading, waiting, in albums)
+        self._in_hand: dict[str, set[int]] = {}
 
     async def close(self) -> None:
+        """Stop collecting albums; their parts stay pending and are handled after a restart."""
         for album in self.albums.values():
             if album.task is not None:
                 album.task.cancel()
@@ -96,20 +123,38 @@ class Handlers:
     async def on_message(self, update: Update, _: Context) -> None:
         msg = update.message
         if msg is None or msg.from_user is None or msg.from_user.is_bot:
+            await self.queue.settle(update.update_id)
             return
+        self.ledger.note_incoming(msg.chat.id, msg.message_id, msg.date)
         if msg.media_group_id:  # albums: addressing and admission once, for the whole group
-            self._collect_album(msg)
+            self._collect_album(msg, update.update_id)
             return
+        key = conversation_of(msg).key()
+        self._in_hand.setdefault(key, set()).add(msg.message_id)
+        try:
+            await self._message(msg, update.update_id)
+        finally:
+            self._in_hand.get(key, set()).discard(msg.message_id)
+        await self.queue.settle(update.update_id)
+
+    async def _message(self, msg: Message, update_id: int) -> None:
         # an album that started before this message goes first
         earlier = [a.task for k, a in self.albums.items() if k[0] == msg.chat.id and a.task]
         for task in earlier:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.shield(task)
         async with self._chat_lock(msg.chat.id):
+            if await self._dropped_by_cancel([msg]) or await self._invalid_text([msg]):
+                return
             addressed, question = self._addressed(msg)
+            unknown = self._unknown_command(msg)
+            if unknown is not None:
+                if addressed or unknown[1]:
+                    await self._say_unknown(msg, unknown[0])
+                return
             if not addressed or not await self._admit(msg):
                 return
-            await self._turn([msg], question, f"telegram:update:{update.update_id}")
+            await self._turn([msg], question, f"telegram:update:{update_id}")
 
     def _chat_lock(self, chat_id: int) -> asyncio.Lock:
         for idle in [c for c, lock in self._chat_locks.items() if not lock.locked()]:
@@ -119,24 +164,65 @@ class Handlers:
 
     async def on_command(self, update: Update, context: Context) -> None:
         msg = update.message
-        if msg is None or msg.from_user is None or not msg.text:
-            return
+        if msg is not None and msg.from_user is not None and msg.text:
+            self.ledger.note_incoming(msg.chat.id, msg.message_id, msg.date)
+            await self._command(msg)
+        await self.queue.settle(update.update_id)
+
+    async def _command(self, msg: Message) -> None:
+        assert msg.text is not None
         if not self._allowed(msg):
             await self._say(msg, "not_allowed")
             return
         command = msg.text.split()[0].lstrip("/").split("@")[0].lower()
         conversation = conversation_of(msg)
         if command in ("start", "help"):
-            status = self.core.status()
-            await self._say(msg, "help", model=status.model, limit_mb=f"{self.settings.max_image_mb:g}")
+            await self._say(msg, "help", model=public_model_name(self.core.status().model),
+                            presets=_presets(), limit_mb=f"{self.settings.max_image_mb:g}")
         elif command == "reset":
             await self.core.reset(conversation)
             await self._say(msg, "reset_done")
         elif command == "cancel":
-            if await self.core.cancel(conversation) == 0:
-                await self._say(msg, "nothing_to_cancel")
+            await self._cancel(msg, conversation)
         elif command == "export":
             await self._export(msg, conversation)
+
+    async def _cancel(self, msg: Message, conversation: ConversationId) -> None:
+        """Cancel the jobs and everything still on its way from before this /cancel."""
+        key = conversation.key()
+        self._cancel_before[key] = max(self._cancel_before.get(key, 0), msg.message_id)
+        on_the_way = any(i < msg.message_id for i in self._in_hand.get(key, ()))
+        async with self._chat_lock(msg.chat.id):  # a submit under way finishes first
+            cancelled = await self.core.cancel(conversation)
+        if cancelled == 0 and not on_the_way:
+            await self._say(msg, "nothing_to_cancel")
+
+    async def _dropped_by_cancel(self, messages: list[Message]) -> bool:
+        """True (and "Cancelled." said) if a /cancel came after these messages. Chat lock held."""
+        barrier = self._cancel_before.get(conversation_of(messages[0]).key(), 0)
+        if max(m.message_id for m in messages) >= barrier:
+            return False
+        await self._say(messages[0], "cancelled")
+        return True
+
+    def _unknown_command(self, msg: Message) -> tuple[str, bool] | None:
+        """(name, addressed to this bot by @name) if the message starts with a command that is
+        neither one of ours nor a preset; None otherwise."""
+        entities = msg.parse_entities() if msg.text else msg.parse_caption_entities()
+        for entity, value in entities.items():
+            if entity.type != MessageEntity.BOT_COMMAND or entity.offset != 0:
+                continue
+            name, _, target = value.lstrip("/").partition("@")
+            if target and target.lower() != self.bot.username.lower():
+                return None  # for another bot
+            if name.lower() in COMMAND_NAMES or get_preset(name) is not None:
+                return None
+            return name, bool(target) or msg.chat.type == ChatType.PRIVATE
+        return None
+
+    async def _say_unknown(self, msg: Message, name: str) -> None:
+        commands = ", ".join("/" + c for c in COMMAND_NAMES if c != "start")
+        await self._say(msg, "unknown_command", command=name, commands=commands, presets=_presets())
 
     async def _export(self, msg: Message, conversation: ConversationId) -> None:
         """/export: the chat's stored history as a Markdown and a JSON document."""
@@ -147,8 +233,10 @@ class Handlers:
         files = [("conversation.md", to_markdown(data).encode()),
                  ("conversation.json", json.dumps(data, ensure_ascii=False, indent=2).encode())]
         for name, body in files:
-            await self.bot.send_document(msg.chat.id, InputFile(body, filename=name),
-                                         message_thread_id=thread_of(msg))
+            async with self.ledger.sending(msg.chat.id):
+                sent = await self.bot.send_document(msg.chat.id, InputFile(body, filename=name),
+                                                    message_thread_id=thread_of(msg))
+            await self.ledger.sent(msg.chat.id, sent.message_id)
 
     async def on_error(self, update: object, context: Context) -> None:
         error = context.error
@@ -163,6 +251,7 @@ class Handlers:
                 await self._say(msg, "failed", ref=f"u{update.update_id}")
             except TelegramError as exc:
                 log.warning("could not report the failure to the chat: %s", exc)
+        await self.queue.settle(update.update_id)
 
     # --- admission ---------------------------------------------------------------------------
 
@@ -216,10 +305,14 @@ class Handlers:
 
     # --- albums ------------------------------------------------------------------------------
 
-    def _collect_album(self, msg: Message) -> None:
+    def _collect_album(self, msg: Message, update_id: int) -> None:
         key = (msg.chat.id, str(msg.media_group_id))
         album = self.albums.setdefault(key, Album())
+        if msg.message_id in {m.message_id for m in album.messages}:
+            return  # the same part twice (replayed and redelivered)
         album.messages.append(msg)
+        album.update_ids.append(update_id)
+        self._in_hand.setdefault(conversation_of(msg).key(), set()).add(msg.message_id)
         if album.task is None:
             album.task = asyncio.create_task(self._flush_album(key), name=f"tg-album-{key[1]}")
 
@@ -230,14 +323,35 @@ class Handlers:
             if album is None:
                 return
             messages = sorted(album.messages, key=lambda m: m.message_id)
-            checked = [self._addressed(m) for m in messages]
-            if not any(hit for hit, _ in checked) or not await self._admit(messages[0]):
-                return
-            question = " ".join(q for _, q in checked if q)
             try:
-                await self._turn(messages, question, f"telegram:album:{key[0]}:{key[1]}")
+                await self._album_turn(messages, f"telegram:album:{key[0]}:{key[1]}")
             except Exception as exc:
                 log.error("telegram album %s failed: %r", key[1], exc)
+                with contextlib.suppress(TelegramError):
+                    await self._say(messages[0], "failed", ref=f"u{album.update_ids[0]}")
+            finally:
+                in_hand = self._in_hand.get(conversation_of(messages[0]).key(), set())
+                in_hand.difference_update(m.message_id for m in messages)
+        await self.queue.settle(*album.update_ids)
+
+    async def _album_turn(self, messages: list[Message], event_key: str) -> None:
+        if await self._dropped_by_cancel(messages) or await self._invalid_text(messages):
+            return
+        checked = [self._addressed(m) for m in messages]
+        if not any(hit for hit, _ in checked) or not await self._admit(messages[0]):
+            return
+        question = " ".join(q for _, q in checked if q)
+        await self._turn(messages, question, event_key)
+
+    async def _invalid_text(self, messages: list[Message]) -> bool:
+        """True (and said so) if a text or caption is not valid Unicode (a lone surrogate)."""
+        for m in messages:
+            try:
+                (m.text or m.caption or "").encode("utf-8")
+            except UnicodeEncodeError:
+                await self._say(messages[0], "invalid_text")
+                return True
+        return False
 
     # --- a turn ------------------------------------------------------------------------------
 
@@ -305,13 +419,27 @@ class Handlers:
     async def _say(self, msg: Message, key: str, **params: Any) -> None:
         lang = msg.from_user.language_code if msg.from_user else None
         try:
-            await self.bot.send_message(
-                msg.chat.id, texts.text(key, lang, **params),
-                message_thread_id=thread_of(msg),
-                reply_parameters=ReplyParameters(msg.message_id, allow_sending_without_reply=True),
-            )
+            async with self.ledger.sending(msg.chat.id):
+                sent = await self.bot.send_message(
+                    msg.chat.id, texts.text(key, lang, **params),
+                    message_thread_id=thread_of(msg),
+                    reply_parameters=ReplyParameters(msg.message_id, allow_sending_without_reply=True),
+                )
+            await self.ledger.sent(msg.chat.id, sent.message_id)
         except TelegramError as exc:
             log.info("telegram: could not reply in chat %s: %s", msg.chat.id, exc.message)
+
+
+def public_model_name(model: str) -> str:
+    """The model as users may see it: a hub id as is, a local folder by its name only (the
+    server's paths are not the users' business)."""
+    if names_a_folder(model):
+        return Path(model).expanduser().name or model
+    return model
+
+
+def _presets() -> str:
+    return ", ".join("/" + name for name in preset_names())
 
 
 def thread_of(msg: Message) -> int | None:

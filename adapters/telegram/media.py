@@ -3,11 +3,13 @@ an earlier message (a reply target) was about."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import mimetypes
 from dataclasses import dataclass
 
 from telegram import Bot, Message
+from telegram.error import BadRequest, NetworkError
 
 from bot.adapter import Core
 from bot.models import ConversationId, ImagePart, InputRejected
@@ -16,6 +18,8 @@ log = logging.getLogger("vlbot.telegram")
 
 TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # getFile refuses bigger files
 _MIB = 1024 * 1024
+DOWNLOAD_TRIES = 4  # getFile + download, against a Bot API 5xx or a dropped connection
+DOWNLOAD_BACKOFF_S = 0.5
 IMAGE_EXTENSIONS = {
     ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
     ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
@@ -71,10 +75,28 @@ def check_size(ref: FileRef, max_image_bytes: int, max_image_mb: float) -> None:
         )
 
 
-async def download(bot: Bot, ref: FileRef, max_image_bytes: int, max_image_mb: float) -> ImagePart:
+async def download(
+    bot: Bot, ref: FileRef, max_image_bytes: int, max_image_mb: float,
+    *, tries: int = DOWNLOAD_TRIES, backoff_s: float = DOWNLOAD_BACKOFF_S,
+) -> ImagePart:
+    """getFile, then the file itself. Both are idempotent reads: a network error or a 5xx
+    (PTB raises NetworkError for both) is retried with backoff (backoff_s, 2x, 4x ...) before the
+    error reaches the user; a refusal (BadRequest: bad file id, file too big) is not retried."""
     check_size(ref, max_image_bytes, max_image_mb)
-    file = await bot.get_file(ref.file_id)
-    data = bytes(await file.download_as_bytearray())
+    for attempt in range(1, tries + 1):
+        try:
+            file = await bot.get_file(ref.file_id)
+            data = bytes(await file.download_as_bytearray())
+            break
+        except BadRequest:
+            raise
+        except NetworkError as exc:
+            if attempt == tries:
+                raise
+            delay = backoff_s * 2 ** (attempt - 1)
+            log.info("telegram: file download failed (%s), try %d of %d in %.1f s",
+                     exc.message, attempt + 1, tries, delay)
+            await asyncio.sleep(delay)
     check_size(FileRef(ref.file_id, len(data), ref.mime, ref.name), max_image_bytes, max_image_mb)
     return ImagePart(data, ref.mime, ref.name)
 

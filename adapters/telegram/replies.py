@@ -9,6 +9,11 @@ and a per-job flusher task edits the placeholder at most once per interval (abou
 second in private chats, fewer in groups), so a slow or rate-limited Telegram never slows
 generation. The final answer is sent as plain text (no parse mode: `*_[` can never fail to send),
 split at Telegram's 4096-character limit.
+
+A send whose response was lost (the message may exist, its id is unknown) is not left beside
+the answer: the next message sent to the chat (the next placeholder try, or the answer) lets
+`ChatLedger` find the lost one between the known ids and delete it (see adapters.telegram.ledger).
+Edits are idempotent, so a retried final edit can never show the answer twice.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from telegram import Bot, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 
+from adapters.telegram.ledger import ChatLedger
 from bot import texts
 from bot.adapter import Failed, Final, Partial, Queued, ReplyEvent, Started
 from bot.models import Job
@@ -87,11 +93,13 @@ class Replier:
         self,
         bot: Bot,
         *,
+        ledger: ChatLedger,
         max_concurrency: int,
         edit_interval_s: float = 1.0,
         group_edit_interval_s: float = 3.0,
     ) -> None:
         self.bot = bot
+        self.ledger = ledger
         self.max_concurrency = max_concurrency
         self.edit_interval_s = edit_interval_s
         self.group_edit_interval_s = group_edit_interval_s
@@ -253,11 +261,13 @@ class Replier:
                 if "not found" not in reason:
                     raise
                 log.info("job %s: message %s was deleted; sending a new one", job.id, message_id)
-        sent = await self.bot.send_message(
-            chat_id, text,
-            message_thread_id=job.origin.get("thread_id"),
-            reply_parameters=_reply_to(job.origin.get("message_id")),
-        )
+        async with self.ledger.sending(chat_id):
+            sent = await self.bot.send_message(
+                chat_id, text,
+                message_thread_id=job.origin.get("thread_id"),
+                reply_parameters=_reply_to(job.origin.get("message_id")),
+            )
+        await self.ledger.sent(chat_id, sent.message_id)
         return sent.message_id
 
     async def _typing(self, job: Job) -> None:

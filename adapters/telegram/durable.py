@@ -1,0 +1,60 @@
+"""The update queue between PTB's receiver (long polling or the webhook) and its handlers, made
+durable: an update is in SQLite before Telegram learns it was received.
+
+How PTB acknowledges: in long polling, the Updater puts each fetched update into this queue
+(`await update_queue.put(update)`) and only then advances the offset that the next getUpdates
+sends, which is what tells Telegram the updates were received; in webhook mode our server
+answers 200 after the same `put`. So `put` writing the update to the `pending_updates` table
+(committed; WAL survives SIGKILL) before it returns means nothing is acknowledged unwritten. If
+the write fails, `put` raises: the offset does not advance (polling retries) or the webhook
+answers 500 (Telegram redelivers).
+
+The handlers call `settle` once an update is fully handled — a job written (the runner's own
+durable record takes over), a refusal sent, or nothing to do. An album's parts stay pending
+until the album's job is written. Whatever is still pending at start (an album inside its
+collection window, a photo still downloading, a handler cut off by SIGTERM or SIGKILL) is put
+back by `replay` before polling starts and handled again; job writes dedupe by event key, and an
+update already in this process (replayed and redelivered) is handled once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from telegram import Bot, Update
+
+from bot.pending import PendingUpdates
+
+log = logging.getLogger("vlbot.telegram")
+
+
+class DurableUpdateQueue(asyncio.Queue[object]):
+    def __init__(self, pending: PendingUpdates) -> None:
+        super().__init__()
+        self.pending = pending
+        self._in_process: set[int] = set()
+
+    async def put(self, item: object) -> None:
+        if isinstance(item, Update) and item.message is not None:
+            if item.update_id in self._in_process:
+                return  # redelivered while the replayed copy is being handled
+            await self.pending.add(str(item.update_id), item.to_dict())
+            self._in_process.add(item.update_id)
+        await super().put(item)
+
+    async def settle(self, *update_ids: int) -> None:
+        """These updates are handled: forget them."""
+        await self.pending.remove(str(i) for i in update_ids)
+        self._in_process.difference_update(update_ids)
+
+    async def replay(self, bot: Bot) -> int:
+        """Queue the updates left pending by an earlier run; returns how many."""
+        bodies = await self.pending.all()
+        for body in bodies:
+            update = Update.de_json(body, bot)
+            self._in_process.add(update.update_id)
+            await super().put(update)
+        if bodies:
+            log.info("telegram: handling %d updates received before the restart", len(bodies))
+        return len(bodies)
