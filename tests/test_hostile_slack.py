@@ -1,8 +1,13 @@
 """The hostile-input corpus sent to the Slack adapter as mentions with files, each in its own
-thread, all at once: each thread gets an answer or its specific refusal, once."""
+thread, all at once: each thread gets an answer or its specific refusal, once. Then the hostile
+texts and bodies: lone UTF-16 surrogates (JSON escapes) wherever a person's text arrives, request
+bodies that are not UTF-8 or are nested past the recursion limit, signed or not, attachments that
+are not images: each gets a clear reply or a 4xx, never a 5xx, an ERROR log or the text in a log."""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,7 +17,18 @@ from adapters.slack.format import escape
 from bot import texts
 from tests.fake_slack import FakeSlack
 from tests.hostile import CASES, DecodingEngine
-from tests.slack_helpers import APP_TOKEN, BOT_TOKEN, CHANNEL, mention, open_env
+from tests.slack_helpers import (
+    APP_TOKEN,
+    BLUE,
+    BOT_TOKEN,
+    CHANNEL,
+    answered,
+    dm,
+    mention,
+    open_env,
+    signed,
+    thread_reply,
+)
 
 PLACEHOLDERS = ("queued", "thinking")
 
@@ -52,3 +68,49 @@ async def test_hostile_files_through_slack(fake: FakeSlack, tmp_path: Path) -> N
         else:
             prefix = escape(texts.CATALOGUE["en"][case.expect].split("{")[0].strip())
             assert replies[0].startswith(prefix), (case.name, replies)
+
+
+async def test_hostile_texts_and_bodies_through_slack(
+    fake: FakeSlack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    invalid = escape(texts.text("invalid_text"))
+    env = await open_env(tmp_path, fake)
+    try:
+        first = mention(fake, "<@U0BOT> what is this?", [fake.add_file(BLUE)])
+        await env.event(first)
+        await answered(fake, first)
+        thread = first["event"]["ts"]
+        texts_sent = {  # where a reply lands -> the event carrying a lone surrogate
+            ("C0HOSTILE", "high"): mention(fake, "<@U0BOT> pelican \ud800", channel="C0HOSTILE"),
+            ("C0HOSTILE", "low"): mention(fake, "<@U0BOT> pelican \udc00 x", channel="C0HOSTILE"),
+            ("C0HOSTILE", "swapped"): mention(fake, "<@U0BOT> pelican \udc00\ud800", channel="C0HOSTILE"),
+            ("D0ALICE", "dm"): dm(fake, "pelican \udfff"),
+            (CHANNEL, "thread"): thread_reply(fake, "pelican \ud83d alone", thread),
+        }
+        for payload in texts_sent.values():
+            assert "\\ud" in json.dumps(payload)  # sent as JSON escapes, as a hostile client would
+            assert await env.event(payload) == 200
+        nested = '{"type": "event_callback", "event": ' + "[" * 100_000 + "]" * 100_000 + "}"
+        not_utf8 = '{"type": "event_callback", "event": {"type": "message", "text": "\xff\xfe"}}'
+        statuses = []
+        for body, headers in ((nested, signed(nested)), (nested, {}), (not_utf8, signed(not_utf8)),
+                              (not_utf8, {})):
+            async with env.http.post(env.url, data=body.encode("latin-1"),
+                                     headers={"Content-Type": "application/json", **headers}) as resp:
+                statuses.append(resp.status)
+        assert statuses == [400, 400, 400, 400]
+
+        def replies() -> list[str]:
+            out = [m["text"] for key, p in texts_sent.items() if key[0] == "C0HOSTILE"
+                   for m in fake.thread("C0HOSTILE", p["event"]["ts"])]
+            out += [m["text"] for m in fake.messages["D0ALICE"] if m.get("bot_id")]
+            return out + [m["text"] for m in fake.thread(CHANNEL, thread) if m.get("bot_id")][1:]
+
+        await fake.wait_for(lambda: len(replies()) == 5)
+        assert replies() == [invalid] * 5
+        assert len(env.engine.calls) == 1
+    finally:
+        await env.close()
+    assert "pelican" not in caplog.text
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []

@@ -4,7 +4,8 @@ Transport is chosen by `settings.slack.mode`:
 - "socket": an AsyncSocketModeHandler with the app-level token (xapp-...); no public URL.
 - "http": an aiohttp server on `listen:port` passing POST /slack/events (events, the slash
   command, url_verification) to bolt, which verifies the v0 signature and the timestamp (older
-  than 5 minutes → 401) with the signing secret.
+  than 5 minutes → 401) with the signing secret. A body bolt cannot parse (not UTF-8, JSON nested
+  past Python's recursion limit) is refused with 400 before it gets there.
 The Web API client talks to `settings.slack.base_url` when set (tests, proxies) and retries
 HTTP 429 (honouring Retry-After) and connection errors. `fetcher` fetches the https image links
 of a slash command through the SSRF guard (bot/remote_images.py).
@@ -138,7 +139,12 @@ class SlackAdapter:
         )
 
     async def _http_request(self, request: web.Request) -> web.Response:
-        bolt_response = await self.app.async_dispatch(await to_bolt_request(request))
+        try:  # bolt parses the body before it checks the signature: refuse what cannot be parsed
+            bolt_request = await to_bolt_request(request)
+        except (UnicodeDecodeError, RecursionError, ValueError, TypeError, AttributeError) as exc:
+            log.info("slack: refused a request body that is not readable (%s)", type(exc).__name__)
+            return web.json_response({"ok": False, "error": "invalid_request_body"}, status=400)
+        bolt_response = await self.app.async_dispatch(bolt_request)
         return await to_aiohttp_response(bolt_response)
 
     async def _healthz(self, request: web.Request) -> web.Response:
