@@ -220,6 +220,12 @@ async def test_skipped_attachments_are_named_in_the_reply(env: Env) -> None:
     assert [i.data for i in env.engine.calls[-1].message.images] == [RED]
     assert not [c for c in env.fake.called("files.download") if c.args["file"] == pdf["id"]]
 
+    refused = mention(env.fake, "<@U0BOT> and these?", [env.fake.add_file(RED, html=True), pdf])
+    await env.event(refused)
+    await env.fake.wait_for(lambda: bot_messages(env.fake, refused["event"]["ts"]))
+    [refusal] = bot_messages(env.fake, refused["event"]["ts"])
+    assert refusal.startswith(skipped + "\nI could not download that file: Slack sent a login page")
+
 
 async def test_text_that_is_not_unicode_gets_a_clear_reply(
     env: Env, caplog: pytest.LogCaptureFixture
@@ -240,6 +246,19 @@ async def test_text_that_is_not_unicode_gets_a_clear_reply(
     fine = dm(env.fake, "what is it?", [env.fake.add_file(BLUE)])  # the next message is answered
     await env.event(fine)
     await answered(env.fake, fine)
+
+
+async def test_an_event_that_breaks_the_handler_still_gets_a_reply(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    payload = mention(env.fake, "<@U0BOT> walrus-question")
+    payload["event"]["files"] = "not a list"  # a shape Slack does not send: a bug's stand-in
+    await env.event(payload)
+    await env.fake.wait_for(lambda: bot_messages(env.fake, payload["event"]["ts"]))
+    [reply] = bot_messages(env.fake, payload["event"]["ts"])
+    assert reply == f"Sorry, that failed, please try again. (reference {payload['event_id']})"
+    assert "walrus-question" not in caplog.text
 
 
 async def test_a_file_without_a_download_url_is_explained(env: Env) -> None:

@@ -161,18 +161,19 @@ class SlackHandlers:
             check_text(question)
             files: list[dict[str, Any]] = event.get("files") or []
             skipped = ", ".join(file_name(f) for f in files if not is_image(f))
+            if skipped:  # not read: the reply, answer or refusal, says what was left out and why
+                origin = {**origin, "notice": text("slack_skipped_files", origin.get("lang"), names=skipped)}
             images = await self.files.images_of(files)
             if skipped and not images and not question:
                 raise InputRejected("slack_skipped_files", "only non-image files", names=skipped)
-            if skipped:  # answered without them; the answer says what was left out and why
-                origin = {**origin, "notice": text("slack_skipped_files", origin.get("lang"), names=skipped)}
             incoming = Incoming(
                 conversation, user, Message.of(question or None, *images), origin,
                 event_key=f"slack:event:{event_id}" if event_id else None,
             )
             acceptance = await self.core.submit(incoming)
         except InputRejected as exc:
-            await self._tell(origin, text(exc.code, origin.get("lang"), **exc.params))
+            reason, notice = text(exc.code, origin.get("lang"), **exc.params), origin.get("notice")
+            await self._tell(origin, reason if notice in (None, reason) else f"{notice}\n{reason}")
             return
         except QueueFull as exc:
             busy = text("busy", origin.get("lang"), queued=exc.queued, retry_s=round(exc.retry_after_s))
