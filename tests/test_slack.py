@@ -211,7 +211,8 @@ async def test_skipped_attachments_are_named_in_the_reply(env: Env) -> None:
     await answered(env.fake, image_next)
     assert bot_messages(env.fake, thread)[-1].startswith(f"image {sha8(BLUE)}")
 
-    both = mention(env.fake, "<@U0BOT> what does the chart show?", [env.fake.add_file(RED), pdf])
+    stubs = [{"id": f["id"], "file_access": "check_file_info"} for f in (env.fake.add_file(RED), pdf)]
+    both = mention(env.fake, "<@U0BOT> what does the chart show?", stubs)  # types from files.info
     await env.event(both)
     await answered(env.fake, both)
     [reply] = env.fake.thread(CHANNEL, both["event"]["ts"])

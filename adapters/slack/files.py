@@ -1,5 +1,6 @@
-"""Slack files: which attachments are images, downloading url_private with the bot token, Slack
-file links, and finding the latest image in a channel's history (for the slash command).
+"""Slack files: which attachments are images (the others are skipped and named in the reply),
+downloading url_private with the bot token, Slack file links, and finding the latest image in a
+channel's history (for the slash command).
 
 The bot token goes only to Slack's own https hosts (slack.com and its subdomains, port 443) or to
 exactly the configured Web API origin (VLBOT_SLACK__BASE_URL: scheme, host and port), never to a
@@ -14,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from slack_sdk.errors import SlackApiError
@@ -37,6 +38,11 @@ def image_files(files: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
 
 def is_image(file: dict[str, Any]) -> bool:
     return str(file.get("mimetype", "")).startswith("image/")
+
+
+def is_other_file(file: dict[str, Any]) -> bool:
+    """A file known not to be an image (a PDF, a text snippet...); one of unknown type is not."""
+    return bool(file.get("mimetype")) and not is_image(file)
 
 
 def file_name(file: dict[str, Any]) -> str:
@@ -93,11 +99,25 @@ class SlackFiles:
         found = FILE_ID_RE.search(urlsplit(url).path)
         if not self.is_slack_url(url) or found is None:
             return None
-        name = urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1]
+        name = unquote(urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
         return {"id": found.group(1), "name": name, "file_access": "check_file_info"}
 
-    async def images_of(self, files: list[dict[str, Any]] | None) -> tuple[ImagePart, ...]:
-        wanted = image_files(files)
+    async def sort_out(self, files: list[dict[str, Any]] | None) -> tuple[list[dict[str, Any]], list[str]]:
+        """A message's attachments to read as images, and the names of those skipped as not images.
+        A stub without a type (`file_access: check_file_info`) is looked up with files.info first."""
+        wanted: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        for file in files or []:
+            if not file.get("mimetype") and file.get("file_access") == "check_file_info":
+                file = await self._file_info(file)
+            if is_other_file(file):
+                skipped.append(file_name(file))
+            else:
+                wanted.append(file)
+        return wanted, skipped
+
+    async def images_of(self, wanted: list[dict[str, Any]]) -> tuple[ImagePart, ...]:
+        """Download the attachments `sort_out` wants (files without a URL are explained)."""
         if len(wanted) > self.max_images:
             raise InputRejected(
                 "too_many_images", f"{len(wanted)} images", count=len(wanted), limit=self.max_images

@@ -28,7 +28,7 @@ from slack_bolt.context.async_context import AsyncBoltContext
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from adapters.slack.files import SlackFiles, file_name, is_image, latest_image_file
+from adapters.slack.files import SlackFiles, latest_image_file
 from adapters.slack.format import addresses_others, escape, page_message, split_links, strip_mentions
 from adapters.slack.replies import ReplyWriter
 from bot.adapter import Core, Incoming, QueueFull
@@ -159,11 +159,11 @@ class SlackHandlers:
         try:
             question = strip_mentions(event.get("text") or "")
             check_text(question)
-            files: list[dict[str, Any]] = event.get("files") or []
-            skipped = ", ".join(file_name(f) for f in files if not is_image(f))
+            wanted, others = await self.files.sort_out(event.get("files"))
+            skipped = ", ".join(others)
             if skipped:  # not read: the reply, answer or refusal, says what was left out and why
                 origin = {**origin, "notice": text("slack_skipped_files", origin.get("lang"), names=skipped)}
-            images = await self.files.images_of(files)
+            images = await self.files.images_of(wanted)
             if skipped and not images and not question:
                 raise InputRejected("slack_skipped_files", "only non-image files", names=skipped)
             incoming = Incoming(
