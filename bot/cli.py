@@ -1,4 +1,4 @@
-"""`vlbot` command line: ask, serve, doctor, dev make-model."""
+"""`vlbot` command line: ask, serve, doctor, eval, dev make-model."""
 
 from __future__ import annotations
 
@@ -196,6 +196,26 @@ def describe_model(model: str) -> str:
     return "not downloaded yet: it is fetched from the Hugging Face hub on first use"
 
 
+async def evaluate(args: argparse.Namespace) -> int:
+    """`vlbot eval`: score an engine (or --compare several) on the generated evaluation set."""
+    from bot.app import build_engine
+    from bot.evaluation.command import EvalError, EvalOptions, run_eval
+
+    options = EvalOptions(
+        out=Path(args.out), engine=args.engine, compare=args.compare, task=args.preset,
+        limit=args.limit, seed=args.seed, set_dir=Path(args.set_dir) if args.set_dir else None,
+        progress=not args.no_progress,
+    )
+    base = {"model": args.model, "dtype": args.dtype}
+    try:
+        summary = await run_eval(options, lambda **changes: load_settings(**{**base, **changes}),
+                                 build_engine)
+    except EvalError as exc:
+        raise CliError(str(exc)) from None
+    print(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlbot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +232,20 @@ def build_parser() -> argparse.ArgumentParser:
     p_serve.add_argument("--model")
     p_serve.add_argument("--engine", choices=["auto", "qwen", "ocr", "openai"])
     sub.add_parser("doctor", help="print settings (secrets masked), CPU features, model status")
+    p_eval = sub.add_parser("eval", help="score answers on the generated evaluation set")
+    p_eval.add_argument("--engine", choices=["auto", "qwen", "ocr", "openai"])
+    p_eval.add_argument("--model", help="hub id or local folder (default: settings)")
+    p_eval.add_argument("--dtype", choices=["auto", "bfloat16", "float32"])
+    p_eval.add_argument("--preset", choices=["ocr", "extract", "triage", "describe"],
+                        help="only this task's cases")
+    p_eval.add_argument("--limit", type=int, help="at most N cases of each task")
+    p_eval.add_argument("--compare", metavar="VARIANTS",
+                        help="side by side, e.g. ocr,vlm,vlm+hints,quantize=int4,max_visual_tokens=512")
+    p_eval.add_argument("--out", default="eval-report.json",
+                        help="the JSON report; .md and .html are written beside it")
+    p_eval.add_argument("--seed", type=int, default=0, help="the evaluation set's seed")
+    p_eval.add_argument("--set-dir", help="where the generated set is kept (default: the cache)")
+    p_eval.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p_dev = sub.add_parser("dev", help="developer tools")
     p_dev.add_argument("tool", choices=["make-model"])
     p_dev.add_argument("rest", nargs=argparse.REMAINDER)
@@ -227,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve(args))
         if args.command == "doctor":
             return doctor(args)
+        if args.command == "eval":
+            return asyncio.run(evaluate(args))
         from engine.devmodel import main as make_model_main
 
         return make_model_main(args.rest)
