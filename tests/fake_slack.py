@@ -41,6 +41,7 @@ class FakeFile:
     data: bytes
     html: bool = False  # answer downloads with the login page (the files:read scope is missing)
     external: bool = False  # an external file (Google Drive...): its url_private is not Slack's
+    broken: bool = False  # the download connection is closed before any answer
 
 
 class FakeSlack:
@@ -103,10 +104,10 @@ class FakeSlack:
         return f"{1_700_000_000 + next(self._ts)}.{next(self._ids):06d}"
 
     def add_file(self, data: bytes, name: str = "screenshot.png", mimetype: str = "image/png",
-                 html: bool = False, external: bool = False) -> dict[str, Any]:
+                 html: bool = False, external: bool = False, broken: bool = False) -> dict[str, Any]:
         """Store a file; returns the file object as it appears in events and history."""
         fid = f"F{next(self._ids):08d}"
-        self.files[fid] = FakeFile(fid, name, mimetype, data, html, external)
+        self.files[fid] = FakeFile(fid, name, mimetype, data, html, external, broken)
         return self._file_object(self.files[fid])
 
     def file_link(self, file: dict[str, Any]) -> str:
@@ -288,6 +289,9 @@ class FakeSlack:
                                                      "authorized": authorized}))
         if f is None:
             return web.Response(status=404, text="not found")
+        if f.broken and request.transport is not None:
+            request.transport.close()
+            return web.Response()
         if not authorized or f.html:  # Slack's answer: a 200 login page, not an error status
             return web.Response(body=LOGIN_PAGE, content_type="text/html")
         return web.Response(body=f.data, content_type=f.mimetype)

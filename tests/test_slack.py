@@ -272,6 +272,12 @@ async def test_a_file_without_a_download_url_is_explained(env: Env) -> None:
     assert "external files (Google Drive" in reply and "Upload the image itself" in reply
     assert "HTTP" not in reply and env.engine.calls == []
 
+    cut_off = mention(env.fake, "<@U0BOT> and this?", [env.fake.add_file(RED, "cut.png", broken=True)])
+    await env.event(cut_off)
+    await env.fake.wait_for(lambda: bot_messages(env.fake, cut_off["event"]["ts"]))
+    assert bot_messages(env.fake, cut_off["event"]["ts"]) == [
+        "I could not download cut.png from Slack (the connection broke off). Please upload it again."]
+
 
 async def test_the_bot_token_goes_only_to_the_configured_origin(env: Env) -> None:
     other_port = await FakeSlack(BOT_TOKEN).start()  # the same host, another port

@@ -12,6 +12,7 @@ A missing `files:read` scope does not produce an error status: Slack answers the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Any
@@ -148,6 +149,21 @@ class SlackFiles:
             # external (Google Drive...) files, or files hidden from the bot: nothing to fetch here
             log.info("file %s: no Slack download URL (external: %s)", info.get("id"), info.get("is_external"))
             raise InputRejected("slack_file_no_url", "no Slack file URL", name=name)
+        try:
+            data, content_type = await self._fetch(url, info, name)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("file %s: download failed: %s", info.get("id"), type(exc).__name__)
+            timed_out = isinstance(exc, asyncio.TimeoutError)
+            raise InputRejected(
+                "slack_download_failed", type(exc).__name__, name=name,
+                status="the download timed out" if timed_out else "the connection broke off",
+            ) from exc
+        mime = str(info.get("mimetype") or content_type or "application/octet-stream")
+        return ImagePart(data, mime, name if info.get("name") else None)
+
+    async def _fetch(self, url: str, info: dict[str, Any], name: str) -> tuple[bytes, str]:
+        """The file's bytes and content type; the bot token goes along (aiohttp drops it when a
+        redirect leaves the origin)."""
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         headers = {"Authorization": f"Bearer {self._token}"}
@@ -170,8 +186,7 @@ class SlackFiles:
                         "too_large", "file over the limit",
                         size_mb=f"{size / _MIB:.1f}", limit_mb=f"{self.max_bytes / _MIB:g}",
                     )
-        mime = str(info.get("mimetype") or content_type or "application/octet-stream")
-        return ImagePart(bytes(data), mime, name if info.get("name") else None)
+        return bytes(data), content_type
 
 
 async def latest_image_file(client: AsyncWebClient, channel: str, limit: int = 100) -> dict[str, Any] | None:

@@ -179,14 +179,18 @@ class SlackHandlers:
             busy = text("busy", origin.get("lang"), queued=exc.queued, retry_s=round(exc.retry_after_s))
             await self._tell(origin, busy)
             return
-        except Exception as exc:  # never silence: say it failed (details at DEBUG: no user text)
-            ref = str(event_id or event.get("ts"))
-            log.error("slack event %s could not be submitted: %s", ref, type(exc).__name__)
-            log.debug("slack event %s", ref, exc_info=True)
-            await self._tell(origin, text("failed", origin.get("lang"), ref=ref))
+        except Exception as exc:  # never silence
+            await self._failed(origin, str(event_id or event.get("ts")), exc)
             return
         self._threads.add(conversation.key())
         log.info("slack event %s → job %s (duplicate=%s)", event_id, acceptance.job_id, acceptance.duplicate)
+
+    async def _failed(self, origin: dict[str, Any], ref: str, exc: Exception) -> None:
+        """An unexpected error before the job was queued: the user is told, with a reference; the
+        log names the error's type (the traceback, which may quote user text, only at DEBUG)."""
+        log.error("slack request %s could not be submitted: %s", ref, type(exc).__name__)
+        log.debug("slack request %s", ref, exc_info=True)
+        await self._tell(origin, text("failed", origin.get("lang"), ref=ref))
 
     async def _tell(self, origin: dict[str, Any], message: str) -> None:
         """A direct reply outside the job flow (input rejected, queue full, no image...)."""
@@ -246,6 +250,9 @@ class SlackHandlers:
                             else self._latest_image(conversation))
         except InputRejected as exc:
             await self._tell(origin, text(exc.code, None, **exc.params))
+            return
+        except Exception as exc:  # never silence after "working…"
+            await self._failed(origin, str(command.get("trigger_id")), exc)
             return
         if images is None:
             await self._tell(origin, text("slack_attach_hint", command=self.slack.slash_command))
