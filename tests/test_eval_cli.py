@@ -113,6 +113,12 @@ def test_a_bad_compare_item_is_one_clear_line(tmp_path: Path, spec: str, message
     assert not (tmp_path / "out").exists()
 
 
+def test_engine_and_compare_together_is_refused(tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(eval_args(tmp_path, "--engine", "ocr", "--compare", "ocr,vlm")) == 2
+    assert "--engine and --compare do not go together" in capsys.readouterr().err
+
+
 # --- the remote engine against a fake OpenAI-compatible server ------------------------------------
 
 

@@ -34,6 +34,9 @@ class EvalOptions:
 
 def variants_of(options: EvalOptions, configured_engine: str) -> list[Variant]:
     if options.compare:
+        if options.engine:
+            raise EvalError("--engine and --compare do not go together: name each engine in "
+                            "--compare (e.g. --compare ocr,vlm)")
         try:
             return parse_variants(options.compare)
         except VariantError as exc:

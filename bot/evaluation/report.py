@@ -39,8 +39,8 @@ def _task_table(run: RunResult) -> list[str]:
              "|---|---:|---:|" + "---:|" * len(_METRIC_ORDER)]
     for task, entry in summary.items():
         if not entry.get("cases"):
-            lines.append(f"| /{task} | skipped ({entry.get('skipped', 0)}) | | "
-                         + " | ".join("" for _ in _METRIC_ORDER) + " |")
+            lines.append(f"| /{task} | 0 ({entry.get('skipped', 0)} skipped) | — | "
+                         + " | ".join("—" for _ in _METRIC_ORDER) + " |")
             continue
         cells = [_number(entry[m]) if m in entry else "—" for m in _METRIC_ORDER]
         lines.append(f"| /{task} | {entry['cases']} | {entry['errors']} | " + " | ".join(cells) + " |")
@@ -102,7 +102,8 @@ pre{white-space:pre-wrap;max-width:48em;margin:0;font-size:85%}"""
 
 def _html_table(markdown_lines: list[str]) -> str:
     """A Markdown table (as _task_table / side_by_side write them) as HTML."""
-    rows = [line.strip("|").split(" | ") for line in markdown_lines if not line.startswith("|---")]
+    rows = [line.strip().strip("|").split("|") for line in markdown_lines
+            if not line.startswith("|---")]
     head, body = rows[0], rows[1:]
     out = ["<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"]
     for row in body:
