@@ -61,6 +61,7 @@ class ChatMessage:
 
 
 RESET = 0  # fail_next status: the connection is reset
+LOST = -1  # fail_next status: the call is carried out, then the connection drops (answer lost)
 
 
 class FakeTelegram:
@@ -81,6 +82,7 @@ class FakeTelegram:
         self._file_ids = itertools.count(1)
         self._new_updates = asyncio.Condition()
         self._closing = False
+        self.confirmed_offset = 0  # getUpdates' highest offset: updates below it are acknowledged
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -152,7 +154,8 @@ class FakeTelegram:
                   **parameters: Any) -> None:
         """Answer the next `times` calls of `method` (with this `text`, if given) with a
         Telegram error; `parameters` become the error's parameters (e.g. retry_after).
-        `status=RESET` drops the connection instead of answering."""
+        `status=RESET` drops the connection instead of answering; `status=LOST` carries the call
+        out and then drops the connection (the caller never learns that it succeeded)."""
         for _ in range(times):
             self._failures.append((method, status, text, parameters))
 
@@ -215,6 +218,8 @@ class FakeTelegram:
             if m == method and (text is None or params.get("text") == text):
                 del self._failures[i]
                 call.status = status
+                if status == LOST:
+                    break
                 if status == RESET:  # the connection drops before any answer
                     assert request.transport is not None
                     request.transport.close()
@@ -229,6 +234,10 @@ class FakeTelegram:
             call.status = 403
             return _error(403, "Forbidden: bot was blocked by the user")
         result = await handler(params)
+        if call.status == LOST:  # carried out; the answer never arrives
+            assert request.transport is not None
+            request.transport.close()
+            raise ConnectionResetError("answer lost by the fake server")
         if isinstance(result, web.Response):
             call.status = result.status
             return result
@@ -252,6 +261,7 @@ class FakeTelegram:
     async def _m_getUpdates(self, params: dict[str, Any]) -> Any:
         offset = int(params.get("offset") or 0)
         timeout = float(params.get("timeout") or 0)
+        self.confirmed_offset = max(self.confirmed_offset, offset)
         async with self._new_updates:
             if offset:
                 self._pending = [u for u in self._pending if u["update_id"] >= offset]
@@ -332,6 +342,16 @@ class FakeTelegram:
         m.edits.append(text)
         m.text = text
         return self._message_json(m)
+
+    async def _m_editMessageReplyMarkup(self, params: dict[str, Any]) -> Any:
+        m = self.messages.get((int(params["chat_id"]), int(params["message_id"])))
+        if m is None or m.deleted:
+            return _error(400, "Bad Request: message to edit not found")
+        if not m.from_bot:
+            return _error(400, "Bad Request: message can't be edited")
+        if params.get("reply_markup"):
+            return _error(400, "Bad Request: keyboards are not modelled by this fake")
+        return _error(400, NOT_MODIFIED)  # no message here has a keyboard
 
     async def _m_deleteMessage(self, params: dict[str, Any]) -> Any:
         m = self.messages.get((int(params["chat_id"]), int(params["message_id"])))

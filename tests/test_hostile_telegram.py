@@ -3,7 +3,10 @@ all at once from different chats: each chat gets an answer or its specific refus
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from adapters.telegram.media import DOWNLOAD_TRIES
 from bot import texts
@@ -95,3 +98,22 @@ async def test_connection_resets_while_downloading_and_sending(fake: FakeTelegra
         assert len(shown) == 2 and shown[1].startswith("I see"), shown  # complete, once
     assert [c.method for c in fake.calls if c.status == RESET] == [
         "getFile", "editMessageText", "editMessageText"]
+
+
+async def test_text_and_captions_that_are_not_valid_unicode_get_a_clear_reply(
+    fake: FakeTelegram, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lone UTF-16 surrogate ("\\ud800" in the update's JSON) in a question or a caption."""
+    from tests.hostile import jpeg
+
+    caplog.set_level(logging.INFO)
+    async with running(fake, tmp_path, engine=DecodingEngine()) as h:
+        await fake.push(h.text("what is \ud800 this?"))
+        await fake.push(h.photo(jpeg(), "caption \udc00 here"))
+        await fake.wait_for(lambda: len(fake.texts(111)) == 2, timeout=30)
+        await fake.push(h.text("still there?"))  # and it keeps serving
+        await fake.wait_for(lambda: len(fake.texts(111)) == 3, timeout=30)
+    prefix = texts.CATALOGUE["en"]["invalid_text"]
+    assert fake.texts(111)[:2] == [prefix, prefix]
+    assert not fake.texts(111)[2].startswith(prefix)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from engine.base import EngineInfo
 from tests.fake_telegram import TOKEN, FakeTelegram, fixture
 from tests.fakes import ScriptedEngine
 from tests.telegram_harness import (
@@ -26,6 +27,7 @@ from tests.telegram_harness import (
     RED,
     fake_server,
     image_shas,
+    jpeg,
     running,
     transcript,
 )
@@ -228,15 +230,82 @@ async def test_cancel_stops_the_running_answer(fake: FakeTelegram, tmp_path: Pat
     assert fake.texts(ALICE) == ["Cancelled.", "There is nothing to cancel."]
 
 
+async def test_cancel_after_five_photos_cancels_all_five(fake: FakeTelegram, tmp_path: Path) -> None:
+    """The photos are still downloading, waiting for the chat's turn or queued when /cancel
+    arrives: every one of them is cancelled, none answered."""
+    engine = ScriptedEngine(reply=lambda h, m: ANSWER, delay_s=0.1)
+    async with running(fake, tmp_path, engine=engine) as h:
+        colours = [(40 * i, 200 - 30 * i, 90) for i in range(5)]
+        for colour in colours:
+            await fake.push(h.photo(jpeg(colour), "total?"))
+        await fake.push(h.text("/cancel"))
+        await fake.wait_for(lambda: fake.texts(ALICE).count("Cancelled.") == 5, timeout=15)
+        await fake.push(h.text("/cancel"))  # a marker: everything before it has settled
+        await h.wait_text(ALICE, "There is nothing to cancel.")
+        counts = await h.stack.jobs.counts()
+    assert fake.texts(ALICE) == ["Cancelled."] * 5 + ["There is nothing to cancel."]
+    assert "done" not in counts
+    replied_to = sorted(m.reply_to for m in fake.bot_messages(ALICE) if m.text == "Cancelled.")
+    photo_ids = sorted(i for (chat, i), m in fake.messages.items()
+                       if chat == ALICE and not m.from_bot and m.text == "total?")
+    assert replied_to == photo_ids  # one "Cancelled." for each photo
+
+
+async def test_cancel_covers_an_album_still_being_collected(fake: FakeTelegram, tmp_path: Path) -> None:
+    async with running(fake, tmp_path, adapter_kw={"album_wait_s": 1.0}) as h:
+        for i, image in enumerate((RED, GREEN)):
+            update = h.photo(image, "what differs?" if i == 0 else None)
+            update["message"]["media_group_id"] = "album-c"
+            await fake.push(update)
+        await fake.push(h.text("/cancel"))  # inside the album's window
+        await h.wait_text(ALICE, "Cancelled.")
+        await fake.push(h.text("/cancel"))  # a marker: the album has settled
+        await h.wait_text(ALICE, "There is nothing to cancel.")
+    assert fake.texts(ALICE) == ["Cancelled.", "There is nothing to cancel."]
+    assert h.engine.calls == []
+
+
+class FolderModelEngine(ScriptedEngine):
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(name="qwen3-vl", model="/srv/private/models/Qwen3-VL-2B-Instruct")
+
+
 async def test_help_and_commands_registered(fake: FakeTelegram, tmp_path: Path) -> None:
-    async with running(fake, tmp_path) as h:
+    async with running(fake, tmp_path, engine=FolderModelEngine()) as h:
         await fake.push(h.text("/help"))
         await fake.wait_for(lambda: len(fake.texts(ALICE)) == 1)
-    assert "Model: script" in fake.texts(ALICE)[0] and "10 MB" in fake.texts(ALICE)[0]
+    shown = fake.texts(ALICE)[0]
+    assert "Model: Qwen3-VL-2B-Instruct." in shown and "/srv" not in shown  # a name, not a path
+    assert "10 MB" in shown
+    for command in ("/ask", "/export", "/reset", "/cancel", "/describe", "/ocr", "/extract",
+                    "/triage"):
+        assert command in shown, command
     registered = [c.params for c in fake.calls if c.method == "setMyCommands"]
     assert {c.get("language_code") for c in registered} == {None, "zh"}
     names = {x["command"] for x in registered[0]["commands"]}
     assert names == {"ask", "help", "reset", "cancel", "export", "start"}
+
+
+async def test_an_unknown_command_is_named_not_asked(fake: FakeTelegram, tmp_path: Path) -> None:
+    async with running(fake, tmp_path) as h:
+        await fake.push(h.text("/frobnicate the receipt"))
+        await fake.wait_for(lambda: len(fake.texts(ALICE)) == 1)
+        group_plain = h.text("/frobnicate", chat=GROUP)  # maybe another bot's: not ours to answer
+        group_ours = h.text("/frobnicate@vlbot_test_bot", chat=GROUP)
+        await fake.push(group_plain)
+        await fake.push(group_ours)
+        await fake.wait_for(lambda: len(fake.texts(GROUP)) == 1)
+        await fake.push(h.photo(RED, "/describe"))  # a preset is no unknown command
+        await fake.wait_for(lambda: len(h.engine.calls) == 1)
+    shown = fake.texts(ALICE)[0]
+    assert shown.startswith("I don't know the command /frobnicate.")
+    for command in ("/ask", "/help", "/export", "/reset", "/cancel", "/triage"):
+        assert command in shown, command
+    assert fake.texts(GROUP)[0].startswith("I don't know the command /frobnicate.")
+    replied_to = [c.params["reply_parameters"]["message_id"] for c in fake.calls_to(GROUP)]
+    assert replied_to == [group_ours["message"]["message_id"]]
+    assert len(h.engine.calls[0].message.images) == 1  # only the /describe photo was asked
 
 
 # --- access, language, logs ---------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from pathlib import Path
 
 import aiohttp
@@ -14,7 +15,7 @@ from adapters.telegram import TelegramAdapter
 from adapters.telegram.replies import split_message, utf16_len
 from bot.models import ConversationId
 from tests.conftest import make_core
-from tests.fake_telegram import FakeTelegram
+from tests.fake_telegram import LOST, RESET, TOKEN, FakeTelegram
 from tests.fakes import ScriptedEngine
 from tests.telegram_harness import (
     ALICE,
@@ -195,3 +196,72 @@ async def test_typing_is_renewed_while_a_long_answer_is_generated(
         await asyncio.sleep(0.5)
         assert len(fake.calls_to(ALICE, "sendChatAction")) == typing  # stops with the answer
     assert typing >= 3
+
+
+# --- lost responses, restarts, an unreachable Bot API ----------------------------------------------
+
+
+async def test_a_placeholder_whose_response_was_lost_is_not_left_beside_the_answer(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    fake.fail_next("sendMessage", LOST)  # Telegram shows the placeholder; the bot never hears
+    async with running(fake, tmp_path) as h:
+        await fake.push(h.photo(RED, "total?"))
+        await h.wait_done(1, timeout=15)
+    lost = [m for m in fake.messages.values() if m.chat_id == ALICE and m.from_bot and m.deleted]
+    assert len(lost) == 1  # it did arrive, and was found and removed
+    assert fake.texts(ALICE) == [ANSWER]
+
+
+async def test_an_answer_whose_response_was_lost_is_shown_once(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    long = (("word" * 20 + " ") * 60).strip()  # two messages: the second is a new send
+    engine = ScriptedEngine(reply=lambda h, m: long)
+    async with running(fake, tmp_path, engine=engine) as h:
+        second = split_message(long)[1]
+        fake.fail_next("sendMessage", LOST, text=second)
+        await fake.push(h.photo(RED, "q"))
+        await h.wait_done(1, timeout=15)
+    assert fake.texts(ALICE) == split_message(long)  # each part once, the lost copy removed
+
+
+async def test_an_album_inside_its_window_survives_a_restart(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    """SIGTERM's path (App.stop → adapter.stop) while an album is still being collected: Telegram
+    has been told the updates arrived, and the album is answered after the restart."""
+    adapter_kw = {"album_wait_s": 30.0}  # the stop always lands inside the window
+    async with running(fake, tmp_path, adapter_kw=adapter_kw) as h:
+        ids = []
+        for i, image in enumerate((RED, GREEN)):
+            update = h.photo(image, "what differs?" if i == 0 else None)
+            update["message"]["media_group_id"] = "album-1"
+            ids.append(await fake.push(update))
+        await fake.wait_for(lambda: fake.confirmed_offset > max(ids))  # acknowledged
+        await h.adapter.stop()
+        assert (await h.stack.jobs.counts()) == {}  # no job yet: only the pending updates
+        h.adapter.album_wait_s = 0.3
+        await h.adapter.start(h.stack.core)  # Telegram does not send them again
+        await h.wait_done(1, timeout=15)
+        await asyncio.sleep(0.5)  # anything duplicated would show up now
+    assert fake.texts(ALICE) == [ANSWER]
+    assert [len(c.message.images) for c in h.engine.calls] == [2]
+
+
+async def test_an_unreachable_bot_api_at_start_is_retried_in_the_background(
+    fake: FakeTelegram, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.fail_next("getMe", 502, times=2)
+    fake.fail_next("getMe", RESET)
+    caplog.set_level(logging.INFO)
+    adapter_kw = {"connect_backoff_s": 0.05}
+    async with running(fake, tmp_path, adapter_kw=adapter_kw) as h:
+        assert not h.adapter._ready.is_set()  # start returned: the other adapters go on
+        await fake.push(h.photo(RED, "total?"))
+        await h.wait_text(ALICE, ANSWER, timeout=15)
+    assert [c.status for c in fake.calls if c.method == "getMe"] == [502, 502, RESET, 200]
+    attempts = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(attempts) == 3, attempts
+    assert not any(TOKEN in r.getMessage() or TOKEN.split(":")[1] in r.getMessage()
+                   for r in caplog.records)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -55,9 +56,9 @@ class ChatLedger:
         self._chats: dict[int, _Chat] = {}
 
     def note_incoming(self, chat_id: int, message_id: int, date: dt.datetime) -> None:
-        """A user's message; it anchors a sweep only if it was sent after this process started
+        """A user's message; it anchors a sweep only if it was sent since this process started
         (a replayed or redelivered older update may predate messages of an earlier run)."""
-        if date.timestamp() > self.started_at:
+        if date.timestamp() >= math.floor(self.started_at):  # Telegram dates are whole seconds
             self.note(chat_id, message_id)
 
     def note(self, chat_id: int, message_id: int) -> None:
