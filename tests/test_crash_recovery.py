@@ -85,3 +85,65 @@ async def test_sigkill_with_jobs_accepted_then_restart_answers_each_once(
         [(f"telegram:{c}", "user") for c in CHATS] + [(f"telegram:{c}", "assistant") for c in CHATS]
     )
     assert images == 4
+
+
+async def push_album(fake: FakeTelegram, helper: Harness, chat: int, images: list[bytes]) -> int:
+    """An album of `images` in `chat`; returns its last update id."""
+    last = 0
+    for i, image in enumerate(images):
+        update = helper.photo(image, "What colours are these?" if i == 0 else None,
+                              chat=chat, user=chat)
+        update["message"]["media_group_id"] = f"album-{chat}"
+        last = await fake.push(update)
+    return last
+
+
+async def test_an_album_inside_its_window_survives_sigkill_and_sigterm(
+    fake: FakeTelegram, tiny_qwen3: Path, tmp_path: Path
+) -> None:
+    """Telegram is told the album's updates arrived (the offset moves past them) and the process
+    dies inside the album's collection window, before any job exists: by SIGKILL, then by a
+    normal SIGTERM restart. Each album is answered once after the next start."""
+    data = tmp_path / "data"
+    db = data / "vlbot.sqlite3"
+    helper = Harness(fake, None, None)  # type: ignore[arg-type]  # only its update builders
+    albums = {401: [RED, GREEN, BLUE], 402: [jpeg((90, 90, 90)), jpeg((250, 250, 20))]}
+    run = await start_serve(fake, tiny_qwen3, data)
+    try:
+        last = await push_album(fake, helper, 401, albums[401])
+        await fake.wait_for(lambda: fake.confirmed_offset > last, timeout=90)  # acknowledged
+    finally:
+        run.send_signal(signal.SIGKILL)
+        await run.wait()
+    assert job_statuses(db) == {}  # killed inside the window: no job was written
+
+    run = await start_serve(fake, tiny_qwen3, data)  # Telegram does not send the album again
+    try:
+        await fake.wait_for(lambda: job_statuses(db) == {"done": 1}, 180)
+        last = await push_album(fake, helper, 402, albums[402])
+        await fake.wait_for(lambda: fake.confirmed_offset > last, timeout=90)
+    finally:
+        run.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(run.communicate(), 30)
+    assert run.returncode == 0, stderr.decode()[-2000:]
+    assert job_statuses(db) == {"done": 1}  # stopped inside the second album's window
+
+    run = await start_serve(fake, tiny_qwen3, data)
+    try:
+        await fake.wait_for(lambda: job_statuses(db) == {"done": 2}, 180)
+        await asyncio.sleep(1.0)  # anything duplicated would show up now
+    finally:
+        run.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(run.communicate(), 30)
+    assert run.returncode == 0, stderr.decode()[-2000:]
+    for chat, images in albums.items():
+        shown = fake.bot_messages(chat)
+        assert len(shown) == 1, (chat, [m.text for m in shown])  # one reply per album
+        assert shown[0].text and not shown[0].text.startswith(("thinking", "queued"))
+        with sqlite3.connect(db) as conn:
+            (parts,) = conn.execute(
+                "SELECT parts FROM turns WHERE conversation = ? AND role = 'user'",
+                (f"telegram:{chat}",)).fetchone()
+        assert parts.count('"image"') == len(images)  # the whole album, in one turn
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM pending_updates").fetchone()[0] == 0
