@@ -134,8 +134,14 @@ class Handlers:
         try:
             await self._message(msg, update.update_id)
         finally:
-            self._in_hand.get(key, set()).discard(msg.message_id)
+            self._release(key, [msg.message_id])
         await self.queue.settle(update.update_id)
+
+    def _release(self, key: str, message_ids: list[int]) -> None:
+        in_hand = self._in_hand.get(key, set())
+        in_hand.difference_update(message_ids)
+        if not in_hand:
+            self._in_hand.pop(key, None)
 
     async def _message(self, msg: Message, update_id: int) -> None:
         # an album that started before this message goes first
@@ -149,7 +155,7 @@ class Handlers:
             addressed, question = self._addressed(msg)
             unknown = self._unknown_command(msg)
             if unknown is not None:
-                if addressed or unknown[1]:
+                if (addressed or unknown[1]) and await self._admit(msg):
                     await self._say_unknown(msg, unknown[0])
                 return
             if not addressed or not await self._admit(msg):
@@ -330,8 +336,7 @@ class Handlers:
                 with contextlib.suppress(TelegramError):
                     await self._say(messages[0], "failed", ref=f"u{album.update_ids[0]}")
             finally:
-                in_hand = self._in_hand.get(conversation_of(messages[0]).key(), set())
-                in_hand.difference_update(m.message_id for m in messages)
+                self._release(conversation_of(messages[0]).key(), [m.message_id for m in messages])
         await self.queue.settle(*album.update_ids)
 
     async def _album_turn(self, messages: list[Message], event_key: str) -> None:
