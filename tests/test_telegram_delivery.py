@@ -7,13 +7,16 @@ import asyncio
 import itertools
 import logging
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
 from adapters.telegram import TelegramAdapter
 from adapters.telegram.replies import split_message, utf16_len
-from bot.models import ConversationId
+from bot.adapter import Core, ReplyEvent
+from bot.app import App
+from bot.models import ConversationId, Job
 from tests.conftest import make_core
 from tests.fake_telegram import LOST, RESET, TOKEN, FakeTelegram
 from tests.fakes import ScriptedEngine
@@ -265,3 +268,37 @@ async def test_an_unreachable_bot_api_at_start_is_retried_in_the_background(
     assert len(attempts) == 3, attempts
     assert not any(TOKEN in r.getMessage() or TOKEN.split(":")[1] in r.getMessage()
                    for r in caplog.records)
+
+
+class OtherAdapter:
+    """Stands for Slack or HTTP: started by the app after Telegram."""
+
+    platform = "other"
+
+    def __init__(self) -> None:
+        self.started = False
+
+    async def start(self, core: Core) -> None:
+        self.started = True
+
+    async def stop(self) -> None:
+        self.started = False
+
+    async def send(self, job: Job, event: ReplyEvent) -> dict[str, Any] | None:
+        return None
+
+
+async def test_serve_keeps_the_other_adapters_while_the_bot_api_is_unreachable(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    fake.fail_next("getMe", 502, times=1000)  # down for the whole test
+    settings = make_settings(fake, tmp_path)
+    telegram = TelegramAdapter(settings, connect_backoff_s=0.05, connect_backoff_max_s=0.1)
+    other = OtherAdapter()
+    app = App(settings, ScriptedEngine(), [telegram, other])
+    await app.start()  # returns: Telegram keeps trying in the background
+    try:
+        assert other.started and app.runner is not None
+        await fake.wait_for(lambda: sum(c.method == "getMe" for c in fake.calls) >= 3)
+    finally:
+        await app.stop()
