@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -302,3 +303,27 @@ async def test_serve_keeps_the_other_adapters_while_the_bot_api_is_unreachable(
         await fake.wait_for(lambda: sum(c.method == "getMe" for c in fake.calls) >= 3)
     finally:
         await app.stop()
+
+
+async def test_an_update_that_cannot_be_stored_is_not_acknowledged(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    """The database refuses the write once (e.g. locked): Telegram's offset stays, getUpdates
+    hands the photo out again, and it is answered once."""
+    async with running(fake, tmp_path) as h:
+        assert h.adapter.queue is not None
+        pending = h.adapter.queue.pending
+        store = pending.add
+        failures = [sqlite3.OperationalError("database is locked")]
+
+        async def add_or_fail(update_id: str, body: dict[str, Any]) -> None:
+            if failures:
+                raise failures.pop()
+            await store(update_id, body)
+
+        pending.add = add_or_fail  # type: ignore[method-assign]
+        update_id = await fake.push(h.photo(RED, "total?"))
+        await h.wait_done(1, timeout=15)
+        assert not failures and fake.confirmed_offset > update_id
+        await asyncio.sleep(0.3)  # anything duplicated would show up now
+    assert fake.texts(ALICE) == [ANSWER]

@@ -6,8 +6,8 @@ How PTB acknowledges: in long polling, the Updater puts each fetched update into
 sends, which is what tells Telegram the updates were received; in webhook mode our server
 answers 200 after the same `put`. So `put` writing the update to the `pending_updates` table
 (committed; WAL survives SIGKILL) before it returns means nothing is acknowledged unwritten. If
-the write fails, `put` raises: the offset does not advance (polling retries) or the webhook
-answers 500 (Telegram redelivers).
+the write fails, `put` raises a TelegramError: the offset does not advance and PTB's polling
+loop retries getUpdates with backoff, or the webhook answers 500 and Telegram redelivers.
 
 The handlers call `settle` once an update is fully handled — a job written (the runner's own
 durable record takes over), a refusal sent, or nothing to do. An album's parts stay pending
@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 
 from telegram import Bot, Update
+from telegram.error import TelegramError
 
 from bot.pending import PendingUpdates
 
@@ -39,7 +41,12 @@ class DurableUpdateQueue(asyncio.Queue[object]):
         if isinstance(item, Update) and item.message is not None:
             if item.update_id in self._in_process:
                 return  # redelivered while the replayed copy is being handled
-            await self.pending.add(str(item.update_id), item.to_dict())
+            try:
+                await self.pending.add(str(item.update_id), item.to_dict())
+            except (sqlite3.Error, OSError) as exc:
+                # a TelegramError: PTB's polling loop retries getUpdates (same offset) with backoff
+                log.error("telegram: could not store update %s: %r", item.update_id, exc)
+                raise TelegramError(f"update {item.update_id} not stored") from exc
             self._in_process.add(item.update_id)
         await super().put(item)
 
