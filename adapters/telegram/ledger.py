@@ -106,7 +106,7 @@ class ChatLedger:
                      message_id, chat_id, exc.message)
             return
         else:
-            return  # it changed: not a plain message of ours; leave it
+            return  # it had a keyboard: none of this bot's messages has one; leave it
         try:
             await self.bot.delete_message(chat_id, message_id)
             log.info("telegram: removed message %s in chat %s (sent with a lost response)",
