@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bot.history import HistoryStore
-from bot.models import ConversationId, ImagePart, Job, Message, User
+from bot.models import ConversationId, FinishReason, ImagePart, Job, Message, User
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,9 @@ class Partial:
 @dataclass(frozen=True)
 class Final:
     text: str
+    finish_reason: FinishReason = "stop"  # "length": max_new_tokens cut the answer
+    prompt_tokens: int | None = None  # as the engine counted them (None: it does not count)
+    completion_tokens: int | None = None
 
 
 @dataclass(frozen=True)

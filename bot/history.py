@@ -194,3 +194,14 @@ class HistoryStore:
         async with self.db.reading() as conn:
             found = await load_images(conn, [sha256])
         return found.get(sha256)
+
+    async def image_in(self, sha256: str, key_prefix: str) -> bytes | None:
+        """An image, only when a turn of a conversation whose key starts with `key_prefix` (the
+        conversations of one owner) holds it; None otherwise, as for an unknown image."""
+        rows = await self.db.fetchall(
+            "SELECT i.data FROM images i WHERE i.sha256 = ? AND EXISTS (SELECT 1 FROM turn_images ti"
+            " JOIN turns t ON t.id = ti.turn_id WHERE ti.sha256 = i.sha256"
+            " AND substr(t.conversation, 1, ?) = ?)",
+            (sha256, len(key_prefix), key_prefix),
+        )
+        return bytes(rows[0]["data"]) if rows else None

@@ -10,7 +10,7 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 
 class Role(str, Enum):
@@ -132,6 +132,10 @@ class Turn:
     @property
     def images(self) -> tuple[ImagePart, ...]:
         return Message(self.parts).images
+
+
+# Why an answer ended: the model finished it ("stop") or max_new_tokens cut it ("length").
+FinishReason = Literal["stop", "length"]
 
 
 @dataclass(frozen=True)

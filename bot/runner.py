@@ -54,7 +54,7 @@ from bot.models import (
     Turn,
 )
 from bot.presets import generate_preset, get_preset, parse_preset_command, render_answer
-from engine.base import Engine, EngineNotReady
+from engine.base import Engine, EngineNotReady, StreamStats
 
 log = logging.getLogger("vlbot.runner")
 
@@ -173,14 +173,18 @@ class Runner:
         if not incoming.message.parts:
             raise InputRejected("empty_question", "empty message")
         check_message(incoming.message, self.max_question_chars, self.max_images_per_message)
-        self.engine.check(incoming.message)
-        # Admission is one step: the slot is taken here, before the first await (the SQLite
-        # write), so concurrent submits cannot all pass the check; it is given back if the
-        # write fails, is cancelled or finds a duplicate.
+        # Admission is one step: the slot is taken here, before the first await (the image
+        # check, the SQLite write), so concurrent submits cannot all pass the capacity check; it
+        # is given back if the image is refused, the write fails or is cancelled, or the event
+        # is a duplicate. A refused submit costs nothing: images are decoded only after this.
         if self.queue_depth >= self.max_queue:
             raise QueueFull(self.queue_depth, self.retry_after_s())
         self._admitting += 1
         try:
+            if incoming.message.images:  # decodes every image: off the event loop
+                await asyncio.to_thread(self.engine.check, incoming.message)
+            else:
+                self.engine.check(incoming.message)
             message, origin = with_preset(incoming.message, dict(incoming.origin))
             job = Job(
                 id=new_job_id(),
@@ -309,8 +313,18 @@ class Runner:
                 await self._fail(job, code, f"{type(exc).__name__}: {exc}")
             return
         self._durations.append(time.monotonic() - started)
+        final = self._final(job, answer)
         job = await self.jobs.update(job, status=JobStatus.ANSWERED, answer=answer)
-        await self._deliver(job)
+        await self._deliver(job, final)
+
+    def _final(self, job: Job, answer: str) -> Final:
+        """The answer with what the engine measured of it: the prompt's real token count and
+        whether max_new_tokens cut it (an engine without `take_stats` reports neither)."""
+        take_stats = getattr(self.engine, "take_stats", None)
+        stats = take_stats(job.conversation.key()) if take_stats is not None else None
+        if not isinstance(stats, StreamStats):
+            return Final(answer)
+        return Final(answer, stats.finish_reason, stats.prompt_tokens, stats.completion_tokens)
 
     async def _generate(self, job: Job) -> str:
         history = await self.history.recent(job.conversation)
@@ -364,11 +378,11 @@ class Runner:
         self._queue.push(await self.jobs.update(fresh, status=JobStatus.QUEUED), front=True)
         self._wakeup.set()
 
-    async def _deliver(self, job: Job, tries: int = 5) -> None:
+    async def _deliver(self, job: Job, final: Final | None = None, tries: int = 5) -> None:
         assert job.answer is not None
         for attempt in range(tries):
             try:
-                await self._send(job, Final(job.answer))
+                await self._send(job, final or Final(job.answer))
                 break
             except Exception as exc:
                 log.warning("job %s delivery attempt %d failed: %r", job.id, attempt + 1, exc)

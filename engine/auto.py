@@ -146,6 +146,11 @@ class AutoEngine:
         """The chosen engine's StreamStats of its last stream (None if it keeps none)."""
         return getattr(self._engine, "last_stats", None)
 
+    def take_stats(self, session: str | None) -> object:
+        """The chosen engine's take_stats (see QwenVLEngine.take_stats); None if it has none."""
+        take = getattr(self._engine, "take_stats", None)
+        return take(session) if take is not None else None
+
     # --- Engine protocol ------------------------------------------------------------------------
 
     @property

@@ -6,7 +6,7 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from bot.models import GenerationParams, Message, Turn
+from bot.models import FinishReason, GenerationParams, Message, Turn
 
 
 class EngineError(Exception):
@@ -39,6 +39,7 @@ class StreamStats:
     completion_tokens: int = 0
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
+    finish_reason: FinishReason = "stop"
 
 
 @runtime_checkable

@@ -58,6 +58,7 @@ from engine.streaming import FINISHED, TokenPipe, install_abort_hooks
 from engine.vision_attention import use_fast_vision_attention
 
 logger = logging.getLogger("vlbot.engine")
+MAX_KEPT_STATS = 64
 
 
 @dataclass
@@ -123,6 +124,7 @@ class QwenVLEngine:
         self._closed = False
         self.last_reused_tokens = 0
         self.last_stats: StreamStats | None = None
+        self._session_stats: dict[str, StreamStats] = {}  # see take_stats
         self.load_seconds: float | None = None
 
     # --- Engine protocol -----------------------------------------------------------------------
@@ -233,6 +235,12 @@ class QwenVLEngine:
             request.stop.set()
             scheduler.wake()
             await asyncio.shield(done)
+
+    def take_stats(self, session: str | None) -> StreamStats | None:
+        """The stats of the last completed stream of a conversation (`params.session`), once:
+        what the runner reports with the answer (the prompt's real token count, and whether
+        max_new_tokens cut it). Per conversation, so concurrent streams never mix them up."""
+        return self._session_stats.pop(session, None) if session is not None else None
 
     async def close(self) -> None:
         self._closed = True
@@ -414,9 +422,14 @@ class QwenVLEngine:
             completion_tokens=pipe.token_count,
             time_to_first_token_s=(pipe.first_token_at - started) if pipe.first_token_at else 0.0,
             total_s=now - started,
+            finish_reason="length" if request.cut else "stop",
         )
         if request.started:
             self.last_stats = stats
+            if request.session is not None and error is None:
+                self._session_stats[request.session] = stats
+                while len(self._session_stats) > MAX_KEPT_STATS:  # streams nobody asked about
+                    self._session_stats.pop(next(iter(self._session_stats)), None)
             self.last_reused_tokens = request.reused_tokens
             decode_s = now - pipe.first_token_at if pipe.first_token_at else 0.0
             rate = (pipe.token_count - 1) / decode_s if decode_s > 0 else 0.0

@@ -71,6 +71,7 @@ class Request:
     images: int = 0
     generated: int = 0
     finished: bool = False
+    cut: bool = False  # max_new_tokens ended the answer, not the model
 
 
 @dataclass
@@ -436,11 +437,10 @@ class Scheduler:
 
     def _done(self, row: Row) -> bool:
         request: Request = row.owner
-        return (
-            row.last in self.sampling.eos
-            or request.generated >= request.max_new_tokens
-            or request.stop.is_set()
-        )
+        if row.last in self.sampling.eos or request.stop.is_set():
+            return True
+        request.cut = request.generated >= request.max_new_tokens
+        return request.cut
 
     @contextlib.contextmanager
     def _decode_backend(self) -> Iterator[None]:

@@ -9,7 +9,7 @@ from typing import Any
 
 from bot.adapter import Core, Failed, Final, Incoming, ReplyEvent
 from bot.models import ConversationId, GenerationParams, Message, Turn, User
-from engine.base import EngineInfo
+from engine.base import EngineInfo, StreamStats
 
 
 @dataclass
@@ -84,6 +84,7 @@ class ScriptedEngine:
     calls: list[Call] = field(default_factory=list)
     running: int = 0
     max_running: int = 0
+    stats: dict[str, StreamStats] = field(default_factory=dict)  # by session, see take_stats
 
     @property
     def info(self) -> EngineInfo:
@@ -114,11 +115,24 @@ class ScriptedEngine:
                 raise RuntimeError("engine exploded")
             if self.hang:
                 await asyncio.sleep(3600)
-            for word in self.reply(history, message).split(" "):
+            words = self.reply(history, message).split(" ")
+            cut = len(words) > params.max_new_tokens  # one word a token, as far as the limit
+            for word in words[: params.max_new_tokens]:
                 await asyncio.sleep(self.delay_s)
                 yield word + " "
+            if params.session is not None:
+                texts = [*(t.text for t in history), message.text]
+                self.stats[params.session] = StreamStats(
+                    prompt_tokens=sum(len(t.split()) for t in texts),
+                    completion_tokens=min(len(words), params.max_new_tokens),
+                    finish_reason="length" if cut else "stop",
+                )
         finally:
             self.running -= 1
+
+    def take_stats(self, session: str | None) -> StreamStats | None:
+        """Like QwenVLEngine.take_stats: prompt tokens are the words of history and message."""
+        return self.stats.pop(session, None) if session is not None else None
 
 
 def incoming(chat: str, text: str, *images: Any, platform: str = "test", event: str | None = None,

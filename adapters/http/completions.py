@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from adapters.http import openai_api as api
 from adapters.http.errors import ApiError
+from adapters.http.guard import Caller, owned_conversation
 from adapters.http.logs import kv, model_log
 from adapters.http.metrics import Metrics
 from bot.adapter import Core, Failed, Final, Incoming, Partial, QueueFull, ReplyEvent
@@ -75,11 +76,13 @@ class Completions:
         self._max_visual_tokens = max_visual_tokens
         self._spawn = spawn
 
-    async def handle(self, request: Request, chat: api.ChatRequest, rid: str, caller: str) -> Response:
+    async def handle(self, request: Request, chat: api.ChatRequest, rid: str, caller: Caller) -> Response:
         core = self._core()
         lang = language(request)
         stateless = chat.conversation_id is None
-        conversation = ConversationId("http", chat.conversation_id or f"api-{uuid.uuid4().hex}")
+        conversation = owned_conversation(
+            caller.principal, chat.conversation_id or f"api-{uuid.uuid4().hex}"
+        )
         origin: dict[str, Any] = {"request_id": rid}
         if chat.params():
             origin["params"] = chat.params()
@@ -88,7 +91,7 @@ class Completions:
             origin["json_only"] = chat.json_only
         incoming = Incoming(
             conversation=conversation,
-            user=User(platform_id=caller, display_name=caller, language_code=lang),
+            user=User(platform_id=caller.key_id, display_name=caller.key_id, language_code=lang),
             message=chat.message,
             origin=origin,
         )
@@ -113,8 +116,8 @@ class Completions:
             await self._done(rid, conversation, stateless, None)
             raise
         prompt_tokens = sum(api.estimate_tokens(t.text) for t in chat.history) + self._prompt_tokens(chat)
-        model = core.status().model
-        public_id = None if stateless else conversation.chat
+        model = api.public_model_name(core.status().model)
+        public_id = chat.conversation_id
         log.info(kv(event="accepted", request_id=rid, job=acceptance.job_id, position=acceptance.position))
         if chat.stream:
             stream = self._stream(rid, model, exchange, conversation, stateless, prompt_tokens, timing,
@@ -125,14 +128,23 @@ class Completions:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Request-ID": rid},
             )
         try:
-            answer = await self._wait(exchange, timing, lang)
+            final = await self._wait(exchange, timing, lang)
         finally:
             await self._done(rid, conversation, stateless, exchange.job_id if exchange.answered else None)
-        usage = api.usage(prompt_tokens, answer, timing)
+        usage = self._usage(final, prompt_tokens, timing)
         self._record(rid, exchange.job_id, usage, timing)
-        return JSONResponse(
-            api.completion(rid, model, answer, usage, public_id), headers={"X-Request-ID": rid}
-        )
+        body = api.completion(rid, model, final.text, usage, public_id, final.finish_reason)
+        return JSONResponse(body, headers={"X-Request-ID": rid})
+
+    @staticmethod
+    def _usage(final: Final, estimated_prompt: int, timing: api.Timing) -> dict[str, Any]:
+        """Token counts as the engine counted them (the whole prompt, history included), or
+        estimates for an engine that does not count."""
+        prompt = final.prompt_tokens if final.prompt_tokens is not None else estimated_prompt
+        completion = final.completion_tokens
+        if completion is None:
+            completion = api.estimate_tokens(final.text)
+        return api.usage(prompt, completion, timing)
 
     def _prompt_tokens(self, chat: api.ChatRequest) -> int:
         images = [*chat.message.images, *(i for t in chat.history for i in t.images)]
@@ -140,7 +152,7 @@ class Completions:
             api.visual_tokens(i, self._max_visual_tokens) for i in images
         )
 
-    async def _wait(self, exchange: Exchange, timing: api.Timing, lang: str | None) -> str:
+    async def _wait(self, exchange: Exchange, timing: api.Timing, lang: str | None) -> Final:
         while True:
             event = await exchange.events.get()
             if isinstance(event, Partial) and timing.first_token is None:
@@ -149,7 +161,7 @@ class Completions:
                 timing.finished = time.monotonic()
                 exchange.answered = True
                 self._metrics.jobs.labels("http", "done").inc()
-                return event.text
+                return event
             elif isinstance(event, Failed):
                 self._metrics.jobs.labels("http", "failed").inc()
                 raise ApiError(
@@ -189,9 +201,9 @@ class Completions:
                     finished = exchange.answered = True
                     timing.finished = time.monotonic()
                     self._metrics.jobs.labels("http", "done").inc()
-                    usage = api.usage(prompt_tokens, event.text, timing)
+                    usage = self._usage(event, prompt_tokens, timing)
                     self._record(rid, exchange.job_id, usage, timing)
-                    yield api.chunk(rid, model, {}, "stop", usage)
+                    yield api.chunk(rid, model, {}, event.finish_reason, usage)
                     if include_usage:
                         yield api.sse({**_chunk_base(rid, model), "choices": [], "usage": usage})
                     yield api.sse("[DONE]")

@@ -4,8 +4,10 @@ size limit instead of buffering whatever a client sends."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import hashlib
 import hmac
 import ipaddress
 import math
@@ -14,9 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pydantic import SecretStr
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from adapters.http.errors import ApiError
+from bot.models import ConversationId
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
@@ -40,11 +43,35 @@ def check_bind(host: str, has_api_keys: bool) -> None:
         )
 
 
+LOCAL_PRINCIPAL = "local"  # every caller of a server without API keys (loopback only)
+WEB_PRINCIPAL = "web"  # the web page's basic-auth user
+
+
 @dataclass(frozen=True)
 class Caller:
-    """An authenticated caller: `key_id` names the key (never the key itself) for logs and limits."""
+    """An authenticated caller: `key_id` names the key (never the key itself) for logs and limits;
+    `principal` owns the caller's conversations and images: "key-" and a hash of the API key,
+    "web" (the basic-auth user) or "local" (no keys configured)."""
 
     key_id: str
+    principal: str
+
+
+def owned_conversation(principal: str, conversation_id: str) -> ConversationId:
+    """A caller's conversation: the id a client chose, inside its principal's namespace, so two
+    callers choosing the same id never meet (another principal's id is simply not found)."""
+    return ConversationId("http", f"{principal}/{conversation_id}")
+
+
+def owned_prefix(principal: str) -> str:
+    """The start of every conversation key of `principal` (for its images)."""
+    return owned_conversation(principal, "").key()
+
+
+def key_principal(key: bytes) -> str:
+    """The owner name of an API key's conversations: a hash, never the key itself, that stays
+    the same when keys are added, removed or reordered."""
+    return "key-" + hashlib.sha256(key).hexdigest()[:32]
 
 
 class Authenticator:
@@ -83,15 +110,15 @@ class Authenticator:
         """The caller of an API route: a Bearer key when keys are set (or the web page's basic
         auth); otherwise the client address (the server is on loopback then)."""
         if self._basic_ok(request):
-            return Caller("web")
+            return Caller("web", WEB_PRINCIPAL)
         if not self._keys:
-            return Caller(f"ip:{request.client.host if request.client else '?'}")
+            return Caller(f"ip:{request.client.host if request.client else '?'}", LOCAL_PRINCIPAL)
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
             given = header[7:].strip().encode()
             for index, key in enumerate(self._keys):
                 if hmac.compare_digest(given, key):
-                    return Caller(f"key#{index + 1}")
+                    return Caller(f"key#{index + 1}", key_principal(key))
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
         raise ApiError(
             401,
@@ -143,9 +170,15 @@ def too_large(limit: int) -> ApiError:
     )
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+class ClientGone(Exception):
+    """The client closed the connection before its request body had arrived."""
+
+
+async def read_body(request: Request, limit: int, stall_timeout_s: float) -> bytes:
     """The request body, refused with 413 as soon as it is known to be over `limit` bytes:
-    from Content-Length before reading, else while counting the chunks as they arrive."""
+    from Content-Length before reading, else while counting the chunks as they arrive. A body
+    that stalls (no bytes for `stall_timeout_s`) is answered 408; a client that leaves mid-body
+    raises ClientGone."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -155,7 +188,21 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(400, "Invalid Content-Length header.", code="invalid_request") from None
     chunks: list[bytes] = []
     received = 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), stall_timeout_s)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            raise ApiError(
+                408,
+                f"The request body stopped arriving: nothing for {stall_timeout_s:g} s.",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            ) from None
+        except ClientDisconnect:
+            raise ClientGone from None
         received += len(chunk)
         if received > limit:
             raise too_large(limit)

@@ -12,6 +12,7 @@ import time
 import urllib.parse
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -24,7 +25,6 @@ from bot.presets import get_preset, preset_for_response_format, preset_names
 from bot.remote_images import RemoteImageError, RemoteImageFetcher
 
 CONVERSATION_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-DEFAULT_PROMPT = "Describe this image in one or two sentences."
 
 
 @dataclass
@@ -70,8 +70,12 @@ class Parser:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise bad_request(f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+        except RecursionError:
+            raise too_deep() from None
+        check_tree(data)
         if not isinstance(data, dict):
             raise bad_request("The request body must be a JSON object.", code="invalid_json")
+        check_supported(data)
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
             raise bad_request("'messages' is required: a non-empty list.", param="messages")
@@ -214,17 +218,90 @@ class Parser:
             await form.close()
         if prompt is not None and not isinstance(prompt, str):
             raise bad_request("'prompt' must be a text field.", param="prompt")
-        if not images and not (prompt or "").strip():
-            raise bad_request("The form needs an 'image' file and a 'prompt'.", param="image")
-        text = (prompt or "").strip() or DEFAULT_PROMPT
+        if not (prompt or "").strip():  # as the seed service answers: a prompt is required
+            raise bad_request("The form needs a 'prompt' (and an 'image' file).", param="prompt")
+        assert isinstance(prompt, str)
+        check_tree(prompt)
         return ChatRequest(
-            message=Message.of(text, *images),
+            message=Message.of(prompt.strip(), *images),
             conversation_id=check_conversation_id(conversation if isinstance(conversation, str) else None),
             stream=isinstance(stream, str) and stream.lower() in ("1", "true", "yes"),
             max_tokens=_max_tokens(int(max_tokens) if isinstance(max_tokens, str) and max_tokens.isdigit()
                                    else None),
             **_preset(preset if isinstance(preset, str) and preset else None, None),
         )
+
+
+MAX_JSON_DEPTH = 32  # a chat request nests about 5 levels deep
+
+
+def too_deep() -> ApiError:
+    return bad_request(
+        f"The request body is nested too deeply (more than {MAX_JSON_DEPTH} levels).",
+        code="invalid_json",
+    )
+
+
+def check_tree(data: Any) -> None:
+    """Refuse JSON nested deeper than MAX_JSON_DEPTH and text that is not valid Unicode (a lone
+    UTF-16 surrogate such as JSON's "\\ud800" decodes but can be neither stored nor answered).
+    Iterative: no recursion limit to hit."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise bad_request(
+                        "The request contains text that is not valid Unicode (a lone UTF-16 "
+                        "surrogate, such as \\ud800); send UTF-8 text.",
+                        code="invalid_text",
+                    ) from None
+        elif isinstance(value, (dict, list)):
+            if depth >= MAX_JSON_DEPTH:
+                raise too_deep()
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+
+
+# Request fields of OpenAI's API that vlbot does not implement: answered 400 naming the field
+# (as vLLM does), never silently ignored. A value in the tuple is the harmless default.
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "stop": (None, [], ""),
+    "logit_bias": (None, {}),
+    "audio": (None,),
+    "prediction": (None,),
+    "modalities": (None, ["text"]),
+}
+
+
+def check_supported(data: dict[str, Any]) -> None:
+    for name, harmless in UNSUPPORTED.items():
+        value = data.get(name)
+        if not any(value == ok and type(value) is type(ok) for ok in harmless):
+            raise bad_request(
+                f"'{name}' is not supported by this server (value {json.dumps(value)[:40]}).",
+                code="unsupported_parameter",
+                param=name,
+            )
+
+
+def public_model_name(model: str) -> str:
+    """The model's name for clients: a hub id as it is, a local folder by its name (never the
+    server's path)."""
+    text = model.strip().rstrip("/")
+    if text.startswith(("/", ".", "~")) or text.count("/") != 1 or Path(text).expanduser().is_dir():
+        return Path(text).expanduser().name or text
+    return text
 
 
 def _preset(name: Any, response_format: Any) -> dict[str, Any]:
@@ -274,7 +351,7 @@ def _temperature(value: Any) -> float | None:
 
 
 def estimate_tokens(text: str) -> int:
-    """About four bytes of UTF-8 per token (the engine does not report counts to adapters)."""
+    """About four bytes of UTF-8 per token: for an engine that does not count its tokens."""
     return math.ceil(len(text.encode()) / 4) if text else 0
 
 
@@ -295,8 +372,7 @@ class Timing:
     finished: float | None = None
 
 
-def usage(prompt_tokens: int, completion: str, timing: Timing) -> dict[str, Any]:
-    completion_tokens = estimate_tokens(completion)
+def usage(prompt_tokens: int, completion_tokens: int, timing: Timing) -> dict[str, Any]:
     end = timing.finished or time.monotonic()
     out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
@@ -310,7 +386,12 @@ def usage(prompt_tokens: int, completion: str, timing: Timing) -> dict[str, Any]
 
 
 def completion(
-    rid: str, model: str, text: str, usage_: dict[str, Any], conversation: str | None
+    rid: str,
+    model: str,
+    text: str,
+    usage_: dict[str, Any],
+    conversation: str | None,
+    finish_reason: str = "stop",
 ) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": f"chatcmpl-{rid}",
@@ -318,7 +399,7 @@ def completion(
         "created": int(time.time()),
         "model": model,
         "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
         ],
         "usage": usage_,
     }

@@ -21,6 +21,7 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -29,12 +30,21 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from adapters.http import openai_api as api
 from adapters.http.completions import Completions, Exchange, language
 from adapters.http.errors import ApiError
-from adapters.http.guard import Authenticator, RateLimiter, check_bind, read_body
+from adapters.http.guard import (
+    Authenticator,
+    Caller,
+    ClientGone,
+    RateLimiter,
+    check_bind,
+    owned_conversation,
+    owned_prefix,
+    read_body,
+)
 from adapters.http.logs import LogFiles, access_log, error_log, kv
 from adapters.http.metrics import Metrics
 from bot.adapter import Core, Failed, ReplyEvent
 from bot.export import to_markdown
-from bot.models import ConversationId, Job
+from bot.models import Job
 from bot.presets import PRESETS, response_format
 from bot.remote_images import RemoteImageFetcher
 from bot.settings import Settings
@@ -43,6 +53,7 @@ from bot.texts import text
 WEB_DIR = Path(__file__).parent / "web"
 BODY_OVERHEAD = 512 * 1024  # form fields, JSON text and headers around the image bytes
 LOADING_RETRY_S = 10
+CLIENT_CLOSED = 499  # nginx's status for a client that closed the connection mid-request
 _RID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 PAGE_HEADERS = {
@@ -241,11 +252,29 @@ class HttpAdapter:
                     return await handler(request)
                 except ApiError as exc:
                     return exc.response(rid)
-                except Exception as exc:
-                    error_log.error(kv(event="unhandled", request_id=rid, error=repr(exc)), exc_info=exc)
+                except ClientGone:  # the client's doing, not the server's: 499, as nginx logs it
+                    logging.getLogger("vlbot.http").info(kv(event="client_gone", request_id=rid))
+                    return Response(status_code=CLIENT_CLOSED)
+                except Exception as exc:  # the type only: an exception's repr may quote user text
+                    error_log.error(
+                        kv(event="unhandled", request_id=rid, error=type(exc).__name__), exc_info=exc
+                    )
                     return ApiError(500, f"Internal error (reference {rid}).").response(rid)
 
             return wrapped
+
+        async def http_error(request: Request, exc: Exception) -> Response:
+            """404 and 405 from routing, in OpenAI's error shape (with Allow for a 405)."""
+            assert isinstance(exc, HTTPException)
+            where = f"{request.method} {request.url.path}"
+            if exc.status_code == 405:
+                message = f"Method not allowed ({where}); allowed: {(exc.headers or {}).get('Allow')}."
+            elif exc.status_code == 404:
+                message = f"Invalid URL ({where})."
+            else:
+                message = str(exc.detail)
+            error = ApiError(exc.status_code, message, headers=dict(exc.headers or {}))
+            return error.response(str(request.scope.get("vlbot.rid", "")))
 
         routes = [
             Route("/", endpoint(self.page), methods=["GET"]),
@@ -259,11 +288,12 @@ class HttpAdapter:
             Route("/v1/conversations/{cid}", endpoint(self.conversation), methods=["GET", "DELETE"]),
             Route("/v1/images/{sha}", endpoint(self.image), methods=["GET"]),
         ]
-        return Observe(Starlette(routes=routes), self.metrics)
+        app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+        return Observe(app, self.metrics)
 
-    def _caller(self, request: Request) -> str:
-        caller = self.auth.api_caller(request).key_id
-        request.scope["vlbot.caller"] = caller
+    def _caller(self, request: Request) -> Caller:
+        caller = self.auth.api_caller(request)
+        request.scope["vlbot.caller"] = caller.key_id
         return caller
 
     async def page(self, request: Request) -> Response:
@@ -284,7 +314,7 @@ class HttpAdapter:
             state = "degraded"
         body = {
             "status": state,
-            "model": status.model,
+            "model": api.public_model_name(status.model),
             "engine": status.engine,
             "dtype": status.dtype,
             "queue_depth": status.queue_depth,
@@ -298,6 +328,8 @@ class HttpAdapter:
         return JSONResponse(body, status_code=200 if state == "healthy" else 503)
 
     async def metrics_page(self, request: Request) -> Response:
+        if not self.settings.http.metrics_public:
+            self._caller(request)  # with API keys set, only their holders (and the web user)
         with contextlib.suppress(Exception):
             self.metrics.set_job_counts(await self.core().job_counts())
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
@@ -305,7 +337,8 @@ class HttpAdapter:
     async def models(self, request: Request) -> Response:
         self._caller(request)
         status = self.core().status()
-        model = {"id": status.model, "object": "model", "created": 0, "owned_by": "vlbot"}
+        name = api.public_model_name(status.model)
+        model = {"id": name, "object": "model", "created": 0, "owned_by": "vlbot"}
         return JSONResponse({"object": "list", "data": [model]})
 
     async def presets(self, request: Request) -> Response:
@@ -316,7 +349,7 @@ class HttpAdapter:
 
     async def chat(self, request: Request) -> Response:
         caller = self._caller(request)
-        self.limiter.check(caller)
+        self.limiter.check(caller.key_id)
         core = self.core()
         status = core.status()
         if status.engine_state != "ready":
@@ -328,7 +361,7 @@ class HttpAdapter:
         is_form = content_type.startswith("multipart/form-data")
         max_image = self.settings.max_image_bytes
         limit = (max_image if is_form else math.ceil(max_image * 4 / 3)) + BODY_OVERHEAD
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, self.settings.http.body_timeout_s)
         if is_form:
             chat = await self.parser.parse_form(request.headers, body)
         else:
@@ -338,14 +371,21 @@ class HttpAdapter:
         return await self.completions.handle(request, chat, rid, caller)
 
     async def conversation(self, request: Request) -> Response:
-        self._caller(request)
+        """A caller's own conversation; another principal's is not found, like an unknown id."""
+        caller = self._caller(request)
         cid = api.check_conversation_id(request.path_params["cid"])
         assert cid is not None
-        conversation = ConversationId("http", cid)
+        conversation = owned_conversation(caller.principal, cid)
+        core = self.core()
         if request.method == "DELETE":
-            await self.core().reset(conversation)
+            cancelled = await core.cancel(conversation)
+            if not await core.history.reset(conversation) and not cancelled:
+                raise not_found("conversation")
             return JSONResponse({"conversation_id": cid, "deleted": True})
-        exported = await self.core().history.export(conversation)
+        exported = await core.history.export(conversation)
+        if not exported["turns"]:
+            raise not_found("conversation")
+        exported["conversation"] = f"http:{cid}"
         for turn in exported["turns"]:
             for part in turn["parts"]:
                 if "image" in part:
@@ -356,13 +396,20 @@ class HttpAdapter:
         return JSONResponse(exported)
 
     async def image(self, request: Request) -> Response:
-        self._caller(request)
+        """An image of one of the caller's own conversations; any other is not found."""
+        caller = self._caller(request)
         sha = request.path_params["sha"]
-        data = await self.core().history.image(sha) if _SHA.match(sha) else None
+        history = self.core().history
+        data = await history.image_in(sha, owned_prefix(caller.principal)) if _SHA.match(sha) else None
         if data is None:
-            raise ApiError(404, "No such image.", code="not_found")
+            raise not_found("image")
         headers = {"Cache-Control": "private, max-age=86400", "X-Content-Type-Options": "nosniff"}
         return Response(data, media_type=_sniff_mime(data), headers=headers)
+
+
+def not_found(what: str) -> ApiError:
+    """The one answer for an unknown id and for another caller's: nothing tells them apart."""
+    return ApiError(404, f"No such {what}.", code="not_found")
 
 
 def _sniff_mime(data: bytes) -> str:
