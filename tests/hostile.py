@@ -185,3 +185,41 @@ class DecodingEngine(ScriptedEngine):
     def _describe(self, history: object, message: Message) -> str:
         sizes = [open_image(p, self.limits).size for p in message.images]
         return "I see " + ", ".join(f"{w}x{h}" for w, h in sizes) if sizes else "text only"
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    """A raw request body a stranger could POST to /v1/chat/completions, and the clear refusal
+    (status and error code) it must get: never a 5xx."""
+
+    name: str
+    body: bytes
+    status: int = 400
+    code: str = "invalid_json"
+
+
+def _chat(extra: str = "", content: str = '"what is this?"') -> bytes:
+    return f'{{"model": "m", "messages": [{{"role": "user", "content": {content}}}]{extra}}}'.encode()
+
+
+DEEP = 100_000
+HTTP_REQUESTS = [
+    HttpRequest("lone-surrogate-in-text", _chat(content='"caption \\ud800 here"'), code="invalid_text"),
+    HttpRequest("lone-low-surrogate-in-part",
+                _chat(content='[{"type": "text", "text": "x \\udc00"}]'), code="invalid_text"),
+    HttpRequest("lone-surrogate-in-key", _chat(', "k\\ud83d": 1'), code="invalid_text"),
+    HttpRequest("lone-surrogate-in-conversation-id", _chat(', "conversation_id": "c\\udbff"'),
+                code="invalid_text"),
+    HttpRequest("nested-arrays-100000", b'{"messages": ' + b"[" * DEEP + b"]" * DEEP + b"}"),
+    HttpRequest("nested-objects-100000", b'{"a": ' * DEEP + b"1" + b"}" * DEEP),
+    HttpRequest("nested-arrays-40-in-an-extra-field", _chat(', "x": ' + "[" * 40 + "]" * 40)),
+    # UTF-8 bytes of a surrogate: json.loads decodes them ("surrogatepass") into one
+    HttpRequest("surrogate-as-utf8-bytes",
+                b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', code="invalid_text"),
+    HttpRequest("invalid-utf8-bytes", b'{"messages": [{"role": "user", "content": "\xff\xfe!"}]}'),
+    HttpRequest("not-json", b"messages=hello"),
+    HttpRequest("n-2", _chat(', "n": 2'), code="unsupported_parameter"),
+    HttpRequest("logprobs", _chat(', "logprobs": true'), code="unsupported_parameter"),
+    HttpRequest("tools", _chat(', "tools": [{"type": "function", "function": {"name": "f"}}]'),
+                code="unsupported_parameter"),
+]

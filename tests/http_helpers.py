@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -9,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 from PIL import Image
 
 from adapters.http import HttpAdapter
@@ -98,3 +101,40 @@ def data_url(data: bytes, mime: str = "image/png") -> str:
 def image_answer(reply: Callable[[Any, Message], str] | None = None) -> Callable[[Any, Message], str]:
     """A script that says how many images it saw and what was asked."""
     return reply or (lambda h, m: f"{len(m.images)} image(s); you asked: {m.text}")
+
+
+async def status_counts(url: str, **auth: Any) -> dict[str, float]:
+    """Requests answered so far by status code, from the server's own /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(base_url=url) as http:
+        page = await http.get("/metrics", **auth)
+    page.raise_for_status()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(page.text):
+        if family.name == "vlbot_http_requests":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    status = sample.labels["status"]
+                    counts[status] = counts.get(status, 0) + sample.value
+    return counts
+
+
+def server_errors(counts: dict[str, float]) -> float:
+    return sum(value for status, value in counts.items() if status.startswith("5"))
+
+
+async def raw_exchange(port: int, head: str, body: bytes, *, hang_up: bool = False) -> bytes:
+    """Send a request head and (part of) a body over a plain socket; then either hang up at
+    once (a client that drops its upload) or read whatever the server answers until it closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(head.replace("\n", "\r\n").encode() + b"\r\n" + body)
+        await writer.drain()
+        if hang_up:
+            return b""
+        return await asyncio.wait_for(reader.read(), 20)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
