@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import math
 from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from PIL import Image
+
 from bot.adapter import Core, Failed, Final, Incoming, ReplyEvent
-from bot.models import ConversationId, GenerationParams, Message, Turn, User
+from bot.models import ConversationId, GenerationParams, ImagePart, Message, Turn, User
 from engine.base import EngineInfo, StreamStats
 
 
@@ -122,8 +126,9 @@ class ScriptedEngine:
                 yield word + " "
             if params.session is not None:
                 texts = [*(t.text for t in history), message.text]
+                images = [*(i for t in history for i in t.images), *message.images]
                 self.stats[params.session] = StreamStats(
-                    prompt_tokens=sum(len(t.split()) for t in texts),
+                    prompt_tokens=sum(len(t.split()) for t in texts) + sum(map(_pixels, images)),
                     completion_tokens=min(len(words), params.max_new_tokens),
                     finish_reason="length" if cut else "stop",
                 )
@@ -133,6 +138,15 @@ class ScriptedEngine:
     def take_stats(self, session: str | None) -> StreamStats | None:
         """Like QwenVLEngine.take_stats: prompt tokens are the words of history and message."""
         return self.stats.pop(session, None) if session is not None else None
+
+
+def _pixels(image: ImagePart) -> int:
+    """A visual token per 32x32 pixels, as Qwen's processor counts them (0 if unreadable)."""
+    try:
+        with Image.open(io.BytesIO(image.data)) as img:
+            return math.ceil(img.width * img.height / 1024)
+    except Exception:
+        return 0
 
 
 def incoming(chat: str, text: str, *images: Any, platform: str = "test", event: str | None = None,
