@@ -273,9 +273,9 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False),
     "top_logprobs": (None, 0),
     "tools": (None, []),
-    "tool_choice": (None, "none"),
+    "tool_choice": (None, "none", "auto"),  # with no tools, "auto" asks for nothing
     "functions": (None, []),
-    "function_call": (None, "none"),
+    "function_call": (None, "none", "auto"),
     "stop": (None, [], ""),
     "logit_bias": (None, {}),
     "audio": (None,),
