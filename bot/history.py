@@ -190,11 +190,6 @@ class HistoryStore:
             )
         return {"conversation": conversation.key(), "turns": turns}
 
-    async def image(self, sha256: str) -> bytes | None:
-        async with self.db.reading() as conn:
-            found = await load_images(conn, [sha256])
-        return found.get(sha256)
-
     async def image_in(self, sha256: str, key_prefix: str) -> bytes | None:
         """An image, only when a turn of a conversation whose key starts with `key_prefix` (the
         conversations of one owner) holds it; None otherwise, as for an unknown image."""
