@@ -67,6 +67,8 @@ class HttpSettings(BaseModel):
     web_user: str | None = None
     web_password: SecretStr | None = None
     log_dir: Path | None = None
+    body_timeout_s: float = Field(default=30.0, gt=0)  # a request body stalled this long: 408
+    metrics_public: bool = False  # /metrics without the API key even when keys are set
 
 
 class RemoteSettings(BaseModel):
