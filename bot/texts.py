@@ -44,7 +44,14 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "image_too_large_pixels": (
             "That image is {width}×{height} pixels, over the {limit_mp} MP limit."
         ),
-        "corrupt_image": "That image is damaged or incomplete; I could not read it.",
+        "corrupt_image": (
+            "That image is damaged or incomplete: its data is corrupt or truncated, so I could not "
+            "read it."
+        ),
+        "image_too_large_declared": (
+            "That image's header declares a size far over the {limit_mp} MP limit: the file is "
+            "either much too large or damaged, so I did not read it."
+        ),
         # presets and the OCR engine
         "ocr_no_text": "I found no text in this image.",
         "engine_fallback_ocr": (
@@ -178,7 +185,8 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "not_an_image": "该文件不是我能读取的图片。请发送照片或图片文件。",
         "unsupported_format": "不支持 {format} 格式。请发送 JPEG、PNG、WebP 或 HEIC。",
         "image_too_large_pixels": "该图片为 {width}×{height} 像素，超过了 {limit_mp} 百万像素的上限。",
-        "corrupt_image": "该图片已损坏或不完整，我无法读取。",
+        "corrupt_image": "该图片已损坏或不完整：图像数据有误或被截断，我无法读取。",
+        "image_too_large_declared": "该图片文件头声明的尺寸远超 {limit_mp} 百万像素的上限：文件要么过大，要么已损坏，所以我没有读取它。",
         "ocr_no_text": "这张图片中没有找到文字。",
         "engine_fallback_ocr": "提示：本服务器没有可用的视觉语言模型，我只能用 OCR 回答：即图片中识别到的文字。",
         "preset_invalid_output": (

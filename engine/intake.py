@@ -1,8 +1,9 @@
 """Image intake: turn untrusted bytes from strangers into a small, RGB, model-ready image.
 
-`check_image` does the cheap checks (size, sniffed format, declared dimensions) without decoding
-pixels; `open_image` also decodes, applies EXIF orientation, converts any mode to RGB and fits the
-result into the pixel budget, aspect-ratio limit and minimum size the Qwen-VL processor needs.
+`check_image` checks size, sniffed format and declared dimensions, then decodes the first frame
+(so corrupt or truncated data is refused before a message is queued); `open_image` does the same,
+then applies EXIF orientation, converts any mode to RGB and fits the result into the pixel
+budget, aspect-ratio limit and minimum size the Qwen-VL processor needs.
 Every failure is an `InputRejected` with one of the codes the bot's text catalogue knows.
 
 Pillow's own `MAX_IMAGE_PIXELS` guard is left in place as a backstop (never disabled here); our
@@ -249,7 +250,18 @@ def _open_checked(part: ImagePart, limits: IntakeLimits) -> tuple[ImageFile.Imag
         # formats=[fmt]: the sniffed format only, so no other plugin (e.g. EPS) ever sees the bytes.
         image = Image.open(io.BytesIO(part.data), formats=[fmt])
     except Image.DecompressionBombError:
-        raise _too_many_pixels(*_declared_size(part.data, fmt), limits) from None
+        width, height = _declared_size(part.data, fmt)
+        if width > 0 and height > 0:
+            raise _too_many_pixels(width, height, limits) from None
+        # the format's reader itself refused the size its header declares (WebP, a GIF frame),
+        # so no size can be named: a real giant, a bomb, or a garbled header
+        limit_mp = _number(limits.max_decoded_pixels / 1e6)
+        raise InputRejected(
+            "image_too_large_declared",
+            f"the {fmt} header declares a size Pillow refuses (over {limit_mp} MP)",
+            format=fmt,
+            limit_mp=limit_mp,
+        ) from None
     except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ...
         raise _corrupt(fmt, e) from e
     if not isinstance(image, ImageFile.ImageFile):  # pragma: no cover - Image.open's contract
@@ -258,9 +270,34 @@ def _open_checked(part: ImagePart, limits: IntakeLimits) -> tuple[ImageFile.Imag
     return image, fmt
 
 
+def _decoded(part: ImagePart, limits: IntakeLimits) -> tuple[ImageFile.ImageFile, str]:
+    """_open_checked, then the first frame decoded (`load`, not just the header or `verify`), so
+    image data that is corrupt or truncated is refused. A JPEG is decoded at the reduced scale
+    open_image needs (libjpeg still reads every coefficient, so damage is found all the same)."""
+    source, fmt = _open_checked(part, limits)
+    try:
+        if fmt == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale when that is enough
+            source.draft(None, _plan(source.width, source.height, limits)[0])
+        source.load()
+        _check_dimensions(source.size, fmt, limits)  # a GIF frame can outgrow the header
+    except InputRejected:
+        source.close()
+        raise
+    except (Image.DecompressionBombError, MemoryError):
+        source.close()
+        raise _too_many_pixels(source.width, source.height, limits) from None
+    except Exception as e:  # anything Pillow or a codec raises on bad data
+        source.close()
+        log.debug("cannot decode %s image", fmt, exc_info=True)
+        raise _corrupt(fmt, e) from e
+    return source, fmt
+
+
 def check_image(part: ImagePart, limits: IntakeLimits) -> None:
-    """Cheap checks without decoding pixels; raises InputRejected."""
-    image, _ = _open_checked(part, limits)
+    """Every check open_image makes, the full decode included, without converting or fitting the
+    result; raises InputRejected. (Callers run it off the event loop: a 12 MP JPEG takes
+    tens of milliseconds.)"""
+    image, _ = _decoded(part, limits)
     image.close()
 
 
@@ -352,16 +389,12 @@ def _fit(image: Image.Image, limits: IntakeLimits) -> Image.Image:
 
 def open_image(part: ImagePart, limits: IntakeLimits) -> Image.Image:
     """check_image, then decode the first frame into a fully loaded RGB image that fits `limits`."""
-    source, fmt = _open_checked(part, limits)
+    source, fmt = _decoded(part, limits)
+    # the orientation only after the decode: reading EXIF can load a PNG itself, and that load's
+    # error would be lost in _orientation's fallback (a damaged PNG was then answered)
+    orientation = _orientation(source)
     try:
-        orientation = _orientation(source)
-        if fmt == "JPEG":  # let libjpeg decode at 1/2, 1/4 or 1/8 scale when that is enough
-            source.draft(None, _plan(source.width, source.height, limits)[0])
-        source.load()
-        _check_dimensions(source.size, fmt, limits)  # a GIF frame can outgrow the header
         image = _to_rgb(source)
-    except InputRejected:
-        raise
     except (Image.DecompressionBombError, MemoryError):
         raise _too_many_pixels(source.width, source.height, limits) from None
     except Exception as e:  # anything Pillow or a codec raises on bad data

@@ -111,6 +111,47 @@ def png16() -> bytes:
     return png(Image.new("I;16", (64, 48), 32768))
 
 
+def _flipped(data: bytes, start: int, length: int = 40) -> bytes:
+    damaged = bytearray(data)
+    for i in range(start, min(start + length, len(data))):
+        damaged[i] ^= 0x5A
+    return bytes(damaged)
+
+
+def corrupt_png() -> bytes:
+    """A PNG whose header and chunk CRCs are valid but whose compressed IDAT stream is damaged."""
+    data = png(picture((320, 240)))
+    at = data.index(b"IDAT") - 4
+    length = struct.unpack(">I", data[at : at + 4])[0]
+    body = _flipped(data[at + 8 : at + 8 + length], length // 4)
+    return data[:at] + _chunk(b"IDAT", body) + data[at + 12 + length :]
+
+
+def huge_canvas_webp(width: int = 16384, height: int = 16384) -> bytes:
+    """A WebP header (VP8X) declaring a giant canvas, with no image data after it."""
+    body = b"\x02\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    chunk = b"VP8X" + struct.pack("<I", len(body)) + body
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def image_damage_cases() -> list[Case]:
+    """Malformed image data: refused before queueing, with the real reason."""
+    webp, gif = encode(picture((320, 240)), "WEBP"), encode(picture((320, 240)), "GIF")
+    bad = "corrupt_image"
+    return [
+        Case("png-damaged-idat", (File(corrupt_png(), "image/png", "damaged.png"),), expect=bad),
+        Case("webp-truncated", (File(webp[: len(webp) // 2], "image/webp", "cut.webp"),),
+             expect=bad),
+        Case("webp-damaged-data", (File(_flipped(webp, 30, 30), "image/webp",
+                                        "damaged.webp"),), expect=bad),
+        Case("webp-giant-canvas-no-data", (File(huge_canvas_webp(), "image/webp", "giant.webp"),),
+             expect="image_too_large_declared"),
+        Case("gif-truncated", (File(gif[: len(gif) // 2], "image/gif", "cut.gif"),), expect=bad),
+        Case("gif-damaged-data", (File(_flipped(gif, len(gif) // 2), "image/gif", "damaged.gif"),),
+             expect=bad),
+    ]
+
+
 def make_cases() -> list[Case]:
     j, p = jpeg(), png()
     one = File(j, "image/jpeg", "photo.jpg")
@@ -156,6 +197,7 @@ def make_cases() -> list[Case]:
                                  for i in range(10))),
         Case("unicode-file-name", (File(j, "image/jpeg", "квитанция 收据 🧾.jpg"),)),
         Case("path-traversal-file-name", (File(j, "image/jpeg", "../../../../etc/passwd.jpg"),)),
+        *image_damage_cases(),
     ]
 
 

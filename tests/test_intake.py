@@ -14,9 +14,11 @@ from typing import Any
 import pytest
 from PIL import EpsImagePlugin, Image, ImageDraw
 
+from bot import texts
 from bot.models import ImagePart, InputRejected
 from engine import intake
 from engine.intake import IntakeLimits, check_image, open_image, visual_tokens_for
+from tests.hostile import Case, corrupt_png, image_damage_cases
 
 LIMITS = IntakeLimits()
 BUDGET = LIMITS.max_visual_tokens * LIMITS.token_pixels  # 1024 * 1024
@@ -201,7 +203,9 @@ def gif_with_big_first_frame(frame_w: int, frame_h: int) -> bytes:
 def test_gif_first_frame_extent_is_checked() -> None:
     error = rejected(gif_with_big_first_frame(10_000, 5_000), "image_too_large_pixels")
     assert (error.params["width"], error.params["height"]) == (10_000, 5_000)
-    rejected(gif_with_big_first_frame(60_000, 60_000), "image_too_large_pixels")
+    # past Pillow's own guard, which refuses it inside the GIF reader: no size to name, never 0x0
+    error = rejected(gif_with_big_first_frame(60_000, 60_000), "image_too_large_declared")
+    assert "0x0" not in error.detail and error.params == {"format": "GIF", "limit_mp": 40}
 
 
 def test_our_pixel_limit_applies_below_pillows() -> None:
@@ -285,6 +289,30 @@ def test_truncated_image_is_corrupt(fmt: str) -> None:
     noise = Image.effect_noise((256, 256), 60).convert("RGB")
     data = encode(noise, fmt)
     rejected(data[: len(data) // 2], "corrupt_image")
+
+
+@pytest.mark.parametrize("case", image_damage_cases(), ids=lambda c: c.name)
+def test_damaged_image_data_is_refused_before_queueing_with_the_real_reason(case: Case) -> None:
+    """check_image (run before a message is queued) decodes the pixels, so damage inside the
+    compressed data is found there, and the reply says what is wrong (never "0×0 pixels")."""
+    file = case.files[0]
+    for check_only in (True, False):
+        error = rejected(file.data, case.expect, check_only=check_only, mime=file.mime, name=file.name)
+    for lang in ("en", "zh"):
+        reply = texts.text(error.code, lang, **error.params)
+        assert "{" not in reply and "0×0" not in reply
+    if case.expect == "corrupt_image":
+        assert "corrupt or truncated" in texts.text(error.code, **error.params)
+    else:
+        assert "header declares" in texts.text(error.code, **error.params)
+
+
+def test_a_damaged_png_stream_is_refused_although_its_header_and_crcs_are_valid() -> None:
+    data = corrupt_png()
+    assert Image.open(io.BytesIO(data)).size == (320, 240)  # the header reads fine
+    Image.open(io.BytesIO(data)).verify()  # so do the chunks and their CRCs
+    error = rejected(data, "corrupt_image", check_only=True, mime="image/png")
+    assert error.params == {"format": "PNG"}
 
 
 def test_garbage_after_magic_is_corrupt() -> None:
