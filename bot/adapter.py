@@ -29,7 +29,7 @@ class Incoming:
 class Acceptance:
     job_id: str
     position: int  # 1 = next to run (0 = running now)
-    eta_s: float
+    eta_s: float | None  # None until a job has been timed
     duplicate: bool = False
 
 
@@ -39,7 +39,7 @@ class Acceptance:
 @dataclass(frozen=True)
 class Queued:
     position: int
-    eta_s: float
+    eta_s: float | None  # None until a job has been timed: show the position alone
 
 
 @dataclass(frozen=True)

@@ -242,8 +242,11 @@ class Runner:
     def job_seconds(self) -> float:
         return sum(self._durations) / len(self._durations) if self._durations else DEFAULT_JOB_SECONDS
 
-    def eta_s(self, position: int) -> float:
-        """Seconds until the answer of the job at `position` (1 = next) is complete."""
+    def eta_s(self, position: int) -> float | None:
+        """Seconds until the answer of the job at `position` (1 = next) is complete; None until
+        a job has been timed (no invented estimate: the place in line is shown alone)."""
+        if not self._durations:
+            return None
         rounds = math.ceil(max(position, 1) / self.max_concurrency)
         return (rounds + (1 if self._running else 0)) * self.job_seconds()
 
@@ -280,12 +283,12 @@ class Runner:
                 self._wakeup.set()
 
     async def _run(self, job: Job) -> None:
-        started = time.monotonic()
         try:
             job = await self.jobs.update(job, status=JobStatus.RUNNING, attempts=job.attempts + 1)
             await self._emit(job, Started())
             if not self.engine.ready:
                 await self.engine.load()  # idempotent: waits for the load already under way
+            started = time.monotonic()  # a job's time, without the model's load
             answer = await asyncio.wait_for(self._generate(job), timeout=self.job_timeout_s)
         except asyncio.CancelledError:
             if job.id in self._cancelled:

@@ -13,6 +13,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "thinking": "thinking…",
         "default_prompt": "Describe this image in one or two sentences.",
         "queued": "queued: {ordinal} in line, about {eta}",
+        "queued_position": "queued: {ordinal} in line",
         "busy": "I'm busy right now ({queued} requests waiting). Please try again in ~{retry_s} s.",
         "failed": "Sorry, that failed, please try again. (reference {ref})",
         "timeout": "Sorry, that took too long and was stopped. Please try again. (reference {ref})",
@@ -160,6 +161,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "thinking": "思考中…",
         "default_prompt": "用一两句话描述这张图片。",
         "queued": "排队中：第 {ordinal} 位，约 {eta}",
+        "queued_position": "排队中：第 {ordinal} 位",
         "busy": "我现在很忙（{queued} 个请求在等待）。请约 {retry_s} 秒后再试。",
         "failed": "抱歉，处理失败，请重试。（编号 {ref}）",
         "timeout": "抱歉，处理时间过长已停止，请重试。（编号 {ref}）",
@@ -302,3 +304,11 @@ def duration(seconds: float, language_code: str | None = None) -> str:
         return f"{s} 秒" if zh else f"{s} s"
     m = round(s / 60)
     return f"{m} 分钟" if zh else f"{m} min"
+
+
+def queued(position: int, eta_s: float | None, language_code: str | None = None) -> str:
+    """The place-in-line label; with an estimate only once jobs have been timed (eta_s None)."""
+    place = ordinal(position, language_code)
+    if eta_s is None:
+        return text("queued_position", language_code, ordinal=place)
+    return text("queued", language_code, ordinal=place, eta=duration(eta_s, language_code))

@@ -110,3 +110,32 @@ async def test_telegram_burst_gets_the_busy_reply_beyond_max_queue(
     assert all(fake.texts(c) == [fake.texts(c)[0]] for c in refused)  # the busy reply, nothing else
     assert all(ANSWER not in fake.texts(c) for c in refused)
     assert len(engine.calls) == MAX_QUEUE + 1
+
+
+async def test_telegram_queue_label_has_no_invented_estimate_before_a_job_was_timed(
+    fake: FakeTelegram, tmp_path: Path
+) -> None:
+    engine = GatedEngine(reply=lambda h, m: ANSWER)
+    first, second, third, fourth = (ALICE + 2000 + i for i in range(4))
+    async with telegram_running(fake, tmp_path, engine) as h:
+        await fake.push(h.text("what is on my receipt?", chat=first, user=first))
+        await asyncio.wait_for(engine.entered.wait(), 10)
+        await fake.push(h.text("and mine?", chat=second, user=second))
+        await h.wait_text(second, "queued: 1st in line")  # the place only: nothing timed yet
+        engine.gate.set()
+        await h.wait_text(second, ANSWER)
+        await h.wait_done(2)
+
+        engine.gate, engine.entered = asyncio.Event(), asyncio.Event()
+        await fake.push(h.text("a third question", chat=third, user=third))
+        await asyncio.wait_for(engine.entered.wait(), 10)
+        await fake.push(h.text("a fourth one", chat=fourth, user=fourth))
+        await fake.wait_for(lambda: any(t.startswith("queued:") for t in fake.texts(fourth)))
+        label = next(t for t in fake.texts(fourth) if t.startswith("queued:"))
+        engine.gate.set()
+        await h.wait_done(4)
+    measured = h.stack.runner.job_seconds()
+    assert measured < 30  # the jobs' own time, not a 30 s guess per job
+    assert label.startswith("queued: 1st in line, about ") and label.endswith(" s"), label
+    seen = [t for c in (first, second) for m in fake.bot_messages(c) for t in m.edits]
+    assert not any("about" in t for t in seen), seen

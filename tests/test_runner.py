@@ -47,10 +47,29 @@ async def test_a_chatty_conversation_does_not_starve_the_others(stack: Stack) ->
 async def test_queue_positions_are_announced(stack: Stack) -> None:
     accepted = [await stack.runner.submit(incoming(c, "q")) for c in ("a", "b", "c")]
     assert [a.position for a in accepted] == [1, 2, 3]
-    assert accepted[2].eta_s > accepted[0].eta_s
     await asyncio.sleep(0.05)
     queued = [s.event for s in stack.adapter.sent if isinstance(s.event, Queued)]
     assert sorted(q.position for q in queued) == [1, 2, 3]
+
+
+async def test_no_invented_estimate_before_a_job_was_timed_then_measured_ones(
+    stack: Stack,
+) -> None:
+    stack.engine.delay_s = 0.02
+    stack.engine.reply = lambda h, m: "one two three four five"  # at least 5 x 20 ms a job
+    first = [await stack.runner.submit(incoming(c, "q")) for c in ("a", "b")]
+    assert [a.eta_s for a in first] == [None, None]  # nothing timed yet: the place in line only
+    await asyncio.sleep(0.05)
+    assert {s.event.eta_s for s in stack.adapter.sent if isinstance(s.event, Queued)} == {None}
+    await stack.runner.start()
+    await stack.adapter.wait_for_finals(2)
+    while stack.runner.running_count:  # noqa: ASYNC110 (the last delivery is being recorded)
+        await asyncio.sleep(0.01)
+    later = [await stack.runner.submit(incoming(c, "q")) for c in ("c", "d")]
+    measured = stack.runner.job_seconds()
+    assert 0.1 <= measured < 30  # the jobs' own time, not the 30 s default
+    assert later[0].eta_s == pytest.approx(measured)  # next in line, nothing running yet
+    assert later[1].eta_s is not None and later[1].eta_s > later[0].eta_s
 
 
 async def test_full_queue_gets_a_busy_reply_not_a_silent_drop(stack: Stack) -> None:

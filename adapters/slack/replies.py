@@ -29,7 +29,7 @@ from slack_sdk.webhook.async_client import AsyncWebhookClient
 from adapters.slack.format import escape, page_message, pages, streaming_text
 from bot.adapter import Failed, Final, Partial, Queued, ReplyEvent, Started
 from bot.models import Job
-from bot.texts import duration, ordinal, text
+from bot.texts import queued, text
 
 log = logging.getLogger("vlbot.slack.replies")
 
@@ -70,8 +70,7 @@ class ReplyWriter:
             if isinstance(event, Queued):
                 if reply.started:
                     return None
-                status = text("queued", lang, ordinal=ordinal(event.position, lang),
-                              eta=duration(event.eta_s, lang))
+                status = queued(event.position, event.eta_s, lang)
                 return await self._show(job, reply, escape(status))
             if isinstance(event, Started):
                 reply.started = True

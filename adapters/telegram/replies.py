@@ -162,10 +162,7 @@ class Replier:
                 label = texts.text("thinking", lang)
             elif self.queue_depth >= event.position > self.max_concurrency - self.running:
                 # still in the queue, and no free worker will take it at once
-                label = texts.text(
-                    "queued", lang, ordinal=texts.ordinal(event.position, lang),
-                    eta=texts.duration(event.eta_s, lang),
-                )
+                label = texts.queued(event.position, event.eta_s, lang)
             else:
                 label = texts.text("thinking", lang)
             created = state.placeholder_id is None
