@@ -152,6 +152,10 @@ def mask(value: Any) -> Any:
 
 
 def doctor(args: argparse.Namespace) -> int:
+    """The settings and what this machine offers; exit status 1 when something found here would
+    stop `ask` or `serve` (a model folder that is missing or not a model, an unusable data
+    folder)."""
+    from engine.auto import local_model_problem
     from engine.loading import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
 
     settings = load_settings()
@@ -171,13 +175,24 @@ def doctor(args: argparse.Namespace) -> int:
         print(f"torch: {torch.__version__} (cuda build: {torch.version.cuda or 'no'})")
     except ImportError:
         print("torch: NOT INSTALLED — run scripts/setup")
-    print(f"model: {settings.model} — {describe_model(settings.model)}")
+    problems: list[str] = []
+    model_problem = (
+        local_model_problem(settings.model) if settings.engine in ("auto", "qwen") else None
+    )
+    if model_problem is not None:  # the same check and words as `ask` and `serve`
+        problems.append(model_problem)
+        print(f"model: {settings.model} — {model_problem}")
+    else:
+        print(f"model: {settings.model} — {describe_model(settings.model)}")
     try:
         prepare_data_dir(settings.data_dir)
         print(f"data folder: {settings.data_dir} (writable)")
     except DataDirError as exc:
+        problems.append(str(exc))
         print(f"data folder: {exc}")
-    return 0
+    for problem in problems:
+        print(f"vlbot: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def describe_model(model: str) -> str:

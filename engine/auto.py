@@ -86,6 +86,24 @@ def vlm_availability(model: str, *, timeout_s: float = 5.0, check_hub: bool = Tr
     return Availability(False, "not in the Hugging Face cache and the hub cannot be reached")
 
 
+def unusable_folder(availability: Availability) -> str:
+    """What to tell the operator when VLBOT_MODEL names a folder that cannot be loaded (ask,
+    serve and doctor say the same)."""
+    return (
+        f"{availability.where} — point VLBOT_MODEL at a folder saved with save_pretrained or a "
+        "hub id such as Qwen/Qwen3-VL-2B-Instruct (or set VLBOT_ENGINE=ocr)"
+    )
+
+
+def local_model_problem(model: str) -> str | None:
+    """unusable_folder's text when `model` names a folder that is missing or not a saved model;
+    None for a usable folder or a hub id (which is fetched on first use). Blocking (stat)."""
+    if not names_a_folder(model):
+        return None
+    availability = vlm_availability(model, check_hub=False)
+    return None if availability.available else unusable_folder(availability)
+
+
 class AutoEngine:
     """The Engine protocol over whichever engine `load()` picks.
 
@@ -177,11 +195,7 @@ class AutoEngine:
             )
             if local and not availability.available:
                 # a folder the operator named is a setting to fix, not a reason to fall back
-                raise ModelNotFound(
-                    f"{availability.where} — point VLBOT_MODEL at a folder saved with "
-                    "save_pretrained or a hub id such as Qwen/Qwen3-VL-2B-Instruct "
-                    "(or set VLBOT_ENGINE=ocr)"
-                )
+                raise ModelNotFound(unusable_folder(availability))
             if availability.available:
                 vlm = self._make_vlm()
                 try:

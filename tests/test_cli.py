@@ -91,6 +91,25 @@ def test_doctor_masks_secrets_and_reports_cpu(tmp_path: Path) -> None:
     assert "not downloaded yet" in out.stdout or "cache" in out.stdout
 
 
+@pytest.mark.parametrize("folder", ["nowhere", "empty"])
+def test_doctor_fails_on_a_model_folder_ask_cannot_use_in_ask_s_words(
+    folder: str, tmp_path: Path, photo: Path
+) -> None:
+    model = tmp_path / folder
+    if folder == "empty":
+        model.mkdir()  # a folder, but no saved model in it
+    env = {"VLBOT_MODEL": str(model), "VLBOT_DATA_DIR": str(tmp_path / "data")}
+    out = vlbot("doctor", env=env)
+    assert out.returncode == 1, out.stdout
+    assert "fetched from the Hugging Face hub" not in out.stdout
+    asked = vlbot("ask", str(photo), "What is it?", env=env)
+    assert asked.returncode == 2
+    said = asked.stderr.strip().splitlines()[-1]
+    assert said.startswith("vlbot: no such model folder" if folder == "nowhere" else "vlbot: ")
+    assert out.stderr.strip().splitlines() == [said]  # the same check, the same words
+    assert said.removeprefix("vlbot: ") in out.stdout
+
+
 def test_unwritable_data_folder_is_one_clear_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("a file where the data folder should be")
