@@ -58,7 +58,7 @@ def read_image(path_text: str, settings: Settings) -> ImagePart:
     size = path.stat().st_size
     if size > settings.max_image_bytes:  # refuse before reading a huge file into memory
         raise CliError(
-            texts.text("too_large", size_mb=round(size / 2**20, 1), limit_mb=settings.max_image_mb)
+            texts.text("too_large", size=texts.size(size), limit=texts.size(settings.max_image_bytes))
         )
     mime = MIME_BY_SUFFIX.get(path.suffix.lower(), "application/octet-stream")
     return ImagePart(path.read_bytes(), mime, path.name)

@@ -19,6 +19,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
+from bot import texts
 from bot.models import ImagePart
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -142,4 +143,4 @@ class RemoteImageFetcher:
         return bytes(data)
 
     def _too_large(self) -> str:
-        return f"The remote image is over the limit of {self.max_bytes / 1_048_576:.0f} MB."
+        return f"The remote image is over the limit of {texts.size(self.max_bytes)}."

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = 512
     temperature: float = 0.0
     system_prompt: str | None = None
-    max_image_mb: float = 10.0
+    max_image_mb: float = 10.0  # MiB (max_image_bytes = this x 1,048,576)
     max_visual_tokens: int = 1024  # pixel budget per image
     max_images_per_message: int = 10
     max_question_chars: int = 4000

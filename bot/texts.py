@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 CATALOGUE: dict[str, dict[str, str]] = {
@@ -39,7 +40,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "empty_answer": "The model gave no answer. Please rephrase the question.",
         # image intake (codes from engine.intake)
         "empty_file": "That file is empty.",
-        "too_large": "That file is {size_mb} MB; the limit is {limit_mb} MB.",
+        "too_large": "That file is {size}; the limit is {limit}.",
         "not_an_image": "That file is not an image I can read. Send a photo or an image file.",
         "unsupported_format": "{format} images are not supported. Send JPEG, PNG, WebP or HEIC.",
         "image_too_large_pixels": (
@@ -108,7 +109,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "Commands: /ask <question> asks (in groups: or mention me), /export sends this chat as "
             "files, /reset forgets this chat, /cancel stops the current answer.\n"
             "Presets (before your question or in the photo's caption): {presets}.\n"
-            "Model: {model}. Images up to {limit_mb} MB."
+            "Model: {model}. Images up to {limit}."
         ),
         "unknown_command": (
             "I don't know the command /{command}. Commands: {commands}. Presets: {presets}."
@@ -154,7 +155,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "{command} <question> asks about the latest image in this channel, or about the images "
             "you link in it (Slack file links, https:// URLs); "
             "{command} reset forgets this conversation, {command} help shows this.\n"
-            "Model: {model}. Images up to {limit_mb} MB."
+            "Model: {model}. Images up to {limit}."
         ),
     },
     "zh": {
@@ -183,7 +184,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "remote_busy": "模型服务器正忙，请一分钟后再试。（编号 {ref}）",
         "empty_answer": "模型没有给出回答，请换个方式提问。",
         "empty_file": "该文件是空的。",
-        "too_large": "该文件为 {size_mb} MB，上限为 {limit_mb} MB。",
+        "too_large": "该文件为 {size}，上限为 {limit}。",
         "not_an_image": "该文件不是我能读取的图片。请发送照片或图片文件。",
         "unsupported_format": "不支持 {format} 格式。请发送 JPEG、PNG、WebP 或 HEIC。",
         "image_too_large_pixels": "该图片为 {width}×{height} 像素，超过了 {limit_mp} 百万像素的上限。",
@@ -239,7 +240,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "命令：/ask <问题> 提问（群组中也可以提及我），/export 以文件导出本对话，"
             "/reset 清除本对话历史，/cancel 停止当前回答。\n"
             "预设（写在问题前或照片说明中）：{presets}。\n"
-            "模型：{model}。图片最大 {limit_mb} MB。"
+            "模型：{model}。图片最大 {limit}。"
         ),
         "unknown_command": "我不认识命令 /{command}。可用命令：{commands}。预设：{presets}。",
         "slack_working": "处理中…",
@@ -269,7 +270,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "在私信中直接发送图片即可。\n"
             "{command} <问题> 针对本频道最新的图片或你附上的图片链接（Slack 文件链接、https:// 网址）提问，{command} reset 清除本对话，"
             "{command} help 显示本帮助。\n"
-            "模型：{model}。图片最大 {limit_mb} MB。"
+            "模型：{model}。图片最大 {limit}。"
         ),
     },
 }
@@ -312,3 +313,11 @@ def queued(position: int, eta_s: float | None, language_code: str | None = None)
     if eta_s is None:
         return text("queued_position", language_code, ordinal=place)
     return text("queued", language_code, ordinal=place, eta=duration(eta_s, language_code))
+
+
+def size(n_bytes: float) -> str:
+    """A file size or size limit for users, in the binary units the limits are counted in
+    (1 MiB = 1,048,576 bytes; VLBOT_MAX_IMAGE_MB=10 is 10 MiB): "10 MiB", "12.4 MiB". Rounded
+    up to 0.1, so a file over a limit never shows as the limit itself."""
+    tenths = math.ceil(n_bytes / 2**20 * 10 - 1e-9)
+    return f"{tenths // 10} MiB" if tenths % 10 == 0 else f"{tenths / 10:.1f} MiB"

@@ -23,6 +23,7 @@ from typing import Any, cast
 
 from PIL import Image, ImageFile
 
+from bot import texts
 from bot.models import ImagePart, InputRejected
 
 log = logging.getLogger(__name__)
@@ -33,12 +34,11 @@ WHITE = (255, 255, 255)
 # Smallest pixel count the Qwen3-VL processor scales up to (its default size["shortest_edge"] is
 # 65536 = 64 tokens of 32x32); used only by visual_tokens_for's estimate.
 _PROCESSOR_MIN_TOKENS = 64
-_MIB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class IntakeLimits:
-    max_bytes: int = 10 * 1024 * 1024  # 10 MB default
+    max_bytes: int = 10 * 1024 * 1024  # 10 MiB default
     max_decoded_pixels: int = 40_000_000  # decompression-bomb guard, checked on every frame touched
     max_visual_tokens: int = 1024  # pixel budget per image
     token_pixels: int = 32 * 32  # pixels one visual token covers: (patch*merge)**2
@@ -224,13 +224,8 @@ def _open_checked(part: ImagePart, limits: IntakeLimits) -> tuple[ImageFile.Imag
     if not part.data:
         raise InputRejected("empty_file", "the file is empty")
     if part.size > limits.max_bytes:
-        limit_mb, size_mb = _number(limits.max_bytes / _MIB), math.ceil(part.size / _MIB * 10) / 10
-        raise InputRejected(
-            "too_large",
-            f"file is {size_mb} MB, over the {limit_mb} MB limit",
-            limit_mb=limit_mb,
-            size_mb=size_mb,
-        )
+        size, limit = texts.size(part.size), texts.size(limits.max_bytes)
+        raise InputRejected("too_large", f"file is {size}, over the {limit} limit", size=size, limit=limit)
     fmt, looks_like = _sniff(part.data)
     if fmt is None:
         if not looks_like[:1].islower():  # an image format we recognise but do not take

@@ -77,7 +77,7 @@ async def test_multipart_image_over_limit_is_413(tmp_path: Path) -> None:
             data={"prompt": "x"},
         )
     assert big.status_code == 413 and big.json()["error"]["code"] == "too_large"
-    assert big.json()["error"]["message"] == "That image is 1.2 MB; the limit is 1 MB."
+    assert big.json()["error"]["message"] == "That image is 1.3 MiB; the limit is 1 MiB."
 
 
 def seed_client(url: str, image: bytes) -> tuple[str, int, dict[str, object]]:

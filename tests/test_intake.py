@@ -222,7 +222,8 @@ def test_size_limit_is_inclusive() -> None:
     assert len(exact) == 10 * 1024 * 1024
     check_image(part(exact), LIMITS)  # trailing bytes after IEND are ignored
     error = rejected(exact + b"\x00", "too_large", check_only=True)
-    assert error.params["limit_mb"] == 10 and error.params["size_mb"] > 10
+    assert error.params == {"size": "10.1 MiB", "limit": "10 MiB"}  # one byte over: never "10"
+    assert texts.text("too_large", **error.params) == "That file is 10.1 MiB; the limit is 10 MiB."
 
 
 def test_empty_file() -> None:

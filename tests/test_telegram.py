@@ -161,8 +161,8 @@ async def test_too_large_files_are_refused_without_downloading(fake: FakeTelegra
         await fake.push(h.document(b"x", "photo.jpg", "image/jpeg", size=12 * 1024 * 1024))
         await fake.wait_for(lambda: len(fake.texts(ALICE)) == 2)
     assert fake.texts(ALICE) == [
-        "That file is 25.0 MB; the limit is 10 MB.",
-        "That file is 12.0 MB; the limit is 10 MB.",
+        "That file is 25 MiB; the limit is 10 MiB.",
+        "That file is 12 MiB; the limit is 10 MiB.",
     ]
     assert not fake.calls_to(ALICE, "getFile") and not any(c.method == "getFile" for c in fake.calls)
 
@@ -277,7 +277,7 @@ async def test_help_and_commands_registered(fake: FakeTelegram, tmp_path: Path) 
         await fake.wait_for(lambda: len(fake.texts(ALICE)) == 1)
     shown = fake.texts(ALICE)[0]
     assert "Model: Qwen3-VL-2B-Instruct." in shown and "/srv" not in shown  # a name, not a path
-    assert "10 MB" in shown
+    assert "10 MiB" in shown
     for command in ("/ask", "/export", "/reset", "/cancel", "/describe", "/ocr", "/extract",
                     "/triage"):
         assert command in shown, command

@@ -19,6 +19,7 @@ from pydantic import SecretStr
 from starlette.requests import ClientDisconnect, Request
 
 from adapters.http.errors import ApiError
+from bot import texts
 from bot.models import ConversationId
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -165,7 +166,7 @@ class RateLimiter:
 def too_large(limit: int) -> ApiError:
     return ApiError(
         413,
-        f"The request body is over the limit of {limit / 1_048_576:.1f} MB.",
+        f"The request body is over the limit of {texts.size(limit)}.",
         code="request_too_large",
     )
 

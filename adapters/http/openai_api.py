@@ -20,6 +20,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.http.errors import ApiError, bad_request
+from bot import texts
 from bot.models import ImagePart, Message, Part, Role, TextPart, Turn
 from bot.presets import get_preset, preset_for_response_format, preset_names
 from bot.remote_images import RemoteImageError, RemoteImageFetcher
@@ -180,8 +181,7 @@ class Parser:
         if size > self.max_image_bytes:
             raise ApiError(
                 413,
-                f"That image is {size / 1_048_576:.1f} MB; the limit is "
-                f"{self.max_image_bytes / 1_048_576:.0f} MB.",
+                f"That image is {texts.size(size)}; the limit is {texts.size(self.max_image_bytes)}.",
                 code="too_large",
             )
 

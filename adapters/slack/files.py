@@ -22,11 +22,11 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import texts
 from bot.models import ImagePart, InputRejected
 
 log = logging.getLogger("vlbot.slack.files")
 
-_MIB = 1024 * 1024
 # A file id in a Slack file URL: /files/U123/F0ABC/name (permalink), /files-pri/T123-F0ABC/name.
 FILE_ID_RE = re.compile(r"(?:^|[/-])(F[A-Z0-9]{8,})(?=/|$)")
 Origin = tuple[str, str, int]
@@ -184,7 +184,7 @@ class SlackFiles:
                     size = max(len(data), int(info.get("size") or 0))
                     raise InputRejected(
                         "too_large", "file over the limit",
-                        size_mb=f"{size / _MIB:.1f}", limit_mb=f"{self.max_bytes / _MIB:g}",
+                        size=texts.size(size), limit=texts.size(self.max_bytes),
                     )
         return bytes(data), content_type
 

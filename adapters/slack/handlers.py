@@ -37,7 +37,7 @@ from bot.models import ConversationId, ImagePart, InputRejected, Message, User
 from bot.presets import parse_preset_command
 from bot.remote_images import RemoteImageError, RemoteImageFetcher
 from bot.settings import Settings
-from bot.texts import text
+from bot.texts import size, text
 
 log = logging.getLogger("vlbot.slack")
 
@@ -217,12 +217,11 @@ class SlackHandlers:
             await ack(response_type="ephemeral", text=text("not_allowed"))
             return
         if word in ("", "help"):
-            limit_mb = f"{self.settings.max_image_mb:g}"
             follow_ups = text("slack_follow_ups_all" if self.slack.follow_all_thread_messages
                               else "slack_follow_ups_mention")
             await ack(response_type="ephemeral", text=escape(text(
                 "slack_help", command=self.slack.slash_command, model=self.core.status().model,
-                limit_mb=limit_mb, follow_ups=follow_ups,
+                limit=size(self.settings.max_image_bytes), follow_ups=follow_ups,
             )))
             return
         conversation = ConversationId("slack", channel)

@@ -184,7 +184,7 @@ class Handlers:
         conversation = conversation_of(msg)
         if command in ("start", "help"):
             await self._say(msg, "help", model=public_model_name(self.core.status().model),
-                            presets=_presets(), limit_mb=f"{self.settings.max_image_mb:g}")
+                            presets=_presets(), limit=texts.size(self.settings.max_image_bytes))
         elif command == "reset":
             await self.core.reset(conversation)
             await self._say(msg, "reset_done")
@@ -368,7 +368,7 @@ class Handlers:
         try:
             refs: list[FileRef] = [ref for m in messages for ref in image_refs(m)]
             for ref in refs:
-                check_size(ref, self.settings.max_image_bytes, self.settings.max_image_mb)
+                check_size(ref, self.settings.max_image_bytes)
             if len(refs) > self.settings.max_images_per_message:
                 raise InputRejected("too_many_images", "album too big", count=len(refs),
                                     limit=self.settings.max_images_per_message)
@@ -404,7 +404,7 @@ class Handlers:
             log.info("telegram: %s already handled", event_key)
 
     async def _download(self, ref: FileRef) -> ImagePart:
-        return await download(self.bot, ref, self.settings.max_image_bytes, self.settings.max_image_mb)
+        return await download(self.bot, ref, self.settings.max_image_bytes)
 
     async def _replied_images(self, target: Message, conversation: ConversationId) -> list[ImagePart]:
         """The image a reply is about: the photo replied to, or the one the replied-to question

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from telegram import Bot, Message
 from telegram.error import BadRequest, NetworkError
 
+from bot import texts
 from bot.adapter import Core
 from bot.models import ConversationId, ImagePart, InputRejected
 
 log = logging.getLogger("vlbot.telegram")
 
 TELEGRAM_DOWNLOAD_LIMIT = 20 * 1024 * 1024  # getFile refuses bigger files
-_MIB = 1024 * 1024
 DOWNLOAD_TRIES = 4  # getFile + download, against a Bot API 5xx or a dropped connection
 DOWNLOAD_BACKOFF_S = 0.5
 IMAGE_EXTENSIONS = {
@@ -63,26 +63,24 @@ def _image_mime(mime: str | None, name: str | None) -> str | None:
     return guessed if guessed and guessed.startswith("image/") else None
 
 
-def check_size(ref: FileRef, max_image_bytes: int, max_image_mb: float) -> None:
+def check_size(ref: FileRef, max_image_bytes: int) -> None:
     """Refuse, without downloading, a file over Telegram's download limit or over ours."""
     if ref.size is None:
         return
-    limit_mb = max_image_mb if max_image_bytes < TELEGRAM_DOWNLOAD_LIMIT else 20
-    if ref.size > min(max_image_bytes, TELEGRAM_DOWNLOAD_LIMIT):
-        raise InputRejected(
-            "too_large", f"file of {ref.size} bytes",
-            size_mb=f"{ref.size / _MIB:.1f}", limit_mb=f"{limit_mb:g}",
-        )
+    limit = min(max_image_bytes, TELEGRAM_DOWNLOAD_LIMIT)
+    if ref.size > limit:
+        raise InputRejected("too_large", f"file of {ref.size} bytes",
+                            size=texts.size(ref.size), limit=texts.size(limit))
 
 
 async def download(
-    bot: Bot, ref: FileRef, max_image_bytes: int, max_image_mb: float,
+    bot: Bot, ref: FileRef, max_image_bytes: int,
     *, tries: int = DOWNLOAD_TRIES, backoff_s: float = DOWNLOAD_BACKOFF_S,
 ) -> ImagePart:
     """getFile, then the file itself. Both are idempotent reads: a network error or a 5xx
     (PTB raises NetworkError for both) is retried with backoff (backoff_s, 2x, 4x ...) before the
     error reaches the user; a refusal (BadRequest: bad file id, file too big) is not retried."""
-    check_size(ref, max_image_bytes, max_image_mb)
+    check_size(ref, max_image_bytes)
     for attempt in range(1, tries + 1):
         try:
             file = await bot.get_file(ref.file_id)
@@ -97,7 +95,7 @@ async def download(
             log.info("telegram: file download failed (%s), try %d of %d in %.1f s",
                      exc.message, attempt + 1, tries, delay)
             await asyncio.sleep(delay)
-    check_size(FileRef(ref.file_id, len(data), ref.mime, ref.name), max_image_bytes, max_image_mb)
+    check_size(FileRef(ref.file_id, len(data), ref.mime, ref.name), max_image_bytes)
     return ImagePart(data, ref.mime, ref.name)
 
 
