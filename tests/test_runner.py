@@ -99,6 +99,31 @@ async def test_a_burst_of_concurrent_submits_admits_only_max_queue(stack: Stack)
     assert all(isinstance(f.event, Final) for f in finals)
 
 
+async def test_a_refused_submit_decodes_nothing_and_a_refused_image_frees_its_slot(
+    stack: Stack,
+) -> None:
+    from bot.models import InputRejected, Message
+
+    stack.runner.max_queue = 2
+    checked: list[str] = []
+
+    def check(message: Message) -> None:  # the engine's image check (a full decode)
+        checked.append(message.text)
+        if message.text == "damaged":
+            raise InputRejected("corrupt_image", "cannot decode")
+
+    stack.engine.check = check  # type: ignore[method-assign]
+    with pytest.raises(InputRejected):
+        await stack.runner.submit(incoming("a", "damaged", RECEIPT))
+    results = await asyncio.gather(
+        *(stack.runner.submit(incoming(f"c{i}", f"q{i}", RECEIPT)) for i in range(10)),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, Acceptance) for r in results) == 2
+    assert sum(isinstance(r, QueueFull) for r in results) == 8
+    assert len(checked) == 3  # the damaged one and the two admitted: the busy ones cost nothing
+
+
 async def test_a_failed_or_duplicate_write_gives_its_queue_slot_back(stack: Stack) -> None:
     stack.runner.max_queue = 1
     write = stack.jobs.insert
