@@ -22,7 +22,7 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.helpers import decode_rate, proc_status_bytes
-from engine.loading import image_tokens, load_processor, physical_cores, processor_size, resolve_dtype
+from engine.qwen.loading import image_tokens, load_processor, physical_cores, processor_size, resolve_dtype
 
 
 class Clock(BaseStreamer):

@@ -14,13 +14,13 @@ import time
 from bot.adapter import Adapter
 from bot.core import BotCore
 from bot.db import Database
+from bot.engine_port import Engine
 from bot.history import HistoryStore
 from bot.jobs import JobStore
 from bot.logs import SecretRedactor, secret_values
 from bot.models import GenerationParams
 from bot.runner import Runner
 from bot.settings import Settings
-from engine.base import Engine
 from engine.intake import IntakeLimits
 
 log = logging.getLogger("vlbot.app")
@@ -34,7 +34,7 @@ def intake_limits(settings: Settings) -> IntakeLimits:
 
 def build_engine(settings: Settings) -> Engine:
     if settings.engine == "openai":
-        from engine.openai_remote import OpenAIRemoteEngine
+        from engine.remote import OpenAIRemoteEngine
 
         return OpenAIRemoteEngine(
             base_url=settings.remote.base_url,
@@ -46,7 +46,7 @@ def build_engine(settings: Settings) -> Engine:
             timeout_s=settings.remote.timeout_s,
         )
     if settings.engine in ("ocr", "auto"):
-        from engine.ocr import OcrEngine
+        from engine.ocr.engine import OcrEngine
 
         def make_ocr() -> Engine:
             return OcrEngine(limits=intake_limits(settings), threads=settings.threads)
@@ -62,7 +62,7 @@ def build_engine(settings: Settings) -> Engine:
 
 
 def qwen_engine(settings: Settings) -> Engine:
-    from engine.qwen import QwenVLEngine
+    from engine.qwen.engine import QwenVLEngine
 
     vlm = QwenVLEngine(
         settings.model,
@@ -76,8 +76,8 @@ def qwen_engine(settings: Settings) -> Engine:
     )
     if not settings.ocr_hints:
         return vlm
-    from engine.ocr import OcrEngine
-    from engine.ocr_hints import OcrHintedEngine
+    from engine.ocr.engine import OcrEngine
+    from engine.ocr.hints import OcrHintedEngine
 
     return OcrHintedEngine(vlm, OcrEngine(limits=intake_limits(settings), threads=settings.threads))
 

@@ -18,11 +18,11 @@ from pydantic import SecretStr, ValidationError
 from bot import texts
 from bot.app import AdapterStartError
 from bot.db import DataDirError, prepare_data_dir
+from bot.engine_port import Engine, EngineError
 from bot.models import GenerationParams, ImagePart, InputRejected, Message
 from bot.presets import preset_names
 from bot.runner import check_message
 from bot.settings import Settings
-from engine.base import Engine, EngineError
 
 MIME_BY_SUFFIX = {
     ".jpg": "image/jpeg",
@@ -152,7 +152,7 @@ def mask(value: Any) -> Any:
 
 
 def doctor(args: argparse.Namespace) -> int:
-    from engine.loading import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
+    from engine.qwen.loading import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
 
     settings = load_settings()
     shown = {name: mask(getattr(settings, name)) for name in type(settings).model_fields}

@@ -7,10 +7,10 @@ import logging
 import time
 
 from bot.adapter import Acceptance, CoreStatus, Incoming
+from bot.engine_port import Engine
 from bot.history import HistoryStore
 from bot.models import ConversationId, ImagePart
 from bot.runner import Runner
-from engine.base import Engine
 
 log = logging.getLogger("vlbot.core")
 

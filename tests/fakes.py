@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bot.adapter import Core, Failed, Final, Incoming, ReplyEvent
+from bot.engine_port import EngineInfo
 from bot.models import ConversationId, GenerationParams, Message, Turn, User
-from engine.base import EngineInfo
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.decode_attention import DecodeAttention, left_padding, load_attention
+from engine.cpu.kernels.decode_attention import DecodeAttention, left_padding, load_attention
 from tests.engine_fixtures import built_or_skip
 
 

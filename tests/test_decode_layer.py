@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.batching import Batch
-from engine.bf16_kernel import use_for_decode
-from engine.decode_step import DecodeStep
+from engine.cpu.decode_step import DecodeStep
+from engine.cpu.kernels.bf16_kernel import use_for_decode
+from engine.qwen.batching import Batch
 from tests.engine_fixtures import built_or_skip
 from tests.test_engine_decode_step import PROMPTS, load, prefilled_batch
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from engine.batching import Batch, Row
-from engine.bf16_kernel import DecodeLinear, load_kernel, use_for_decode
-from engine.decode_step import DecodeStep
-from engine.kvbuffer import appending_cache
-from engine.qwen import QwenVLEngine
+from engine.cpu.decode_step import DecodeStep
+from engine.cpu.kernels.bf16_kernel import DecodeLinear, load_kernel, use_for_decode
+from engine.qwen.batching import Batch, Row
+from engine.qwen.engine import QwenVLEngine
+from engine.qwen.kvbuffer import appending_cache
 
 PROMPTS = [list(range(5, 40)), list(range(100, 112)), list(range(300, 322))]
 
@@ -106,7 +106,7 @@ def test_the_c_norms_and_rotary_round_as_transformers_does(dtype: torch.dtype) -
         apply_rotary_pos_emb,
     )
 
-    from engine.decode_ops import load_ops
+    from engine.cpu.kernels.decode_ops import load_ops
 
     ops = load_ops()
     if ops is None:

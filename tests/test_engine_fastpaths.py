@@ -17,11 +17,11 @@ from transformers import AutoConfig
 from transformers.cache_utils import DynamicLayer
 
 from bot.models import GenerationParams, Message
-from engine.kvbuffer import MIN_SPARE_TOKENS, SPARE_TOKENS, AppendingLayer, appending_cache
-from engine.kvcache import cache_nbytes
-from engine.patch_embed import PatchLinear, linearize_patch_embedding
-from engine.prompt import build_prompt
-from engine.qwen import QwenVLEngine
+from engine.cpu.patch_embed import PatchLinear, linearize_patch_embedding
+from engine.qwen.engine import QwenVLEngine
+from engine.qwen.kvbuffer import MIN_SPARE_TOKENS, SPARE_TOKENS, AppendingLayer, appending_cache
+from engine.qwen.kvcache import cache_nbytes
+from engine.qwen.prompt import build_prompt
 from tests.test_engine_qwen import png_image
 
 

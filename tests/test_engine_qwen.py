@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
+from bot.engine_port import Engine, EngineNotReady, ModelNotFound
 from bot.models import GenerationParams, ImagePart, InputRejected, Message, Role, TextPart, Turn
-from engine.base import Engine, EngineNotReady, ModelNotFound
 from engine.intake import IntakeLimits
-from engine.qwen import QwenVLEngine
+from engine.qwen.engine import QwenVLEngine
 
 # fixtures tiny_qwen3 / tiny_qwen25: tests.engine_fixtures (registered in tests/conftest.py)
 

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.activations import GELUTanh
 
-from engine.gelu import FastGeluTanh, GeluKernel, load_kernel, use_fast_gelu
+from engine.cpu.kernels.gelu import FastGeluTanh, GeluKernel, load_kernel, use_fast_gelu
 from tests.engine_fixtures import built_or_skip
 
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine import bf16_kernel, int4_kernel, native
-from engine.quant import Int4Linear
+from engine.cpu import native
+from engine.cpu.kernels import bf16_kernel, int4_kernel
+from engine.cpu.quant import Int4Linear
 
 
 @pytest.fixture

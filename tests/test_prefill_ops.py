@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, Qwen3VLTextConfig
 from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
 
-from engine.prefill_ops import (
+from engine.cpu.kernels.prefill_ops import (
     FastMLP,
     FastRMSNorm,
     FastTextAttention,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from engine.vision_attention import VisionAttention, load_kernel, use_fast_vision_attention
+from engine.cpu.kernels.vision_attention import VisionAttention, load_kernel, use_fast_vision_attention
 
 
 def tiny(folder: Path, dtype: torch.dtype) -> Any:

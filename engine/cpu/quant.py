@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.hugepages import file_mappings, release_file_pages
-from engine.int4_kernel import Int4Kernel, PackedInt4, fits, load_kernel, pack
+from engine.cpu.hugepages import file_mappings, release_file_pages
+from engine.cpu.kernels.int4_kernel import Int4Kernel, PackedInt4, fits, load_kernel, pack
 
 logger = logging.getLogger("vlbot.engine")
 

@@ -27,15 +27,20 @@ from typing import Any
 
 import torch
 
+from bot.engine_port import EngineError, EngineInfo, EngineNotReady, ModelNotFound, StreamStats
 from bot.models import GenerationParams, InputRejected, Message, Turn
-from engine.base import EngineError, EngineInfo, EngineNotReady, ModelNotFound, StreamStats
-from engine.bf16_kernel import use_for_decode
-from engine.decode_step import DecodeStep
-from engine.gelu import use_fast_gelu
-from engine.hugepages import move_to_huge_pages
+from engine.cpu.decode_step import DecodeStep
+from engine.cpu.hugepages import move_to_huge_pages
+from engine.cpu.kernels.bf16_kernel import use_for_decode
+from engine.cpu.kernels.gelu import use_fast_gelu
+from engine.cpu.kernels.output_head import OutputHead
+from engine.cpu.kernels.prefill_ops import use_fast_prefill_ops
+from engine.cpu.kernels.vision_attention import use_fast_vision_attention
+from engine.cpu.patch_embed import linearize_patch_embedding
+from engine.cpu.quant import check_mode, quantize_language_model
 from engine.intake import IntakeLimits, check_image
-from engine.kvcache import DEFAULT_KV_CACHE_BYTES, SessionCacheStore
-from engine.loading import (
+from engine.qwen.kvcache import DEFAULT_KV_CACHE_BYTES, SessionCacheStore
+from engine.qwen.loading import (
     DEFAULT_MODEL,
     ModelSource,
     budget_size,
@@ -48,14 +53,9 @@ from engine.loading import (
     resolve_source,
     visual_token_pixels,
 )
-from engine.output_head import OutputHead
-from engine.patch_embed import linearize_patch_embedding
-from engine.prefill_ops import use_fast_prefill_ops
-from engine.prompt import Prompt, RecentImages, build_prompt, remember_processed_images
-from engine.quant import check_mode, quantize_language_model
-from engine.scheduler import Encoded, Request, SamplingDefaults, Scheduler, make_encoded
-from engine.streaming import FINISHED, TokenPipe, install_abort_hooks
-from engine.vision_attention import use_fast_vision_attention
+from engine.qwen.prompt import Prompt, RecentImages, build_prompt, remember_processed_images
+from engine.qwen.scheduler import Encoded, Request, SamplingDefaults, Scheduler, make_encoded
+from engine.qwen.streaming import FINISHED, TokenPipe, install_abort_hooks
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -322,7 +322,7 @@ class QwenVLEngine:
         return self._closed or (scheduler is not None and scheduler.should_abort())
 
     def _start_scheduler(self, model: Any) -> Scheduler:
-        from engine.kvbuffer import appending_cache  # imports transformers: only once loading
+        from engine.qwen.kvbuffer import appending_cache  # imports transformers: only once loading
 
         config = model.config
 

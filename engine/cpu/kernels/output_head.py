@@ -27,10 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.bf16_kernel import Bf16Kernel
-from engine.bf16_kernel import load_kernel as load_bf16_kernel
-from engine.hugepages import HugePageArena, huge_pages_available, release_file_pages
-from engine.native import I32, I64, POINTER, c_function, load_library
+from engine.cpu.hugepages import HugePageArena, huge_pages_available, release_file_pages
+from engine.cpu.kernels.bf16_kernel import Bf16Kernel
+from engine.cpu.kernels.bf16_kernel import load_kernel as load_bf16_kernel
+from engine.cpu.native import I32, I64, POINTER, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
 

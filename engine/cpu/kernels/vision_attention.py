@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.native import I32, I64, POINTER, c_function, load_library
-from engine.vision_flash import FlashKernel
-from engine.vision_flash import load_kernel as load_flash_kernel
+from engine.cpu.kernels.vision_flash import FlashKernel
+from engine.cpu.kernels.vision_flash import load_kernel as load_flash_kernel
+from engine.cpu.native import I32, I64, POINTER, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from engine.base import ModelNotFound
+from bot.engine_port import ModelNotFound
 
 logger = logging.getLogger("vlbot.engine")
 

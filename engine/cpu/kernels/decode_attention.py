@@ -13,7 +13,7 @@ import functools
 
 import torch
 
-from engine.native import F32, I32, I64, POINTER, c_function, load_library
+from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
 
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")

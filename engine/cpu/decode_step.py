@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from engine.bf16_kernel import AdjacentLinears, DecodeLinear
-from engine.bf16_kernel import load_kernel as load_bf16_kernel
-from engine.decode_attention import DecodeAttention, left_padding, load_attention
-from engine.decode_layer import LayerKernel, LayerWeights, Shape, load_layer
-from engine.decode_ops import DecodeOps, load_ops
+from engine.cpu.kernels.bf16_kernel import AdjacentLinears, DecodeLinear
+from engine.cpu.kernels.bf16_kernel import load_kernel as load_bf16_kernel
+from engine.cpu.kernels.decode_attention import DecodeAttention, left_padding, load_attention
+from engine.cpu.kernels.decode_layer import LayerKernel, LayerWeights, Shape, load_layer
+from engine.cpu.kernels.decode_ops import DecodeOps, load_ops
 
 SUPPORTED_LAYER = "Qwen3VLTextDecoderLayer"
 

@@ -8,7 +8,7 @@ import functools
 
 import torch
 
-from engine.native import F32, I32, I64, POINTER, c_function, load_library
+from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
 
 COMPILE_FLAGS = ("-ffp-contract=off",)  # plain C: any CPU; no fused multiply-adds (same rounding)
 DTYPES = (torch.float32, torch.bfloat16)

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from engine.base import EngineNotReady
-from engine.batching import Batch, Row, cache_length, crop_cache
-from engine.kvcache import (
+from bot.engine_port import EngineNotReady
+from engine.qwen.batching import Batch, Row, cache_length, crop_cache
+from engine.qwen.kvcache import (
     ImageSpan,
     SessionCacheStore,
     cache_nbytes,
@@ -36,8 +36,8 @@ from engine.kvcache import (
     prompt_keys,
     reusable_prefix,
 )
-from engine.loading import onednn_decodes_faster
-from engine.streaming import Aborted, TokenPipe
+from engine.qwen.loading import onednn_decodes_faster
+from engine.qwen.streaming import Aborted, TokenPipe
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -485,7 +485,7 @@ class Scheduler:
 
 
 def make_encoded(inputs: dict[str, Any], image_token_id: int, digests: list[bytes], images: int) -> Encoded:
-    from engine.kvcache import image_spans
+    from engine.qwen.kvcache import image_spans
 
     ids = [int(i) for i in inputs["input_ids"][0].tolist()]
     spans = image_spans(ids, image_token_id)

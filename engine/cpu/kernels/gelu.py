@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.native import I32, I64, POINTER, c_function, load_library
+from engine.cpu.native import I32, I64, POINTER, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
 

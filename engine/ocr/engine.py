@@ -24,10 +24,10 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import replace
 from typing import Any
 
+from bot.engine_port import EngineInfo, EngineNotReady, ModelNotFound
 from bot.models import GenerationParams, ImagePart, InputRejected, Message, Turn
-from engine.base import EngineInfo, EngineNotReady, ModelNotFound
 from engine.intake import IntakeLimits, check_image, open_image
-from engine.ocr_reader import OcrReader, OcrResult
+from engine.ocr.reader import OcrReader, OcrResult
 
 logger = logging.getLogger("vlbot.engine.ocr")
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from engine.bf16_kernel import Bf16Kernel
-from engine.decode_attention import DecodeAttention, cache_arguments
-from engine.decode_ops import DecodeOps
-from engine.native import F32, I32, I64, POINTER, c_function, load_library
+from engine.cpu.kernels.bf16_kernel import Bf16Kernel
+from engine.cpu.kernels.decode_attention import DecodeAttention, cache_arguments
+from engine.cpu.kernels.decode_ops import DecodeOps
+from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
 
 COMPILE_FLAGS = ("-ffp-contract=off",)  # torch's rounding: no fused multiply-adds
 

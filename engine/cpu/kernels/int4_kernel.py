@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.native import I32, I64, POINTER, c_function, load_library
+from engine.cpu.native import I32, I64, POINTER, c_function, load_library
 
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
 COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma")

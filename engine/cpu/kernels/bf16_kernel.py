@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.native import I32, I64, POINTER, c_function, cpu_flags, load_library
+from engine.cpu.native import I32, I64, POINTER, c_function, cpu_flags, load_library
 
 logger = logging.getLogger("vlbot.engine")
 

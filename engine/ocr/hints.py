@@ -11,9 +11,9 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator, Sequence
 
+from bot.engine_port import Engine, EngineInfo
 from bot.models import GenerationParams, Message, TextPart, Turn
-from engine.base import Engine, EngineInfo
-from engine.ocr import OcrEngine
+from engine.ocr.engine import OcrEngine
 
 logger = logging.getLogger("vlbot.engine.hints")
 

@@ -18,8 +18,8 @@ from typing import Any
 
 import httpx
 
+from bot.engine_port import EngineError, EngineInfo, StreamStats
 from bot.models import GenerationParams, ImagePart, InputRejected, Message, Part, Role, TextPart, Turn
-from engine.base import EngineError, EngineInfo, StreamStats
 from engine.intake import IntakeLimits, check_image
 
 log = logging.getLogger("vlbot.engine")

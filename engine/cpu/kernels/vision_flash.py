@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from engine.native import F32, I32, I64, POINTER, c_function, load_library
+from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
 
