@@ -152,7 +152,7 @@ def mask(value: Any) -> Any:
 
 
 def doctor(args: argparse.Namespace) -> int:
-    from engine.qwen.loading import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
+    from engine import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
 
     settings = load_settings()
     shown = {name: mask(getattr(settings, name)) for name in type(settings).model_fields}
@@ -227,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(serve(args))
         if args.command == "doctor":
             return doctor(args)
-        from engine.devmodel import main as make_model_main
+        from engine import make_model_main
 
         return make_model_main(args.rest)
     except CliError as exc:
