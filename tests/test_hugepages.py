@@ -15,7 +15,7 @@ from transformers import AutoModelForImageTextToText
 
 import engine.qwen.engine
 from bot.models import Message
-from engine.cpu import hugepages
+from engine.cpu import hugepages, swap
 from engine.cpu.hugepages import move_to_huge_pages, on_huge_pages, release_file_pages
 from engine.cpu.quant import quantize_language_model
 from tests.test_engine_qwen import answer, png_image
@@ -128,7 +128,7 @@ async def test_the_engine_moves_in_idle_time_and_a_request_goes_first(
         calls.append(True)
         return len(calls) >= 2
 
-    monkeypatch.setattr(engine.qwen.engine, "move_to_huge_pages", slow_move)
+    monkeypatch.setattr(swap, "move_to_huge_pages", slow_move)
     tiny_engine = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
     await tiny_engine.load()
     started = time.monotonic()

@@ -29,15 +29,8 @@ import torch
 
 from bot.engine_port import EngineError, EngineInfo, EngineNotReady, ModelNotFound, StreamStats
 from bot.models import GenerationParams, InputRejected, Message, Turn
-from engine.cpu.decode_step import DecodeStep
-from engine.cpu.hugepages import move_to_huge_pages
-from engine.cpu.kernels.bf16_kernel import use_for_decode
-from engine.cpu.kernels.gelu import use_fast_gelu
-from engine.cpu.kernels.output_head import OutputHead
-from engine.cpu.kernels.prefill_ops import use_fast_prefill_ops
-from engine.cpu.kernels.vision_attention import use_fast_vision_attention
-from engine.cpu.patch_embed import linearize_patch_embedding
-from engine.cpu.quant import check_mode, quantize_language_model
+from engine.cpu.quant import check_mode
+from engine.cpu.swap import decode_parts, swap_modules
 from engine.intake import IntakeLimits, check_image
 from engine.qwen.kvcache import DEFAULT_KV_CACHE_BYTES, SessionCacheStore
 from engine.qwen.loading import (
@@ -281,12 +274,7 @@ class QwenVLEngine:
         except Exception as e:  # OSError, ValueError, safetensors/json errors, hub errors, ...
             raise load_failure(source, e) from e
         model.eval()
-        linearize_patch_embedding(model)
-        use_fast_vision_attention(model)
-        use_fast_gelu(model)  # bf16 only
-        quantize_language_model(model, self._quantize)
-        use_fast_prefill_ops(model)  # bf16 only
-        use_for_decode(model)  # the bf16 layers quantization left (all of them by default)
+        swap_modules(model, self._quantize)  # engine.cpu.swap: the list of what is swapped
         install_abort_hooks(model, self._should_abort)
         self._scheduler = self._start_scheduler(model)
         token_pixels = visual_token_pixels(processor)
@@ -329,14 +317,7 @@ class QwenVLEngine:
         def new_cache() -> Any:
             return appending_cache(config)
 
-        head = OutputHead.for_model(model)
-
-        def prepare(should_stop: Callable[[], bool]) -> bool:
-            # the head's 8-bit copy first: once it exists, the bf16 head stays in its file
-            if not head.prepare(should_stop):
-                return False
-            return move_to_huge_pages(model, should_stop, keep=head.kept_in_file())
-
+        parts = decode_parts(model)
         generation = model.generation_config
         eos = generation.eos_token_id
         eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
@@ -352,9 +333,9 @@ class QwenVLEngine:
             threads=self._threads,
             max_batch=self._max_batch,
             decode_mkldnn=self._decode_mkldnn,
-            decode_step=DecodeStep.for_model(model),
-            head=head,
-            prepare=prepare,
+            decode_step=parts.decode_step,
+            head=parts.head,
+            prepare=parts.prepare,
         )
 
     # --- generation ------------------------------------------------------------------------------
