@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.raw_part SPEC.json OUT.json`` (started by ``benchmarks.run``). The model is
 loaded with ``AutoModelForImageTextToText.from_pretrained`` and the processor the way vlbot loads
-it (``engine.loading.load_processor``: AutoProcessor itself needs torchvision for Qwen3-VL's video
+it (``engine.qwen.loading.load_processor``: AutoProcessor itself needs torchvision for Qwen3-VL's video
 processor). Each image runs at the processor's default size bounds and, where that gives a
 different number of visual tokens, at vlbot's pixel budget (the "same input" for the end-to-end
 comparison). Time to first token runs from opening the JPEG to the streamer's first token; decode

@@ -1,4 +1,9 @@
-"""The narrow protocol every engine implements."""
+"""The engine port: the narrow protocol every engine implements, its errors and what it reports.
+
+bot/ owns this contract (the runner, core and presets need it); engine/ implements it and may
+import this module and bot.models, nothing else of bot/. Only the composition root (bot/app.py,
+bot/cli.py) imports engine/ itself.
+"""
 
 from __future__ import annotations
 

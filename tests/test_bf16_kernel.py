@@ -1,4 +1,4 @@
-"""The bf16 matrix-vector kernel behind the language model's decode steps (engine.bf16_kernel)."""
+"""The bf16 matrix-vector kernel behind the language model's decode steps (engine.cpu.kernels.bf16_kernel)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""engine.decode_layer: with bfloat16 weights back to back, a decode step runs each layer in two C
+"""engine.cpu.kernels.decode_layer: with bfloat16 weights back to back, a decode step runs each layer in two C
 calls and gives the hidden states the operator-by-operator step gives (the same kernels; only
 silu's last bit may differ now and then), for one conversation and a padded batch, and keeps the
 caches the same; batches larger than the bf16 kernel takes keep the operator step."""
@@ -23,7 +23,7 @@ pytest_plugins = ["tests.engine_fixtures"]
 
 
 def back_to_back(linears: list[nn.Module]) -> None:
-    """Put the layers' weights one after the other in one tensor (what engine.hugepages does)."""
+    """Put the layers' weights one after the other in one tensor (what engine.cpu.hugepages does)."""
     joined = torch.cat([linear.weight.detach() for linear in linears])
     start = 0
     for linear in linears:

@@ -1,4 +1,4 @@
-"""engine.decode_step's hidden states, through the output head, give the logits transformers'
+"""engine.cpu.decode_step's hidden states, through the output head, give the logits transformers'
 forward gives, for one conversation and for a padded batch, in float32 and in bfloat16 (with the
 bf16 kernel where this machine has it)."""
 
@@ -100,7 +100,7 @@ async def test_the_engine_decodes_with_the_step(tiny_qwen3: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_c_norms_and_rotary_round_as_transformers_does(dtype: torch.dtype) -> None:
-    """engine/kernels/decode_ops.c against transformers' own RMSNorm and rotary functions."""
+    """engine/cpu/kernels/decode_ops.c against transformers' own RMSNorm and rotary functions."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import (
         Qwen3VLTextRMSNorm,
         apply_rotary_pos_emb,

@@ -1,4 +1,4 @@
-"""engine.gelu: the vision MLP's tanh-approximated GELU in C gives the function's value rounded to
+"""engine.cpu.kernels.gelu: the vision MLP's tanh-approximated GELU in C gives the function's value rounded to
 bfloat16 (as close as torch's operator, or closer), and replaces only bfloat16 models' GELUs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""engine.hugepages: the language model's weights move onto huge pages without changing a single
+"""engine.cpu.hugepages: the language model's weights move onto huge pages without changing a single
 value or answer; the move yields to requests and resumes in idle time."""
 
 from __future__ import annotations

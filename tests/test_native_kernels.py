@@ -1,4 +1,4 @@
-"""Building and loading the C kernels (engine.native): cached by source, and torch's operators
+"""Building and loading the C kernels (engine.cpu.native): cached by source, and torch's operators
 wherever a kernel cannot be had (switched off, another CPU, no working compiler)."""
 
 from __future__ import annotations

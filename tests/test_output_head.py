@@ -1,4 +1,4 @@
-"""engine.output_head: the screened bfloat16 head gives each row's top logits bit for bit as the
+"""engine.cpu.kernels.output_head: the screened bfloat16 head gives each row's top logits bit for bit as the
 bf16 kernel computes them over the whole head (ties and near-ties included), so greedy and top-k
 answers do not change; the engine uses it once built and answers as without it."""
 

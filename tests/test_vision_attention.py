@@ -1,4 +1,4 @@
-"""engine.vision_attention: the vision tower with the rotary pass in C gives bit for bit what
+"""engine.cpu.kernels.vision_attention: the vision tower with the rotary pass in C gives bit for bit what
 transformers' attention gives, for one image and for several in one call."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""engine.vision_flash: the AMX vision attention is as close to exact attention as torch's own
+"""engine.cpu.kernels.vision_flash: the AMX vision attention is as close to exact attention as torch's own
 bfloat16 attention, for any number of patches (partial blocks and chunks), peaked and flat
 softmaxes, several images in one call, and inside the vision tower."""
 

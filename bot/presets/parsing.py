@@ -32,7 +32,7 @@ from bot.presets.redact import redact
 from bot.presets.registry import RULES, Preset
 from bot.presets.schemas import DOCUMENT_MODELS, ExtractResult, unwrap
 
-OCR_JSON_MARKER = "[vlbot:ocr-json]"  # engine.ocr.JSON_MARKER: the OCR engine answers in JSON
+OCR_JSON_MARKER = "[vlbot:ocr-json]"  # engine.ocr.engine.JSON_MARKER: the OCR engine answers in JSON
 _MAX_ERRORS = 5
 
 

@@ -3,20 +3,20 @@
 A decode step feeds one new token per conversation. transformers' forward for it spends ~20 ms
 per step on the full-size model outside the matrix products (building masks and rotary tables for
 the general case, RMSNorm in eight operators, output records, keyword plumbing through 28 layers);
-with the weights read at memory speed (engine.bf16_kernel, engine.int4_kernel) that was a fifth of
-an int4 step. This module does the same arithmetic with the model's own weights and modules in
+with the weights read at memory speed (engine.cpu.kernels: bf16_kernel, int4_kernel) that was a
+fifth of an int4 step. This module does the same arithmetic with the model's own weights and modules in
 fewer operators:
 
 - decode tokens are text, so their M-RoPE position is the same on all three axes and the rotary
   table is the plain one: cos/sin of position x inverse frequency, computed once per step;
 - attention is `scaled_dot_product_attention` over the conversation cache (`cache.update`, so the
-  in-place cache of engine.kvbuffer works unchanged), with a padding mask only when the batch
-  has padding; in bfloat16 engine.decode_attention's C loop instead;
+  in-place cache of engine.qwen.kvbuffer works unchanged), with a padding mask only when the batch
+  has padding; in bfloat16 engine.cpu.kernels.decode_attention's C loop instead;
 - the bf16 kernel reads each layer's q, k and v projections in one pass, and its gate and up
-  projections in another, once engine.hugepages has placed their weights back to back
-  (engine.bf16_kernel.AdjacentLinears); the down projection is called as its module;
+  projections in another, once engine.cpu.hugepages has placed their weights back to back
+  (engine.cpu.kernels.bf16_kernel.AdjacentLinears); the down projection is called as its module;
 - and then, with at most as many rows as the bf16 kernel takes, each layer runs in two C calls
-  around the cache append (engine.decode_layer): the same kernels, without Python between them.
+  around the cache append (engine.cpu.kernels.decode_layer): the same kernels, without Python between them.
 
 `DecodeStep.for_model` returns None for a model it does not know exactly (another architecture,
 sliding windows, a rotary scaling other than the default): the scheduler then uses the model's
@@ -42,8 +42,8 @@ SUPPORTED_LAYER = "Qwen3VLTextDecoderLayer"
 
 class DecodeStep:
     """Every row's last hidden states (B, H), normalized, for the output head (the scheduler
-    applies it: engine.output_head): `step(input_ids (B, 1), attention_mask (B, W + 1),
-    position_ids (3, B, 1), cache)`, the inputs engine.batching prepares."""
+    applies it: engine.cpu.kernels.output_head): `step(input_ids (B, 1), attention_mask (B, W + 1),
+    position_ids (3, B, 1), cache)`, the inputs engine.qwen.batching prepares."""
 
     def __init__(self, model: Any) -> None:
         language_model = model.model.language_model
@@ -68,14 +68,14 @@ class DecodeStep:
         bf16 = model.dtype == torch.bfloat16
         self.attention: DecodeAttention | None = load_attention() if bf16 else None
         # q/k/v and gate/up each in one pass of the bf16 kernel once their weights sit back to
-        # back (after engine.hugepages moved them): 112 instead of 196 calls per step
+        # back (after engine.cpu.hugepages moved them): 112 instead of 196 calls per step
         self.qkv = [
             AdjacentLinears([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
             for layer in self.layers
         ]
         self.gate_up = [AdjacentLinears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
         # and then the operators between the products in C as well, two calls per layer
-        # (engine.decode_layer: ~20 ms less per step on the full-size model)
+        # (engine.cpu.kernels.decode_layer: ~20 ms less per step on the full-size model)
         matvec = load_bf16_kernel() if bf16 else None
         self.layer_kernel: LayerKernel | None = None
         self.layer_rows = 0  # most rows a step runs in C: what the bf16 kernel takes
@@ -119,7 +119,7 @@ class DecodeStep:
         if rows > self.layer_rows:
             return None
         addresses = [joined.address for joined in (*self.qkv, *self.gate_up)]
-        if addresses != self._layer_addresses:  # the weights moved (engine.hugepages): again
+        if addresses != self._layer_addresses:  # the weights moved (engine.cpu.hugepages): again
             self._layer_addresses = addresses
             self._layer_weights = self._collect_layer_weights()
         if len(self._layer_weights) != len(self.layers):

@@ -1,4 +1,4 @@
-"""Build and load vlbot's small C kernels (engine/kernels/*.c) at run time.
+"""Build and load vlbot's small C kernels (engine/cpu/kernels/*.c) at run time.
 
 Each kernel is one C file (plus the shared headers beside it) compiled with the system C
 compiler (`$CC`, else `cc`, else `gcc`) on first use into a cache directory
@@ -75,7 +75,7 @@ def _build(source: Path, flags: Sequence[str], compiler: str) -> Path:
 
 
 def load_library(name: str, flags: Sequence[str], cpu_needs: Sequence[str]) -> ctypes.CDLL | None:
-    """engine/kernels/`name`.c built with `flags`, or None (reason logged) where the kernels are
+    """engine/cpu/kernels/`name`.c built with `flags`, or None (reason logged) where the kernels are
     turned off, the CPU lacks one of `cpu_needs`, or no compiler can build it."""
     if os.environ.get("VLBOT_NATIVE_KERNELS", "").strip().lower() in ("off", "0", "false", "no"):
         return None

@@ -65,7 +65,7 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Asymmetric 4-bit weights in groups along the input channels.
 
-    Where the AVX-512 VNNI kernel loads (engine.int4_kernel), the weights are kept in its layout:
+    Where the AVX-512 VNNI kernel loads (engine.cpu.kernels.int4_kernel), the weights are kept in its layout:
     up to `VNNI_MAX_ROWS` rows (decode steps, batched or not) go through it, and larger inputs
     (prefill) multiply with the weights expanded to the activations' dtype for that call, which
     keeps oneDNN's fast matrix products for the prompt. Elsewhere torch's CPU int4 kernel
@@ -101,7 +101,7 @@ class Int4Linear(nn.Module):
 
     @property
     def _packed(self) -> PackedInt4 | None:
-        """The VNNI weights as the buffers are now (engine.hugepages may have moved them)."""
+        """The VNNI weights as the buffers are now (engine.cpu.hugepages may have moved them)."""
         if self._kernel is None:
             return None
         return PackedInt4(

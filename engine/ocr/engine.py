@@ -1,7 +1,7 @@
 """OcrEngine (`engine=ocr`): answers with the text found in the image, for machines with little
 memory or without the vision-language model.
 
-Fully offline: rapidocr-onnxruntime's wheel ships the PP-OCRv4 models (see engine.ocr_reader).
+Fully offline: rapidocr-onnxruntime's wheel ships the PP-OCRv4 models (see engine.ocr.reader).
 It reads the message's images (or, for a follow-up without one, the latest image of the
 conversation) and answers with their text in reading order. With `params.preset == "ocr"` (or a
 message that asks for the ocr preset's JSON) it answers with JSON instead: the text, its language,

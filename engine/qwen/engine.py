@@ -4,11 +4,11 @@ One code path for every family: `AutoModelForImageTextToText` and the processor 
 maps the model's config to (loaded without its torchvision-only video processor). The model comes
 from a local folder or a hub id (downloaded into the HF cache on first use).
 
-Generation runs on one compute thread (engine.scheduler), the thread that loaded the model (torch's
+Generation runs on one compute thread (engine.qwen.scheduler), the thread that loaded the model (torch's
 thread pool is per thread; see `Scheduler.run`): each new request is prefilled on its own
 — reusing its conversation's KV cache from the previous turn when the new prompt extends it
-(engine.kvcache), with explicit 3-D rotary positions — and then decodes in a batch with every other
-active conversation, one forward per step (engine.batching). Text pieces flow back to each async
+(engine.qwen.kvcache), with explicit 3-D rotary positions — and then decodes in a batch with every other
+active conversation, one forward per step (engine.qwen.batching). Text pieces flow back to each async
 generator through a queue. Closing or cancelling a generator sets its stop flag: a decoding stream
 leaves the batch before the next step, a prefill is aborted mid-forward through abort hooks, and
 the generator waits until its request has ended before it returns.
@@ -84,7 +84,7 @@ class QwenVLEngine:
             kernel (False: about twice as fast for bf16 on CPUs without AMX); None (default)
             times both on the model's own weights while warming up, after load, and picks.
         quantize: "none" (default), "int8" or "int4": weight-only quantization of the language
-            model (engine.quant) — faster decode, answers no longer exactly the model's.
+            model (engine.cpu.quant) — faster decode, answers no longer exactly the model's.
     """
 
     def __init__(

@@ -13,7 +13,7 @@ and `SPARE_TOKENS` (one copy per up to 64 tokens instead of one per token), so a
 between turns carries little unused room: 8 tokens on a short text chat, 64 (~7 MB, 6 %) after a
 1000-token image.
 
-Code outside may also assign `layer.keys` / `layer.values` directly (engine.batching does when it
+Code outside may also assign `layer.keys` / `layer.values` directly (engine.qwen.batching does when it
 joins, crops or splits caches); the layer notices that the tensors are no longer its own views and
 adopts them into a fresh buffer on the next update. It holds no reference of its own to a buffer,
 so the old one is freed as soon as nothing else uses it (the batching code replaces caches layer

@@ -101,7 +101,7 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
 def cache_nbytes(cache: Any) -> int:
     """Bytes of memory behind a transformers Cache's key/value tensors.
 
-    Counts each tensor's whole storage once: a view of a larger buffer (engine.kvbuffer's spare
+    Counts each tensor's whole storage once: a view of a larger buffer (engine.qwen.kvbuffer's spare
     room, a cropped cache) holds all of it.
     """
     seen: set[int] = set()

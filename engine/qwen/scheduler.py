@@ -129,7 +129,7 @@ class Scheduler:
         # the last hidden states (B, H) for a step's inputs; None: the model's own forward
         self.decode_step = decode_step
         # logits (B, V) from last hidden states, exact at least for each row's `top` largest
-        # (engine.output_head); None: the model's lm_head, every logit
+        # (engine.cpu.kernels.output_head); None: the model's lm_head, every logit
         self.head = head if head is not None else lambda hidden, top: model.lm_head(hidden)
         self._prepare = prepare  # idle-time work after loading; stops when asked (a request came)
         self.prepared = prepare is None  # True once `prepare` reported it is done
@@ -209,7 +209,7 @@ class Scheduler:
     # --- the compute thread --------------------------------------------------------------------
 
     def _idle_work(self) -> None:
-        """Run `prepare` (engine.hugepages moves the weights) while nothing waits; a request
+        """Run `prepare` (engine.cpu.hugepages moves the weights) while nothing waits; a request
         stops it between steps, and the next idle moment resumes it until it is done."""
         if self._prepare is None or self.prepared:
             return

@@ -1,5 +1,5 @@
 """bfloat16 decode steps at memory speed: the language model's linear layers through
-engine/kernels/bf16_matvec.c when a step has only a few rows.
+engine/cpu/kernels/bf16_matvec.c when a step has only a few rows.
 
 A decode step reads every weight of the language model once (3.44 GB in bf16 for Qwen3-VL-2B);
 oneDNN's matrix-vector product streams them at ~18-20 GB/s on the 2-core machine vlbot is measured
@@ -48,7 +48,7 @@ class Bf16Kernel:
 
     @property
     def function(self) -> object:
-        """The C function itself (engine.decode_layer calls it by address)."""
+        """The C function itself (engine.cpu.kernels.decode_layer calls it by address)."""
         return self._matvec
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -139,7 +139,7 @@ def use_for_decode(model: Any) -> int:
 class AdjacentLinears:
     """DecodeLinear layers whose weights lie back to back in memory, read as one matrix: a
     layer's q, k and v projections, or its gate and up projections, are consecutive tensors,
-    and engine.hugepages places them one after the other. One kernel call then reads them all
+    and engine.cpu.hugepages places them one after the other. One kernel call then reads them all
     (fewer, longer passes over memory: the prefetchers' ramp and the threads' start-up are paid
     once), and each product is the one its own layer gives, bit for bit.
 

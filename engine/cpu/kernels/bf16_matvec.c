@@ -10,7 +10,7 @@
  * -mavx512bf16 (CPUs that have it), a batch multiplies bf16 pairs with `vdpbf16ps` instead of
  * widening them (4 rows 149 -> 141 ms, 6 rows 211 -> 157 ms over the 28 layers' weights).
  *
- * Built at run time by engine/native.py and called through ctypes (engine/bf16_kernel.py).
+ * Built at run time by engine/cpu/native.py and called through ctypes (engine/cpu/kernels/bf16_kernel.py).
  */
 #include <immintrin.h>
 #include <stdint.h>

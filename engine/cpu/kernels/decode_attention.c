@@ -8,10 +8,11 @@
  * bfloat16 at the end, as torch's kernel rounds its float result.
  *
  * Keys and values are read in place from the conversation cache: (batch, kv_heads, length, dim)
- * with any batch and head strides and rows of `dim` contiguous values (engine.kvbuffer's views).
+ * with any batch and head strides and rows of `dim` contiguous values (engine.qwen.kvbuffer's views).
  * A batch row may start after position 0 (left padding): `starts[b]` is its first real position.
  *
- * Built at run time by engine/native.py and called through ctypes (engine/decode_attention.py).
+ * Built at run time by engine/cpu/native.py and called through ctypes
+ * (engine/cpu/kernels/decode_attention.py).
  */
 #include <immintrin.h>
 #include <math.h>

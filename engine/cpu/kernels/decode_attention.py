@@ -1,7 +1,7 @@
-"""ctypes bindings of engine/kernels/decode_attention.c: a bfloat16 decode step's attention (one
+"""ctypes bindings of engine/cpu/kernels/decode_attention.c: a bfloat16 decode step's attention (one
 query per conversation over its cached keys and values) in one call per layer.
 
-engine.decode_step uses it for bfloat16 models where the library builds; anything it does not
+engine.cpu.decode_step uses it for bfloat16 models where the library builds; anything it does not
 take (float32, another layout, a mask that is not left padding) goes to torch's
 `scaled_dot_product_attention`.
 """
@@ -23,7 +23,7 @@ MAX_GROUP = 16
 
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """Each row's first attended position when the mask (rows, length) is left padding (zeros
-    then ones) — engine.batching's masks; None when it is not of that form."""
+    then ones) — engine.qwen.batching's masks; None when it is not of that form."""
     length = attention_mask.shape[1]
     starts = length - attention_mask.sum(dim=1)
     expected = torch.arange(length)[None, :] >= starts[:, None]
@@ -59,7 +59,7 @@ class DecodeAttention:
 
     @property
     def function(self) -> object:
-        """The C function itself (engine.decode_layer calls it by address)."""
+        """The C function itself (engine.cpu.kernels.decode_layer calls it by address)."""
         return self._attend
 
     @staticmethod

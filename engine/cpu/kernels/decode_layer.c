@@ -1,10 +1,10 @@
-/* One decoder layer of a bfloat16 decode step in two calls (vlbot, engine/decode_layer.py).
+/* One decoder layer of a bfloat16 decode step in two calls (vlbot, engine/cpu/kernels/decode_layer.py).
  *
  * A decode step of Qwen3-VL-2B runs 28 layers of ~15 small operations each between its matrix
  * products; from Python each costs 10-50 microseconds (more once a product has streamed megabytes
  * through the caches): ~20 ms of a ~135 ms step on the 2-core machine vlbot is measured on. Here
  * the operations of a layer run in C, in two calls around the KV cache's append (which stays in
- * Python, engine/kvbuffer.py):
+ * Python, engine/qwen/kvbuffer.py):
  *
  *   before attention: x = RMSNorm(h); q, k, v = x [Wq; Wk; Wv]^T; q and k head norms + rotary
  *   after attention:  a = attention(q, K, V); h += a Wo^T; x = RMSNorm(h);

@@ -1,8 +1,8 @@
-"""ctypes bindings of engine/kernels/decode_layer.c: a bfloat16 decode step's layer in two C calls.
+"""ctypes bindings of engine/cpu/kernels/decode_layer.c: a bfloat16 decode step's layer in two C calls.
 
-engine.decode_step runs a layer as ~15 operators from Python; with bfloat16 weights, the layer's
-products already in C (engine.bf16_kernel) and its weights back to back (q/k/v and gate/up, see
-engine.bf16_kernel.AdjacentLinears), the operators between the products cost ~20 ms of a ~135 ms
+engine.cpu.decode_step runs a layer as ~15 operators from Python; with bfloat16 weights, the layer's
+products already in C (engine.cpu.kernels.bf16_kernel) and its weights back to back (q/k/v and gate/up, see
+engine.cpu.kernels.bf16_kernel.AdjacentLinears), the operators between the products cost ~20 ms of a ~135 ms
 step on the 2-core machine vlbot is measured on. `LayerKernel.before_attention` and
 `after_attention` do them in C around the KV cache's append; the products, norms, rotary and
 attention are the other kernels' functions, passed by address, so the arithmetic is theirs.
@@ -116,7 +116,7 @@ class LayerKernel:
         weights: LayerWeights,
     ) -> None:
         """The rest of the layer, in place on `hidden` (B, 1, hidden), contiguous: keys and
-        values as engine.decode_attention takes them (`DecodeAttention.takes`)."""
+        values as engine.cpu.kernels.decode_attention takes them (`DecodeAttention.takes`)."""
         status = self._after(
             ctypes.byref(self._kernels),
             ctypes.byref(shape),

@@ -1,4 +1,4 @@
-/* The small per-layer operations of a decode step (vlbot, engine/decode_step.py).
+/* The small per-layer operations of a decode step (vlbot, engine/cpu/decode_step.py).
  *
  * A decode step has one token per conversation: its RMSNorms and rotary embedding work on a few
  * thousand numbers, and in torch each is 5-10 operator calls of a few microseconds, ~35 per layer.

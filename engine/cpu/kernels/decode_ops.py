@@ -1,5 +1,5 @@
-"""ctypes bindings of engine/kernels/decode_ops.c: a decode step's RMSNorms and rotary embedding
-in one call each (engine.decode_step uses them where the library builds)."""
+"""ctypes bindings of engine/cpu/kernels/decode_ops.c: a decode step's RMSNorms and rotary embedding
+in one call each (engine.cpu.decode_step uses them where the library builds)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class DecodeOps:
 
     @property
     def norm_function(self) -> object:
-        """The C functions themselves (engine.decode_layer calls them by address)."""
+        """The C functions themselves (engine.cpu.kernels.decode_layer calls them by address)."""
         return self._norm
 
     @property

@@ -1,4 +1,4 @@
-"""The vision MLP's GELU (tanh approximation) on bfloat16 in one C pass (engine/kernels/gelu_tanh.c).
+"""The vision MLP's GELU (tanh approximation) on bfloat16 in one C pass (engine/cpu/kernels/gelu_tanh.c).
 
 torch's bfloat16 `gelu(approximate="tanh")` runs at ~1 G elements/s on 2 cores here: for a 1080p
 screenshot (24 vision layers x 4,032 patches x 4,096) that is ~0.4 s of the first token. The
@@ -7,7 +7,7 @@ kernel computes the same function in float and rounds to bfloat16 (~4 ms per lay
 of outputs lands one bfloat16 step apart (tests bound both). float32 models keep torch's
 operator, so their answers stay exactly those of transformers.
 
-Only `GELUTanh` activations are replaced, only where the kernel builds (engine.native).
+Only `GELUTanh` activations are replaced, only where the kernel builds (engine.cpu.native).
 """
 
 from __future__ import annotations

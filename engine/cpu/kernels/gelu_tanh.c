@@ -9,7 +9,7 @@
  * place: after rounding to bfloat16 a small fraction of values (near a rounding boundary) land one
  * bfloat16 step apart.
  *
- * Built at run time by engine/native.py and called through ctypes (engine/gelu.py).
+ * Built at run time by engine/cpu/native.py and called through ctypes (engine/cpu/kernels/gelu.py).
  */
 #include <immintrin.h>
 #include <stdint.h>

@@ -1,4 +1,4 @@
-"""The AVX-512 VNNI kernel for 4-bit weights (engine/kernels/int4_vnni.c): build, load, call.
+"""The AVX-512 VNNI kernel for 4-bit weights (engine/cpu/kernels/int4_vnni.c): build, load, call.
 
 torch's own CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) turns every weight into a float and
 multiplies in float; on this 2-core machine it is compute-bound at ~22 G multiply-adds/s, 75-79 ms
@@ -6,7 +6,7 @@ of a decode step's ~100 ms. The VNNI kernel keeps weights as bytes, quantizes th
 8 bits per group (as llama.cpp's 4-bit kernels do) and lets one instruction do 64 multiply-adds:
 ~16 GB/s of packed weights there (6144x2048: 0.39 ms against torch's 0.60 ms).
 
-It is built and loaded by engine.native; where the CPU lacks AVX-512 VNNI, no compiler is found
+It is built and loaded by engine.cpu.native; where the CPU lacks AVX-512 VNNI, no compiler is found
 or the build fails, `load_kernel()` returns None and the caller keeps torch's kernel.
 """
 

@@ -11,7 +11,7 @@
  * kernels pair 4-bit weights with 8-bit activations; the group's exact float sum carries the
  * `low` term. Per output: y = sum_g scale * xs_g * dot_g(q, xq) + low * sum_g(x).
  *
- * Built at run time by engine/int4_kernel.py (cc -O3 -mavx512f -mavx512bw -mavx512vnni -fopenmp)
+ * Built at run time by engine/cpu/kernels/int4_kernel.py (cc -O3 -mavx512f -mavx512bw -mavx512vnni -fopenmp)
  * and called through ctypes; OpenMP resolves to the libgomp torch has already loaded, so the
  * kernel shares torch's thread pool.
  */

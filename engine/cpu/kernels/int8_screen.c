@@ -12,7 +12,7 @@
  *
  * plus the float rounding of the bf16 kernel's own sum (at most k 2^-24 |x| |w_v|). The caller
  * computes the exact bfloat16 logits of the few rows whose interval reaches the top (see
- * engine/output_head.py); every other row is below them by more than one bfloat16 step, so
+ * engine/cpu/kernels/output_head.py); every other row is below them by more than one bfloat16 step, so
  * rounding cannot tie it with them either.
  *
  * p.q_v is computed with AVX-512 VNNI (`vpdpbusd`: unsigned x signed bytes): p + 128 is the
@@ -20,7 +20,7 @@
  * and rows: the reading, not the arithmetic, takes the time. Rows are padded to a multiple of 64
  * channels (zeros).
  *
- * Built at run time by engine/native.py and called through ctypes (engine/output_head.py).
+ * Built at run time by engine/cpu/native.py and called through ctypes (engine/cpu/kernels/output_head.py).
  */
 #include <float.h>
 #include <immintrin.h>

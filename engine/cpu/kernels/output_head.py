@@ -3,7 +3,7 @@
 Qwen3-VL-2B's output head is 151,936 rows of 2,048 bfloat16 weights (622 MB, tied to the token
 embedding): a sixth of what a decode step reads from memory. A greedy step needs only each row's
 largest logit, a sampled one only the `top_k` largest (the model's generation config sets it). With
-an 8-bit copy of the head (engine/kernels/int8_screen.c, half the bytes) every logit gets an
+an 8-bit copy of the head (engine/cpu/kernels/int8_screen.c, half the bytes) every logit gets an
 interval that provably holds the value the bfloat16 head computes; the rows whose interval reaches
 the top are then computed exactly with the bf16 kernel (the same C loop, hence the same bits), and
 every other logit is set to -inf. The argmax (and the top-k) is therefore the bf16 head's — ties

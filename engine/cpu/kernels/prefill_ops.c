@@ -1,4 +1,5 @@
-/* The language model's element-wise operations over a whole prompt (vlbot, engine/prefill_ops.py).
+/* The language model's element-wise operations over a whole prompt
+ * (vlbot, engine/cpu/kernels/prefill_ops.py).
  *
  * A prompt's prefill runs every layer on all its tokens at once: a 1080p screenshot's prompt is
  * ~1,040 rows of 2,048 values. transformers' RMSNorm is six whole-tensor operators there (up-cast,

@@ -1,11 +1,11 @@
-"""The language model's RMSNorms and MLP gate in one C pass each (engine/kernels/prefill_ops.c).
+"""The language model's RMSNorms and MLP gate in one C pass each (engine/cpu/kernels/prefill_ops.c).
 
 A prompt's prefill (a first turn with a 1080p screenshot is ~1,040 tokens) runs each of
 transformers' RMSNorms as six whole-tensor operators and each MLP's silu(gate) * up as two more; on
 2 cores those element-wise passes were ~0.5 s of the screenshot's first token, next to ~2 s of
 matrix products. `use_fast_prefill_ops` swaps the language model's `Qwen3VLTextRMSNorm` modules
 (the layer norms, the per-head query and key norms, the final norm) and `Qwen3VLTextMLP` modules
-for ones that keep the same parameters and submodules (what engine.decode_step and the
+for ones that keep the same parameters and submodules (what engine.cpu.decode_step and the
 quantization read) and call the kernel for bfloat16 inputs: same rounding as transformers', with
 the last bit now and then different (another summation order; another exponential). Other
 dtypes, and CPUs without AVX-512, keep transformers' arithmetic exactly.

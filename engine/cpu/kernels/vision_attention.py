@@ -1,4 +1,4 @@
-"""Qwen3-VL's vision attention with the rotary embedding in one C pass (engine/kernels/vision_rotary.c).
+"""Qwen3-VL's vision attention with the rotary embedding in one C pass (engine/cpu/kernels/vision_rotary.c).
 
 transformers rotates each vision layer's queries and keys with seven float32 whole-tensor
 operations and then lays them out head-major for attention; for a 1080p screenshot (4,032 patches)
@@ -6,13 +6,13 @@ that is ~0.7 s of the encoder's ~4.6 s on 2 cores. `VisionAttention` keeps the l
 projections and attention (`scaled_dot_product_attention` per image, as transformers' "sdpa" path
 does) and does the rotation and layout in one pass with the same arithmetic.
 
-In bfloat16, where the CPU has AMX, the attention itself runs in engine/vision_flash.py instead of
+In bfloat16, where the CPU has AMX, the attention itself runs in engine/cpu/kernels/vision_flash.py instead of
 `scaled_dot_product_attention` (about half the time; as close to exact attention as torch's, but
 not bit for bit torch's). Elsewhere (float32, other head sizes, no AMX) the outputs are bit for bit
 those of transformers' module.
 
 Only the "sdpa" attention of `Qwen3VLVisionAttention` is replaced, and only where the kernel
-builds (engine.native); anything else keeps transformers' module.
+builds (engine.cpu.native); anything else keeps transformers' module.
 """
 
 from __future__ import annotations

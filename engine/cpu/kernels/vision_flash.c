@@ -1,4 +1,4 @@
-/* The vision encoder's attention with AMX tiles (vlbot, engine/vision_flash.py).
+/* The vision encoder's attention with AMX tiles (vlbot, engine/cpu/kernels/vision_flash.py).
  *
  * Qwen3-VL's vision layers attend over all of an image's patches: a 1080p screenshot is 4,032
  * patches, 16 heads of 64 channels, so each layer computes 16 x 4,032^2 scores. torch's CPU flash

@@ -1,4 +1,4 @@
-"""Qwen3-VL's vision attention on AMX tiles (engine/kernels/vision_flash.c), for bfloat16 models.
+"""Qwen3-VL's vision attention on AMX tiles (engine/cpu/kernels/vision_flash.c), for bfloat16 models.
 
 The vision tower attends over all of an image's patches in every layer: 16 heads x 4,032^2 scores
 for a 1080p screenshot. torch's CPU flash attention spends 90-110 ms per layer on that here (2.6 s

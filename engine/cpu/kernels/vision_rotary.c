@@ -1,4 +1,4 @@
-/* The vision encoder's rotary embedding in one pass (vlbot, engine/vision_attention.py).
+/* The vision encoder's rotary embedding in one pass (vlbot, engine/cpu/kernels/vision_attention.py).
  *
  * transformers applies it to the query and key of every vision layer in float32 with seven
  * whole-tensor operations (up-cast, two products, rotate-half = slice + negate + concatenate, sum,
