@@ -1,13 +1,14 @@
-"""engine: inference behind the Engine port (bot/engine_port.py) — the only face of engine/ that
-code outside it imports (bot/app.py and bot/cli.py, the composition root).
+"""engine: inference behind the Engine port (bot/engine_port.py). This module is the only part of
+engine/ that the product outside it imports (bot/app.py and bot/cli.py, the composition root).
 
 What it offers, each imported on first use (`import engine` stays light: torch, transformers
 and onnxruntime load only when an engine that needs them is built):
 
 - the engines: `QwenVLEngine` (Qwen-VL in transformers on CPU, engine/qwen/), `OcrEngine` and
   `OcrHintedEngine` (offline OCR alone, or its lines handed to the VLM as hints, engine/ocr/),
-  `OpenAIRemoteEngine` (an OpenAI-compatible server, engine/remote.py) and `AutoEngine` (the
-  VLM where it can load, else OCR, engine/auto.py);
+  `OpenAIRemoteEngine` (an OpenAI-compatible server, engine/remote.py), `AutoEngine` (the
+  VLM where it can load, else OCR, engine/auto.py) with `names_a_folder` (whether a model
+  setting names a local folder rather than a hub id);
 - image intake: `IntakeLimits`, `check_image`, `open_image` (engine/intake.py);
 - what `vlbot doctor` reports: `physical_cores`, `cpu_supports_bf16`, `resolve_dtype`,
   `dtype_name`;
@@ -25,7 +26,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from engine.auto import AutoEngine
+    from engine.auto import AutoEngine, names_a_folder
     from engine.devmodel import main as make_model_main
     from engine.devmodel import make_model
     from engine.intake import IntakeLimits, check_image, open_image
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "OcrHintedEngine": ("engine.ocr.hints", "OcrHintedEngine"),
     "OpenAIRemoteEngine": ("engine.remote", "OpenAIRemoteEngine"),
     "AutoEngine": ("engine.auto", "AutoEngine"),
+    "names_a_folder": ("engine.auto", "names_a_folder"),
     "IntakeLimits": ("engine.intake", "IntakeLimits"),
     "check_image": ("engine.intake", "check_image"),
     "open_image": ("engine.intake", "open_image"),
@@ -65,6 +67,7 @@ __all__ = [
     "dtype_name",
     "make_model",
     "make_model_main",
+    "names_a_folder",
     "open_image",
     "physical_cores",
     "resolve_dtype",
