@@ -8,7 +8,8 @@ ENV PYTHONUNBUFFERED=1 \
     VLBOT_DATA_DIR=/data \
     VLBOT_HTTP__HOST=0.0.0.0
 
-# A C compiler for the opt-in int4 setting's VNNI kernel, built on first use (engine/int4_kernel.py);
+# A C compiler for the opt-in int4 setting's VNNI kernel, built on first use
+# (engine/cpu/kernels/int4_kernel.py);
 # without one, int4 uses torch's slower kernel.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && rm -rf /var/lib/apt/lists/*

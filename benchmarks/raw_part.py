@@ -2,7 +2,7 @@
 
 ``python -m benchmarks.raw_part SPEC.json OUT.json`` (started by ``benchmarks.run``). The model is
 loaded with ``AutoModelForImageTextToText.from_pretrained`` and the processor the way vlbot loads
-it (``engine.loading.load_processor``: AutoProcessor itself needs torchvision for Qwen3-VL's video
+it (``engine.qwen.loading.load_processor``: AutoProcessor itself needs torchvision for Qwen3-VL's video
 processor). Each image runs at the processor's default size bounds and, where that gives a
 different number of visual tokens, at vlbot's pixel budget (the "same input" for the end-to-end
 comparison). Time to first token runs from opening the JPEG to the streamer's first token; decode
@@ -22,7 +22,7 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.helpers import decode_rate, proc_status_bytes
-from engine.loading import image_tokens, load_processor, physical_cores, processor_size, resolve_dtype
+from engine.qwen.loading import image_tokens, load_processor, physical_cores, processor_size, resolve_dtype
 
 
 class Clock(BaseStreamer):

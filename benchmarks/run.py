@@ -149,7 +149,7 @@ def machine(threads: int) -> dict[str, Any]:
             meminfo[key] = int(value.split()[0]) * 1024
     except OSError:
         pass
-    from engine.loading import cpu_supports_bf16, physical_cores
+    from engine import cpu_supports_bf16, physical_cores
 
     return {
         "cpu": cpu,
@@ -212,8 +212,7 @@ def run_part(module: str, spec: dict[str, Any], work: Path, name: str, timeout_s
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from engine.intake import IntakeLimits
-    from engine.loading import physical_cores
+    from engine import IntakeLimits, physical_cores
 
     threads = args.threads or physical_cores()
     tokens = args.tokens or (16 if args.quick else 64)

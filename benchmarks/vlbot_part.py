@@ -215,7 +215,7 @@ class Bench:
         from bot.jobs import JobStore
         from bot.models import GenerationParams
         from bot.runner import Runner
-        from engine.qwen import QwenVLEngine
+        from engine import QwenVLEngine
 
         spec = self.spec
         inner = QwenVLEngine(spec["model"], **spec.get("engine_options", {}))

@@ -1,6 +1,8 @@
 """The composition root: settings → engine, database, runner, adapters on one event loop.
 
-This is the one module of bot/ that imports adapters.
+This is the one module of bot/ that imports adapters; with bot/cli.py, the only ones that import
+engine (its public face, `import engine`): the rest of bot/ knows engines through
+bot/engine_port.py.
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import time
 from bot.adapter import Adapter
 from bot.core import BotCore
 from bot.db import Database
+from bot.engine_port import Engine
 from bot.history import HistoryStore
 from bot.jobs import JobStore
 from bot.logs import SecretRedactor, secret_values
 from bot.models import GenerationParams
 from bot.runner import Runner
 from bot.settings import Settings
-from engine.base import Engine
-from engine.intake import IntakeLimits
+from engine import IntakeLimits
 
 log = logging.getLogger("vlbot.app")
 
@@ -34,7 +36,7 @@ def intake_limits(settings: Settings) -> IntakeLimits:
 
 def build_engine(settings: Settings) -> Engine:
     if settings.engine == "openai":
-        from engine.openai_remote import OpenAIRemoteEngine
+        from engine import OpenAIRemoteEngine
 
         return OpenAIRemoteEngine(
             base_url=settings.remote.base_url,
@@ -46,14 +48,14 @@ def build_engine(settings: Settings) -> Engine:
             timeout_s=settings.remote.timeout_s,
         )
     if settings.engine in ("ocr", "auto"):
-        from engine.ocr import OcrEngine
+        from engine import OcrEngine
 
         def make_ocr() -> Engine:
             return OcrEngine(limits=intake_limits(settings), threads=settings.threads)
 
         if settings.engine == "ocr":
             return make_ocr()
-        from engine.auto import AutoEngine
+        from engine import AutoEngine
 
         return AutoEngine(
             settings.model, lambda: qwen_engine(settings), make_ocr, limits=intake_limits(settings)
@@ -62,7 +64,7 @@ def build_engine(settings: Settings) -> Engine:
 
 
 def qwen_engine(settings: Settings) -> Engine:
-    from engine.qwen import QwenVLEngine
+    from engine import QwenVLEngine
 
     vlm = QwenVLEngine(
         settings.model,
@@ -76,8 +78,7 @@ def qwen_engine(settings: Settings) -> Engine:
     )
     if not settings.ocr_hints:
         return vlm
-    from engine.ocr import OcrEngine
-    from engine.ocr_hints import OcrHintedEngine
+    from engine import OcrEngine, OcrHintedEngine
 
     return OcrHintedEngine(vlm, OcrEngine(limits=intake_limits(settings), threads=settings.threads))
 

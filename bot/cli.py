@@ -18,11 +18,11 @@ from pydantic import SecretStr, ValidationError
 from bot import texts
 from bot.app import AdapterStartError
 from bot.db import DataDirError, prepare_data_dir
-from bot.models import GenerationParams, ImagePart, InputRejected, Message
+from bot.engine_port import Engine, EngineError
+from bot.models import GenerationParams, ImagePart, InputRejected, Message, size_text
 from bot.presets import preset_names
 from bot.runner import check_message
 from bot.settings import Settings
-from engine.base import Engine, EngineError
 
 MIME_BY_SUFFIX = {
     ".jpg": "image/jpeg",
@@ -58,7 +58,7 @@ def read_image(path_text: str, settings: Settings) -> ImagePart:
     size = path.stat().st_size
     if size > settings.max_image_bytes:  # refuse before reading a huge file into memory
         raise CliError(
-            texts.text("too_large", size=texts.size(size), limit=texts.size(settings.max_image_bytes))
+            texts.text("too_large", size=size_text(size), limit=size_text(settings.max_image_bytes))
         )
     mime = MIME_BY_SUFFIX.get(path.suffix.lower(), "application/octet-stream")
     return ImagePart(path.read_bytes(), mime, path.name)
@@ -155,8 +155,7 @@ def doctor(args: argparse.Namespace) -> int:
     """The settings and what this machine offers; exit status 1 when something found here would
     stop `ask` or `serve` (a model folder that is missing or not a model, an unusable data
     folder)."""
-    from engine.auto import local_model_problem
-    from engine.loading import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
+    from engine import cpu_supports_bf16, dtype_name, local_model_problem, physical_cores, resolve_dtype
 
     settings = load_settings()
     shown = {name: mask(getattr(settings, name)) for name in type(settings).model_fields}
@@ -278,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return doctor(args)
         if args.command == "eval":
             return asyncio.run(evaluate(args))
-        from engine.devmodel import main as make_model_main
+        from engine import make_model_main
 
         return make_model_main(args.rest)
     except CliError as exc:

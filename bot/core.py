@@ -5,14 +5,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from pathlib import Path
 
 from bot.adapter import Acceptance, CoreStatus, Incoming
+from bot.engine_port import Engine
 from bot.history import HistoryStore
 from bot.models import ConversationId, ImagePart
 from bot.runner import Runner
-from engine.base import Engine
 
 log = logging.getLogger("vlbot.core")
+
+
+def public_model_name(model: str) -> str:
+    """The model as users and API clients see it: a hub id as it is, a local folder by its name
+    only (the server's paths are nobody else's business)."""
+    text = model.strip().rstrip("/")
+    if text.startswith(("/", ".", "~")) or text.count("/") != 1 or Path(text).expanduser().is_dir():
+        return Path(text).expanduser().name or text
+    return text
 
 
 class BotCore:
@@ -50,7 +60,7 @@ class BotCore:
         return CoreStatus(
             engine_state=state,
             engine_error=self.engine_error,
-            model=info.model,
+            model=public_model_name(info.model),
             engine=info.name,
             dtype=info.dtype,
             queue_depth=self.runner.queue_depth,

@@ -7,6 +7,7 @@ engine speak only these types.
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -172,3 +173,11 @@ class InputRejected(Exception):
         self.code = code
         self.detail = detail
         self.params = params
+
+
+def size_text(n_bytes: float) -> str:
+    """A file size or size limit as users see it (InputRejected params, chat texts), in the binary
+    units the limits are counted in (1 MiB = 1,048,576 bytes; VLBOT_MAX_IMAGE_MB=10 is 10 MiB):
+    "10 MiB", "12.4 MiB". Rounded up to 0.1, so a file over a limit never shows as the limit."""
+    tenths = math.ceil(n_bytes / 2**20 * 10 - 1e-9)
+    return f"{tenths // 10} MiB" if tenths % 10 == 0 else f"{tenths / 10:.1f} MiB"

@@ -19,8 +19,7 @@ from urllib.parse import urljoin, urlsplit
 
 import httpx
 
-from bot import texts
-from bot.models import ImagePart
+from bot.models import ImagePart, size_text
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -143,4 +142,4 @@ class RemoteImageFetcher:
         return bytes(data)
 
     def _too_large(self) -> str:
-        return f"The remote image is over the limit of {texts.size(self.max_bytes)}."
+        return f"The remote image is over the limit of {size_text(self.max_bytes)}."

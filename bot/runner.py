@@ -39,6 +39,7 @@ from bot.adapter import (
     ReplyEvent,
     Started,
 )
+from bot.engine_port import Engine, EngineNotReady, StreamStats
 from bot.fairqueue import FairQueue
 from bot.history import HistoryStore
 from bot.jobs import JobStore, new_job_id
@@ -54,7 +55,6 @@ from bot.models import (
     Turn,
 )
 from bot.presets import generate_preset, get_preset, parse_preset_command, render_answer
-from engine.base import Engine, EngineNotReady, StreamStats
 
 log = logging.getLogger("vlbot.runner")
 

@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 CATALOGUE: dict[str, dict[str, str]] = {
@@ -313,11 +312,3 @@ def queued(position: int, eta_s: float | None, language_code: str | None = None)
     if eta_s is None:
         return text("queued_position", language_code, ordinal=place)
     return text("queued", language_code, ordinal=place, eta=duration(eta_s, language_code))
-
-
-def size(n_bytes: float) -> str:
-    """A file size or size limit for users, in the binary units the limits are counted in
-    (1 MiB = 1,048,576 bytes; VLBOT_MAX_IMAGE_MB=10 is 10 MiB): "10 MiB", "12.4 MiB". Rounded
-    up to 0.1, so a file over a limit never shows as the limit itself."""
-    tenths = math.ceil(n_bytes / 2**20 * 10 - 1e-9)
-    return f"{tenths // 10} MiB" if tenths % 10 == 0 else f"{tenths / 10:.1f} MiB"

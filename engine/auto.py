@@ -19,8 +19,8 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bot.engine_port import Engine, EngineError, EngineInfo, EngineNotReady, ModelNotFound
 from bot.models import GenerationParams, Message, Turn
-from engine.base import Engine, EngineError, EngineInfo, EngineNotReady, ModelNotFound
 from engine.intake import IntakeLimits, check_image
 
 logger = logging.getLogger("vlbot.engine.auto")

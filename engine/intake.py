@@ -23,8 +23,7 @@ from typing import Any, cast
 
 from PIL import Image, ImageFile
 
-from bot import texts
-from bot.models import ImagePart, InputRejected
+from bot.models import ImagePart, InputRejected, size_text
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ def _open_checked(part: ImagePart, limits: IntakeLimits) -> tuple[ImageFile.Imag
     if not part.data:
         raise InputRejected("empty_file", "the file is empty")
     if part.size > limits.max_bytes:
-        size, limit = texts.size(part.size), texts.size(limits.max_bytes)
+        size, limit = size_text(part.size), size_text(limits.max_bytes)
         raise InputRejected("too_large", f"file is {size}, over the {limit} limit", size=size, limit=limit)
     fmt, looks_like = _sniff(part.data)
     if fmt is None:

@@ -15,7 +15,7 @@ Kernel = TypeVar("Kernel")
 
 
 def built_or_skip(kernel: Kernel | None, what: str) -> Kernel:
-    """A C kernel's binding (engine.native), or skip the test where this machine cannot build or
+    """A C kernel's binding (engine.cpu.native), or skip the test where this machine cannot build or
     run it (another CPU, no compiler)."""
     if kernel is None:
         pytest.skip(f"this machine cannot build or run the {what}")

@@ -12,8 +12,8 @@ from typing import Any
 from PIL import Image
 
 from bot.adapter import Core, Failed, Final, Incoming, ReplyEvent
+from bot.engine_port import EngineInfo, StreamStats
 from bot.models import ConversationId, GenerationParams, ImagePart, Message, Turn, User
-from engine.base import EngineInfo, StreamStats
 
 
 @dataclass

@@ -174,7 +174,7 @@ def found(expected: str, text: str) -> bool:
 
 
 def main() -> None:
-    from engine.ocr_reader import OcrReader
+    from engine.ocr.reader import OcrReader
 
     started = time.monotonic()
     reader = OcrReader()

@@ -1,4 +1,4 @@
-"""The bf16 matrix-vector kernel behind the language model's decode steps (engine.bf16_kernel)."""
+"""The bf16 matrix-vector kernel behind the language model's decode steps (engine.cpu.kernels.bf16_kernel)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.bf16_kernel import Bf16Kernel, DecodeLinear, load_kernel, use_for_decode
+from engine.cpu.kernels.bf16_kernel import Bf16Kernel, DecodeLinear, load_kernel, use_for_decode
 from tests.engine_fixtures import built_or_skip
 
 

@@ -1,4 +1,4 @@
-"""engine.decode_attention: one query per conversation attended over its cached keys and values in
+"""engine.cpu.kernels.decode_attention: one query per conversation attended over its cached keys and values in
 C gives the attention (float64 reference) as closely as torch's kernel does, reading the cache in
 place (views with spare room) and honouring each batch row's left padding."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.decode_attention import DecodeAttention, left_padding, load_attention
+from engine.cpu.kernels.decode_attention import DecodeAttention, left_padding, load_attention
 from tests.engine_fixtures import built_or_skip
 
 
@@ -43,7 +43,7 @@ def test_attention_of_one_query_per_row(
     kernel: DecodeAttention, batch: int, heads: int, kv_heads: int, dim: int, length: int, pads: list[int]
 ) -> None:
     generator = torch.Generator().manual_seed(length)
-    # cache views with spare room after them, as engine.kvbuffer holds them
+    # cache views with spare room after them, as engine.qwen.kvbuffer holds them
     spare = (batch, kv_heads, length + 24, dim)
     keys = torch.randn(spare, generator=generator).to(torch.bfloat16)[:, :, :length]
     values = torch.randn(spare, generator=generator).to(torch.bfloat16)[:, :, :length]

@@ -1,4 +1,4 @@
-"""engine.decode_layer: with bfloat16 weights back to back, a decode step runs each layer in two C
+"""engine.cpu.kernels.decode_layer: with bfloat16 weights back to back, a decode step runs each layer in two C
 calls and gives the hidden states the operator-by-operator step gives (the same kernels; only
 silu's last bit may differ now and then), for one conversation and a padded batch, and keeps the
 caches the same; batches larger than the bf16 kernel takes keep the operator step."""
@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine.batching import Batch
-from engine.bf16_kernel import use_for_decode
-from engine.decode_step import DecodeStep
+from engine.cpu.decode_step import DecodeStep
+from engine.cpu.kernels.bf16_kernel import use_for_decode
+from engine.qwen.batching import Batch
 from tests.engine_fixtures import built_or_skip
 from tests.test_engine_decode_step import PROMPTS, load, prefilled_batch
 
@@ -23,7 +23,7 @@ pytest_plugins = ["tests.engine_fixtures"]
 
 
 def back_to_back(linears: list[nn.Module]) -> None:
-    """Put the layers' weights one after the other in one tensor (what engine.hugepages does)."""
+    """Put the layers' weights one after the other in one tensor (what engine.cpu.hugepages does)."""
     joined = torch.cat([linear.weight.detach() for linear in linears])
     start = 0
     for linear in linears:

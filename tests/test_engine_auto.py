@@ -11,9 +11,9 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 
 from bot import texts
+from bot.engine_port import Engine, ModelNotFound
 from bot.models import GenerationParams, ImagePart, Message
 from engine.auto import FALLBACK_NOTICE, AutoEngine, Availability, vlm_availability
-from engine.base import Engine, ModelNotFound
 from tests.fakes import ScriptedEngine
 
 PARAMS = GenerationParams()
@@ -73,7 +73,7 @@ def test_availability_of_local_folders_cache_and_hub(
 
 def _ocr_factory() -> Callable[[], Engine]:
     pytest.importorskip("rapidocr_onnxruntime")
-    from engine.ocr import OcrEngine
+    from engine.ocr.engine import OcrEngine
 
     return OcrEngine
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bot.models import GenerationParams, Message, Role, TextPart, Turn
-from engine.qwen import QwenVLEngine
+from engine.qwen.engine import QwenVLEngine
 from tests.test_engine_kvcache import engine_for
 from tests.test_engine_qwen import _slow_blocks, answer, png_image
 

@@ -1,4 +1,4 @@
-"""engine.decode_step's hidden states, through the output head, give the logits transformers'
+"""engine.cpu.decode_step's hidden states, through the output head, give the logits transformers'
 forward gives, for one conversation and for a padded batch, in float32 and in bfloat16 (with the
 bf16 kernel where this machine has it)."""
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from engine.batching import Batch, Row
-from engine.bf16_kernel import DecodeLinear, load_kernel, use_for_decode
-from engine.decode_step import DecodeStep
-from engine.kvbuffer import appending_cache
-from engine.qwen import QwenVLEngine
+from engine.cpu.decode_step import DecodeStep
+from engine.cpu.kernels.bf16_kernel import DecodeLinear, load_kernel, use_for_decode
+from engine.qwen.batching import Batch, Row
+from engine.qwen.engine import QwenVLEngine
+from engine.qwen.kvbuffer import appending_cache
 
 PROMPTS = [list(range(5, 40)), list(range(100, 112)), list(range(300, 322))]
 
@@ -100,13 +100,13 @@ async def test_the_engine_decodes_with_the_step(tiny_qwen3: Path) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_c_norms_and_rotary_round_as_transformers_does(dtype: torch.dtype) -> None:
-    """engine/kernels/decode_ops.c against transformers' own RMSNorm and rotary functions."""
+    """engine/cpu/kernels/decode_ops.c against transformers' own RMSNorm and rotary functions."""
     from transformers.models.qwen3_vl.modeling_qwen3_vl import (
         Qwen3VLTextRMSNorm,
         apply_rotary_pos_emb,
     )
 
-    from engine.decode_ops import load_ops
+    from engine.cpu.kernels.decode_ops import load_ops
 
     ops = load_ops()
     if ops is None:

@@ -1,9 +1,9 @@
 """The engine's speed paths give the same numbers as the code they replace.
 
-- engine.kvbuffer: KV-cache layers that append in place (no whole-cache copy per token) hold
+- engine.qwen.kvbuffer: KV-cache layers that append in place (no whole-cache copy per token) hold
   exactly what transformers' concatenating DynamicLayer holds, also across reallocations and after
   outside code replaced their tensors (batch join / crop / split);
-- engine.patch_embed: the vision patch embedding as a matrix product equals the Conv3d.
+- engine.cpu.patch_embed: the vision patch embedding as a matrix product equals the Conv3d.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from transformers import AutoConfig
 from transformers.cache_utils import DynamicLayer
 
 from bot.models import GenerationParams, Message
-from engine.kvbuffer import MIN_SPARE_TOKENS, SPARE_TOKENS, AppendingLayer, appending_cache
-from engine.kvcache import cache_nbytes
-from engine.patch_embed import PatchLinear, linearize_patch_embedding
-from engine.prompt import build_prompt
-from engine.qwen import QwenVLEngine
+from engine.cpu.patch_embed import PatchLinear, linearize_patch_embedding
+from engine.qwen.engine import QwenVLEngine
+from engine.qwen.kvbuffer import MIN_SPARE_TOKENS, SPARE_TOKENS, AppendingLayer, appending_cache
+from engine.qwen.kvcache import cache_nbytes
+from engine.qwen.prompt import build_prompt
 from tests.test_engine_qwen import png_image
 
 
@@ -50,7 +50,7 @@ def test_appending_layer_adopts_tensors_replaced_from_outside() -> None:
     layer = AppendingLayer(spare=8)
     k, v = kv(10, batch=2)
     layer.update(k, v)
-    # what engine.batching does: crop, then keep one row of the batch
+    # what engine.qwen.batching does: crop, then keep one row of the batch
     layer.keys, layer.values = layer.keys[1:, :, :6].clone(), layer.values[1:, :, :6].clone()
     k2, v2 = kv(1)
     keys, values = layer.update(k2, v2)

@@ -15,15 +15,15 @@ import pytest
 import torch
 
 from bot.models import GenerationParams, Message, Role, TextPart, Turn
-from engine.kvcache import (
+from engine.qwen.engine import QwenVLEngine
+from engine.qwen.kvcache import (
     ImageSpan,
     SessionCacheStore,
     image_spans,
     prompt_keys,
     reusable_prefix,
 )
-from engine.qwen import QwenVLEngine
-from engine.scheduler import Encoded, Positions, rope_positions
+from engine.qwen.scheduler import Encoded, Positions, rope_positions
 from tests.test_engine_qwen import _never_end, answer, png_image
 
 PARAMS = GenerationParams(max_new_tokens=24, temperature=0.0)
@@ -122,7 +122,7 @@ async def test_engine_decode_loop_equals_transformers_generate(
     message = Message.of("What is in this picture?", png_image())
     text = await answer(engine, message, params=GenerationParams(max_new_tokens=tokens, temperature=0.0))
     prompt_tokens = engine.last_stats.prompt_tokens if engine.last_stats else 0
-    from engine.prompt import build_prompt
+    from engine.qwen.prompt import build_prompt
 
     assert engine._loaded is not None
     prompt = build_prompt((), message, limits=engine.limits, max_images=8)

@@ -10,17 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
+from bot.engine_port import ModelNotFound
 from bot.models import ImagePart, InputRejected, Message, Role, TextPart, Turn
-from engine.base import ModelNotFound
 from engine.intake import IntakeLimits
-from engine.loading import (
+from engine.qwen.loading import (
     cpu_supports_bf16,
     load_processor,
     physical_cores,
     resolve_dtype,
     resolve_source,
 )
-from engine.prompt import (
+from engine.qwen.prompt import (
     OMITTED_IMAGE,
     ProcessedImages,
     RecentImages,
@@ -28,7 +28,7 @@ from engine.prompt import (
     count_images,
     remember_processed_images,
 )
-from engine.streaming import TokenPipe
+from engine.qwen.streaming import TokenPipe
 
 LIMITS = IntakeLimits()
 
@@ -256,7 +256,7 @@ async def test_token_pipe_never_splits_a_character() -> None:
 
 
 def test_onednn_is_kept_for_decode_with_amx_and_dropped_with_avx512_bf16_only() -> None:
-    from engine.loading import onednn_decodes_faster
+    from engine.qwen.loading import onednn_decodes_faster
 
     assert onednn_decodes_faster("flags\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile")
     assert not onednn_decodes_faster("flags\t: fpu avx512f avx512_bf16")

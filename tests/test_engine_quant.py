@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from bot.models import Message
-from engine.quant import Int4Linear, Int8Linear, quantize_language_model
-from engine.qwen import QwenVLEngine
+from engine.cpu.quant import Int4Linear, Int8Linear, quantize_language_model
+from engine.qwen.engine import QwenVLEngine
 from tests.test_engine_qwen import answer, png_image
 
 
@@ -56,7 +56,7 @@ def test_each_replaced_layer_lets_go_of_its_file_pages_at_once(
     resident until the end; each layer's file pages now go as soon as it is quantized (6.1 GB)."""
     from transformers import AutoModelForImageTextToText
 
-    from engine import quant
+    from engine.cpu import quant
 
     model = AutoModelForImageTextToText.from_pretrained(str(tiny_qwen3), dtype=torch.float32)
     events: list[tuple[str, int]] = []

@@ -21,10 +21,10 @@ import pytest
 import torch
 from PIL import Image
 
+from bot.engine_port import Engine, EngineNotReady, ModelNotFound
 from bot.models import GenerationParams, ImagePart, InputRejected, Message, Role, TextPart, Turn
-from engine.base import Engine, EngineNotReady, ModelNotFound
 from engine.intake import IntakeLimits
-from engine.qwen import QwenVLEngine
+from engine.qwen.engine import QwenVLEngine
 
 # fixtures tiny_qwen3 / tiny_qwen25: tests.engine_fixtures (registered in tests/conftest.py)
 
@@ -66,7 +66,7 @@ def _slow_blocks(model: torch.nn.Module, seconds: float) -> list[Any]:
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList):
             for block in module:
-                # the MLP's last layer: decode steps (engine.decode_step) call it as a module,
+                # the MLP's last layer: decode steps (engine.cpu.decode_step) call it as a module,
                 # not the block (and read the MLP's first two layers in one pass)
                 part = getattr(block, "mlp", block)
                 part = getattr(part, "down_proj", part)

@@ -1,4 +1,4 @@
-"""engine.gelu: the vision MLP's tanh-approximated GELU in C gives the function's value rounded to
+"""engine.cpu.kernels.gelu: the vision MLP's tanh-approximated GELU in C gives the function's value rounded to
 bfloat16 (as close as torch's operator, or closer), and replaces only bfloat16 models' GELUs."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.activations import GELUTanh
 
-from engine.gelu import FastGeluTanh, GeluKernel, load_kernel, use_fast_gelu
+from engine.cpu.kernels.gelu import FastGeluTanh, GeluKernel, load_kernel, use_fast_gelu
 from tests.engine_fixtures import built_or_skip
 
 

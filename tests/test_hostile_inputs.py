@@ -14,7 +14,7 @@ import pytest
 from bot import texts
 from bot.cli import main as vlbot_main
 from engine.intake import IntakeLimits
-from engine.qwen import QwenVLEngine
+from engine.qwen.engine import QwenVLEngine
 from tests.hostile import CASES, HTTP_REQUESTS, Case
 from tests.http_helpers import data_url, png, raw_exchange, running, server_errors, status_counts
 

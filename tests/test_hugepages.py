@@ -1,4 +1,4 @@
-"""engine.hugepages: the language model's weights move onto huge pages without changing a single
+"""engine.cpu.hugepages: the language model's weights move onto huge pages without changing a single
 value or answer; the move yields to requests and resumes in idle time."""
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-import engine.qwen
+import engine.qwen.engine
 from bot.models import Message
-from engine import hugepages
-from engine.hugepages import move_to_huge_pages, on_huge_pages, release_file_pages
-from engine.quant import quantize_language_model
+from engine.cpu import hugepages, swap
+from engine.cpu.hugepages import move_to_huge_pages, on_huge_pages, release_file_pages
+from engine.cpu.quant import quantize_language_model
 from tests.test_engine_qwen import answer, png_image
 
 pytestmark = pytest.mark.skipif(not hugepages.huge_pages_available(), reason="no transparent huge pages")
@@ -39,7 +39,7 @@ def logits(model: Any) -> torch.Tensor:
         return out
 
 
-async def settled(loaded: engine.qwen.QwenVLEngine, timeout: float = 5.0) -> bool:
+async def settled(loaded: engine.qwen.engine.QwenVLEngine, timeout: float = 5.0) -> bool:
     """Wait until the engine's idle-time preparation is done; whether it was."""
     scheduler = loaded.scheduler
     assert scheduler is not None
@@ -128,8 +128,8 @@ async def test_the_engine_moves_in_idle_time_and_a_request_goes_first(
         calls.append(True)
         return len(calls) >= 2
 
-    monkeypatch.setattr(engine.qwen, "move_to_huge_pages", slow_move)
-    tiny_engine = engine.qwen.QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
+    monkeypatch.setattr(swap, "move_to_huge_pages", slow_move)
+    tiny_engine = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
     await tiny_engine.load()
     started = time.monotonic()
     text = await answer(tiny_engine, Message.of("What is in this picture?", png_image()))
@@ -142,7 +142,7 @@ async def test_the_engine_moves_in_idle_time_and_a_request_goes_first(
 async def test_the_engine_answers_the_same_on_huge_pages(
     tiny_qwen3: Path, every_tensor: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tiny_engine = engine.qwen.QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
+    tiny_engine = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
     await tiny_engine.load()
     assert await settled(tiny_engine)
     model = tiny_engine.model
@@ -151,7 +151,7 @@ async def test_the_engine_answers_the_same_on_huge_pages(
     moved_answer = await answer(tiny_engine, message)
     await tiny_engine.close()
     monkeypatch.setattr(hugepages, "huge_pages_available", lambda: False)
-    unmoved = engine.qwen.QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
+    unmoved = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype="float32", threads=2)
     await unmoved.load()
     assert not getattr(unmoved.model, "_vlbot_huge_pages", None)
     assert moved_answer == await answer(unmoved, message)

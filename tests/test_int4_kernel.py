@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.int4_kernel import Int4Kernel, PackedInt4, load_kernel, pack
-from engine.quant import VNNI_MAX_ROWS, Int4Linear
+from engine.cpu.kernels.int4_kernel import Int4Kernel, PackedInt4, load_kernel, pack
+from engine.cpu.quant import VNNI_MAX_ROWS, Int4Linear
 from tests.engine_fixtures import built_or_skip
 
 

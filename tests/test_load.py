@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from engine.intake import IntakeLimits
-from engine.qwen import QwenVLEngine
+from engine.qwen.engine import QwenVLEngine
 from tests.fake_telegram import FakeTelegram
 from tests.hostile import jpeg, picture
 from tests.http_helpers import data_url

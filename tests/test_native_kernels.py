@@ -1,4 +1,4 @@
-"""Building and loading the C kernels (engine.native): cached by source, and torch's operators
+"""Building and loading the C kernels (engine.cpu.native): cached by source, and torch's operators
 wherever a kernel cannot be had (switched off, another CPU, no working compiler)."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from engine import bf16_kernel, int4_kernel, native
-from engine.quant import Int4Linear
+from engine.cpu import native
+from engine.cpu.kernels import bf16_kernel, int4_kernel
+from engine.cpu.quant import Int4Linear
 
 
 @pytest.fixture

@@ -11,15 +11,15 @@ import time
 import pytest
 from PIL import Image
 
+from bot.engine_port import Engine, EngineNotReady
 from bot.models import GenerationParams, ImagePart, InputRejected, Message, Role, Turn
 from bot.presets import PRESETS, generate_preset
-from engine.base import Engine, EngineNotReady
 from tests.ocr_images import available_fonts, error_dialog, found, receipt, settings_page
 
 pytest.importorskip("rapidocr_onnxruntime")
 
-from engine.ocr import OcrEngine
-from engine.ocr_reader import OcrReader, guess_language
+from engine.ocr.engine import OcrEngine
+from engine.ocr.reader import OcrReader, guess_language
 
 PARAMS = GenerationParams()
 

@@ -13,8 +13,8 @@ pytest.importorskip("rapidocr_onnxruntime")
 
 
 async def test_the_vlm_sees_the_ocr_text_before_the_question() -> None:
-    from engine.ocr import OcrEngine
-    from engine.ocr_hints import OcrHintedEngine
+    from engine.ocr.engine import OcrEngine
+    from engine.ocr.hints import OcrHintedEngine
     from tests.ocr_images import error_dialog
 
     seen: list[Message] = []

@@ -13,9 +13,9 @@ import httpx
 import openai
 import pytest
 
-from engine.base import EngineInfo
+from bot.engine_port import EngineInfo
 from engine.intake import IntakeLimits
-from engine.qwen import QwenVLEngine
+from engine.qwen.engine import QwenVLEngine
 from tests.http_helpers import CheckingEngine, png, running
 
 USER: Any = [{"role": "user", "content": "count for me"}]

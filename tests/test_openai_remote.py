@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from bot.engine_port import EngineError
 from bot.models import GenerationParams, ImagePart, InputRejected, Message, Role, Turn
-from engine.base import EngineError
-from engine.openai_remote import OpenAIRemoteEngine, RemoteEngineError
+from engine.remote import OpenAIRemoteEngine, RemoteEngineError
 from tests.http_helpers import CheckingEngine, png, running
 
 

@@ -1,4 +1,4 @@
-"""engine.output_head: the screened bfloat16 head gives each row's top logits bit for bit as the
+"""engine.cpu.kernels.output_head: the screened bfloat16 head gives each row's top logits bit for bit as the
 bf16 kernel computes them over the whole head (ties and near-ties included), so greedy and top-k
 answers do not change; the engine uses it once built and answers as without it."""
 
@@ -12,13 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-import engine.output_head
-import engine.qwen
+import engine.cpu.kernels.output_head
+import engine.qwen.engine
 from bot.models import Message
-from engine.bf16_kernel import Bf16Kernel, DecodeLinear
-from engine.bf16_kernel import load_kernel as load_bf16_kernel
-from engine.hugepages import on_huge_pages
-from engine.output_head import MAX_TOP, OutputHead, load_screen
+from engine.cpu.hugepages import on_huge_pages
+from engine.cpu.kernels.bf16_kernel import Bf16Kernel, DecodeLinear
+from engine.cpu.kernels.bf16_kernel import load_kernel as load_bf16_kernel
+from engine.cpu.kernels.output_head import MAX_TOP, OutputHead, load_screen
 from tests.engine_fixtures import built_or_skip
 from tests.test_engine_qwen import answer, png_image
 
@@ -165,7 +165,7 @@ def test_heads_it_cannot_screen_are_used_as_they_are() -> None:
     assert head.prepare() is True and not head.screens
 
 
-async def answers(tiny_engine: engine.qwen.QwenVLEngine, messages: list[Message]) -> list[str]:
+async def answers(tiny_engine: engine.qwen.engine.QwenVLEngine, messages: list[Message]) -> list[str]:
     return [await answer(tiny_engine, message) for message in messages]
 
 
@@ -174,7 +174,7 @@ async def test_the_engine_answers_the_same_with_the_screened_head(
 ) -> None:
     kernels()
     messages = [Message.of("What is in this picture?", png_image()), Message.of("Say something.")]
-    screened = engine.qwen.QwenVLEngine(str(tiny_qwen3), dtype="bfloat16", threads=2)
+    screened = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype="bfloat16", threads=2)
     await screened.load()
     scheduler = screened.scheduler
     assert scheduler is not None
@@ -189,8 +189,8 @@ async def test_the_engine_answers_the_same_with_the_screened_head(
     assert head.screened_steps > 0
     await screened.close()
 
-    monkeypatch.setattr(engine.output_head, "load_screen", lambda: None)
-    full = engine.qwen.QwenVLEngine(str(tiny_qwen3), dtype="bfloat16", threads=2)
+    monkeypatch.setattr(engine.cpu.kernels.output_head, "load_screen", lambda: None)
+    full = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype="bfloat16", threads=2)
     await full.load()
     assert full.scheduler is not None and not full.scheduler.head.screens  # type: ignore[attr-defined]
     assert got == await answers(full, messages)

@@ -1,7 +1,7 @@
-"""engine.prefill_ops: the prompt-wide RMSNorm, query/key norm + rotary and SiLU gate in C round as
-transformers' bfloat16 operators do (the same value almost everywhere, one bfloat16 step at most
-elsewhere), and the swapped modules keep the language model's outputs: bit for bit in float32,
-as close as that in bfloat16, with the cache and the decode step reading the same parameters."""
+"""engine.cpu.kernels.prefill_ops: the prompt-wide RMSNorm, query/key norm + rotary and SiLU gate
+in C round as transformers' bfloat16 operators do (the same value almost everywhere, one bfloat16
+step at most elsewhere), and the swapped modules keep the language model's outputs: bit for bit in
+float32, as close as that in bfloat16, with the cache and the decode step reading the same parameters."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForImageTextToText, Qwen3VLTextConfig
 from transformers.models.qwen3_vl import modeling_qwen3_vl as qwen3_vl
 
-from engine.prefill_ops import (
+from engine.cpu.kernels.prefill_ops import (
     FastMLP,
     FastRMSNorm,
     FastTextAttention,

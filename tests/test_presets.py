@@ -159,7 +159,7 @@ async def test_ocr_engine_only_serves_the_ocr_preset() -> None:
     class OcrLike(ScriptedEngine):
         @property
         def info(self):  # type: ignore[no-untyped-def]
-            from engine.base import EngineInfo
+            from bot.engine_port import EngineInfo
 
             return EngineInfo(name="ocr", model="ocr")
 

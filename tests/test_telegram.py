@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.base import EngineInfo
+from bot.engine_port import EngineInfo
 from tests.fake_telegram import TOKEN, FakeTelegram, fixture
 from tests.fakes import ScriptedEngine
 from tests.telegram_harness import (

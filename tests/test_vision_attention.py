@@ -1,4 +1,4 @@
-"""engine.vision_attention: the vision tower with the rotary pass in C gives bit for bit what
+"""engine.cpu.kernels.vision_attention: the vision tower with the rotary pass in C gives bit for bit what
 transformers' attention gives, for one image and for several in one call."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from engine.vision_attention import VisionAttention, load_kernel, use_fast_vision_attention
+from engine.cpu.kernels.vision_attention import VisionAttention, load_kernel, use_fast_vision_attention
 
 
 def tiny(folder: Path, dtype: torch.dtype) -> Any:

@@ -1,4 +1,4 @@
-"""engine.vision_flash: the AMX vision attention is as close to exact attention as torch's own
+"""engine.cpu.kernels.vision_flash: the AMX vision attention is as close to exact attention as torch's own
 bfloat16 attention, for any number of patches (partial blocks and chunks), peaked and flat
 softmaxes, several images in one call, and inside the vision tower."""
 
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from transformers import Qwen3VLVisionConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
-from engine.vision_attention import VisionAttention, use_fast_vision_attention
-from engine.vision_flash import FlashKernel, load_kernel
+from engine.cpu.kernels.vision_attention import VisionAttention, use_fast_vision_attention
+from engine.cpu.kernels.vision_flash import FlashKernel, load_kernel
 from tests.engine_fixtures import built_or_skip
 
 HEADS, DIM, SCALE = 3, 64, 0.125

@@ -116,7 +116,7 @@ class Completions:
             await self._done(rid, conversation, stateless, None)
             raise
         prompt_tokens = sum(api.estimate_tokens(t.text) for t in chat.history) + self._prompt_tokens(chat)
-        model = api.public_model_name(core.status().model)
+        model = core.status().model
         public_id = chat.conversation_id
         log.info(kv(event="accepted", request_id=rid, job=acceptance.job_id, position=acceptance.position))
         if chat.stream:

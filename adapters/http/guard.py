@@ -19,8 +19,7 @@ from pydantic import SecretStr
 from starlette.requests import ClientDisconnect, Request
 
 from adapters.http.errors import ApiError
-from bot import texts
-from bot.models import ConversationId
+from bot.models import ConversationId, size_text
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
 
@@ -166,7 +165,7 @@ class RateLimiter:
 def too_large(limit: int) -> ApiError:
     return ApiError(
         413,
-        f"The request body is over the limit of {texts.size(limit)}.",
+        f"The request body is over the limit of {size_text(limit)}.",
         code="request_too_large",
     )
 

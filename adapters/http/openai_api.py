@@ -12,7 +12,6 @@ import time
 import urllib.parse
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
@@ -20,8 +19,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from adapters.http.errors import ApiError, bad_request
-from bot import texts
-from bot.models import ImagePart, Message, Part, Role, TextPart, Turn
+from bot.models import ImagePart, Message, Part, Role, TextPart, Turn, size_text
 from bot.presets import get_preset, preset_for_response_format, preset_names
 from bot.remote_images import RemoteImageError, RemoteImageFetcher
 
@@ -181,7 +179,7 @@ class Parser:
         if size > self.max_image_bytes:
             raise ApiError(
                 413,
-                f"That image is {texts.size(size)}; the limit is {texts.size(self.max_image_bytes)}.",
+                f"That image is {size_text(size)}; the limit is {size_text(self.max_image_bytes)}.",
                 code="too_large",
             )
 
@@ -293,15 +291,6 @@ def check_supported(data: dict[str, Any]) -> None:
                 code="unsupported_parameter",
                 param=name,
             )
-
-
-def public_model_name(model: str) -> str:
-    """The model's name for clients: a hub id as it is, a local folder by its name (never the
-    server's path)."""
-    text = model.strip().rstrip("/")
-    if text.startswith(("/", ".", "~")) or text.count("/") != 1 or Path(text).expanduser().is_dir():
-        return Path(text).expanduser().name or text
-    return text
 
 
 def _preset(name: Any, response_format: Any) -> dict[str, Any]:

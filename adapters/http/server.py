@@ -314,7 +314,7 @@ class HttpAdapter:
             state = "degraded"
         body = {
             "status": state,
-            "model": api.public_model_name(status.model),
+            "model": status.model,
             "engine": status.engine,
             "dtype": status.dtype,
             "queue_depth": status.queue_depth,
@@ -337,7 +337,7 @@ class HttpAdapter:
     async def models(self, request: Request) -> Response:
         self._caller(request)
         status = self.core().status()
-        name = api.public_model_name(status.model)
+        name = status.model
         model = {"id": name, "object": "model", "created": 0, "owned_by": "vlbot"}
         return JSONResponse({"object": "list", "data": [model]})
 

@@ -22,8 +22,7 @@ import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import texts
-from bot.models import ImagePart, InputRejected
+from bot.models import ImagePart, InputRejected, size_text
 
 log = logging.getLogger("vlbot.slack.files")
 
@@ -184,7 +183,7 @@ class SlackFiles:
                     size = max(len(data), int(info.get("size") or 0))
                     raise InputRejected(
                         "too_large", "file over the limit",
-                        size=texts.size(size), limit=texts.size(self.max_bytes),
+                        size=size_text(size), limit=size_text(self.max_bytes),
                     )
         return bytes(data), content_type
 

@@ -33,11 +33,11 @@ from adapters.slack.format import addresses_others, escape, page_message, split_
 from adapters.slack.replies import ReplyWriter
 from bot.adapter import Core, Incoming, QueueFull
 from bot.export import to_markdown
-from bot.models import ConversationId, ImagePart, InputRejected, Message, User
+from bot.models import ConversationId, ImagePart, InputRejected, Message, User, size_text
 from bot.presets import parse_preset_command
 from bot.remote_images import RemoteImageError, RemoteImageFetcher
 from bot.settings import Settings
-from bot.texts import size, text
+from bot.texts import text
 
 log = logging.getLogger("vlbot.slack")
 
@@ -221,7 +221,7 @@ class SlackHandlers:
                               else "slack_follow_ups_mention")
             await ack(response_type="ephemeral", text=escape(text(
                 "slack_help", command=self.slack.slash_command, model=self.core.status().model,
-                limit=size(self.settings.max_image_bytes), follow_ups=follow_ups,
+                limit=size_text(self.settings.max_image_bytes), follow_ups=follow_ups,
             )))
             return
         conversation = ConversationId("slack", channel)

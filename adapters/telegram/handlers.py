@@ -22,7 +22,6 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from telegram import Bot, InputFile, Message, MessageEntity, ReplyParameters, Update
@@ -43,11 +42,10 @@ from adapters.telegram.media import (
 from bot import texts
 from bot.adapter import Core, Incoming, QueueFull
 from bot.export import to_markdown
-from bot.models import ConversationId, ImagePart, InputRejected, User
+from bot.models import ConversationId, ImagePart, InputRejected, User, size_text
 from bot.models import Message as TurnMessage
 from bot.presets import get_preset, preset_names
 from bot.settings import Settings
-from engine.auto import names_a_folder
 
 log = logging.getLogger("vlbot.telegram")
 
@@ -183,8 +181,8 @@ class Handlers:
         command = msg.text.split()[0].lstrip("/").split("@")[0].lower()
         conversation = conversation_of(msg)
         if command in ("start", "help"):
-            await self._say(msg, "help", model=public_model_name(self.core.status().model),
-                            presets=_presets(), limit=texts.size(self.settings.max_image_bytes))
+            await self._say(msg, "help", model=self.core.status().model,
+                            presets=_presets(), limit=size_text(self.settings.max_image_bytes))
         elif command == "reset":
             await self.core.reset(conversation)
             await self._say(msg, "reset_done")
@@ -433,14 +431,6 @@ class Handlers:
             await self.ledger.sent(msg.chat.id, sent.message_id)
         except TelegramError as exc:
             log.info("telegram: could not reply in chat %s: %s", msg.chat.id, exc.message)
-
-
-def public_model_name(model: str) -> str:
-    """The model as users may see it: a hub id as is, a local folder by its name only (the
-    server's paths are not the users' business)."""
-    if names_a_folder(model):
-        return Path(model).expanduser().name or model
-    return model
 
 
 def _presets() -> str:

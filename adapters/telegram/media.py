@@ -11,9 +11,8 @@ from dataclasses import dataclass
 from telegram import Bot, Message
 from telegram.error import BadRequest, NetworkError
 
-from bot import texts
 from bot.adapter import Core
-from bot.models import ConversationId, ImagePart, InputRejected
+from bot.models import ConversationId, ImagePart, InputRejected, size_text
 
 log = logging.getLogger("vlbot.telegram")
 
@@ -70,7 +69,7 @@ def check_size(ref: FileRef, max_image_bytes: int) -> None:
     limit = min(max_image_bytes, TELEGRAM_DOWNLOAD_LIMIT)
     if ref.size > limit:
         raise InputRejected("too_large", f"file of {ref.size} bytes",
-                            size=texts.size(ref.size), limit=texts.size(limit))
+                            size=size_text(ref.size), limit=size_text(limit))
 
 
 async def download(

@@ -14,13 +14,13 @@ from collections.abc import Callable
 
 from tqdm import tqdm
 
+from bot.engine_port import Engine, EngineError
 from bot.evaluation.dataset import Case, EvalSet
 from bot.evaluation.results import CaseResult, RunResult
 from bot.evaluation.scoring import fields_in_text, score_answer, score_transcription
 from bot.models import GenerationParams, ImagePart, InputRejected, Message
 from bot.presets import PresetFailed, PresetResult, generate_preset, get_preset
 from bot.presets.schemas import OcrResultModel
-from engine.base import Engine, EngineError  # the one place bot.evaluation reaches engine/
 
 __all__ = ["Engine", "EngineError", "ask_case", "evaluate"]
 

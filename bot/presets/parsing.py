@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from bot.engine_port import Engine
 from bot.models import (
     GenerationParams,
     ImagePart,
@@ -30,9 +31,8 @@ from bot.models import (
 from bot.presets.redact import redact
 from bot.presets.registry import RULES, Preset
 from bot.presets.schemas import DOCUMENT_MODELS, ExtractResult, unwrap
-from engine.base import Engine
 
-OCR_JSON_MARKER = "[vlbot:ocr-json]"  # engine.ocr.JSON_MARKER: the OCR engine answers in JSON
+OCR_JSON_MARKER = "[vlbot:ocr-json]"  # engine.ocr.engine.JSON_MARKER: the OCR engine answers in JSON
 _MAX_ERRORS = 5
 
 

@@ -1,0 +1,209 @@
+"""bfloat16 decode steps at memory speed: the language model's linear layers through
+engine/cpu/kernels/bf16_matvec.c when a step has only a few rows.
+
+A decode step reads every weight of the language model once (3.44 GB in bf16 for Qwen3-VL-2B);
+oneDNN's matrix-vector product streams them at ~18-20 GB/s on the 2-core machine vlbot is measured
+on, the C loop at ~26-28 GB/s (about a plain float sum's speed). Prefill (many rows) keeps
+oneDNN, whose matrix-matrix products are the fast ones. The weights stay the model's own tensors
+(the output head stays tied to the embedding).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.cpu.native import I32, I64, POINTER, c_function, cpu_flags, load_library
+
+logger = logging.getLogger("vlbot.engine")
+
+CPU_FLAGS = ("avx512f",)
+COMPILE_FLAGS = ("-mavx512f", "-mfma")
+# where the CPU has AVX-512 BF16, batches of rows multiply bf16 pairs with `vdpbf16ps`
+BF16_DOT_FLAGS = ("-mavx512bf16",)
+# Inputs with more rows than this go to oneDNN (prefill always). With AMX, oneDNN's tile products
+# beat this kernel from 7 rows on (the 28 layers' joined shapes, 2.82 GB, 2 cores, kernel vs
+# oneDNN: 4 rows 138 vs 163 ms, 5 rows 147 vs 161, 6 rows 155 vs 164, 8 rows 179 vs 171; with
+# float multiply-adds instead of `vdpbf16ps` 4 rows took 149 ms and 6 rows 211); without AMX the
+# kernel takes batches of up to 8.
+MAX_ROWS_WITH_AMX = 6
+MAX_ROWS = 8
+
+
+class Bf16Kernel:
+    """The loaded library's function, typed."""
+
+    def __init__(self, library: ctypes.CDLL, max_rows: int = MAX_ROWS) -> None:
+        self.max_rows = max_rows
+        self._matvec = c_function(
+            library, "vlbot_bf16_matvec", I32, POINTER, I64, I64, I64, POINTER, POINTER, POINTER, I32
+        )
+
+    @property
+    def function(self) -> object:
+        """The C function itself (engine.cpu.kernels.decode_layer calls it by address)."""
+        return self._matvec
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (rows, K) bfloat16 times weight (N, K) bfloat16, transposed: (rows, N) bfloat16."""
+        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
+            raise TypeError("the bf16 kernel takes bfloat16 inputs and weights")
+        flat = x.contiguous()
+        rows, k = flat.shape
+        n = weight.shape[0]
+        if weight.shape[1] != k or not weight.is_contiguous():
+            raise ValueError(f"weights {tuple(weight.shape)} do not take inputs of {k} features")
+        out = torch.empty((rows, n), dtype=torch.bfloat16)
+        # held in a name for the call: a temporary's address could be freed before C reads it
+        offset = None if bias is None else bias.to(torch.bfloat16).contiguous()
+        status = self._matvec(
+            flat.data_ptr(),
+            rows,
+            k,
+            n,
+            weight.data_ptr(),
+            None if offset is None else offset.data_ptr(),
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise MemoryError("the bf16 kernel could not allocate its scratch memory")
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> Bf16Kernel | None:
+    """The kernel, or None where this machine cannot build or run it (reason logged once)."""
+    flags = cpu_flags()
+    extra = BF16_DOT_FLAGS if "avx512_bf16" in flags else ()
+    library = load_library("bf16_matvec", COMPILE_FLAGS + extra, CPU_FLAGS)
+    if library is None:
+        return None
+    return Bf16Kernel(library, MAX_ROWS_WITH_AMX if "amx_bf16" in flags else MAX_ROWS)
+
+
+class DecodeLinear(nn.Module):
+    """A bfloat16 nn.Linear whose few-row inputs go through the kernel; same parameters."""
+
+    def __init__(self, linear: nn.Linear, kernel: Bf16Kernel) -> None:
+        super().__init__()
+        self.weight = linear.weight  # shared, not copied: a tied output head stays tied
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._kernel = kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        if flat.shape[0] > self._kernel.max_rows or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+            return F.linear(x, self.weight, self.bias)
+        y = self._kernel.matmul(flat, self.weight, self.bias)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def use_for_decode(model: Any) -> int:
+    """Swap the language model's bfloat16 nn.Linear layers and output head for DecodeLinear.
+
+    Returns how many were swapped: 0 where the model is not bfloat16 or the kernel is not
+    available here."""
+    language_model = model.model.language_model
+    if next(language_model.parameters()).dtype != torch.bfloat16:
+        return 0
+    kernel = load_kernel()
+    if kernel is None:
+        return 0
+    count = 0
+    parents: list[tuple[nn.Module, str, nn.Linear]] = [
+        (parent, name, child)
+        for parent in language_model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
+    ]
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16:
+        parents.append((model, "lm_head", head))
+    for parent, name, child in parents:
+        setattr(parent, name, DecodeLinear(child, kernel))
+        count += 1
+    logger.info("bf16 decode kernel on %d language-model layers", count)
+    return count
+
+
+class AdjacentLinears:
+    """DecodeLinear layers whose weights lie back to back in memory, read as one matrix: a
+    layer's q, k and v projections, or its gate and up projections, are consecutive tensors,
+    and engine.cpu.hugepages places them one after the other. One kernel call then reads them all
+    (fewer, longer passes over memory: the prefetchers' ramp and the threads' start-up are paid
+    once), and each product is the one its own layer gives, bit for bit.
+
+    `project(x)` returns the concatenated outputs, or None where the weights are not adjacent
+    (yet) or the input has more rows than the kernel takes: the caller then uses the layers."""
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        self.linears = linears
+        self.sizes = [linear.weight.shape[0] for linear in linears if isinstance(linear, DecodeLinear)]
+        self._address = -1
+        self._weight: torch.Tensor | None = None
+        self._kernel: Bf16Kernel | None = None
+
+    def project(self, x: torch.Tensor) -> torch.Tensor | None:
+        weight, kernel = self._joined()
+        flat = x.reshape(-1, x.shape[-1])
+        if weight is None or kernel is None or flat.shape[0] > kernel.max_rows:
+            return None
+        if x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+            return None
+        out = kernel.matmul(flat, weight, None)
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
+    @property
+    def address(self) -> int:
+        """Where the first layer's weight is now (0 where it is not a DecodeLinear)."""
+        first = self.linears[0]
+        return first.weight.data_ptr() if isinstance(first, DecodeLinear) else 0
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The joined weight (rows of all layers, in order), or None where not adjacent."""
+        return self._joined()[0]
+
+    def parts(self, out: torch.Tensor) -> list[torch.Tensor]:
+        """`project`'s output split into each layer's (views)."""
+        starts = [0]
+        for size in self.sizes:
+            starts.append(starts[-1] + size)
+        return [out[..., a:b] for a, b in itertools.pairwise(starts)]
+
+    def _joined(self) -> tuple[torch.Tensor | None, Bf16Kernel | None]:
+        address = self.address
+        if address != self._address:  # computed again when the weights move
+            self._address = address
+            self._weight, self._kernel = _join(self.linears)
+        return self._weight, self._kernel
+
+
+def _join(linears: list[nn.Module]) -> tuple[torch.Tensor | None, Bf16Kernel | None]:
+    layers = [linear for linear in linears if isinstance(linear, DecodeLinear)]
+    if len(layers) != len(linears) or any(layer.bias is not None for layer in layers):
+        return None, None
+    weights: list[torch.Tensor] = [layer.weight for layer in layers]
+    first = weights[0]
+    columns = int(first.shape[1])
+    if any(w.dtype != torch.bfloat16 or not w.is_contiguous() or w.shape[1] != columns for w in weights):
+        return None, None
+    for before, after in itertools.pairwise(weights):
+        if after.data_ptr() != before.data_ptr() + before.numel() * before.element_size():
+            return None, None
+    rows = sum(int(w.shape[0]) for w in weights)
+    try:  # one view over the storage they share (separate storages: not joined)
+        joined = torch.as_strided(first.detach(), (rows, columns), (columns, 1))
+    except RuntimeError:
+        return None, None
+    return joined, layers[0]._kernel

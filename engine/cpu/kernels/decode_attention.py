@@ -1,0 +1,119 @@
+"""ctypes bindings of engine/cpu/kernels/decode_attention.c: a bfloat16 decode step's attention (one
+query per conversation over its cached keys and values) in one call per layer.
+
+engine.cpu.decode_step uses it for bfloat16 models where the library builds; anything it does not
+take (float32, another layout, a mask that is not left padding) goes to torch's
+`scaled_dot_product_attention`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
+
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+MAX_DIM = 256
+MAX_GROUP = 16
+
+
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Each row's first attended position when the mask (rows, length) is left padding (zeros
+    then ones) — engine.qwen.batching's masks; None when it is not of that form."""
+    length = attention_mask.shape[1]
+    starts = length - attention_mask.sum(dim=1)
+    expected = torch.arange(length)[None, :] >= starts[:, None]
+    if not torch.equal(attention_mask.bool(), expected) or bool((starts >= length).any()):
+        return None
+    return starts.to(torch.int64).contiguous()
+
+
+def cache_arguments(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor | None
+) -> tuple[int | None, ...]:
+    """The addresses of q, keys and values, the cache's strides (batch, head, token) and the
+    address of `starts`, in the order the C functions take them."""
+    return (
+        q.data_ptr(),
+        keys.data_ptr(),
+        values.data_ptr(),
+        keys.stride(0),
+        keys.stride(1),
+        keys.stride(2),
+        None if starts is None else starts.data_ptr(),
+    )
+
+
+class DecodeAttention:
+    """The loaded library's function, typed."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._attend = c_function(
+            library, "vlbot_decode_attention", I32, POINTER, POINTER, POINTER, I64, I64, I64,
+            POINTER, I64, I64, I64, I64, I64, F32, POINTER, I32,
+        )  # fmt: skip
+
+    @property
+    def function(self) -> object:
+        """The C function itself (engine.cpu.kernels.decode_layer calls it by address)."""
+        return self._attend
+
+    @staticmethod
+    def takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+        """q (B, H, 1, D) laid out as (B, 1, H, D); keys/values (B, Hkv, L, D) with rows of D
+        contiguous values and the same strides; bfloat16; a supported head size and grouping."""
+        if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16):
+            return False
+        if q.dim() != 4 or keys.dim() != 4 or q.shape[2] != 1 or keys.shape != values.shape:
+            return False
+        batch, heads, _, dim = q.shape
+        kv_heads = keys.shape[1]
+        return (
+            q.transpose(1, 2).is_contiguous()
+            and keys.stride() == values.stride()
+            and keys.stride(3) == 1
+            and keys.shape[0] == batch
+            and keys.shape[3] == dim
+            and dim % 16 == 0
+            and dim <= MAX_DIM
+            and heads % kv_heads == 0
+            and heads // kv_heads <= MAX_GROUP
+        )
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        starts: torch.Tensor | None,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention output (B, 1, H * D) for q (B, H, 1, D) over keys/values (B, Hkv, L, D);
+        row b attends to positions starts[b]: (all when `starts` is None)."""
+        batch, heads, _, dim = q.shape
+        kv_heads, length = keys.shape[1], keys.shape[2]
+        out = q.new_empty((batch, 1, heads * dim))
+        status = self._attend(
+            *cache_arguments(q, keys, values, starts),
+            batch,
+            heads,
+            kv_heads,
+            length,
+            dim,
+            scale,
+            out.data_ptr(),
+            torch.get_num_threads(),
+        )
+        if status != 0:
+            raise RuntimeError("the decode attention kernel refused its inputs or ran out of memory")
+        return out
+
+
+@functools.lru_cache(maxsize=1)
+def load_attention() -> DecodeAttention | None:
+    library = load_library("decode_attention", COMPILE_FLAGS, CPU_FLAGS)
+    return None if library is None else DecodeAttention(library)
