@@ -6,7 +6,7 @@ and onnxruntime load only when an engine that needs them is built):
 
 - the engines: `QwenVLEngine` (Qwen-VL in transformers on CPU, engine/qwen/), `OcrEngine` and
   `OcrHintedEngine` (offline OCR alone, or its lines handed to the VLM as hints, engine/ocr/),
-  `OpenAIRemoteEngine` (an OpenAI-compatible server, engine/remote.py), `AutoEngine` (the
+  `OpenAIRemoteEngine` (an OpenAI-compatible server, engine/remote/), `AutoEngine` (the
   VLM where it can load, else OCR, engine/auto.py) with `local_model_problem` (what is wrong
   with a model setting that names a local folder, in `vlbot ask`'s words);
 - image intake: `IntakeLimits`, `check_image`, `open_image` (engine/intake.py);

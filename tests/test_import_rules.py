@@ -12,8 +12,9 @@ The rules:
    tests/ and benchmarks/ may import submodules: they test and measure the parts themselves.
 5. Inside engine/, the subpackages point one way: engine.cpu imports only engine.cpu;
    engine.qwen imports engine.qwen, engine.cpu and engine.intake; engine.ocr imports engine.ocr
-   and engine.intake; engine.intake imports nothing of engine/; engine.auto and engine.remote
-   import engine.intake; engine/__init__.py (the face) may import all of engine/.
+   and engine.intake; engine.intake imports nothing of engine/; engine.auto imports
+   engine.intake; engine.remote imports engine.remote and engine.intake; engine/__init__.py (the
+   face) may import all of engine/.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ ENGINE_LAYERS: dict[str, tuple[str, ...]] = {  # an engine module's prefix -> wh
     "engine.ocr": ("engine.ocr", "engine.intake"),
     "engine.intake": (),
     "engine.auto": ("engine.intake",),
-    "engine.remote": ("engine.intake",),
+    "engine.remote": ("engine.remote", "engine.intake"),
     "engine.devmodel": (),
     "engine": ("engine",),  # engine/__init__.py, the public face
 }
