@@ -6,7 +6,8 @@ Nothing here loads a model or touches the clock, so the test suite checks it qui
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 GB = 1e9
@@ -47,6 +48,63 @@ def decode_limit_tok_s(
 ) -> float:
     """Tokens/s if every decode step only had to stream the language model's weights once."""
     return bandwidth / lm_bytes_per_token(lm_params, bytes_per_param)
+
+
+def tensor_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of `tensors` (torch tensors), each storage counted once (tied weights are one)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in tensors:
+        if tensor.numel() == 0 or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def decode_bytes_per_token(model: Any, head_bytes: int | None = None) -> int:
+    """Bytes a decode step reads from the weights as they are held: every tensor of the language
+    model's layers (bf16, fp32, int8 or packed int4 with their scales) plus the output head's
+    (`head_bytes` where the engine reads it through a smaller copy); the embedding lookup reads
+    one row and is left out."""
+    layers = model.model.language_model.layers
+    held = tensor_bytes([*layers.parameters(), *layers.buffers()])
+    if head_bytes is None:
+        head = model.lm_head
+        head_bytes = tensor_bytes([*head.parameters(), *head.buffers()])
+    return held + head_bytes
+
+
+def parse_options(pairs: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE pairs as keywords (a value is JSON where it parses, else the string)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def quant_variants(pairs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """`--quant-option` pairs as separate runs, (label, keywords) each: every `quantize=` pair
+    starts a run of its own; other pairs join the run they follow (or every run when they come
+    before the first `quantize=`)."""
+    shared: list[str] = []
+    runs: list[list[str]] = []
+    for pair in pairs:
+        if pair.partition("=")[0].strip() == "quantize":
+            runs.append([pair])
+        elif runs:
+            runs[-1].append(pair)
+        else:
+            shared.append(pair)
+    if not runs:
+        runs = [[]] if shared else []
+    return [(", ".join([*shared, *run]), parse_options([*shared, *run])) for run in runs]
 
 
 def decode_rate(tokens: int, decode_seconds: float) -> float | None:

@@ -15,8 +15,10 @@ follow-up, 4 concurrent chats, a 5-job queue burst.
 JSON: machine, config, bandwidth {gb_s, bytes_per_token, decode_limit_tok_s}, raw {load_s,
 peak_rss_bytes, runs: [{image, variant, visual_tokens, ttft_s, decode_tok_s, total_s}]}, vlbot
 {load_s, peak_rss_bytes, weights_bytes, runs: [{image, visual_tokens, ttft_s, decode_tok_s, e2e_s,
-bot_ttft_s, followup: {...}}], concurrent: {...}, queue: {...}}, quantized (with --quant-option),
-floors.
+bot_ttft_s, followup: {...}}], concurrent: {...}, queue: {...}, bytes_per_token}, quantized (one
+entry per `--quant-option quantize=...`, each its own run and label: [{option, ttft_s,
+decode_tok_s, bytes_per_token, decode_limit_tok_s, load_s, peak_rss_bytes, weights_bytes}]),
+floors. Each decode limit is the bandwidth over the bytes that run's decode step reads.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from benchmarks.helpers import (
     bandwidth_bytes_per_s,
     decode_limit_tok_s,
     lm_bytes_per_token,
+    parse_options,
+    quant_variants,
 )
 from benchmarks.images import write_images
 from benchmarks.report import evaluate_floors, render_report
@@ -93,16 +97,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def options(pairs: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"expected KEY=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    try:
+        return parse_options(pairs)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
 # --- setup -------------------------------------------------------------------------------------
@@ -181,6 +179,20 @@ def measure_bandwidth(threads: int, nbytes: int = 2 * GIB, passes: int = 7) -> d
     del buffer
     bandwidth = bandwidth_bytes_per_s(nbytes, times)
     return {"bytes": nbytes, "seconds": times, "gb_s": bandwidth / 1e9}
+
+
+def set_decode_limits(result: dict[str, Any]) -> None:
+    """Each run's decode limit: the best bandwidth over the bytes its decode step reads for the
+    dtype and quantization in use (as the vlbot parts measured them from the loaded model;
+    without that figure, the language model's parameters in bf16)."""
+    bandwidth = result["bandwidth"]
+    measured = (result.get("vlbot") or {}).get("bytes_per_token")
+    if measured:
+        bandwidth["bytes_per_token"] = measured
+    bandwidth["decode_limit_tok_s"] = bandwidth["gb_s"] * 1e9 / bandwidth["bytes_per_token"]
+    for quant in result.get("quantized") or []:
+        if quant.get("bytes_per_token"):
+            quant["decode_limit_tok_s"] = bandwidth["gb_s"] * 1e9 / quant["bytes_per_token"]
 
 
 def run_part(module: str, spec: dict[str, Any], work: Path, name: str, timeout_s: float) -> dict[str, Any]:
@@ -302,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
             "vlbot",
             args.part_timeout,
         )
-    if args.quant_option:
-        quant = options(args.quant_option)
+    quantized = []
+    for label, quant in quant_variants(args.quant_option):
         part = run_part(
             "benchmarks.vlbot_part",
             {
@@ -315,26 +327,32 @@ def main(argv: list[str] | None = None) -> int:
                 "queue_jobs": 0,
             },
             work,
-            "quantized",
+            "quantized-" + "-".join(str(v) for v in quant.values()),
             args.part_timeout,
         )
         run = (part.get("runs") or [{}])[0]
-        result["quantized"] = {
-            "option": ", ".join(args.quant_option),
-            "image": conc_label,
-            "ttft_s": run.get("ttft_s"),
-            "decode_tok_s": run.get("decode_tok_s"),
-            "peak_rss_bytes": part.get("peak_rss_bytes"),
-            "load_s": part.get("load_s"),
-            "error": part.get("error") or run.get("error"),
-        }
+        quantized.append(
+            {
+                "option": label,
+                "image": conc_label,
+                "ttft_s": run.get("ttft_s"),
+                "decode_tok_s": run.get("decode_tok_s"),
+                "peak_rss_bytes": part.get("peak_rss_bytes"),
+                "weights_bytes": part.get("weights_bytes"),
+                "bytes_per_token": part.get("bytes_per_token"),
+                "load_s": part.get("load_s"),
+                "error": part.get("error") or run.get("error"),
+            }
+        )
+    if quantized:
+        result["quantized"] = quantized
     # measured again after the model runs (the figure varies on a shared VM): the best one counts
     again = measure_bandwidth(threads)
     result["bandwidth"]["gb_s_end"] = again["gb_s"]
     if again["gb_s"] > result["bandwidth"]["gb_s"]:
         result["bandwidth"]["gb_s_start"] = result["bandwidth"]["gb_s"]
         result["bandwidth"]["gb_s"] = again["gb_s"]
-        result["bandwidth"]["decode_limit_tok_s"] = decode_limit_tok_s(again["gb_s"] * 1e9)
+    set_decode_limits(result)
     result["machine"]["loadavg_end"] = os.getloadavg()
     result["wall_s"] = time.monotonic() - started
     result["floors"] = evaluate_floors(result)

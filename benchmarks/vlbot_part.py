@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.helpers import (
+    decode_bytes_per_token,
     decode_rate,
     growth_pct,
     interleaved,
     overall_aggregate_rate,
     proc_status_bytes,
     steady_aggregate_rate,
+    tensor_bytes,
 )
 
 _PROCESS_STARTED = time.monotonic()  # heavy modules (torch, transformers) are imported later
@@ -131,6 +133,16 @@ async def read_bytes(path: str) -> bytes:
     return await asyncio.to_thread(Path(path).read_bytes)
 
 
+def screened_head_bytes(scheduler: Any) -> int | None:
+    """Bytes of the output head's 8-bit copy where decode steps read it instead of the head
+    (engine.cpu.kernels.output_head), else None."""
+    head = getattr(scheduler, "head", None)
+    copy = getattr(head, "copy", None)
+    if copy is None or not getattr(head, "screens", False):
+        return None
+    return tensor_bytes(copy.parts())
+
+
 def rss_bytes() -> int:
     return proc_status_bytes("VmRSS") or 0
 
@@ -226,7 +238,7 @@ class Bench:
             load_s=ready - loading,
             process_ready_s=ready - float(spec.get("spawned_at", _PROCESS_STARTED)),
             engine_info={"dtype": inner.info.dtype, "threads": inner.info.threads, **inner.info.details},
-            weights_bytes=sum(p.numel() * p.element_size() for p in inner.model.parameters()),
+            weights_bytes=tensor_bytes([*inner.model.parameters(), *inner.model.buffers()]),
             rss_after_load_bytes=rss_bytes(),
         )
         self.save()
@@ -240,6 +252,7 @@ class Bench:
                 break
             await asyncio.sleep(0.05)
         self.result["settled_s"] = time.monotonic() - ready
+        self.result["bytes_per_token"] = decode_bytes_per_token(inner.model, screened_head_bytes(scheduler))
         print(f"vlbot settled {self.result['settled_s']:.2f} s after ready", flush=True)
         self.engine = TimedEngine(inner)
         with tempfile.TemporaryDirectory(prefix="vlbot-bench-") as tmp:

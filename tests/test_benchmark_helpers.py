@@ -14,6 +14,7 @@ from benchmarks.helpers import (
     GB,
     GIB,
     bandwidth_bytes_per_s,
+    decode_bytes_per_token,
     decode_limit_tok_s,
     decode_rate,
     growth_pct,
@@ -22,6 +23,7 @@ from benchmarks.helpers import (
     markdown_table,
     overall_aggregate_rate,
     proc_status_bytes,
+    quant_variants,
     steady_aggregate_rate,
 )
 from benchmarks.images import jpeg_bytes, make_image
@@ -236,3 +238,53 @@ def test_benchmark_images_have_structure_and_are_deterministic() -> None:
     assert colours is not None and len(colours) > 1000
     assert jpeg_bytes(image) == jpeg_bytes(make_image(320, 240, seed=3))
     assert jpeg_bytes(image) != jpeg_bytes(make_image(320, 240, seed=4))
+
+
+def test_each_quantize_option_is_its_own_run_with_its_own_label() -> None:
+    variants = quant_variants(
+        ["decode_mkldnn=false", "quantize=int8", "quantize=int4", "max_batch=2"]
+    )
+    assert variants == [
+        ("decode_mkldnn=false, quantize=int8", {"decode_mkldnn": False, "quantize": "int8"}),
+        (
+            "decode_mkldnn=false, quantize=int4, max_batch=2",
+            {"decode_mkldnn": False, "quantize": "int4", "max_batch": 2},
+        ),
+    ]
+    assert quant_variants([]) == []
+
+
+def test_report_shows_every_quantized_run_with_its_limit() -> None:
+    result = sample_result()
+    result["quantized"] = [
+        {"option": "quantize=int8", "image": "640x480", "ttft_s": 3.4, "decode_tok_s": 12.0,
+         "bytes_per_token": 1.9e9, "decode_limit_tok_s": 18.1},
+        {"option": "quantize=int4", "image": "640x480", "ttft_s": 3.3, "decode_tok_s": 20.0,
+         "bytes_per_token": 1.0e9, "decode_limit_tok_s": 34.4},
+    ]  # fmt: skip
+    report = render_report(result)
+    assert "quantized (quantize=int8)" in report and "quantized (quantize=int4)" in report
+    assert "12.0 tok/s (18.1 tok/s" in report and "20.0 tok/s (34.4 tok/s" in report
+    floors = [f for f in evaluate_floors(result) if f["name"].startswith("quantized decode")]
+    assert [f["value"] for f in floors] == [pytest.approx(12.0 / 3.0), pytest.approx(20.0 / 3.0)]
+
+
+def test_decode_bytes_count_the_weights_as_held() -> None:
+    torch = pytest.importorskip("torch")
+
+    class Layers(torch.nn.Module):
+        def __init__(self, dtype: Any) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(64, 32, bias=False).to(dtype)])
+
+    class Model(torch.nn.Module):
+        def __init__(self, dtype: Any) -> None:
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.language_model = Layers(dtype)
+            self.lm_head = torch.nn.Linear(64, 100, bias=False).to(dtype)
+
+    assert decode_bytes_per_token(Model(torch.bfloat16)) == (64 * 32 + 64 * 100) * 2
+    model = Model(torch.float32)
+    model.model.language_model.layers[0].register_buffer("q", torch.zeros(32, 32, dtype=torch.uint8))
+    assert decode_bytes_per_token(model, head_bytes=6400) == 64 * 32 * 4 + 32 * 32 + 6400
