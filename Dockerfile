@@ -8,10 +8,10 @@ ENV PYTHONUNBUFFERED=1 \
     VLBOT_DATA_DIR=/data \
     VLBOT_HTTP__HOST=0.0.0.0
 
-# A C compiler for the opt-in int4 setting's VNNI kernel, built on first use
-# (engine/cpu/kernels/int4_kernel.py);
-# without one, int4 uses torch's slower kernel.
+# A C compiler for the CPU kernels (engine/cpu/kernels/), built on first use; without one the
+# engine uses torch's own operators, slower. The fonts draw `vlbot eval`'s labelled image set.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+        fonts-dejavu-core fonts-liberation fonts-wqy-microhei \
     && rm -rf /var/lib/apt/lists/*
 
 # CPU build of torch from the PyTorch CPU index (PyPI's default torch is a multi-GB CUDA build).
