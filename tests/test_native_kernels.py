@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from engine.cpu import native
+from engine.cpu import native, tiers
 from engine.cpu.kernels import bf16_kernel, int4_kernel
 from engine.cpu.quant import Int4Linear
 
@@ -19,9 +19,11 @@ from engine.cpu.quant import Int4Linear
 def fresh_build(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """An empty kernel cache under tmp_path, and no kernel loaded yet in this process."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    tiers.active_tier.cache_clear()
     for module in (int4_kernel, bf16_kernel):
         module.load_kernel.cache_clear()
     yield tmp_path / "vlbot" / "kernels"
+    tiers.active_tier.cache_clear()
     for module in (int4_kernel, bf16_kernel):
         module.load_kernel.cache_clear()
 
@@ -39,7 +41,6 @@ def test_each_kernel_is_built_once_and_reused(fresh_build: Path) -> None:
 
 
 def test_a_failing_compiler_leaves_torch_kernels(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(int4_kernel.CPU_FLAGS))
     monkeypatch.setenv("CC", "/bin/false")
     assert int4_kernel.load_kernel() is None and bf16_kernel.load_kernel() is None
     assert not fresh_build.exists() or not list(fresh_build.glob("*.so"))
@@ -48,11 +49,14 @@ def test_a_failing_compiler_leaves_torch_kernels(fresh_build: Path, monkeypatch:
     assert layer(torch.randn(1, 128)).shape == (1, 16)
 
 
-def test_a_cpu_without_the_instructions_is_not_offered_the_kernel(
+def test_a_tier_without_the_instructions_is_not_offered_the_kernel(
     fresh_build: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setenv("VLBOT_CPU", "generic")  # below every kernel's needs on any x86 CPU
+    if tiers.active_tier().is_arm:
+        pytest.skip("VLBOT_CPU names x86 tiers only")
     assert int4_kernel.load_kernel() is None and bf16_kernel.load_kernel() is None
+    assert native.kernel_status()["bf16_matvec"].startswith("not on tier generic")
 
 
 def test_kernels_can_be_switched_off(fresh_build: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,15 +7,17 @@ source, the headers and the flags, and loaded with ctypes (which releases the GI
 The libraries use OpenMP; the `libgomp.so.1` torch has already loaded satisfies them, so the
 kernels share torch's thread pool.
 
-A kernel is offered only where the CPU has the instructions it was compiled for. Where it is not
-(another CPU, no compiler, a failed build), callers keep torch's own operators; the reason is
-logged once. `VLBOT_NATIVE_KERNELS=off` turns every kernel off.
+Every kernel is compiled for the process's CPU tier (engine.cpu.tiers: the tier's own `-m`
+flags, never `-march=native`, so `VLBOT_CPU=avx2` on an AVX-512 machine really builds AVX2 code)
+and offered only where that tier has the instructions the kernel needs. Where it is not (a lower
+tier, no compiler, a failed build), callers keep torch's own operators; the reason is logged once
+and kept for `kernel_status()` (what `vlbot doctor`, /health and the benchmark report show).
+`VLBOT_NATIVE_KERNELS=off` turns every kernel off.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -26,6 +28,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from engine.cpu.tiers import Tier, active_tier, cpu_flags
+
+__all__ = [
+    "F32", "I32", "I64", "POINTER", "Tier", "active_tier", "c_function", "cpu_flags",
+    "kernel_status", "load_library",
+]
+
 logger = logging.getLogger("vlbot.engine")
 
 KERNELS = Path(__file__).with_name("kernels")
@@ -34,15 +43,13 @@ POINTER, I64, I32, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c
 COMMON_FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC")
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags (Linux); empty where they cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    lines = [line for line in text.splitlines() if line.startswith("flags")]
-    return frozenset(lines[0].split(":", 1)[1].split() if lines else ())
+# kernel source name -> "built for <tier>" or why it is not used (the last load of each)
+_STATUS: dict[str, str] = {}
+
+
+def kernel_status() -> dict[str, str]:
+    """Each kernel loaded so far in this process: "<tier>" where it runs, else why not."""
+    return dict(_STATUS)
 
 
 def cache_dir() -> Path:
@@ -74,25 +81,36 @@ def _build(source: Path, flags: Sequence[str], compiler: str) -> Path:
     return target
 
 
-def load_library(name: str, flags: Sequence[str], cpu_needs: Sequence[str]) -> ctypes.CDLL | None:
-    """engine/cpu/kernels/`name`.c built with `flags`, or None (reason logged) where the kernels are
-    turned off, the CPU lacks one of `cpu_needs`, or no compiler can build it."""
+def load_library(
+    name: str, flags: Sequence[str] = (), cpu_needs: Sequence[str] = (), tier: Tier | None = None
+) -> ctypes.CDLL | None:
+    """engine/cpu/kernels/`name`.c built for `tier` (the process's active tier by default: its
+    `-m` flags) plus the kernel's own `flags` (e.g. `-ffp-contract=off`), or None (reason
+    logged) where the kernels are turned off, the tier lacks one of `cpu_needs` (cpuinfo flag
+    names) or no compiler can build it."""
     if os.environ.get("VLBOT_NATIVE_KERNELS", "").strip().lower() in ("off", "0", "false", "no"):
+        _STATUS[name] = "off (VLBOT_NATIVE_KERNELS)"
         return None
-    missing = [flag for flag in cpu_needs if flag not in cpu_flags()]
+    tier = tier or active_tier()
+    missing = [flag for flag in cpu_needs if not tier.has(flag)]
     if missing:
-        logger.info("%s: this CPU lacks %s; using torch's operators", name, ", ".join(missing))
+        _STATUS[name] = f"not on tier {tier.name} (needs {', '.join(missing)})"
+        logger.info("%s: tier %s lacks %s; using torch's operators", name, tier.name, ", ".join(missing))
         return None
     compiler = _compiler()
     if compiler is None:
+        _STATUS[name] = "no C compiler"
         logger.info("%s: no C compiler found; using torch's operators", name)
         return None
     try:
-        return ctypes.CDLL(str(_build(KERNELS / f"{name}.c", flags, compiler)))
+        library = ctypes.CDLL(str(_build(KERNELS / f"{name}.c", [*tier.compile_flags, *flags], compiler)))
     except (OSError, subprocess.SubprocessError) as e:
         detail = (getattr(e, "stderr", b"") or b"")[:500]
+        _STATUS[name] = "build failed"
         logger.warning("%s: could not build (%s %r); using torch's operators", name, e, detail)
         return None
+    _STATUS[name] = tier.name
+    return library
 
 
 def c_function(

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from bot.engine_port import ModelNotFound
+from engine.cpu.tiers import active_tier, parse_cpu_flags
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -40,23 +41,12 @@ _FIX = (
 # --- hardware ----------------------------------------------------------------------------------
 
 
-def _cpu_flags(cpuinfo: str | None = None) -> set[str]:
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            return set()
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features"):
-            flags.update(value.split())
-    return flags
-
-
 def cpu_supports_bf16(cpuinfo: str | None = None) -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), from /proc/cpuinfo."""
-    return bool(_cpu_flags(cpuinfo) & _BF16_FLAGS)
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX): the active CPU tier's
+    (engine.cpu.tiers, so VLBOT_CPU=avx2 says no), or that of the /proc/cpuinfo text given."""
+    if cpuinfo is None:
+        return active_tier().bf16_arithmetic
+    return bool(parse_cpu_flags(cpuinfo) & _BF16_FLAGS)
 
 
 def onednn_decodes_faster(cpuinfo: str | None = None) -> bool:
@@ -65,7 +55,7 @@ def onednn_decodes_faster(cpuinfo: str | None = None) -> bool:
     kernel; without AMX (AMD EPYC, AVX512-BF16 only) the native kernel reads weights about twice
     as fast (6.7 against 3.8 tok/s). A one-matrix timing at load picked wrongly here, so the
     rule follows the CPU's flags."""
-    flags = _cpu_flags(cpuinfo)
+    flags = active_tier().features if cpuinfo is None else parse_cpu_flags(cpuinfo)
     return "amx_bf16" in flags or not flags & _BF16_FLAGS
 
 

@@ -20,14 +20,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.cpu.native import I32, I64, POINTER, c_function, cpu_flags, load_library
+from engine.cpu.native import I32, I64, POINTER, active_tier, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
 
 CPU_FLAGS = ("avx512f",)
-COMPILE_FLAGS = ("-mavx512f", "-mfma")
-# where the CPU has AVX-512 BF16, batches of rows multiply bf16 pairs with `vdpbf16ps`
-BF16_DOT_FLAGS = ("-mavx512bf16",)
 # Inputs with more rows than this go to oneDNN (prefill always). With AMX, oneDNN's tile products
 # beat this kernel from 7 rows on (the 28 layers' joined shapes, 2.82 GB, 2 cores, kernel vs
 # oneDNN: 4 rows 138 vs 163 ms, 5 rows 147 vs 161, 6 rows 155 vs 164, 8 rows 179 vs 171; with
@@ -81,12 +78,10 @@ class Bf16Kernel:
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> Bf16Kernel | None:
     """The kernel, or None where this machine cannot build or run it (reason logged once)."""
-    flags = cpu_flags()
-    extra = BF16_DOT_FLAGS if "avx512_bf16" in flags else ()
-    library = load_library("bf16_matvec", COMPILE_FLAGS + extra, CPU_FLAGS)
+    library = load_library("bf16_matvec", (), CPU_FLAGS)
     if library is None:
         return None
-    return Bf16Kernel(library, MAX_ROWS_WITH_AMX if "amx_bf16" in flags else MAX_ROWS)
+    return Bf16Kernel(library, MAX_ROWS_WITH_AMX if active_tier().has("amx_bf16") else MAX_ROWS)
 
 
 class DecodeLinear(nn.Module):

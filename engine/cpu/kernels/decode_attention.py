@@ -16,7 +16,7 @@ import torch
 from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
 
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+COMPILE_FLAGS: tuple[str, ...] = ()  # the tier gives the -m flags (engine.cpu.tiers)
 MAX_DIM = 256
 MAX_GROUP = 16
 

@@ -25,7 +25,7 @@ from engine.cpu.native import I32, I64, POINTER, c_function, load_library
 logger = logging.getLogger("vlbot.engine")
 
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16")
+COMPILE_FLAGS: tuple[str, ...] = ()  # the tier gives the -m flags (engine.cpu.tiers)
 
 
 class GeluKernel:

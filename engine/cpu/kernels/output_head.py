@@ -35,7 +35,7 @@ from engine.cpu.native import I32, I64, POINTER, c_function, load_library
 logger = logging.getLogger("vlbot.engine")
 
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma")
+COMPILE_FLAGS: tuple[str, ...] = ()  # the tier gives the -m flags (engine.cpu.tiers)
 MAX_ROWS = 8  # activation rows per reading of the copy (as in the C source)
 MAX_TOP = 64  # the largest top-k screened; larger ones use the full head
 CANDIDATES = 1024  # more candidates than this in a row: the full head is as cheap

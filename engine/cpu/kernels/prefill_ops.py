@@ -26,7 +26,7 @@ from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
 logger = logging.getLogger("vlbot.engine")
 
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq")
-COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512dq", "-ffp-contract=off")
+COMPILE_FLAGS = ("-ffp-contract=off",)  # and the tier's -m flags (engine.cpu.tiers)
 NORM_CLASS, MLP_CLASS, ATTENTION_CLASS = "Qwen3VLTextRMSNorm", "Qwen3VLTextMLP", "Qwen3VLTextAttention"
 LANES = 16  # the kernels take rows whose length is a multiple of this
 

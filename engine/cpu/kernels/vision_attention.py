@@ -34,7 +34,7 @@ from engine.cpu.native import I32, I64, POINTER, c_function, load_library
 logger = logging.getLogger("vlbot.engine")
 
 CPU_FLAGS = ("avx2", "fma")
-COMPILE_FLAGS = ("-mavx2", "-mfma", "-ffp-contract=off")  # no fused multiply-adds: same rounding
+COMPILE_FLAGS = ("-ffp-contract=off",)  # no fused multiply-adds: same rounding (-m flags: the tier)
 REPLACED_CLASS = "Qwen3VLVisionAttention"
 
 

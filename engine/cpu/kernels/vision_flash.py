@@ -27,10 +27,7 @@ from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
 logger = logging.getLogger("vlbot.engine")
 
 CPU_FLAGS = ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16")
-COMPILE_FLAGS = (
-    "-mavx512f", "-mavx512dq", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile",
-    "-mamx-bf16",
-)  # fmt: skip
+COMPILE_FLAGS: tuple[str, ...] = ()  # the amx tier gives the -m flags (engine.cpu.tiers)
 HEAD_DIM = 64  # the kernel's tiles are laid out for 64-channel heads
 
 
