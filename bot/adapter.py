@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bot.engine_port import UpstreamStatus
 from bot.history import HistoryStore
 from bot.models import ConversationId, FinishReason, ImagePart, Job, Message, User
 
@@ -90,6 +91,7 @@ class CoreStatus:
     uptime_s: float
     job_seconds: float  # recent mean job duration, for ETAs
     fallback: str | None = None  # why engine=auto answers with OCR instead of the VLM
+    upstreams: tuple[UpstreamStatus, ...] = ()  # engine=openai: each model server of the pool
 
 
 class Core(Protocol):

@@ -18,6 +18,7 @@ from bot.core import BotCore
 from bot.db import Database
 from bot.engine_port import Engine
 from bot.history import HistoryStore
+from bot.jobqueue import JobQueue, LocalJobQueue
 from bot.jobs import JobStore
 from bot.logs import SecretRedactor, secret_values
 from bot.models import GenerationParams
@@ -36,17 +37,7 @@ def intake_limits(settings: Settings) -> IntakeLimits:
 
 def build_engine(settings: Settings) -> Engine:
     if settings.engine == "openai":
-        from engine import OpenAIRemoteEngine
-
-        return OpenAIRemoteEngine(
-            base_url=settings.remote.base_url,
-            api_key=(
-                settings.remote.api_key.get_secret_value() if settings.remote.api_key else None
-            ),
-            model=settings.remote.model,
-            limits=intake_limits(settings),
-            timeout_s=settings.remote.timeout_s,
-        )
+        return remote_pool(settings)
     if settings.engine in ("ocr", "auto"):
         from engine import OcrEngine
 
@@ -61,6 +52,30 @@ def build_engine(settings: Settings) -> Engine:
             settings.model, lambda: qwen_engine(settings), make_ocr, limits=intake_limits(settings)
         )
     return qwen_engine(settings)
+
+
+def remote_pool(settings: Settings) -> Engine:
+    """engine=openai: the configured servers (one or several) as a health-checked pool."""
+    from engine import OpenAIRemoteEngine, RemotePool
+
+    remote = settings.remote
+    servers = [
+        OpenAIRemoteEngine(
+            base_url=server.base_url,
+            api_key=server.api_key.get_secret_value() if server.api_key else None,
+            model=server.model or remote.model,
+            limits=intake_limits(settings),
+            timeout_s=remote.timeout_s,
+            connect_timeout_s=remote.connect_timeout_s,
+        )
+        for server in remote.server_list()
+    ]
+    return RemotePool(
+        servers,
+        first_token_timeout_s=remote.first_token_timeout_s,
+        health_interval_s=remote.health_interval_s,
+        max_backoff_s=remote.max_backoff_s,
+    )
 
 
 def qwen_engine(settings: Settings) -> Engine:
@@ -121,9 +136,14 @@ class App:
     async def start(self) -> BotCore:
         s = self.settings
         started = time.monotonic()
-        self.db = await Database.open(s.db_path)
+        self.db = await Database.open(s.database)
         history = HistoryStore(self.db, s.history_turns, s.retention_days)
         jobs = JobStore(self.db, history)
+        queue: JobQueue = LocalJobQueue()
+        if self.db.dialect == "postgres":  # replicas may share this database
+            from bot.pgqueue import SharedJobQueue
+
+            queue = SharedJobQueue(self.db, jobs, lease_s=s.job_lease_s)
         params = GenerationParams(
             max_new_tokens=s.max_new_tokens, temperature=s.temperature, system_prompt=s.system_prompt
         )
@@ -138,6 +158,7 @@ class App:
             max_images_per_message=s.max_images_per_message,
             max_question_chars=s.max_question_chars,
             params=params,
+            queue=queue,
         )
         self.runner.attach({a.platform: a for a in self.adapters})
         self.core = BotCore(self.runner, history, self.engine)

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from bot.adapter import Acceptance, CoreStatus, Incoming
-from bot.engine_port import Engine
+from bot.engine_port import Engine, UpstreamStatus
 from bot.history import HistoryStore
 from bot.models import ConversationId, ImagePart
 from bot.runner import Runner
@@ -68,7 +68,14 @@ class BotCore:
             uptime_s=time.time() - self.started_at,
             job_seconds=self.runner.job_seconds(),
             fallback=info.details.get("fallback"),
+            upstreams=self.upstreams(),
         )
+
+    def upstreams(self) -> tuple[UpstreamStatus, ...]:
+        """The model servers behind the engine when it is a pool (engine=openai), else ()."""
+        report = getattr(self.engine, "upstreams", None)
+        found = report() if callable(report) else ()
+        return tuple(u for u in found if isinstance(u, UpstreamStatus))
 
     async def job_counts(self) -> dict[str, int]:
         """Stored jobs by status (all platforms), for metrics."""

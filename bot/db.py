@@ -1,4 +1,12 @@
-"""The SQLite file behind history and jobs: opening, WAL mode and versioned migrations."""
+"""The database behind history, jobs, seen events and pending updates: one narrow interface,
+two backends. SQLite (a file in the data folder, WAL) is the embedded default; PostgreSQL
+(`VLBOT_DATABASE_URL=postgresql://…`, bot/pg.py) lets several `vlbot serve` replicas share state.
+
+Stores write one SQL dialect: `?` placeholders, `ON CONFLICT DO NOTHING`, `RETURNING`, quoted
+"user" (a reserved word in Postgres), types both accept (TEXT, BIGINT, DOUBLE PRECISION). Rows
+come back as dicts. A migration is one script for both backends unless its DDL differs
+(`Migration(sql, postgres=…)`); a new store appends its tables to MIGRATIONS and runs on both.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +15,36 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, Protocol
 
 import aiosqlite
 
 log = logging.getLogger("vlbot.db")
 
+Row = dict[str, Any]
+Dialect = Literal["sqlite", "postgres"]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """Moves the schema one version up; `postgres` only where its DDL differs from `sql`."""
+
+    sql: str
+    postgres: str | None = None
+
+    def script(self, dialect: Dialect) -> str:
+        return self.postgres if dialect == "postgres" and self.postgres is not None else self.sql
+
+
 # Each entry migrates the schema from version i to i + 1. Never edit a released entry: append.
-MIGRATIONS: tuple[str, ...] = (
-    """
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        """
     CREATE TABLE images (
         sha256     TEXT PRIMARY KEY,
         mime       TEXT NOT NULL,
@@ -60,28 +88,95 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX job_images_by_sha ON job_images (sha256);
     """,
-    """
+        postgres="""
+    CREATE TABLE images (
+        sha256     TEXT PRIMARY KEY,
+        mime       TEXT NOT NULL,
+        data       BYTEA NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE turns (
+        id           BIGSERIAL PRIMARY KEY,
+        conversation TEXT NOT NULL,
+        role         TEXT NOT NULL,
+        parts        TEXT NOT NULL,
+        created_at   DOUBLE PRECISION NOT NULL,
+        job_id       TEXT
+    );
+    CREATE INDEX turns_by_conversation ON turns (conversation, id);
+    CREATE TABLE turn_images (
+        turn_id BIGINT NOT NULL REFERENCES turns (id) ON DELETE CASCADE,
+        sha256  TEXT NOT NULL,
+        PRIMARY KEY (turn_id, sha256)
+    );
+    CREATE INDEX turn_images_by_sha ON turn_images (sha256);
+    CREATE SEQUENCE jobs_seq;
+    CREATE TABLE jobs (
+        id           TEXT PRIMARY KEY,
+        seq          BIGINT NOT NULL DEFAULT nextval('jobs_seq'),
+        conversation TEXT NOT NULL,
+        "user"       TEXT NOT NULL,
+        message      TEXT NOT NULL,
+        status       TEXT NOT NULL,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        origin       TEXT NOT NULL,
+        answer       TEXT,
+        error        TEXT,
+        created_at   DOUBLE PRECISION NOT NULL,
+        updated_at   DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX jobs_by_status ON jobs (status, seq);
+    CREATE TABLE job_images (
+        job_id TEXT NOT NULL REFERENCES jobs (id) ON DELETE CASCADE,
+        sha256 TEXT NOT NULL,
+        PRIMARY KEY (job_id, sha256)
+    );
+    CREATE INDEX job_images_by_sha ON job_images (sha256);
+    """,
+    ),
+    Migration(
+        """
     CREATE TABLE seen_events (
         key        TEXT PRIMARY KEY,  -- platform event ids already accepted (redelivery dedupe)
-        created_at REAL NOT NULL
+        created_at DOUBLE PRECISION NOT NULL
     );
-    """,
     """
+    ),
+    Migration(
+        """
     CREATE TABLE pending_updates (
         platform   TEXT NOT NULL,
         id         TEXT NOT NULL,     -- the platform's update id
         body       TEXT NOT NULL,     -- the raw update, JSON
-        created_at REAL NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
         PRIMARY KEY (platform, id)
     );
-    """,
+    """
+    ),
+    Migration(
+        """
+    -- replicas sharing one database (Postgres): the job queue's leases and heartbeats
+    ALTER TABLE jobs ADD COLUMN lease_owner TEXT;        -- the replica running the job
+    ALTER TABLE jobs ADD COLUMN lease_until DOUBLE PRECISION;
+    ALTER TABLE jobs ADD COLUMN pinned_to TEXT;          -- only this replica may claim it (HTTP)
+    ALTER TABLE pending_updates ADD COLUMN owner TEXT;   -- the replica that received it
+    CREATE TABLE replicas (
+        id         TEXT PRIMARY KEY,
+        alive_until DOUBLE PRECISION NOT NULL
+    );
+    CREATE TABLE queue_turns (                           -- when each conversation last got a turn
+        conversation TEXT PRIMARY KEY,
+        served_at    DOUBLE PRECISION NOT NULL
+    );
+    """
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class DataDirError(Exception):
-    """The data folder cannot be created or written; the message names the fix."""
+    """The data folder (or database) cannot be used; the message names the fix."""
 
 
 def prepare_data_dir(path: Path) -> None:
@@ -100,6 +195,82 @@ def prepare_data_dir(path: Path) -> None:
             os.chmod(path, 0o700)
         except OSError:
             pass
+
+
+def check_version(version: int, where: str) -> None:
+    if version > SCHEMA_VERSION:
+        raise DataDirError(
+            f"the database was written by a newer vlbot (schema {version} > {SCHEMA_VERSION}); "
+            f"upgrade vlbot or point {where} elsewhere"
+        )
+
+
+class Tx(Protocol):
+    """A transaction's statements (or the one connection of `Database.reading`)."""
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None: ...
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+
+class Database(ABC):
+    """What the stores use: transactions, reads, the dialect for the few statements that differ."""
+
+    dialect: Dialect
+
+    @staticmethod
+    async def open(target: Path | str) -> Database:
+        """SQLite for a path, Postgres for a `postgresql://` (or `postgres://`) URL."""
+        if isinstance(target, str) and target.startswith(("postgresql://", "postgres://")):  # noqa: ASYNC240
+            from bot.pg import PostgresDatabase
+
+            return await PostgresDatabase.open(target)
+        return await SqliteDatabase.open(Path(target))
+
+    @abstractmethod
+    def transaction(self) -> AbstractAsyncContextManager[Tx]:
+        """All or nothing (rolled back on any exception, cancellation included)."""
+
+    @abstractmethod
+    def reading(self) -> AbstractAsyncContextManager[Tx]:
+        """A connection for a few reads in a row (no transaction guarantees)."""
+
+    @abstractmethod
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    async def try_lock(self, name: str) -> HeldLock | None:
+        """Hold `name` across every process on this database until released; None if another
+        process holds it. SQLite serves one process per data folder: always granted."""
+        return HeldLock()
+
+
+class HeldLock:
+    """A lock from `Database.try_lock`; `release` lets the next process take it."""
+
+    async def release(self) -> None:
+        return None
+
+
+class SqliteTx:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self.conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        cur = await self.conn.execute(sql, tuple(params))
+        return cur.rowcount
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        await self.conn.executemany(sql, [tuple(r) for r in rows])
+
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        async with self.conn.execute(sql, tuple(params)) as cur:
+            return [dict(row) for row in await cur.fetchall()]
 
 
 async def connect(db_path: Path) -> aiosqlite.Connection:
@@ -122,30 +293,29 @@ async def migrate(conn: aiosqlite.Connection) -> None:
     async with conn.execute("PRAGMA user_version") as cur:
         row = await cur.fetchone()
     version = int(row[0]) if row else 0
-    if version > SCHEMA_VERSION:
-        raise DataDirError(
-            f"the database was written by a newer vlbot (schema {version} > {SCHEMA_VERSION}); "
-            "upgrade vlbot or point VLBOT_DATA_DIR elsewhere"
-        )
+    check_version(version, "VLBOT_DATA_DIR")
     for target in range(version + 1, SCHEMA_VERSION + 1):
-        script = MIGRATIONS[target - 1]
+        script = MIGRATIONS[target - 1].script("sqlite")
         await conn.executescript(f"BEGIN;\n{script}\nPRAGMA user_version = {target};\nCOMMIT;")
         log.info("database schema migrated to version %d", target)
 
 
-class Database:
+class SqliteDatabase(Database):
     """One connection shared by the stores; `transaction()` serializes writers on this loop."""
+
+    dialect: Dialect = "sqlite"
 
     def __init__(self, conn: aiosqlite.Connection) -> None:
         self.conn = conn
+        self._tx = SqliteTx(conn)
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, db_path: Path) -> Database:
-        return cls(await connect(db_path))
+    async def open(cls, db_path: Path | str) -> SqliteDatabase:  # type: ignore[override]
+        return cls(await connect(Path(db_path)))
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def transaction(self) -> AsyncIterator[Tx]:
         """BEGIN IMMEDIATE … COMMIT, rolled back on any exception — cancellation included.
 
         aiosqlite runs a statement on its thread even when the awaiting task is cancelled, so
@@ -158,7 +328,7 @@ class Database:
                 await self._settle("ROLLBACK", quiet=True)
                 raise
             try:
-                yield self.conn
+                yield self._tx
             except BaseException:
                 await self._settle("ROLLBACK", quiet=True)  # queued after any pending write
                 raise
@@ -183,14 +353,14 @@ class Database:
             raise error
 
     @contextlib.asynccontextmanager
-    async def reading(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def reading(self) -> AsyncIterator[Tx]:
         """The connection, with no other statement of this process interleaved."""
         async with self._lock:
-            yield self.conn
+            yield self._tx
 
-    async def fetchall(self, sql: str, params: Sequence[object] = ()) -> list[aiosqlite.Row]:
-        async with self._lock, self.conn.execute(sql, params) as cur:
-            return list(await cur.fetchall())
+    async def fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        async with self._lock:
+            return await self._tx.fetchall(sql, params)
 
     async def close(self) -> None:
         await self.conn.close()

@@ -26,6 +26,15 @@ class ModelNotFound(EngineError):
     """The configured model folder or hub id cannot be loaded; the message names the fix."""
 
 
+class AnswerInterrupted(EngineError):
+    """Generation broke off after part of the answer was streamed to the user. Not retried:
+    running the job again would show its beginning twice. `code` names the user-facing text."""
+
+    def __init__(self, message: str, code: str = "answer_interrupted") -> None:
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass(frozen=True)
 class EngineInfo:
     name: str
@@ -45,6 +54,22 @@ class StreamStats:
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
     finish_reason: FinishReason = "stop"
+
+
+@dataclass(frozen=True)
+class UpstreamStatus:
+    """One inference server behind an engine that spreads work over several (engine=openai):
+    what `/health` and `/metrics` show of it. `server` is its URL without credentials."""
+
+    server: str
+    model: str
+    up: bool
+    in_flight: int
+    requests: int  # requests sent to it (failed ones and failovers included)
+    failures: int  # requests that failed on it, and failed health probes
+    failovers: int  # requests that failed on it before their first token and went elsewhere
+    latency_s: float  # recent time to first token (0 before the first answer)
+    last_error: str | None = None
 
 
 @runtime_checkable

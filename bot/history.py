@@ -1,4 +1,4 @@
-"""Per-conversation history in SQLite: turns with their images, stored once by content hash."""
+"""Per-conversation history (SQLite or Postgres): turns with their images, stored once by content hash."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import aiosqlite
-
-from bot.db import Database
+from bot.db import Database, Tx
 from bot.models import ConversationId, ImagePart, Part, Role, TextPart, Turn
 
 
@@ -23,7 +21,7 @@ def parts_to_json(parts: Sequence[Part]) -> str:
     return json.dumps(out, ensure_ascii=False)
 
 
-async def parts_from_json(conn: aiosqlite.Connection, raw: str) -> tuple[Part, ...]:
+async def parts_from_json(conn: Tx, raw: str) -> tuple[Part, ...]:
     items: list[dict[str, Any]] = json.loads(raw)
     data = await load_images(conn, [item["image"] for item in items if "image" in item])
     return parts_from_items(items, data)
@@ -40,33 +38,32 @@ def parts_from_items(items: list[dict[str, Any]], data: dict[str, bytes]) -> tup
     return tuple(parts)
 
 
-async def save_images(conn: aiosqlite.Connection, images: Iterable[ImagePart]) -> list[str]:
+async def save_images(conn: Tx, images: Iterable[ImagePart]) -> list[str]:
     shas = []
     for image in images:
         sha = image.sha256
         await conn.execute(
-            "INSERT OR IGNORE INTO images (sha256, mime, data, created_at) VALUES (?, ?, ?, ?)",
+            "INSERT INTO images (sha256, mime, data, created_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT DO NOTHING",
             (sha, image.mime, image.data, time.time()),
         )
         shas.append(sha)
     return shas
 
 
-async def load_images(conn: aiosqlite.Connection, shas: Sequence[str]) -> dict[str, bytes]:
+async def load_images(conn: Tx, shas: Sequence[str]) -> dict[str, bytes]:
     if not shas:
         return {}
     marks = ",".join("?" * len(shas))
     sql = f"SELECT sha256, data FROM images WHERE sha256 IN ({marks})"
-    async with conn.execute(sql, tuple(shas)) as cur:
-        return {row[0]: bytes(row[1]) async for row in cur}
+    return {row["sha256"]: bytes(row["data"]) for row in await conn.fetchall(sql, tuple(shas))}
 
 
-async def collect_unreferenced_images(conn: aiosqlite.Connection) -> int:
-    cur = await conn.execute(
+async def collect_unreferenced_images(conn: Tx) -> int:
+    return await conn.execute(
         "DELETE FROM images WHERE sha256 NOT IN (SELECT sha256 FROM turn_images)"
         " AND sha256 NOT IN (SELECT sha256 FROM job_images)"
     )
-    return cur.rowcount
 
 
 class HistoryStore:
@@ -82,14 +79,14 @@ class HistoryStore:
             await self.append_in(conn, conversation, turns)
 
     async def append_in(
-        self, conn: aiosqlite.Connection, conversation: ConversationId, turns: Sequence[Turn]
+        self, conn: Tx, conversation: ConversationId, turns: Sequence[Turn]
     ) -> None:
         """Append inside a caller's transaction (the runner commits turns with the job status)."""
         for turn in turns:
             shas = await save_images(conn, turn.images)
-            cur = await conn.execute(
+            inserted = await conn.fetchall(
                 "INSERT INTO turns (conversation, role, parts, created_at, job_id)"
-                " VALUES (?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?) RETURNING id",
                 (
                     conversation.key(),
                     turn.role.value,
@@ -100,8 +97,8 @@ class HistoryStore:
             )
             for sha in set(shas):
                 await conn.execute(
-                    "INSERT OR IGNORE INTO turn_images (turn_id, sha256) VALUES (?, ?)",
-                    (cur.lastrowid, sha),
+                    "INSERT INTO turn_images (turn_id, sha256) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    (inserted[0]["id"], sha),
                 )
 
     async def recent(self, conversation: ConversationId, limit: int | None = None) -> list[Turn]:
@@ -142,10 +139,9 @@ class HistoryStore:
     async def reset(self, conversation: ConversationId) -> int:
         """Forget a conversation: its turns and every image no longer referenced."""
         async with self.db.transaction() as conn:
-            cur = await conn.execute(
+            deleted = await conn.execute(
                 "DELETE FROM turns WHERE conversation = ?", (conversation.key(),)
             )
-            deleted = cur.rowcount
             await collect_unreferenced_images(conn)
         return deleted
 
@@ -153,8 +149,7 @@ class HistoryStore:
         """Delete turns older than the retention period (and images left unreferenced)."""
         cutoff = (now if now is not None else time.time()) - self.retention_days * 86400
         async with self.db.transaction() as conn:
-            cur = await conn.execute("DELETE FROM turns WHERE created_at < ?", (cutoff,))
-            deleted = cur.rowcount
+            deleted = await conn.execute("DELETE FROM turns WHERE created_at < ?", (cutoff,))
             await collect_unreferenced_images(conn)
         return deleted
 
@@ -196,7 +191,7 @@ class HistoryStore:
         rows = await self.db.fetchall(
             "SELECT i.data FROM images i WHERE i.sha256 = ? AND EXISTS (SELECT 1 FROM turn_images ti"
             " JOIN turns t ON t.id = ti.turn_id WHERE ti.sha256 = i.sha256"
-            " AND substr(t.conversation, 1, ?) = ?)",
-            (sha256, len(key_prefix), key_prefix),
+            " AND substr(t.conversation, 1, length(CAST(? AS TEXT))) = ?)",
+            (sha256, key_prefix, key_prefix),
         )
         return bytes(rows[0]["data"]) if rows else None

@@ -8,9 +8,7 @@ import time
 import uuid
 from typing import Any
 
-import aiosqlite
-
-from bot.db import Database
+from bot.db import Database, Row, Tx
 from bot.history import (
     HistoryStore,
     collect_unreferenced_images,
@@ -32,21 +30,27 @@ class JobStore:
         self.db = db
         self.history = history
 
-    async def insert(self, job: Job, event_key: str | None = None) -> bool:
-        """Persist a new job. Returns False (and writes nothing) if `event_key` was seen before."""
+    async def insert(
+        self, job: Job, event_key: str | None = None, pinned_to: str | None = None
+    ) -> bool:
+        """Persist a new job. Returns False (and writes nothing) if `event_key` was seen before.
+        `pinned_to`: the replica that alone may run it while alive (its client waits there)."""
         async with self.db.transaction() as conn:
             if event_key is not None:
-                cur = await conn.execute(
-                    "INSERT OR IGNORE INTO seen_events (key, created_at) VALUES (?, ?)",
+                # the unique key decides between replicas too: the second insert changes no row
+                added = await conn.execute(
+                    "INSERT INTO seen_events (key, created_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
                     (event_key, time.time()),
                 )
-                if cur.rowcount == 0:
+                if added == 0:
                     return False
             shas = await save_images(conn, job.message.images)
+            # Postgres numbers jobs from a sequence (concurrent replicas); SQLite has one writer
+            seq = ", seq" if self.db.dialect == "sqlite" else ""
+            next_seq = ", (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs)" if seq else ""
             await conn.execute(
-                "INSERT INTO jobs (id, seq, conversation, user, message, status, attempts, origin,"
-                " created_at, updated_at) VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs),"
-                " ?, ?, ?, ?, ?, ?, ?, ?)",
+                f'INSERT INTO jobs (id{seq}, conversation, "user", message, status, attempts, origin,'
+                f" created_at, updated_at, pinned_to) VALUES (?{next_seq}, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.conversation.key(),
@@ -57,11 +61,13 @@ class JobStore:
                     json.dumps(job.origin),
                     job.created_at,
                     job.updated_at,
+                    pinned_to,
                 ),
             )
             for sha in set(shas):
                 await conn.execute(
-                    "INSERT OR IGNORE INTO job_images (job_id, sha256) VALUES (?, ?)", (job.id, sha)
+                    "INSERT INTO job_images (job_id, sha256) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                    (job.id, sha),
                 )
         return True
 
@@ -72,7 +78,7 @@ class JobStore:
             await self._write(conn, job)
         return job
 
-    async def _write(self, conn: aiosqlite.Connection, job: Job) -> None:
+    async def _write(self, conn: Tx, job: Job) -> None:
         await conn.execute(
             "UPDATE jobs SET status = ?, attempts = ?, origin = ?, answer = ?, error = ?,"
             " updated_at = ? WHERE id = ?",
@@ -118,11 +124,11 @@ class JobStore:
             f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY seq",
             tuple(s.value for s in UNFINISHED),
         )
-        return [await self._job(row) for row in rows]
+        return [await self.job_from_row(row) for row in rows]
 
     async def get(self, job_id: str) -> Job | None:
         rows = await self.db.fetchall("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return await self._job(rows[0]) if rows else None
+        return await self.job_from_row(rows[0]) if rows else None
 
     async def images_for_reply(
         self, conversation: ConversationId, message_ref: int | str
@@ -132,15 +138,7 @@ class JobStore:
         the bot's `placeholder_id` or an answer part in `answer_ids`); the images are that
         job's own, or those of the latest earlier job of the conversation that had any.
         [] when unknown or reset."""
-        rows = await self.db.fetchall(
-            "SELECT seq FROM jobs WHERE conversation = ?1 AND ("
-            " json_extract(origin, '$.message_id') = ?2"
-            " OR json_extract(origin, '$.placeholder_id') = ?2"
-            " OR EXISTS (SELECT 1 FROM json_each(origin, '$.answer_ids') WHERE value = ?2)"
-            " OR EXISTS (SELECT 1 FROM json_each(origin, '$.message_ids') WHERE value = ?2))"
-            " ORDER BY seq DESC LIMIT 1",
-            (conversation.key(), message_ref),
-        )
+        rows = await self.db.fetchall(*self._origin_lookup(conversation, message_ref))
         if not rows:
             return []
         rows = await self.db.fetchall(
@@ -158,7 +156,32 @@ class JobStore:
         rows = await self.db.fetchall("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
         return {row["status"]: row["n"] for row in rows}
 
-    async def _job(self, row: aiosqlite.Row) -> Job:
+    def _origin_lookup(
+        self, conversation: ConversationId, ref: int | str
+    ) -> tuple[str, tuple[object, ...]]:
+        """The latest job of the conversation whose origin names platform message `ref`."""
+        if self.db.dialect == "sqlite":
+            return (
+                "SELECT seq FROM jobs WHERE conversation = ?1 AND ("
+                " json_extract(origin, '$.message_id') = ?2"
+                " OR json_extract(origin, '$.placeholder_id') = ?2"
+                " OR EXISTS (SELECT 1 FROM json_each(origin, '$.answer_ids') WHERE value = ?2)"
+                " OR EXISTS (SELECT 1 FROM json_each(origin, '$.message_ids') WHERE value = ?2))"
+                " ORDER BY seq DESC LIMIT 1",
+                (conversation.key(), ref),
+            )
+        # Postgres: JSON values compared as text, the reference typed as its JSON would be
+        ref_json = json.dumps(ref)
+        return (
+            "SELECT seq FROM jobs WHERE conversation = ? AND ("
+            " (origin::jsonb -> 'message_id') = ?::jsonb OR (origin::jsonb -> 'placeholder_id') = ?::jsonb"
+            " OR COALESCE(origin::jsonb -> 'answer_ids', '[]'::jsonb) @> ?::jsonb"
+            " OR COALESCE(origin::jsonb -> 'message_ids', '[]'::jsonb) @> ?::jsonb)"
+            " ORDER BY seq DESC LIMIT 1",
+            (conversation.key(), ref_json, ref_json, f"[{ref_json}]", f"[{ref_json}]"),
+        )
+
+    async def job_from_row(self, row: Row) -> Job:
         async with self.db.reading() as conn:
             parts = await parts_from_json(conn, row["message"])
         return Job(

@@ -1,8 +1,8 @@
 """The asyncio job runner: durable, fair, bounded, with timeouts, cancel and resume.
 
 Delivery happens exactly once per job, by this protocol:
-1. `submit` writes the job (and the platform event id, for redelivery dedupe) to SQLite in one
-   transaction before the adapter acknowledges the message.
+1. `submit` writes the job (and the platform event id, for redelivery dedupe) to the database in
+   one transaction before the adapter acknowledges the message.
 2. A worker generates the answer and stores it on the job (status ANSWERED) before delivery, so
    a crash after generation never generates again.
 3. The adapter delivers the answer; then the history turns and status DONE are committed in one
@@ -12,6 +12,10 @@ Delivery happens exactly once per job, by this protocol:
    persisted the placeholder message id in `job.origin` (returned from `send`) before any answer
    text was delivered, and the final delivery edits that message, so the user still sees one
    reply, not two.
+
+Which job a worker starts next is the queue's business (bot/jobqueue.py): in memory for one
+process on SQLite, the jobs table under leases for replicas on Postgres (bot/pgqueue.py), where a
+job whose replica died is claimed again by another after its lease (step 4 then happens there).
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ from bot.adapter import (
     Started,
 )
 from bot.engine_port import Engine, EngineNotReady, StreamStats
-from bot.fairqueue import FairQueue
 from bot.history import HistoryStore
+from bot.jobqueue import JobQueue, LocalJobQueue, positions
 from bot.jobs import JobStore, new_job_id
 from bot.models import (
     ConversationId,
@@ -104,6 +108,7 @@ class Runner:
         max_images_per_message: int = 10,
         max_question_chars: int = 4000,
         params: GenerationParams | None = None,
+        queue: JobQueue | None = None,
     ) -> None:
         self.jobs = jobs
         self.history = history
@@ -117,7 +122,7 @@ class Runner:
         self.max_question_chars = max_question_chars
         self.params = params or GenerationParams()
         self.adapters: dict[str, Adapter] = {}
-        self._queue = FairQueue()
+        self._queue: JobQueue = queue or LocalJobQueue()
         self._admitting = 0  # submits past the capacity check whose job is not queued yet
         self._wakeup = asyncio.Event()
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
@@ -138,15 +143,17 @@ class Runner:
         """Resume unfinished jobs from the database (the source of truth: jobs submitted before
         `start` are there too), then start the workers."""
         self._stopping = False
-        self._queue = FairQueue()
-        for job in await self.jobs.unfinished():
+        await self._queue.start()
+        # a shared queue resumes through claims: a job left by a dead replica (this one before a
+        # restart included) is claimed again when its lease has run out
+        for job in [] if self._queue.shared else await self.jobs.unfinished():
             if job.status is JobStatus.ANSWERED:
                 self._spawn(self._deliver(job))
             elif job.attempts >= self.max_attempts:
                 await self._fail(job, "failed", "gave up after a restart during generation")
             else:
                 self._queue.push(job)
-        if len(self._queue):
+        if len(self._queue) and not self._queue.shared:
             log.info("resumed %d unfinished jobs", len(self._queue))
         self._workers = [
             asyncio.create_task(self._worker(), name=f"vlbot-worker-{i}")
@@ -166,6 +173,7 @@ class Runner:
             task.cancel()
         await asyncio.gather(*self._workers, *self._side_tasks, return_exceptions=True)
         self._workers.clear()
+        await self._queue.stop()
 
     # --- the Core interface adapters use -----------------------------------------------------
 
@@ -193,7 +201,7 @@ class Runner:
                 user=incoming.user,
                 origin=origin,
             )
-            inserted = await self.jobs.insert(job, incoming.event_key)
+            inserted = await self.jobs.insert(job, incoming.event_key, pinned_to=self._pin(incoming))
             if inserted:
                 self._queue.push(job)
         finally:
@@ -201,8 +209,7 @@ class Runner:
         if not inserted:
             log.info("duplicate event %s ignored", incoming.event_key)
             return Acceptance(job_id="", position=0, eta_s=0.0, duplicate=True)
-        positions = self._queue.positions()
-        position = positions.get(job.id, 1)
+        position = positions(self._queue).get(job.id, 1)
         self._wakeup.set()
         log.info("job %s accepted for %s (position %d)", job.id, job.conversation, position)
         acceptance = Acceptance(job.id, position, self.eta_s(position))
@@ -212,7 +219,7 @@ class Runner:
 
     async def cancel(self, conversation: ConversationId) -> int:
         key = conversation.key()
-        removed = self._queue.remove(key)
+        removed = await self._queue.remove(key)
         for job in removed:
             await self._fail(job, "cancelled", "cancelled by the user", JobStatus.CANCELLED)
         count = len(removed)
@@ -227,6 +234,12 @@ class Runner:
     async def reset(self, conversation: ConversationId) -> None:
         await self.cancel(conversation)
         await self.history.reset(conversation)
+
+    def _pin(self, incoming: Incoming) -> str | None:
+        """The replica an adapter's job must run on while it lives: an HTTP client waits for
+        its stream on the connection it holds here (another replica could not reach it)."""
+        adapter = self.adapters.get(incoming.conversation.platform)
+        return self._queue.replica_id if getattr(adapter, "connection_bound", False) else None
 
     # --- estimates ---------------------------------------------------------------------------
 
@@ -257,13 +270,18 @@ class Runner:
 
     async def _worker(self) -> None:
         while not self._stopping:
-            job = self._queue.pop()
+            try:
+                job = await self._queue.claim()
+            except Exception as exc:  # the shared database is away: try again shortly
+                log.warning("could not claim a job: %r", exc)
+                job = None
             if job is None:
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self._queue.poll_s)
                 continue
             key = job.conversation.key()
-            task = asyncio.create_task(self._run(job), name=f"vlbot-job-{job.id}")
+            task = asyncio.create_task(self._start(job), name=f"vlbot-job-{job.id}")
             self._running[key] = (job, task)
             self._announce_positions()
             try:
@@ -279,8 +297,19 @@ class Runner:
                 log.warning("job %s was cancelled outside its handler", job.id)
             finally:
                 self._running.pop(key, None)
-                self._queue.release(key)
+                with contextlib.suppress(Exception):
+                    await self._queue.release(job)
                 self._wakeup.set()
+
+    async def _start(self, job: Job) -> None:
+        """A claimed job: an answer already generated is delivered (a replica died before it
+        was), a job out of attempts fails, any other runs."""
+        if job.status is JobStatus.ANSWERED:
+            await self._deliver(job)
+        elif job.attempts >= self.max_attempts:
+            await self._fail(job, "failed", "gave up after a restart during generation")
+        else:
+            await self._run(job)
 
     async def _run(self, job: Job) -> None:
         try:

@@ -71,13 +71,42 @@ class HttpSettings(BaseModel):
     metrics_public: bool = False  # /metrics without the API key even when keys are set
 
 
+class RemoteServer(BaseModel):
+    """One server of the pool, with its own key and model name when they differ."""
+
+    base_url: str
+    api_key: SecretStr | None = None  # None: the pool's api_key
+    model: str | None = None  # None: the pool's model
+
+
 class RemoteSettings(BaseModel):
-    """engine=openai: any OpenAI-compatible server (vLLM, llama.cpp server, Ollama, vlbot)."""
+    """engine=openai: OpenAI-compatible servers (vLLM, llama.cpp server, Ollama, vlbot).
+
+    One server: `base_url`. Several, sharing key and model: `base_urls` (a JSON list). Several
+    with their own keys or model names: `servers` (a JSON list of {base_url, api_key, model}).
+    """
 
     base_url: str = "http://127.0.0.1:8000/v1"
+    base_urls: list[str] = Field(default_factory=list)
+    servers: list[RemoteServer] = Field(default_factory=list)
     api_key: SecretStr | None = None
     model: str = "Qwen/Qwen3-VL-2B-Instruct"
-    timeout_s: float = 120.0
+    timeout_s: float = Field(default=120.0, gt=0)  # longest wait for the next piece of a stream
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    first_token_timeout_s: float = Field(default=60.0, gt=0)  # slower: try the next server
+    health_interval_s: float = Field(default=10.0, gt=0)  # GET /models on each server
+    max_backoff_s: float = Field(default=60.0, gt=0)  # longest wait before re-probing a down one
+
+    def server_list(self) -> list[RemoteServer]:
+        """Every server, with the shared key and model filled in where it has none of its own."""
+        listed = self.servers or [RemoteServer(base_url=url) for url in self.base_urls]
+        listed = listed or [RemoteServer(base_url=self.base_url)]
+        return [
+            RemoteServer(
+                base_url=s.base_url, api_key=s.api_key or self.api_key, model=s.model or self.model
+            )
+            for s in listed
+        ]
 
 
 class Settings(BaseSettings):
@@ -91,6 +120,9 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Path("./data")
+    # None: SQLite in data_dir; postgresql://user:pass@host/db: shared by replicas
+    database_url: str | None = None
+    job_lease_s: float = Field(default=30.0, gt=0)  # replicas: a dead replica's job moves after this
 
     # engine
     engine: Literal["auto", "qwen", "ocr", "openai"] = "auto"
@@ -134,6 +166,11 @@ class Settings(BaseSettings):
     @property
     def db_path(self) -> Path:
         return self.data_dir / "vlbot.sqlite3"
+
+    @property
+    def database(self) -> Path | str:
+        """What `Database.open` opens: the Postgres URL if set, else the SQLite file."""
+        return self.database_url or self.db_path
 
     @property
     def max_image_bytes(self) -> int:

@@ -36,6 +36,10 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "The model server is unavailable right now. Please try again later. (reference {ref})"
         ),
         "remote_busy": "The model server is busy. Please try again in a minute. (reference {ref})",
+        "answer_interrupted": (
+            "The model server broke off this answer; the text above is incomplete. "
+            "Please ask again. (reference {ref})"
+        ),
         "empty_answer": "The model gave no answer. Please rephrase the question.",
         # image intake (codes from engine.intake)
         "empty_file": "That file is empty.",
@@ -181,6 +185,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "remote_timeout": "模型服务器未能及时回答，请重试。（编号 {ref}）",
         "remote_unavailable": "模型服务器暂时不可用，请稍后再试。（编号 {ref}）",
         "remote_busy": "模型服务器正忙，请一分钟后再试。（编号 {ref}）",
+        "answer_interrupted": "模型服务器中断了这个回答，上面的文字不完整，请重新提问。（编号 {ref}）",
         "empty_answer": "模型没有给出回答，请换个方式提问。",
         "empty_file": "该文件是空的。",
         "too_large": "该文件为 {size}，上限为 {limit}。",

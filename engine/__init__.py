@@ -6,9 +6,10 @@ and onnxruntime load only when an engine that needs them is built):
 
 - the engines: `QwenVLEngine` (Qwen-VL in transformers on CPU, engine/qwen/), `OcrEngine` and
   `OcrHintedEngine` (offline OCR alone, or its lines handed to the VLM as hints, engine/ocr/),
-  `OpenAIRemoteEngine` (an OpenAI-compatible server, engine/remote/), `AutoEngine` (the
-  VLM where it can load, else OCR, engine/auto.py) with `local_model_problem` (what is wrong
-  with a model setting that names a local folder, in `vlbot ask`'s words);
+  `OpenAIRemoteEngine` (an OpenAI-compatible server, engine/remote/) and `RemotePool` (several,
+  health-checked, least-busy, with failover), `AutoEngine` (the VLM where it can load, else
+  OCR, engine/auto.py) with `local_model_problem` (what is wrong with a model setting that
+  names a local folder, in `vlbot ask`'s words);
 - image intake: `IntakeLimits`, `check_image`, `open_image` (engine/intake.py);
 - what `vlbot doctor` reports: `physical_cores`, `cpu_supports_bf16`, `resolve_dtype`,
   `dtype_name`;
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
     from engine.ocr.hints import OcrHintedEngine
     from engine.qwen.engine import QwenVLEngine
     from engine.qwen.loading import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
-    from engine.remote import OpenAIRemoteEngine
+    from engine.remote import OpenAIRemoteEngine, RemotePool
 
 # public name -> (module, attribute)
 _EXPORTS: dict[str, tuple[str, str]] = {
@@ -42,6 +43,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "OcrEngine": ("engine.ocr.engine", "OcrEngine"),
     "OcrHintedEngine": ("engine.ocr.hints", "OcrHintedEngine"),
     "OpenAIRemoteEngine": ("engine.remote", "OpenAIRemoteEngine"),
+    "RemotePool": ("engine.remote", "RemotePool"),
     "AutoEngine": ("engine.auto", "AutoEngine"),
     "local_model_problem": ("engine.auto", "local_model_problem"),
     "IntakeLimits": ("engine.intake", "IntakeLimits"),
@@ -62,6 +64,7 @@ __all__ = [
     "OcrHintedEngine",
     "OpenAIRemoteEngine",
     "QwenVLEngine",
+    "RemotePool",
     "check_image",
     "cpu_supports_bf16",
     "dtype_name",

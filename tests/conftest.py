@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,8 +14,41 @@ from bot.history import HistoryStore
 from bot.jobs import JobStore
 from bot.runner import Runner
 from tests.fakes import RecordingAdapter, ScriptedEngine
+from tests.postgres_server import PostgresServer, bin_dir
 
 pytest_plugins = ["tests.engine_fixtures"]
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One real PostgreSQL server for the session (skipped only where its binaries are missing:
+    scripts/test installs Debian's `postgresql` where it may)."""
+    bindir = bin_dir()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: apt-get install postgresql")
+    server = PostgresServer(bindir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on the session's server."""
+    url = postgres_server.fresh_database()
+    yield url
+    postgres_server.drop_database(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def database_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """What `Database.open` takes, once per backend: a SQLite file, then a Postgres URL."""
+    if request.param == "sqlite":
+        return tmp_path / "data" / "vlbot.sqlite3"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ from starlette.routing import Route
 from bot.engine_port import EngineError
 from bot.models import GenerationParams, ImagePart, InputRejected, Message, Role, Turn
 from engine.remote import OpenAIRemoteEngine, RemoteEngineError
+from tests.fake_openai import serve
 from tests.http_helpers import CheckingEngine, png, running
 
 
@@ -80,19 +80,6 @@ def failing_server(status: int, message: str) -> Starlette:
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
 
 
-async def serve(app: Starlette) -> tuple[object, asyncio.Task[None], int]:
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, lifespan="off")
-    )
-    task = asyncio.create_task(server.serve())
-    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for this
-        await asyncio.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    return server, task, port
-
-
 @pytest.mark.parametrize(
     ("status", "expected"),
     [
@@ -110,7 +97,7 @@ async def test_error_statuses_become_clear_errors(status: int, expected: str) ->
             await collect(remote, [], Message.of("hi"))
     finally:
         await remote.close()
-        server.should_exit = True  # type: ignore[attr-defined]
+        server.should_exit = True
         await task
     assert expected in str(caught.value)
     assert f"127.0.0.1:{port}" in str(caught.value) or status == 400

@@ -36,7 +36,11 @@ log = logging.getLogger("vlbot.http")
 
 FORGET_WAIT_S = 10.0
 # Codes of Failed events that are about the request, not the server.
-SERVER_FAULTS = {"failed": 500, "timeout": 504, "cancelled": 409}
+SERVER_FAULTS = {
+    "failed": 500, "timeout": 504, "cancelled": 409,
+    # engine=openai: the model servers behind this one failed (not the client's request)
+    "remote_unavailable": 502, "remote_timeout": 504, "remote_busy": 503, "answer_interrupted": 502,
+}
 
 
 @dataclass

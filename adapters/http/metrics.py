@@ -3,10 +3,12 @@ tests, and nothing leaks between them). Served at GET /metrics in the text forma
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from bot.adapter import CoreStatus
 
@@ -63,6 +65,7 @@ class Metrics:
         self.running.set_function(lambda: status().running)
         self.engine_ready.set_function(lambda: 1.0 if status().engine_state == "ready" else 0.0)
         self.uptime.set_function(lambda: status().uptime_s)
+        self.registry.register(UpstreamCollector(status))
 
     def set_job_counts(self, counts: dict[str, int]) -> None:
         for status, n in counts.items():
@@ -70,3 +73,54 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class UpstreamCollector(Collector):
+    """engine=openai: each model server of the pool, labelled by its URL (without credentials),
+    read from the core at each scrape (servers are known only then)."""
+
+    def __init__(self, status: Callable[[], CoreStatus]) -> None:
+        self._status = status
+
+    def describe(self) -> list[Metric]:
+        return []  # names checked at collect time: nothing to read before the core runs
+
+    def collect(self) -> Iterator[Metric]:
+        upstreams = self._status().upstreams
+        if not upstreams:
+            return
+        gauges = {
+            "up": GaugeMetricFamily("vlbot_upstream_up", "1 when the model server is up", labels=["server"]),
+            "in_flight": GaugeMetricFamily(
+                "vlbot_upstream_in_flight", "Requests in flight to the model server", labels=["server"]
+            ),
+            "latency_s": GaugeMetricFamily(
+                "vlbot_upstream_first_token_seconds",
+                "Recent time to first token of the model server",
+                labels=["server"],
+            ),
+        }
+        counters = {
+            "requests": CounterMetricFamily(
+                "vlbot_upstream_requests", "Requests sent to the model server", labels=["server"]
+            ),
+            "failures": CounterMetricFamily(
+                "vlbot_upstream_failures",
+                "Failed requests and health probes of the model server",
+                labels=["server"],
+            ),
+            "failovers": CounterMetricFamily(
+                "vlbot_upstream_failovers",
+                "Requests that failed on the model server before their first token and went to another",
+                labels=["server"],
+            ),
+        }
+        for u in upstreams:
+            gauges["up"].add_metric([u.server], 1.0 if u.up else 0.0)
+            gauges["in_flight"].add_metric([u.server], u.in_flight)
+            gauges["latency_s"].add_metric([u.server], u.latency_s)
+            counters["requests"].add_metric([u.server], u.requests)
+            counters["failures"].add_metric([u.server], u.failures)
+            counters["failovers"].add_metric([u.server], u.failovers)
+        yield from gauges.values()
+        yield from counters.values()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import re
@@ -147,6 +148,7 @@ class _Server(uvicorn.Server):
 
 class HttpAdapter:
     platform = "http"
+    connection_bound = True  # replicas: a job runs where its client's stream is (bot/runner.py)
 
     def __init__(self, settings: Settings, *, fetcher: RemoteImageFetcher | None = None) -> None:
         self.settings = settings
@@ -308,7 +310,11 @@ class HttpAdapter:
         status = self.core().status()
         if status.engine_state == "loading":
             state = "loading"
-        elif status.engine_state == "ready" and status.queue_depth < self.settings.max_queue:
+        elif (
+            status.engine_state == "ready"
+            and status.queue_depth < self.settings.max_queue
+            and (not status.upstreams or any(u.up for u in status.upstreams))
+        ):
             state = "healthy"
         else:
             state = "degraded"
@@ -323,6 +329,8 @@ class HttpAdapter:
         }
         if status.engine_error:
             body["error"] = status.engine_error
+        if status.upstreams:  # engine=openai: the pool of model servers
+            body["upstreams"] = [dataclasses.asdict(u) for u in status.upstreams]
         if status.fallback:  # engine=auto: no VLM here, OCR answers
             body["notice"] = f"{text('engine_fallback_ocr')} ({status.fallback})"
         return JSONResponse(body, status_code=200 if state == "healthy" else 503)

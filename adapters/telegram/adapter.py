@@ -35,7 +35,8 @@ from adapters.telegram.ledger import ChatLedger
 from adapters.telegram.replies import Replier
 from adapters.telegram.webhook import WebhookServer
 from bot.adapter import Core, Queued, ReplyEvent
-from bot.db import Database
+from bot.db import Database, HeldLock
+from bot.jobqueue import REPLICA_ID
 from bot.models import Job
 from bot.pending import PendingUpdates
 from bot.settings import Settings
@@ -116,6 +117,7 @@ class TelegramAdapter:
         self.core: Core | None = None
         self.queue: DurableUpdateQueue | None = None
         self._db: Database | None = None
+        self._poll_lock: HeldLock | None = None
         self._connecting: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._redactor = TokenRedactor(settings.telegram.token.get_secret_value())
@@ -128,8 +130,8 @@ class TelegramAdapter:
         assert tg.token is not None
         self.core = core
         _protect_logs(self._redactor)
-        self._db = await Database.open(self.settings.db_path)
-        self.queue = DurableUpdateQueue(PendingUpdates(self._db, self.platform))
+        self._db = await Database.open(self.settings.database)
+        self.queue = DurableUpdateQueue(PendingUpdates(self._db, self.platform, REPLICA_ID))
         builder = (
             ApplicationBuilder()
             .token(tg.token.get_secret_value())
@@ -207,7 +209,14 @@ class TelegramAdapter:
                 self.webhook = WebhookServer(self.settings, app)
             await self.webhook.start()
         else:
-            assert app.updater is not None
+            assert app.updater is not None and self._db is not None
+            if self._poll_lock is None:
+                self._poll_lock = await self._db.try_lock(f"telegram-polling:{app.bot.id}")
+            if self._poll_lock is None:  # Telegram hands each update to one getUpdates caller
+                log.error("telegram: another replica is already long-polling this bot; this one "
+                          "will not poll (long polling has one consumer: run replicas with "
+                          "VLBOT_TELEGRAM__MODE=webhook)")
+                return
             await app.updater.start_polling(
                 timeout=dt.timedelta(seconds=self.poll_timeout_s),
                 allowed_updates=["message"],
@@ -226,6 +235,10 @@ class TelegramAdapter:
         app, self.app = self.app, None
         if app is not None:
             await self._stop_app(app)
+        if self._poll_lock is not None:
+            with contextlib.suppress(Exception):
+                await self._poll_lock.release()
+            self._poll_lock = None
         if self._db is not None:
             await self._db.close()
             self._db = None

@@ -8,6 +8,7 @@ Ollama, another vlbot) answer instead of a local model.
 
 from __future__ import annotations
 
-from engine.remote.server import OpenAIRemoteEngine, RemoteEngineError
+from engine.remote.pool import RemotePool
+from engine.remote.server import OpenAIRemoteEngine, RemoteEngineError, public_url
 
-__all__ = ["OpenAIRemoteEngine", "RemoteEngineError"]
+__all__ = ["OpenAIRemoteEngine", "RemoteEngineError", "RemotePool", "public_url"]

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
@@ -46,8 +47,9 @@ class OpenAIRemoteEngine:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.name = public_url(self.base_url)  # for messages: no credentials
         self._api_key = api_key
-        self._model = model
+        self.model = model
         self._limits = limits or IntakeLimits()
         self.timeout_s = timeout_s
         self._timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
@@ -57,7 +59,7 @@ class OpenAIRemoteEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(name="openai", model=self._model, details={"base_url": self.base_url})
+        return EngineInfo(name="openai", model=self.model, details={"base_url": self.name})
 
     @property
     def ready(self) -> bool:
@@ -71,11 +73,25 @@ class OpenAIRemoteEngine:
         self._client = httpx.AsyncClient(
             base_url=self.base_url, headers=headers, timeout=self._timeout, transport=self._transport
         )
+        problem = await self.probe(min(self.timeout_s, 10.0))
+        if problem is None:
+            log.info("remote engine %s answers /models", public_url(self.base_url))
+        else:
+            log.warning("remote engine %s not usable yet: %s", public_url(self.base_url), problem)
+
+    async def probe(self, timeout_s: float) -> str | None:
+        """A health check (`GET /models`, as vLLM, llama.cpp's server, Ollama and vlbot offer):
+        None when the server answers 200, else what went wrong, without the URL or a key."""
+        if self._client is None:
+            await self.load()
+        assert self._client is not None
         try:
-            response = await self._client.get("/models", timeout=min(self.timeout_s, 10.0))
-            log.info("remote engine %s answers /models with HTTP %d", self.base_url, response.status_code)
+            response = await self._client.get("/models", timeout=timeout_s)
+        except httpx.TimeoutException:
+            return f"GET /models: no answer within {timeout_s:g} s"
         except httpx.HTTPError as exc:
-            log.warning("remote engine %s not reachable yet: %s", self.base_url, type(exc).__name__)
+            return f"GET /models: {type(exc).__name__}"
+        return None if response.status_code == 200 else f"GET /models: HTTP {response.status_code}"
 
     def check(self, message: Message) -> None:
         for part in message.images:
@@ -96,7 +112,7 @@ class OpenAIRemoteEngine:
             messages.append({"role": turn.role.value, "content": _content(turn.parts, turn.role)})
         messages.append({"role": "user", "content": _content(message.parts, Role.USER)})
         return {
-            "model": self._model,
+            "model": self.model,
             "messages": messages,
             "stream": True,
             "max_tokens": params.max_new_tokens,
@@ -131,13 +147,13 @@ class OpenAIRemoteEngine:
                         yield piece
         except httpx.TimeoutException as exc:
             raise RemoteEngineError(
-                f"the model server at {self.base_url} did not answer within {self.timeout_s:.0f} s "
+                f"the model server at {self.name} did not answer within {self.timeout_s:.0f} s "
                 f"({type(exc).__name__})",
                 "remote_timeout",
             ) from exc
         except httpx.HTTPError as exc:
             raise RemoteEngineError(
-                f"cannot reach the model server at {self.base_url}: {type(exc).__name__}: {exc}"
+                f"cannot reach the model server at {self.name}: {type(exc).__name__}: {exc}"
             ) from exc
         self.last_stats = StreamStats(
             completion_tokens=pieces,
@@ -149,9 +165,9 @@ class OpenAIRemoteEngine:
         try:
             chunk = json.loads(data)
         except json.JSONDecodeError:
-            raise RemoteEngineError(f"the model server at {self.base_url} sent a malformed event") from None
+            raise RemoteEngineError(f"the model server at {self.name} sent a malformed event") from None
         if "error" in chunk:
-            raise RemoteEngineError(f"the model server at {self.base_url} failed: {_message(chunk)}")
+            raise RemoteEngineError(f"the model server at {self.name} failed: {_message(chunk)}")
         choices = chunk.get("choices") or []
         if not choices:
             return ""
@@ -163,7 +179,7 @@ class OpenAIRemoteEngine:
             detail = _message(response.json())
         except (json.JSONDecodeError, UnicodeDecodeError):
             detail = response.text[:200]
-        where = f"the model server at {self.base_url}"
+        where = f"the model server at {self.name}"
         status = response.status_code
         if status == 400:
             # The remote refused the input (e.g. an image it cannot read): the user's to fix.
@@ -172,11 +188,21 @@ class OpenAIRemoteEngine:
             return RemoteEngineError(f"{where} refused our API key (HTTP {status}): {detail}")
         if status == 404:
             return RemoteEngineError(
-                f"{where} has no model {self._model!r} or no chat API (HTTP 404): {detail}"
+                f"{where} has no model {self.model!r} or no chat API (HTTP 404): {detail}"
             )
         if status in (429, 503):
             return RemoteEngineError(f"{where} is busy (HTTP {status}): {detail}", "remote_busy")
         return RemoteEngineError(f"{where} answered HTTP {status}: {detail}")
+
+
+def public_url(url: str) -> str:
+    """`url` as logs, /health and /metrics may show it: no user:password@, no query string."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"[{host}]" if ":" in host else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
 
 
 def _message(body: Any) -> str:
