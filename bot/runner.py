@@ -43,7 +43,7 @@ from bot.adapter import (
     ReplyEvent,
     Started,
 )
-from bot.engine_port import Engine, EngineNotReady, StreamStats
+from bot.engine_port import AnswerInterrupted, Engine, EngineNotReady, StreamStats
 from bot.history import HistoryStore
 from bot.jobqueue import JobQueue, LocalJobQueue, positions
 from bot.jobs import JobStore, new_job_id
@@ -339,7 +339,10 @@ class Runner:
             # an engine error may name its user-facing text (e.g. remote_timeout) by `code`
             code = getattr(exc, "code", None)
             code = code if isinstance(code, str) else "failed"
-            if job.attempts < self.max_attempts and not isinstance(exc, EngineNotReady):
+            # not retried: still loading, or an answer broken off mid-stream (a retry would
+            # show its beginning twice)
+            retry = not isinstance(exc, (EngineNotReady, AnswerInterrupted))
+            if job.attempts < self.max_attempts and retry:
                 self._spawn(self._retry_later(job, self.retry_backoff_s * 2 ** (job.attempts - 1)))
             else:
                 await self._fail(job, code, f"{type(exc).__name__}: {exc}")
