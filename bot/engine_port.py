@@ -3,6 +3,10 @@
 bot/ owns this contract (the runner, core and presets need it); engine/ implements it and may
 import this module and bot.models, nothing else of bot/. Only the composition root (bot/app.py,
 bot/cli.py) imports engine/ itself.
+
+Optional, found with getattr: `take_stats(session)`, `take_notice(session)` (read by the runner)
+and `upstreams() -> tuple[UpstreamStatus, ...]` (an engine over several inference servers; read
+by BotCore.status for /health and /metrics).
 """
 
 from __future__ import annotations

@@ -175,6 +175,8 @@ async def test_a_failure_mid_stream_fails_the_job_once_without_restarting_elsewh
 
 
 async def test_health_and_metrics_show_the_pool(tmp_path: Path) -> None:
+    """Per server: up/down, in flight, requests, failures, last error; URLs without credentials,
+    no API key anywhere; the details to API-key holders (as /metrics), the up count to all."""
     async with fake_servers("ok", "error", "ok") as servers:
         with_credentials = servers[2].base_url.replace("http://", "http://user:hunter2secret@")
         pool = RemotePool(
@@ -186,21 +188,26 @@ async def test_health_and_metrics_show_the_pool(tmp_path: Path) -> None:
             health_interval_s=0.05,
             max_backoff_s=0.2,
         )
-        async with running(tmp_path, pool, http={"metrics_public": True}) as front:  # type: ignore[arg-type]
+        key = {"Authorization": "Bearer front-key-1234"}
+        async with running(tmp_path, pool, http={"api_keys": ["front-key-1234"]}) as front:  # type: ignore[arg-type]
             await pool.load()
             async with httpx.AsyncClient(base_url=front.url) as http:
                 answer = await http.post(
                     "/v1/chat/completions",
                     json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                    headers=key,
                 )
-                health = await http.get("/health")
-                metrics = (await http.get("/metrics")).text
+                public = await http.get("/health")
+                health = await http.get("/health", headers=key)
+                metrics = (await http.get("/metrics", headers=key)).text
                 for server in servers:
                     server.mode = "error"
                 await until(lambda: not any(u.up for u in pool.upstreams()), "all servers down")
                 all_down = await http.get("/health")
         await pool.close()
     assert answer.status_code == 200
+    assert public.status_code == 200 and public.json()["upstreams_up"] == "2/3"
+    assert "upstreams" not in public.json() and "127.0.0.1" not in public.text
     body = health.json()
     assert health.status_code == 200 and body["status"] == "healthy"
     assert [(u["server"], u["up"]) for u in body["upstreams"]] == [
@@ -214,6 +221,7 @@ async def test_health_and_metrics_show_the_pool(tmp_path: Path) -> None:
     for secret in ("hunter2secret", "sk-one-secret", "sk-two-secret"):
         assert secret not in health.text and secret not in metrics
     assert all_down.status_code == 503 and all_down.json()["status"] == "degraded"
+    assert all_down.json()["upstreams_up"] == "0/3"
 
 
 def test_settings_build_a_pool_from_a_list_of_base_urls(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -330,10 +330,21 @@ class HttpAdapter:
         if status.engine_error:
             body["error"] = status.engine_error
         if status.upstreams:  # engine=openai: the pool of model servers
-            body["upstreams"] = [dataclasses.asdict(u) for u in status.upstreams]
+            body["upstreams_up"] = f"{sum(u.up for u in status.upstreams)}/{len(status.upstreams)}"
+            if self._sees_internals(request):  # their URLs and errors: to whom /metrics shows them
+                body["upstreams"] = [dataclasses.asdict(u) for u in status.upstreams]
         if status.fallback:  # engine=auto: no VLM here, OCR answers
             body["notice"] = f"{text('engine_fallback_ocr')} ({status.fallback})"
         return JSONResponse(body, status_code=200 if state == "healthy" else 503)
+
+    def _sees_internals(self, request: Request) -> bool:
+        if self.settings.http.metrics_public:
+            return True
+        try:
+            self._caller(request)
+        except ApiError:
+            return False
+        return True
 
     async def metrics_page(self, request: Request) -> Response:
         if not self.settings.http.metrics_public:

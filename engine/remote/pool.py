@@ -111,9 +111,9 @@ class RemotePool:
         if self._loaded:
             return
         self._loaded = True
-        for server in self._servers:
-            await server.engine.load()
-        await asyncio.gather(*(self._probe(s) for s in self._servers))
+        await asyncio.gather(*(self._probe(s) for s in self._servers))  # opens their clients
+        up = [s.engine.name for s in self._servers if s.up]
+        log.info("remote pool: %d of %d servers up (%s)", len(up), len(self._servers), ", ".join(up))
         self._watch_task = asyncio.create_task(self._watch(), name="vlbot-remote-health")
 
     def check(self, message: Message) -> None:
@@ -227,8 +227,10 @@ class RemotePool:
         while True:
             now = time.monotonic()
             due = [s for s in self._servers if s.next_probe <= now]
-            if due:
-                await asyncio.gather(*(self._probe(s) for s in due))
+            results = await asyncio.gather(*(self._probe(s) for s in due), return_exceptions=True)
+            for server, result in zip(due, results, strict=True):
+                if isinstance(result, Exception):  # a probe must not end the watch
+                    self._failed(server, f"health probe: {type(result).__name__}")
             wake = min(s.next_probe for s in self._servers)
             await asyncio.sleep(min(self.health_interval_s, max(0.01, wake - time.monotonic())))
 

@@ -69,24 +69,25 @@ class OpenAIRemoteEngine:
         """Open the connection pool and say whether the server answers (it may come up later)."""
         if self._client is not None:
             return
-        headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
-        self._client = httpx.AsyncClient(
-            base_url=self.base_url, headers=headers, timeout=self._timeout, transport=self._transport
-        )
         problem = await self.probe(min(self.timeout_s, 10.0))
         if problem is None:
-            log.info("remote engine %s answers /models", public_url(self.base_url))
+            log.info("remote engine %s answers /models", self.name)
         else:
-            log.warning("remote engine %s not usable yet: %s", public_url(self.base_url), problem)
+            log.warning("remote engine %s not usable yet: %s", self.name, problem)
+
+    def _open(self) -> httpx.AsyncClient:
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self._api_key}"} if self._api_key else {}
+            self._client = httpx.AsyncClient(
+                base_url=self.base_url, headers=headers, timeout=self._timeout, transport=self._transport
+            )
+        return self._client
 
     async def probe(self, timeout_s: float) -> str | None:
         """A health check (`GET /models`, as vLLM, llama.cpp's server, Ollama and vlbot offer):
         None when the server answers 200, else what went wrong, without the URL or a key."""
-        if self._client is None:
-            await self.load()
-        assert self._client is not None
         try:
-            response = await self._client.get("/models", timeout=timeout_s)
+            response = await self._open().get("/models", timeout=timeout_s)
         except httpx.TimeoutException:
             return f"GET /models: no answer within {timeout_s:g} s"
         except httpx.HTTPError as exc:
