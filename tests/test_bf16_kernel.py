@@ -1,6 +1,9 @@
-"""The bf16 matrix-vector kernel behind the language model's decode steps (engine.cpu.kernels.bf16_kernel)."""
+"""The bf16 matrix-vector kernel behind the language model's decode steps (engine.cpu.kernels.bf16_kernel),
+on every CPU tier this machine runs (forced with VLBOT_CPU): bf16 and float32 activations."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -9,11 +12,13 @@ from torch.nn import functional as F
 
 from engine.cpu.kernels.bf16_kernel import Bf16Kernel, DecodeLinear, load_kernel, use_for_decode
 from tests.engine_fixtures import built_or_skip
+from tests.tier_helpers import KERNEL_TIERS, forced
 
 
-@pytest.fixture(scope="module")
-def kernel() -> Bf16Kernel:
-    return built_or_skip(load_kernel(), "AVX-512 bf16 kernel")
+@pytest.fixture(params=KERNEL_TIERS)
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bf16Kernel]:
+    with forced(monkeypatch, request.param, load_kernel):
+        yield built_or_skip(load_kernel(), f"bf16 kernel on tier {request.param}")
 
 
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 64, 256), (3, 37, 100), (8, 130, 2048)])
@@ -29,6 +34,35 @@ def test_products_match_float64(kernel: Bf16Kernel, rows: int, n: int, k: int, b
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     assert torch.allclose(got.double(), want, rtol=1e-2, atol=1e-2)  # one bf16 rounding of the sum
     assert float((got.double() - want).abs().max()) <= 2**-7 * float(want.abs().max())
+
+
+@pytest.mark.parametrize(("rows", "n", "k"), [(1, 64, 256), (3, 37, 100), (8, 130, 2048)])
+def test_float32_activations_against_bf16_weights(kernel: Bf16Kernel, rows: int, n: int, k: int) -> None:
+    """The half-size-weights path: float32 in and out, only the weights are bf16 (so the
+    result is torch's float32 product with those weights, to float32 summation order)."""
+    generator = torch.Generator().manual_seed(rows + n)
+    x = torch.randn(rows, k, generator=generator)
+    weight = torch.randn(n, k, generator=generator).to(torch.bfloat16)
+    offset = torch.randn(n, generator=generator).to(torch.bfloat16)
+    want = F.linear(x.double(), weight.double(), offset.double())
+    got = kernel.matmul(x, weight, offset)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    wide = kernel.widened_matmul(x, weight, offset)  # the prompt path: weights widened in blocks
+    torch.testing.assert_close(wide.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def test_a_prompt_widens_the_weights_block_by_block(
+    kernel: Bf16Kernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("engine.cpu.kernels.bf16_kernel.WIDEN_BLOCK", 3 * 64)  # 3 rows a block
+    x = torch.randn(20, 64)
+    weight = torch.randn(11, 64).to(torch.bfloat16)
+    layer = DecodeLinear(nn.Linear(64, 11, bias=False).to(torch.bfloat16), kernel)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    with torch.inference_mode():
+        got = layer(x[None])[0]
+    torch.testing.assert_close(got, F.linear(x, weight.float()), rtol=1e-5, atol=1e-5)
 
 
 def test_rows_are_independent(kernel: Bf16Kernel) -> None:
@@ -53,9 +87,9 @@ def test_decode_linear_shares_the_weights_and_leaves_prefill_to_torch(kernel: Bf
     assert torch.equal(layer(step)[:, 0], kernel.matmul(step[:, 0], linear.weight, linear.bias))
     prefill = torch.randn(1, kernel.max_rows + 1, 64).to(torch.bfloat16)
     assert torch.equal(layer(prefill), F.linear(prefill, linear.weight, linear.bias))
-    as_float = torch.randn(1, 1, 64)  # not bf16: torch's operator (and its type error, if any)
-    with pytest.raises(RuntimeError):
-        layer(as_float)
+    as_float = torch.randn(1, 1, 64)  # float32 activations: the half-size-weights path
+    want = F.linear(as_float, linear.weight.float(), linear.bias.float())
+    torch.testing.assert_close(layer(as_float), want, rtol=1e-5, atol=1e-5)
 
 
 def test_use_for_decode_skips_float32_models(kernel: Bf16Kernel) -> None:

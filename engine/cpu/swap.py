@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.cpu.decode_step import DecodeStep
+from engine.cpu.half_weights import compute_in_float32
 from engine.cpu.hugepages import move_to_huge_pages
 from engine.cpu.kernels.bf16_kernel import use_for_decode
 from engine.cpu.kernels.gelu import use_fast_gelu
@@ -41,6 +42,11 @@ class ModuleSwap:
 
 
 MODULE_SWAPS: tuple[ModuleSwap, ...] = (
+    ModuleSwap(
+        "a bf16 model on a tier without bf16 arithmetic: float32 compute, the language model's "
+        "linear weights kept bf16 (half_weights, kernels/bf16_kernel)",
+        lambda model, _: compute_in_float32(model),
+    ),
     ModuleSwap(
         "vision patch embedding: Conv3d -> one matrix product (patch_embed)",
         lambda model, _: linearize_patch_embedding(model),

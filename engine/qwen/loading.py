@@ -19,6 +19,7 @@ from typing import Any, Literal
 import torch
 
 from bot.engine_port import ModelNotFound
+from engine.cpu.kernels.bf16_kernel import load_kernel as load_bf16_kernel
 from engine.cpu.tiers import active_tier, parse_cpu_flags
 
 logger = logging.getLogger("vlbot.engine")
@@ -60,10 +61,17 @@ def onednn_decodes_faster(cpuinfo: str | None = None) -> bool:
 
 
 def resolve_dtype(name: str = "auto", cpuinfo: str | None = None) -> torch.dtype:
-    """"auto" → bfloat16 where the CPU has native bf16, else float32; or an explicit name."""
+    """"auto" → bfloat16 where the CPU tier has native bf16, or where it has the bf16 kernel that
+    lets a bf16 model compute in float32 (engine.cpu.half_weights: half the memory and bytes per
+    decode step of float32 weights), else float32; or an explicit name. With `cpuinfo` given,
+    only that text's bf16 flags decide (no kernel is built)."""
     key = name.strip().lower()
     if key == "auto":
-        return torch.bfloat16 if cpu_supports_bf16(cpuinfo) else torch.float32
+        if cpu_supports_bf16(cpuinfo):
+            return torch.bfloat16
+        if cpuinfo is None and load_bf16_kernel() is not None:
+            return torch.bfloat16
+        return torch.float32
     if key in DTYPE_NAMES:
         return DTYPE_NAMES[key]
     raise ValueError(f"unknown dtype {name!r}: use auto, float32 or bfloat16")

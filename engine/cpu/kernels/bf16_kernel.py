@@ -1,6 +1,11 @@
 """bfloat16 decode steps at memory speed: the language model's linear layers through
 engine/cpu/kernels/bf16_matvec.c when a step has only a few rows.
 
+On tiers without bf16 arithmetic (AVX2, AVX-512 without BF16, NEON without bf16) the model keeps
+its bf16 weights and computes in float32 (engine.cpu.half_weights): a DecodeLinear then takes
+float32 activations, multiplies them in the kernel for a decode step (half the bytes of float32
+weights) and, over a prompt, widens its weights block by block for torch's float32 product.
+
 A decode step reads every weight of the language model once (3.44 GB in bf16 for Qwen3-VL-2B);
 oneDNN's matrix-vector product streams them at ~18-20 GB/s on the 2-core machine vlbot is measured
 on, the C loop at ~26-28 GB/s (about a plain float sum's speed). Prefill (many rows) keeps
@@ -24,7 +29,11 @@ from engine.cpu.native import I32, I64, POINTER, active_tier, c_function, load_l
 
 logger = logging.getLogger("vlbot.engine")
 
-CPU_FLAGS = ("avx512f",)
+# Offered where the tier has vector floats: AVX2 on x86 (and above), NEON on aarch64.
+CPU_FLAGS = ("avx2",)
+ARM_FLAGS = ("asimd",)
+# float32 prompts: weights widened this many elements at a time (16 MiB of float32 scratch)
+WIDEN_BLOCK = 4 * 1024 * 1024
 # Inputs with more rows than this go to oneDNN (prefill always). With AMX, oneDNN's tile products
 # beat this kernel from 7 rows on (the 28 layers' joined shapes, 2.82 GB, 2 cores, kernel vs
 # oneDNN: 4 rows 138 vs 163 ms, 5 rows 147 vs 161, 6 rows 155 vs 164, 8 rows 179 vs 171; with
@@ -42,6 +51,10 @@ class Bf16Kernel:
         self._matvec = c_function(
             library, "vlbot_bf16_matvec", I32, POINTER, I64, I64, I64, POINTER, POINTER, POINTER, I32
         )
+        self._matvec_f32 = c_function(
+            library, "vlbot_bf16_matvec_f32", I32, POINTER, I64, I64, I64, POINTER, POINTER, POINTER, I32
+        )
+        self._widen = c_function(library, "vlbot_bf16_widen", None, POINTER, POINTER, I64, I32)
 
     @property
     def function(self) -> object:
@@ -49,18 +62,20 @@ class Bf16Kernel:
         return self._matvec
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x (rows, K) bfloat16 times weight (N, K) bfloat16, transposed: (rows, N) bfloat16."""
-        if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16:
-            raise TypeError("the bf16 kernel takes bfloat16 inputs and weights")
+        """x (rows, K) bfloat16 or float32 times weight (N, K) bfloat16, transposed: (rows, N) in
+        x's dtype."""
+        if x.dtype not in (torch.bfloat16, torch.float32) or weight.dtype != torch.bfloat16:
+            raise TypeError("the bf16 kernel takes bfloat16 weights and bfloat16 or float32 inputs")
         flat = x.contiguous()
         rows, k = flat.shape
         n = weight.shape[0]
         if weight.shape[1] != k or not weight.is_contiguous():
             raise ValueError(f"weights {tuple(weight.shape)} do not take inputs of {k} features")
-        out = torch.empty((rows, n), dtype=torch.bfloat16)
+        out = torch.empty((rows, n), dtype=x.dtype)
         # held in a name for the call: a temporary's address could be freed before C reads it
         offset = None if bias is None else bias.to(torch.bfloat16).contiguous()
-        status = self._matvec(
+        function = self._matvec if x.dtype == torch.bfloat16 else self._matvec_f32
+        status = function(
             flat.data_ptr(),
             rows,
             k,
@@ -74,14 +89,39 @@ class Bf16Kernel:
             raise MemoryError("the bf16 kernel could not allocate its scratch memory")
         return out
 
+    def widened_matmul(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (rows, K) float32 times weight (N, K) bfloat16, transposed, for many rows: blocks of
+        the weight widened to float32 in C, each multiplied by torch (oneDNN's float32 product;
+        its bf16 product on a tier without bf16 arithmetic is ~3x slower)."""
+        flat = x.contiguous()
+        rows, k = flat.shape
+        n = weight.shape[0]
+        block = max(1, min(n, WIDEN_BLOCK // max(k, 1)))
+        scratch = torch.empty((block, k), dtype=torch.float32)
+        out_t = torch.empty((n, rows), dtype=torch.float32)
+        threads = torch.get_num_threads()
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            part = scratch[: stop - start]
+            source = weight[start:stop]
+            self._widen(source.data_ptr(), part.data_ptr(), part.numel(), threads)
+            torch.mm(part, flat.T, out=out_t[start:stop])
+        out = out_t.T.contiguous()
+        if bias is not None:
+            out += bias.float()
+        return out
+
 
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> Bf16Kernel | None:
     """The kernel, or None where this machine cannot build or run it (reason logged once)."""
-    library = load_library("bf16_matvec", (), CPU_FLAGS)
+    tier = active_tier()
+    library = load_library("bf16_matvec", (), ARM_FLAGS if tier.is_arm else CPU_FLAGS)
     if library is None:
         return None
-    return Bf16Kernel(library, MAX_ROWS_WITH_AMX if active_tier().has("amx_bf16") else MAX_ROWS)
+    return Bf16Kernel(library, MAX_ROWS_WITH_AMX if tier.has("amx_bf16") else MAX_ROWS)
 
 
 class DecodeLinear(nn.Module):
@@ -97,9 +137,18 @@ class DecodeLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        if flat.shape[0] > self._kernel.max_rows or x.dtype != torch.bfloat16 or torch.is_grad_enabled():
+        half_weights = x.dtype == torch.float32 and self.weight.dtype == torch.bfloat16
+        if torch.is_grad_enabled() or x.dtype not in (torch.bfloat16, torch.float32):
+            if half_weights:
+                bias = None if self.bias is None else self.bias.float()
+                return F.linear(x, self.weight.float(), bias)
             return F.linear(x, self.weight, self.bias)
-        y = self._kernel.matmul(flat, self.weight, self.bias)
+        if flat.shape[0] <= self._kernel.max_rows and (half_weights or x.dtype == torch.bfloat16):
+            y = self._kernel.matmul(flat, self.weight, self.bias)
+        elif half_weights:
+            y = self._kernel.widened_matmul(flat, self.weight, self.bias)
+        else:
+            return F.linear(x, self.weight, self.bias)
         return y.reshape(*shape[:-1], self.out_features)
 
 

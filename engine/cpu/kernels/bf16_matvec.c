@@ -1,23 +1,31 @@
-/* bfloat16 weight x activation products for a few rows (vlbot's bf16 decode steps), AVX-512F.
+/* bfloat16 weight x activation products for a few rows (vlbot's decode steps), one source for
+ * every CPU tier (engine/cpu/kernels/simd.h: AVX-512, AVX2, NEON, plain C).
  *
  * A decode step multiplies one activation row per conversation by every weight matrix: the time
  * is the time to stream the weights from memory. oneDNN's bf16 matrix-vector product reads them at
  * ~18-20 GB/s on the 2-core machine vlbot is measured on; this loop reads four weight rows at a
  * time, widens each bfloat16 to float (a 16-bit shift) and accumulates in float, at ~26-28 GB/s
- * (27-28.5 GB/s measured for a plain float sum there at the same time). Weights are used as they are (row-major
- * (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch of up to
- * MAX_ROWS conversations reads each weight vector once for all of its rows; built with
- * -mavx512bf16 (CPUs that have it), a batch multiplies bf16 pairs with `vdpbf16ps` instead of
- * widening them (4 rows 149 -> 141 ms, 6 rows 211 -> 157 ms over the 28 layers' weights).
+ * (27-28.5 GB/s measured for a plain float sum there at the same time). Weights are used as they
+ * are (row-major (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch
+ * of up to MAX_ROWS conversations reads each weight vector once for all of its rows; built for
+ * the avx512_bf16 tier, a batch multiplies bf16 pairs with `vdpbf16ps` instead of widening them
+ * (4 rows 149 -> 141 ms, 6 rows 211 -> 157 ms over the 28 layers' weights).
+ *
+ * Two entry points: vlbot_bf16_matvec (bf16 activations in and out: the bf16 model) and
+ * vlbot_bf16_matvec_f32 (float activations in and out, bf16 weights: the half-size weights of a
+ * float32 model on CPUs without bf16 arithmetic).
  *
  * Built at run time by engine/cpu/native.py and called through ctypes (engine/cpu/kernels/bf16_kernel.py).
  */
+#if defined(__AVX512BF16__)
 #include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
+#include "simd.h"
 
 #define WEIGHT_ROWS 4 /* weight rows read together for a single activation row */
 #define MAX_ROWS 8    /* activation rows that share one reading of the weights */
@@ -26,11 +34,6 @@
  * pages, 2 cores): 384 elements (768 bytes) 121 ms, 256 125, 512 125, 1024 130, 2048 128 */
 #define PREFETCH_ELEMENTS 384
 #endif
-
-static inline __m512 widen(const uint16_t *p) {
-    __m256i half = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
-}
 
 static inline float dot_tail(const uint16_t *w, const float *x, int64_t from, int64_t k) {
     float sum = 0.0f;
@@ -44,44 +47,45 @@ static inline float bias_of(const uint16_t *bias, int64_t n) {
 
 /* One activation row: four weight rows at a time, two accumulators each. */
 static void single_row(const float *xf, int64_t k, int64_t n_out, const uint16_t *w,
-                       const uint16_t *bias, uint16_t *y, int64_t b) {
-    const int64_t body = k - k % 32;
+                       const uint16_t *bias, void *y, int out_bf16, int64_t b) {
+    const int64_t step = 2 * VF_LANES;
+    const int64_t body = k - k % step;
     const int64_t first = b * WEIGHT_ROWS;
     const int64_t count = n_out - first < WEIGHT_ROWS ? n_out - first : WEIGHT_ROWS;
-    __m512 acc[WEIGHT_ROWS][2];
-    for (int i = 0; i < WEIGHT_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+    vf acc[WEIGHT_ROWS][2];
+    for (int i = 0; i < WEIGHT_ROWS; i++) acc[i][0] = acc[i][1] = vf_zero();
     if (count == WEIGHT_ROWS) {
-        for (int64_t c = 0; c < body; c += 32) {
-            __m512 x0 = _mm512_loadu_ps(xf + c), x1 = _mm512_loadu_ps(xf + c + 16);
+        for (int64_t c = 0; c < body; c += step) {
+            const vf x0 = vf_load(xf + c), x1 = vf_load(xf + c + VF_LANES);
             for (int i = 0; i < WEIGHT_ROWS; i++) {
                 const uint16_t *row = w + (first + i) * k + c;
-                _mm_prefetch((const char *)(row + PREFETCH_ELEMENTS), _MM_HINT_T0);
-                acc[i][0] = _mm512_fmadd_ps(widen(row), x0, acc[i][0]);
-                acc[i][1] = _mm512_fmadd_ps(widen(row + 16), x1, acc[i][1]);
+                prefetch(row + PREFETCH_ELEMENTS);
+                acc[i][0] += vf_load_bf16(row) * x0;
+                acc[i][1] += vf_load_bf16(row + VF_LANES) * x1;
             }
         }
     }
     const int64_t done = count == WEIGHT_ROWS ? body : 0;
     for (int64_t i = 0; i < count; i++) {
-        float sum = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]));
+        float sum = vf_sum(acc[i][0] + acc[i][1]);
         sum += dot_tail(w + (first + i) * k, xf, done, k) + bias_of(bias, first + i);
-        y[first + i] = float_to_bf16(sum);
+        store_value(y, first + i, sum, out_bf16);
     }
 }
 
 /* The two weight rows' sums for each activation row: the accumulators' lanes, the tail past
- * `body`, the bias; rounded to bfloat16 into y. */
+ * `body`, the bias; stored into y (rounded to bfloat16 where out_bf16). */
 static inline __attribute__((always_inline)) void store_pair(
-    const __m512 *a0, const __m512 *a1, const int rows, const float *xf, int64_t k, int64_t n_out,
-    const uint16_t *r0, const uint16_t *r1, int64_t body, const uint16_t *bias, uint16_t *y,
-    int64_t first) {
+    const vf *a0, const vf *a1, const int rows, const float *xf, int64_t k, int64_t n_out,
+    const uint16_t *r0, const uint16_t *r1, int64_t body, const uint16_t *bias, void *y,
+    int out_bf16, int64_t first) {
     for (int m = 0; m < rows; m++) {
         const float *xm = xf + m * k;
-        float s0 = _mm512_reduce_add_ps(a0[m]) + dot_tail(r0, xm, body, k);
-        y[m * n_out + first] = float_to_bf16(s0 + bias_of(bias, first));
+        float s0 = vf_sum(a0[m]) + dot_tail(r0, xm, body, k);
+        store_value(y, m * n_out + first, s0 + bias_of(bias, first), out_bf16);
         if (first + 1 < n_out) {
-            float s1 = _mm512_reduce_add_ps(a1[m]) + dot_tail(r1, xm, body, k);
-            y[m * n_out + first + 1] = float_to_bf16(s1 + bias_of(bias, first + 1));
+            float s1 = vf_sum(a1[m]) + dot_tail(r1, xm, body, k);
+            store_value(y, m * n_out + first + 1, s1 + bias_of(bias, first + 1), out_bf16);
         }
     }
 }
@@ -90,63 +94,74 @@ static inline __attribute__((always_inline)) void store_pair(
  * once for all of them, so a batch costs about what one row costs (the weights' reading). */
 static inline __attribute__((always_inline)) void few_rows(const float *xf, int64_t k,
                                                           int64_t n_out, const uint16_t *w,
-                                                          const uint16_t *bias, uint16_t *y,
-                                                          int64_t pair, const int rows) {
-    const int64_t body = k - k % 16;
+                                                          const uint16_t *bias, void *y,
+                                                          int out_bf16, int64_t pair,
+                                                          const int rows) {
+    const int64_t body = k - k % VF_LANES;
     const int64_t first = pair * 2;
     const uint16_t *r0 = w + first * k;
     const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0; /* odd n_out: the last row twice */
-    __m512 a0[MAX_ROWS], a1[MAX_ROWS];
-    for (int m = 0; m < rows; m++) a0[m] = a1[m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < body; c += 16) {
-        _mm_prefetch((const char *)(r0 + c + PREFETCH_ELEMENTS), _MM_HINT_T0);
-        _mm_prefetch((const char *)(r1 + c + PREFETCH_ELEMENTS), _MM_HINT_T0);
-        __m512 w0 = widen(r0 + c), w1 = widen(r1 + c);
+    vf a0[MAX_ROWS], a1[MAX_ROWS];
+    for (int m = 0; m < rows; m++) a0[m] = a1[m] = vf_zero();
+    for (int64_t c = 0; c < body; c += VF_LANES) {
+        prefetch(r0 + c + PREFETCH_ELEMENTS);
+        prefetch(r1 + c + PREFETCH_ELEMENTS);
+        const vf w0 = vf_load_bf16(r0 + c), w1 = vf_load_bf16(r1 + c);
         for (int m = 0; m < rows; m++) {
-            __m512 xv = _mm512_loadu_ps(xf + m * k + c);
-            a0[m] = _mm512_fmadd_ps(w0, xv, a0[m]);
-            a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
+            const vf xv = vf_load(xf + m * k + c);
+            a0[m] += w0 * xv;
+            a1[m] += w1 * xv;
         }
     }
-    store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, first);
+    store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, out_bf16, first);
 }
 
 #ifdef __AVX512BF16__
 /* As few_rows, with the bf16 pairs multiplied and summed by `vdpbf16ps` (32 weights of a row
  * against 32 activations per instruction, no widening): products of two bf16 values are exact
- * in float, each pair's sum is rounded once. */
+ * in float, each pair's sum is rounded once. Only where the activations are bf16. */
 static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x, const float *xf,
                                                              int64_t k, int64_t n_out,
                                                              const uint16_t *w,
-                                                             const uint16_t *bias, uint16_t *y,
-                                                             int64_t pair, const int rows) {
+                                                             const uint16_t *bias, void *y,
+                                                             int out_bf16, int64_t pair,
+                                                             const int rows) {
     const int64_t body = k - k % 32;
     const int64_t first = pair * 2;
     const uint16_t *r0 = w + first * k;
     const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0;
-    __m512 a0[MAX_ROWS], a1[MAX_ROWS];
-    for (int m = 0; m < rows; m++) a0[m] = a1[m] = _mm512_setzero_ps();
+    __m512 d0[MAX_ROWS], d1[MAX_ROWS];
+    for (int m = 0; m < rows; m++) d0[m] = d1[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < body; c += 32) {
-        _mm_prefetch((const char *)(r0 + c + PREFETCH_ELEMENTS), _MM_HINT_T0);
-        _mm_prefetch((const char *)(r1 + c + PREFETCH_ELEMENTS), _MM_HINT_T0);
+        prefetch(r0 + c + PREFETCH_ELEMENTS);
+        prefetch(r1 + c + PREFETCH_ELEMENTS);
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(r0 + c));
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(r1 + c));
         for (int m = 0; m < rows; m++) {
             const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + m * k + c));
-            a0[m] = _mm512_dpbf16_ps(a0[m], w0, xv);
-            a1[m] = _mm512_dpbf16_ps(a1[m], w1, xv);
+            d0[m] = _mm512_dpbf16_ps(d0[m], w0, xv);
+            d1[m] = _mm512_dpbf16_ps(d1[m], w1, xv);
         }
     }
-    store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, first);
+    vf a0[MAX_ROWS], a1[MAX_ROWS];
+    for (int m = 0; m < rows; m++) {
+        memcpy(&a0[m], &d0[m], sizeof(vf));
+        memcpy(&a1[m], &d1[m], sizeof(vf));
+    }
+    store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, out_bf16, first);
 }
-#define FEW_ROWS(rows) few_rows_dp(x, xf, k, n_out, w, bias, y, pair, rows)
+#define FEW_ROWS(rows)                                                                         \
+    (x != NULL ? few_rows_dp(x, xf, k, n_out, w, bias, y, out_bf16, pair, rows)                \
+               : few_rows(xf, k, n_out, w, bias, y, out_bf16, pair, rows))
 #else
-#define FEW_ROWS(rows) few_rows(xf, k, n_out, w, bias, y, pair, rows)
+#define FEW_ROWS(rows) few_rows(xf, k, n_out, w, bias, y, out_bf16, pair, rows)
 #endif
 
+/* x: the bf16 activations where there are any (the avx512_bf16 tier multiplies them directly),
+ * else NULL; xf: the same as floats. */
 static void few_rows_any(const uint16_t *x, const float *xf, int64_t k, int64_t n_out,
-                         const uint16_t *w, const uint16_t *bias, uint16_t *y, int64_t pair,
-                         int rows) {
+                         const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
+                         int64_t pair, int rows) {
     (void)x;
     switch (rows) { /* constant row counts: the accumulators stay in registers */
     case 2: FEW_ROWS(2); break;
@@ -159,6 +174,28 @@ static void few_rows_any(const uint16_t *x, const float *xf, int64_t k, int64_t 
     }
 }
 
+static void products(const uint16_t *x, const float *xf, int64_t rows, int64_t k, int64_t n_out,
+                     const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
+                     int threads) {
+    const size_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
+    for (int64_t start = 0; start < rows; start += MAX_ROWS) {
+        const int count = rows - start < MAX_ROWS ? (int)(rows - start) : MAX_ROWS;
+        const float *xs = xf + start * k;
+        const uint16_t *xb = x == NULL ? NULL : x + start * k;
+        void *ys = (char *)y + (size_t)(start * n_out) * out_size;
+        if (count == 1) {
+            const int64_t blocks = (n_out + WEIGHT_ROWS - 1) / WEIGHT_ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t b = 0; b < blocks; b++) single_row(xs, k, n_out, w, bias, ys, out_bf16, b);
+        } else {
+            const int64_t pairs = (n_out + 1) / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t p = 0; p < pairs; p++)
+                few_rows_any(xb, xs, k, n_out, w, bias, ys, out_bf16, p, count);
+        }
+    }
+}
+
 /* y[m][n] = sum_k x[m][k] * w[n][k] (+ bias[n]) for m < rows; x, y and bias bfloat16, w (n_out, k)
  * bfloat16. Returns 0, or -1 when its scratch memory could not be allocated. */
 int vlbot_bf16_matvec(const uint16_t *x, int64_t rows, int64_t k, int64_t n_out,
@@ -166,21 +203,24 @@ int vlbot_bf16_matvec(const uint16_t *x, int64_t rows, int64_t k, int64_t n_out,
     float *xf = malloc(sizeof(float) * (size_t)(rows * k));
     if (xf == NULL) return -1;
     for (int64_t i = 0; i < rows * k; i++) xf[i] = bf16_to_float(x[i]);
-    for (int64_t start = 0; start < rows; start += MAX_ROWS) {
-        const int count = rows - start < MAX_ROWS ? (int)(rows - start) : MAX_ROWS;
-        const float *xs = xf + start * k;
-        uint16_t *ys = y + start * n_out;
-        if (count == 1) {
-            const int64_t blocks = (n_out + WEIGHT_ROWS - 1) / WEIGHT_ROWS;
-#pragma omp parallel for num_threads(threads) schedule(static)
-            for (int64_t b = 0; b < blocks; b++) single_row(xs, k, n_out, w, bias, ys, b);
-        } else {
-            const int64_t pairs = (n_out + 1) / 2;
-#pragma omp parallel for num_threads(threads) schedule(static)
-            for (int64_t p = 0; p < pairs; p++)
-                few_rows_any(x + start * k, xs, k, n_out, w, bias, ys, p, count);
-        }
-    }
+    products(x, xf, rows, k, n_out, w, bias, y, 1, threads);
     free(xf);
     return 0;
+}
+
+/* The same with float activations in and out (bias bfloat16 or NULL): nothing is rounded but
+ * the weights, which are bfloat16. Returns 0. */
+int vlbot_bf16_matvec_f32(const float *x, int64_t rows, int64_t k, int64_t n_out,
+                          const uint16_t *w, const uint16_t *bias, float *y, int threads) {
+    products(NULL, x, rows, k, n_out, w, bias, y, 0, threads);
+    return 0;
+}
+
+/* dst[i] = float(src[i]) for i < count (exact): a bf16 weight block widened for torch's float
+ * matrix products over a prompt (torch's own `.float()` is several times slower). */
+void vlbot_bf16_widen(const uint16_t *src, float *dst, int64_t count, int threads) {
+    const int64_t blocks = count / VF_LANES;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) vf_store(dst + b * VF_LANES, vf_load_bf16(src + b * VF_LANES));
+    for (int64_t i = blocks * VF_LANES; i < count; i++) dst[i] = bf16_to_float(src[i]);
 }

@@ -1,0 +1,73 @@
+"""Half-size weights where the CPU has no bf16 arithmetic: a bfloat16 model computes in float32.
+
+On a tier without bf16 arithmetic (AVX2, AVX-512 without BF16, NEON without bf16) torch's bf16
+operators are emulated: a 300-row prompt's 2048x6144 product takes ~3x the float32 one on AVX2.
+Converting the whole model to float32 instead (what `dtype=auto` did) doubles its memory (13 GB
+RSS for Qwen3-VL-2B), costs a conversion pass at load and doubles the bytes a decode step reads.
+
+So the model is loaded in bfloat16 and, here, made to compute in float32 while the language
+model's large matrices stay bfloat16 in memory:
+- its linear layers and output head become engine.cpu.kernels.bf16_kernel.DecodeLinear, which
+  multiplies float32 activations by the bf16 weights (decode steps: the C kernel, reading half
+  the bytes of float32 weights; prompts: weights widened block by block for torch's float32
+  product, about the float32 product's time);
+- the token embedding stays bfloat16 (tied to the output head) and hands out float32 rows;
+- everything else (norms, rotary tables, the vision tower: ~0.4 B parameters whose float32
+  products are the fastest on these tiers) is converted to float32.
+Answers then match the float32 model as closely as bf16 rounding of the weights allows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.cpu.kernels.bf16_kernel import load_kernel, use_for_decode
+from engine.cpu.tiers import active_tier
+
+logger = logging.getLogger("vlbot.engine")
+
+
+def _float_rows(_module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    return output.float()
+
+
+def compute_in_float32(model: Any) -> bool:
+    """Make a bfloat16 Qwen-VL model compute in float32 with its language model's linear weights
+    kept bfloat16, where the active tier has no bf16 arithmetic and the bf16 kernel builds.
+    Returns whether it did (False: the model is left as it is)."""
+    if active_tier().bf16_arithmetic:
+        return False
+    try:
+        language_model = model.model.language_model
+        embedding = language_model.embed_tokens
+    except AttributeError:
+        return False
+    if not isinstance(embedding, nn.Embedding) or embedding.weight.dtype != torch.bfloat16:
+        return False
+    if load_kernel() is None:
+        logger.info("no bf16 kernel on tier %s: the bf16 model keeps torch's operators", active_tier().name)
+        return False
+    keep = {id(embedding.weight)}
+    keep.update(id(m.weight) for m in language_model.modules() if isinstance(m, nn.Linear))
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear):
+        keep.add(id(head.weight))
+    for module in model.modules():
+        for parameter in list(module.parameters(recurse=False)):
+            if parameter.dtype == torch.bfloat16 and id(parameter) not in keep:
+                parameter.data = parameter.data.float()
+        for name, buffer in list(module.named_buffers(recurse=False)):
+            if buffer.dtype == torch.bfloat16:
+                setattr(module, name, buffer.float())
+    embedding.register_forward_hook(_float_rows)
+    swapped = use_for_decode(model)
+    logger.info(
+        "tier %s has no bf16 arithmetic: bf16 weights in memory, float32 compute (%d linears)",
+        active_tier().name,
+        swapped,
+    )
+    return True

@@ -1,0 +1,78 @@
+/* The thin per-ISA layer of vlbot's kernels: one float vector type for every CPU tier, written
+ * with GCC's vector extensions, and the few operations they do not spell.
+ *
+ * The vector is as wide as the tier's registers: 16 floats with AVX-512 (__AVX512F__), 8 with
+ * AVX2, 4 with NEON (aarch64) and in plain C (the compiler keeps it in SSE2 registers or scalar).
+ * Arithmetic (`a + b * c`, fused into FMA where the target has it and -ffp-contract allows) and
+ * comparisons are the compiler's; this header adds unaligned loads and stores, bfloat16 widening
+ * (a bf16 is the top 16 bits of a float: widen the 16-bit lanes to 32 and shift left by 16, which
+ * GCC turns into vpmovzxwd + vpslld on x86 and ushll on NEON), the horizontal sum and prefetch.
+ * Kernels with a better instruction on one tier (AVX-512 BF16's `vdpbf16ps`, AMX tiles) keep it
+ * under that tier's macro in the same source.
+ */
+#ifndef VLBOT_SIMD_H
+#define VLBOT_SIMD_H
+
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#define VF_BYTES 64
+#elif defined(__AVX2__)
+#define VF_BYTES 32
+#else
+#define VF_BYTES 16
+#endif
+#define VF_LANES (VF_BYTES / 4)
+
+typedef float vf __attribute__((vector_size(VF_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(VF_BYTES)));
+typedef uint16_t vh __attribute__((vector_size(VF_BYTES / 2))); /* VF_LANES bf16 values */
+
+static inline vf vf_zero(void) { return (vf){0}; }
+
+static inline vf vf_splat(float value) { return (vf){0} + value; }
+
+static inline vf vf_load(const float *p) {
+    vf out;
+    memcpy(&out, p, sizeof out);
+    return out;
+}
+
+static inline void vf_store(float *p, vf value) { memcpy(p, &value, sizeof value); }
+
+/* VF_LANES bfloat16 values at p, as floats (exact). */
+static inline vf vf_load_bf16(const uint16_t *p) {
+    vh half;
+    memcpy(&half, p, sizeof half);
+    vu wide = __builtin_convertvector(half, vu) << 16;
+    vf out;
+    memcpy(&out, &wide, sizeof out);
+    return out;
+}
+
+static inline float vf_sum(vf value) {
+    /* halving adds: log2(lanes) steps, each one the compiler's shuffle + add */
+#if VF_LANES == 16
+    typedef float v8 __attribute__((vector_size(32)));
+    v8 lo, hi;
+    memcpy(&lo, &value, 32);
+    memcpy(&hi, (const char *)&value + 32, 32);
+    lo += hi;
+    float s[8];
+    memcpy(s, &lo, 32);
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+#elif VF_LANES == 8
+    float s[8];
+    memcpy(s, &value, 32);
+    return ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+#else
+    float s[4];
+    memcpy(s, &value, 16);
+    return (s[0] + s[2]) + (s[1] + s[3]);
+#endif
+}
+
+static inline void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
+
+#endif

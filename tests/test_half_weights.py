@@ -1,0 +1,106 @@
+"""Half-size weights on a tier without bf16 arithmetic (engine.cpu.half_weights): the tiny model
+loaded in bf16 under VLBOT_CPU=avx2 computes in float32 with its language model's linear weights
+kept bf16, and its logits match a float32 model holding the same (bf16-rounded) weights."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from engine.cpu import tiers
+from engine.cpu.half_weights import compute_in_float32
+from engine.cpu.kernels.bf16_kernel import DecodeLinear, load_kernel
+from engine.cpu.swap import swap_modules
+from engine.qwen.loading import load_processor, resolve_dtype
+from tests.tier_helpers import forced
+
+
+@pytest.fixture
+def avx2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    with forced(monkeypatch, "avx2", load_kernel):
+        if load_kernel() is None:
+            pytest.skip("no C compiler: the bf16 kernel cannot be built")
+        yield
+
+
+def load(folder: Path, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype).eval()
+
+
+def inputs(folder: Path, with_image: bool, tokens: int = 0) -> dict[str, torch.Tensor]:
+    from transformers import AutoConfig
+
+    processor = load_processor(str(folder), AutoConfig.from_pretrained(str(folder)))
+    picture = Image.effect_mandelbrot((96, 64), (-2.0, -1.2, 1.0, 1.2), 60).convert("RGB")
+    content: list[dict[str, str]] = [{"type": "text", "text": "what is this?"}]
+    if with_image:
+        content.insert(0, {"type": "image"})
+    batch = dict(
+        processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
+            return_dict=True, return_tensors="pt",
+            processor_kwargs={"images": [picture]} if with_image else {},
+        )
+    )  # fmt: skip
+    if with_image:
+        return batch
+    return {name: batch[name][:, :tokens] for name in ("input_ids", "attention_mask")}  # decode-sized
+
+
+def float32_reference(folder: Path) -> Any:
+    """The float32 model with every weight rounded to bf16, as loading in bf16 rounds them."""
+    model = load(folder, torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(parameter.bfloat16().float())
+    return model
+
+
+def test_auto_keeps_bf16_weights_where_the_tier_lacks_bf16_arithmetic(avx2: None) -> None:
+    assert resolve_dtype("auto") is torch.bfloat16
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize(
+    ("with_image", "tokens"), [(True, 0), (False, 1), (False, 6)], ids=["image-prompt", "1-row", "6-rows"]
+)
+def test_logits_match_float32_with_the_weights_in_bf16(
+    avx2: None, tiny_qwen3: Path, with_image: bool, tokens: int
+) -> None:
+    """With an image the prompt is long (weights widened for torch's float32 products); a short
+    text has as few rows as a decode step (the C kernel's float32 path: one row, a batch)."""
+    batch = inputs(tiny_qwen3, with_image, tokens)
+    want = float32_reference(tiny_qwen3)(**batch).logits
+    model = load(tiny_qwen3, torch.bfloat16)
+    swap_modules(model, "none")
+    language_model = model.model.language_model
+    linears = [m for m in language_model.modules() if isinstance(m, DecodeLinear)]
+    assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
+    assert isinstance(model.lm_head, DecodeLinear) and model.lm_head.weight.dtype == torch.bfloat16
+    assert next(model.model.visual.parameters()).dtype == torch.float32
+    rows = batch["input_ids"].shape[1]
+    assert (rows > load_kernel().max_rows) == with_image  # type: ignore[union-attr]
+    got = model(**batch).logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_a_tier_with_bf16_arithmetic_keeps_the_bf16_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not tiers.detect(tiers.cpu_flags()).bf16_arithmetic:
+        pytest.skip("this CPU has no tier with bf16 arithmetic")
+    tiers.active_tier.cache_clear()
+    monkeypatch.delenv("VLBOT_CPU", raising=False)
+    try:
+        model = nn.Module()
+        assert compute_in_float32(model) is False
+    finally:
+        tiers.active_tier.cache_clear()
