@@ -1,7 +1,8 @@
 """The remote engine (`engine=openai`): the same requests, sent to any OpenAI-compatible server
 (vLLM, llama.cpp's server, Ollama, another vlbot) and streamed back.
 
-This is how a team outgrows one CPU: several bot front-ends, one GPU server behind them. Images
+This is how a team outgrows one CPU: bot front-ends, GPU servers behind them (several: a
+`RemotePool` of these, engine/remote/pool.py). Images
 are checked here like the local engine checks them (so bad input is refused before it is queued)
 and sent as base64 data: URLs; history turns go along as earlier messages. Timeouts, refused
 connections and 5xx answers become an `EngineError` that names the server and what happened.
