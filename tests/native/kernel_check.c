@@ -1,0 +1,102 @@
+/* Correctness driver for vlbot's portable C kernels, built for one CPU tier (the flags given to
+ * the compiler) and run natively or, cross-built for aarch64, under qemu-user
+ * (tests/test_kernels_cross.py). Each kernel is compared with a plain scalar C reference on
+ * pseudo-random inputs; prints one line per failure and exits 1 on any.
+ *
+ * Build: cc -O2 -fopenmp [tier flags] -I engine/cpu/kernels tests/native/kernel_check.c -lm
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "bf16_matvec.c"
+#include "decode_ops.c"
+
+static uint64_t state = 88172645463325252ull;
+
+static float uniform(void) { /* xorshift64: [-1, 1) */
+    state ^= state << 13;
+    state ^= state >> 7;
+    state ^= state << 17;
+    return (float)((state >> 40) / 8388608.0 - 1.0);
+}
+
+static int failures = 0;
+
+static void check(const char *what, double got, double want, double tolerance, int64_t at) {
+    if (fabs(got - want) > tolerance * (1.0 + fabs(want)) || got != got) {
+        if (failures < 20) printf("FAIL %s [%lld]: got %.7g want %.7g\n", what, (long long)at, got, want);
+        failures++;
+    }
+}
+
+static void matvec_case(int64_t rows, int64_t k, int64_t n, int with_bias) {
+    uint16_t *x = malloc(sizeof(uint16_t) * rows * k), *w = malloc(sizeof(uint16_t) * n * k);
+    uint16_t *bias = malloc(sizeof(uint16_t) * n), *y = malloc(sizeof(uint16_t) * rows * n);
+    float *xf = malloc(sizeof(float) * rows * k), *yf = malloc(sizeof(float) * rows * n);
+    float *wide = malloc(sizeof(float) * n * k);
+    for (int64_t i = 0; i < rows * k; i++) {
+        x[i] = float_to_bf16(uniform());
+        xf[i] = uniform();
+    }
+    for (int64_t i = 0; i < n * k; i++) w[i] = float_to_bf16(uniform());
+    for (int64_t i = 0; i < n; i++) bias[i] = float_to_bf16(uniform());
+    const uint16_t *b = with_bias ? bias : NULL;
+    if (vlbot_bf16_matvec(x, rows, k, n, w, b, y, 2) != 0) failures++;
+    vlbot_bf16_matvec_f32(xf, rows, k, n, w, b, yf, 2);
+    vlbot_bf16_widen(w, wide, n * k, 2);
+    for (int64_t m = 0; m < rows; m++) {
+        for (int64_t j = 0; j < n; j++) {
+            double want = with_bias ? bf16_to_float(bias[j]) : 0.0, want_f = want;
+            for (int64_t c = 0; c < k; c++) {
+                want += (double)bf16_to_float(x[m * k + c]) * bf16_to_float(w[j * k + c]);
+                want_f += (double)xf[m * k + c] * bf16_to_float(w[j * k + c]);
+            }
+            /* bf16 output: one rounding (2^-8 relative) of a sum of k terms of size ~1 */
+            check("bf16_matvec", bf16_to_float(y[m * n + j]), want, 1e-2 + 1e-6 * (double)k, m * n + j);
+            check("bf16_matvec_f32", yf[m * n + j], want_f, 1e-5 * (double)k, m * n + j);
+        }
+    }
+    for (int64_t i = 0; i < n * k; i++) check("bf16_widen", wide[i], bf16_to_float(w[i]), 0.0, i);
+    free(x), free(w), free(bias), free(y), free(xf), free(yf), free(wide);
+}
+
+static void rms_case(int64_t rows, int64_t dim, int bf16) {
+    const size_t size = bf16 ? 2 : 4;
+    void *x = malloc(size * rows * dim), *weight = malloc(size * dim), *out = malloc(size * rows * dim);
+    for (int64_t i = 0; i < rows * dim; i++) store_value(x, i, 3.0f * uniform(), bf16);
+    for (int64_t i = 0; i < dim; i++) store_value(weight, i, 1.0f + uniform(), bf16);
+    const float eps = 1e-6f;
+    vlbot_rms_norm(x, weight, out, rows, dim, eps, bf16);
+    for (int64_t r = 0; r < rows; r++) {
+        double squares = 0.0;
+        for (int64_t i = 0; i < dim; i++) {
+            double v = load_value(x, r * dim + i, bf16);
+            squares += v * v;
+        }
+        const double scale = 1.0 / sqrt(squares / (double)dim + eps);
+        for (int64_t i = 0; i < dim; i++) {
+            double want = load_value(weight, i, bf16) * (load_value(x, r * dim + i, bf16) * scale);
+            check(bf16 ? "rms_norm bf16" : "rms_norm f32", load_value(out, r * dim + i, bf16), want,
+                  bf16 ? 2e-2 : 1e-5, r * dim + i);
+        }
+    }
+    free(x), free(weight), free(out);
+}
+
+int main(void) {
+    const int64_t shapes[][3] = {{1, 64, 256}, {1, 37, 100}, {3, 37, 100}, {8, 130, 2048},
+                                 {9, 20, 48},  {2, 5, 7},    {1, 1, 1},    {5, 64, 96}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        matvec_case(shapes[i][0], shapes[i][2], shapes[i][1], 0);
+        matvec_case(shapes[i][0], shapes[i][2], shapes[i][1], 1);
+    }
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+        rms_case(1, 128, bf16);
+        rms_case(3, 2048, bf16);
+        rms_case(2, 7, bf16);
+    }
+    printf("%s: %d failure(s), vector of %d floats\n", failures ? "FAILED" : "ok", failures, VF_LANES);
+    return failures ? 1 : 0;
+}
