@@ -212,8 +212,15 @@ def machine_line(result: Result) -> str:
         f" {fmt_gb(m.get('memory_bytes'))} RAM; torch {m.get('torch', '?')},"
         f" transformers {m.get('transformers', '?')}; {m.get('dtype', 'bfloat16')};"
         f" {(result.get('config') or {}).get('new_tokens', '?')} new tokens per answer"
-        f"{_load_note(m)}"
+        f"{_load_note(m)}{_tier_note(m)}"
     )
+
+
+def _tier_note(machine: Mapping[str, Any]) -> str:
+    """The CPU tier the kernels were built for (VLBOT_CPU may force a lower one) and those in use."""
+    if not machine.get("cpu_tier"):
+        return ""
+    return f"; CPU tier {machine['cpu_tier']} (C kernels: {machine.get('kernels') or 'none'})"
 
 
 def _load_note(machine: Mapping[str, Any]) -> str:

@@ -147,8 +147,13 @@ def machine(threads: int) -> dict[str, Any]:
             meminfo[key] = int(value.split()[0]) * 1024
     except OSError:
         pass
-    from engine import cpu_supports_bf16, physical_cores
+    from engine import cpu_supports_bf16, dtype_name, physical_cores, resolve_dtype
+    from engine.cpu.summary import cpu_summary
 
+    tier = cpu_summary(build=True)
+    dtype = dtype_name(resolve_dtype("auto"))
+    if dtype == "bfloat16" and not cpu_supports_bf16():  # engine.cpu.half_weights
+        dtype += " weights, float32 compute"
     return {
         "cpu": cpu,
         "cores": physical_cores(),
@@ -156,7 +161,9 @@ def machine(threads: int) -> dict[str, Any]:
         "threads": threads,
         "memory_bytes": meminfo.get("MemTotal"),
         "bf16_native": cpu_supports_bf16(),
-        "dtype": "bfloat16" if cpu_supports_bf16() else "float32",
+        "dtype": dtype,
+        "cpu_tier": tier["cpu_tier"],
+        "kernels": tier.get("kernels", ""),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),

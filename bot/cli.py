@@ -155,7 +155,14 @@ def doctor(args: argparse.Namespace) -> int:
     """The settings and what this machine offers; exit status 1 when something found here would
     stop `ask` or `serve` (a model folder that is missing or not a model, an unusable data
     folder)."""
-    from engine import cpu_supports_bf16, dtype_name, local_model_problem, physical_cores, resolve_dtype
+    from engine import (
+        cpu_summary,
+        cpu_supports_bf16,
+        dtype_name,
+        local_model_problem,
+        physical_cores,
+        resolve_dtype,
+    )
 
     settings = load_settings()
     shown = {name: mask(getattr(settings, name)) for name in type(settings).model_fields}
@@ -166,15 +173,30 @@ def doctor(args: argparse.Namespace) -> int:
     print(json.dumps(shown, indent=2, ensure_ascii=False, default=str))
     print(f"python: {platform.python_version()}  machine: {platform.machine()}  "
           f"cpus: {os.cpu_count()}  physical cores: {physical_cores()}")
-    print(f"bf16 support (avx512_bf16/amx): {'yes' if cpu_supports_bf16() else 'no'}")
-    print(f"dtype that would be used: {dtype_name(resolve_dtype(settings.dtype))}")
+    problems: list[str] = []
+    cpu = cpu_summary(build=True)
+    print(f"CPU tier: {cpu['cpu_tier']} (VLBOT_CPU forces a lower one)")
+    if "kernels" in cpu:
+        print(f"C kernels in use: {cpu['kernels']}")
+    if "kernels_not_here" in cpu:
+        print(f"C kernels not on this tier: {cpu['kernels_not_here']}")
+    try:
+        dtype = dtype_name(resolve_dtype(settings.dtype))
+        bf16 = cpu_supports_bf16()
+    except ValueError as e:  # a VLBOT_CPU above this CPU, or an unknown dtype name
+        problems.append(str(e))
+        print(f"dtype: {e}")
+    else:
+        print(f"bf16 arithmetic (avx512_bf16/amx): {'yes' if bf16 else 'no'}")
+        if dtype == "bfloat16" and not bf16:
+            dtype += " weights, float32 compute"
+        print(f"dtype that would be used: {dtype}")
     try:
         import torch
 
         print(f"torch: {torch.__version__} (cuda build: {torch.version.cuda or 'no'})")
     except ImportError:
         print("torch: NOT INSTALLED — run scripts/setup")
-    problems: list[str] = []
     model_problem = (
         local_model_problem(settings.model) if settings.engine in ("auto", "qwen") else None
     )

@@ -12,7 +12,7 @@ and onnxruntime load only when an engine that needs them is built):
   names a local folder, in `vlbot ask`'s words);
 - image intake: `IntakeLimits`, `check_image`, `open_image` (engine/intake.py);
 - what `vlbot doctor` reports: `physical_cores`, `cpu_supports_bf16`, `resolve_dtype`,
-  `dtype_name`;
+  `dtype_name`, `cpu_summary` (the CPU tier and its C kernels, engine/cpu/summary.py);
 - `make_model` / `make_model_main`: the random-weight model builder behind
   `vlbot dev make-model` (engine/devmodel.py).
 
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from engine.auto import AutoEngine, local_model_problem
+    from engine.cpu.summary import cpu_summary
     from engine.devmodel import main as make_model_main
     from engine.devmodel import make_model
     from engine.intake import IntakeLimits, check_image, open_image
@@ -53,6 +54,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "cpu_supports_bf16": ("engine.qwen.loading", "cpu_supports_bf16"),
     "resolve_dtype": ("engine.qwen.loading", "resolve_dtype"),
     "dtype_name": ("engine.qwen.loading", "dtype_name"),
+    "cpu_summary": ("engine.cpu.summary", "cpu_summary"),
     "make_model": ("engine.devmodel", "make_model"),
     "make_model_main": ("engine.devmodel", "main"),
 }
@@ -66,6 +68,7 @@ __all__ = [
     "QwenVLEngine",
     "RemotePool",
     "check_image",
+    "cpu_summary",
     "cpu_supports_bf16",
     "dtype_name",
     "local_model_problem",

@@ -3,6 +3,9 @@ refused higher with a clear message; kernels are built with the tier's own flags
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -91,3 +94,30 @@ def test_a_forced_tier_above_this_cpu_fails_clearly(
     monkeypatch.setenv("VLBOT_CPU", "amx")
     with pytest.raises(tiers.TierError, match=f"its best tier is {best.name}"):
         tiers.active_tier()
+
+
+def doctor(tmp_path: Path, tier: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLBOT_CPU": tier, "VLBOT_DATA_DIR": str(tmp_path / "data")}
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    return subprocess.run(
+        [sys.executable, "-m", "bot.cli", "doctor"], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def test_doctor_prints_the_forced_tier_and_its_kernels(tmp_path: Path) -> None:
+    if tiers.detect(tiers.cpu_flags()).name in ("generic", "aarch64"):
+        pytest.skip("VLBOT_CPU=avx2 needs an x86 CPU with AVX2")
+    out = doctor(tmp_path, "avx2")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "CPU tier: avx2" in out.stdout
+    kernels = next(line for line in out.stdout.splitlines() if line.startswith("C kernels in use:"))
+    assert "bf16_matvec" in kernels and "decode_attention" not in kernels  # an AVX-512 kernel
+    assert "dtype that would be used: bfloat16 weights, float32 compute" in out.stdout
+
+
+def test_doctor_refuses_a_tier_above_the_cpu(tmp_path: Path) -> None:
+    if tiers.detect(tiers.cpu_flags()).name in ("amx", "aarch64"):
+        pytest.skip("nothing above this CPU's tier to ask for")
+    out = doctor(tmp_path, "amx")
+    assert out.returncode == 1
+    assert "VLBOT_CPU=amx asks for instructions this CPU lacks" in out.stdout + out.stderr

@@ -30,6 +30,7 @@ import torch
 from bot.engine_port import EngineError, EngineInfo, EngineNotReady, ModelNotFound, StreamStats
 from bot.models import GenerationParams, InputRejected, Message, Turn
 from engine.cpu.quant import check_mode
+from engine.cpu.summary import cpu_summary
 from engine.cpu.swap import decode_parts, swap_modules
 from engine.intake import IntakeLimits, check_image
 from engine.qwen.kvcache import DEFAULT_KV_CACHE_BYTES, SessionCacheStore
@@ -136,6 +137,7 @@ class QwenVLEngine:
         if loaded is not None:
             details["architecture"] = loaded.architecture
             details["source"] = loaded.source.kind
+        details.update(cpu_summary())  # the CPU tier and the C kernels loaded so far
         return EngineInfo(
             name="transformers",
             model=self._model_name,
