@@ -92,6 +92,8 @@ class CoreStatus:
     job_seconds: float  # recent mean job duration, for ETAs
     fallback: str | None = None  # why engine=auto answers with OCR instead of the VLM
     upstreams: tuple[UpstreamStatus, ...] = ()  # engine=openai: each model server of the pool
+    cpu_tier: str | None = None  # the local engine's CPU tier (VLBOT_CPU) and its C kernels in use
+    kernels: str | None = None
 
 
 class Core(Protocol):

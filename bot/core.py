@@ -68,6 +68,8 @@ class BotCore:
             uptime_s=time.time() - self.started_at,
             job_seconds=self.runner.job_seconds(),
             fallback=info.details.get("fallback"),
+            cpu_tier=info.details.get("cpu_tier"),
+            kernels=info.details.get("kernels"),
             upstreams=self.upstreams(),
         )
 

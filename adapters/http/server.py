@@ -327,6 +327,9 @@ class HttpAdapter:
             "running": status.running,
             "uptime_s": round(status.uptime_s, 1),
         }
+        if status.cpu_tier:  # the local engine: what it computes with
+            body["cpu_tier"] = status.cpu_tier
+            body["kernels"] = status.kernels or "none"
         if status.engine_error:
             body["error"] = status.engine_error
         if status.upstreams:  # engine=openai: the pool of model servers
