@@ -16,6 +16,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#elif defined(__ARM_NEON)
+#include <arm_neon.h>
+#endif
+
 #if defined(__AVX512F__)
 #define VF_BYTES 64
 #elif defined(__AVX2__)
@@ -41,14 +47,25 @@ static inline vf vf_load(const float *p) {
 
 static inline void vf_store(float *p, vf value) { memcpy(p, &value, sizeof value); }
 
-/* VF_LANES bfloat16 values at p, as floats (exact). */
+/* VF_LANES bfloat16 values at p, as floats (exact). GCC 12 splits the generic widening
+ * (`__builtin_convertvector` of 16-bit to 32-bit lanes) into halves joined again (3 extra
+ * instructions per vector, measured in the AVX2 and AVX-512 loops' assembly), so each ISA gets
+ * its one-instruction zero-extension here. */
 static inline vf vf_load_bf16(const uint16_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#elif defined(__AVX2__)
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#elif defined(__ARM_NEON)
+    return (vf)vreinterpretq_f32_u32(vshll_n_u16(vld1_u16(p), 16));
+#else
     vh half;
     memcpy(&half, p, sizeof half);
     vu wide = __builtin_convertvector(half, vu) << 16;
     vf out;
     memcpy(&out, &wide, sizeof out);
     return out;
+#endif
 }
 
 static inline float vf_sum(vf value) {
