@@ -17,7 +17,7 @@ import engine.qwen.engine
 from bot.models import Message
 from engine.cpu import hugepages, swap
 from engine.cpu.hugepages import move_to_huge_pages, on_huge_pages, release_file_pages
-from engine.cpu.quant import quantize_language_model
+from engine.cpu.quant_store import quantize_language_model
 from tests.test_engine_qwen import answer, png_image
 
 pytestmark = pytest.mark.skipif(not hugepages.huge_pages_available(), reason="no transparent huge pages")

@@ -1,5 +1,6 @@
-"""The AVX-512 VNNI int4 kernel: exact against its own arithmetic, close to the float weights;
-torch's kernel where it is not loaded (building and fallback: tests/test_native_kernels.py)."""
+"""The int4 kernel (one source, int4_matvec.c) on every CPU tier this machine can run, forced
+lower tiers included: exact against its own arithmetic, close to the float weights and torch's
+result; torch's kernel where it is not loaded (building and fallback: tests/test_native_kernels.py)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,33 @@ import pytest
 import torch
 from torch import nn
 
-from engine.cpu.kernels.int4_kernel import Int4Kernel, PackedInt4, load_kernel, pack
-from engine.cpu.quant import VNNI_MAX_ROWS, Int4Linear
+from engine.cpu.kernels.int4_kernel import Int4Kernel, kernel_for, pack
+from engine.cpu.kernels.int8_kernel import dot_needs
+from engine.cpu.quant import KERNEL_MAX_ROWS, Int4Linear
+from engine.cpu.tiers import X86_TIERS, TierError, choose, cpu_flags
 from tests.engine_fixtures import built_or_skip
 
+# what quant_dot.h picks on each tier
+TIER_ISA = {"generic": "generic", "avx2": "avx2", "avx512": "avx512bw", "avx512_bf16": "avx512_vnni",
+            "amx": "avx512_vnni", "aarch64": "neon_dotprod"}  # fmt: skip
 
-@pytest.fixture(scope="module")
-def kernel() -> Int4Kernel:
-    return built_or_skip(load_kernel(), "AVX-512 VNNI kernel")
+
+def tier_kernel(name: str) -> Int4Kernel:
+    try:
+        tier = choose(name, cpu_flags())
+    except TierError as e:
+        pytest.skip(f"this CPU cannot run tier {name}: {e}")
+    if not tier.has(*dot_needs(tier)):
+        pytest.skip(f"tier {name} keeps torch's kernels (no byte dot product)")
+    kernel = built_or_skip(kernel_for(tier), f"int4 kernel for {name}")
+    if name in TIER_ISA and tier.name != "aarch64":
+        assert kernel.isa == TIER_ISA[name]  # built with that tier's instructions
+    return kernel
+
+
+@pytest.fixture(scope="module", params=X86_TIERS)
+def kernel(request: pytest.FixtureRequest) -> Int4Kernel:
+    return tier_kernel(request.param)
 
 
 def quantized(n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -104,15 +124,28 @@ def test_pack_refuses_shapes_the_kernel_cannot_take() -> None:
 def test_linear_uses_the_kernel_for_decode_and_float_weights_for_prefill(kernel: Int4Kernel) -> None:
     torch.manual_seed(0)
     linear = nn.Linear(256, 64, bias=True)
-    vnni, plain = Int4Linear(linear, 128, kernel=kernel), Int4Linear(linear, 128)
-    assert (vnni.kernel_name, plain.kernel_name) == ("vnni", "torch")
-    prefill = torch.randn(1, VNNI_MAX_ROWS + 4, 256)
-    packed = vnni._packed
-    assert isinstance(packed, PackedInt4)
+    fast, plain = Int4Linear.from_linear(linear, 128, kernel), Int4Linear.from_linear(linear, 128, None)
+    assert (fast.kernel_name, plain.kernel_name) == (f"vlbot {kernel.isa}", "torch")
+    prefill = torch.randn(1, KERNEL_MAX_ROWS + 4, 256)
+    packed = fast._weights()
     expanded = kernel.dequantize(packed, torch.float32)
-    assert torch.allclose(vnni(prefill), prefill @ expanded.T + linear.bias, atol=1e-5)
+    assert torch.allclose(fast(prefill), prefill @ expanded.T + linear.bias, atol=1e-5)
     step = torch.randn(1, 1, 256)
     want = linear(step)
-    for module in (vnni, plain):  # both close to the original layer
+    for module in (fast, plain):  # both close to the original layer
         assert float((module(step) - want).norm() / want.norm()) < 0.15
-    assert torch.allclose(vnni(step)[0], kernel.matmul(step[0], packed) + linear.bias)
+    assert torch.allclose(fast(step)[0], kernel.matmul(step[0], packed) + linear.bias)
+
+
+@torch.inference_mode()
+def test_kernel_agrees_with_torchs_int4_kernel(kernel: Int4Kernel) -> None:
+    """Same 4-bit weights through torch's `_weight_int4pack_mm_for_cpu` (dequantized reference):
+    the two differ only by the 8-bit activations."""
+    q, scale, low = quantized(64, 512, 128, seed=5)
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    zero = low + 8.0 * scale
+    scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+    want = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, scales_zeros).float()
+    got = kernel.matmul(x, pack(q, scale, low, 128)).float()
+    assert float((got - want).norm() / want.norm()) < 0.03

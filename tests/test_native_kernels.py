@@ -44,7 +44,7 @@ def test_a_failing_compiler_leaves_torch_kernels(fresh_build: Path, monkeypatch:
     monkeypatch.setenv("CC", "/bin/false")
     assert int4_kernel.load_kernel() is None and bf16_kernel.load_kernel() is None
     assert not fresh_build.exists() or not list(fresh_build.glob("*.so"))
-    layer = Int4Linear(nn.Linear(128, 16, bias=False), 128, kernel=int4_kernel.load_kernel())
+    layer = Int4Linear.from_linear(nn.Linear(128, 16, bias=False), 128, int4_kernel.load_kernel())
     assert layer.kernel_name == "torch"
     assert layer(torch.randn(1, 128)).shape == (1, 16)
 

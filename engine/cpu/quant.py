@@ -1,19 +1,30 @@
 """Opt-in weight-only int8 / int4 quantization of the language model's linear layers (CPU).
 
 Decode on a CPU is bound by reading the weights once per token: 8-bit weights halve the bytes read,
-4-bit weights quarter them. This uses torch's own packed CPU kernels
-(`_weight_int8pack_mm`: per-output-channel scales; `_weight_int4pack_mm_for_cpu`: groups of up to
-128 input channels with a scale and a zero point each). Activations stay in bf16.
+4-bit weights quarter them. Decode steps (up to `KERNEL_MAX_ROWS` rows) go through vlbot's own
+byte kernels (engine.cpu.kernels.int8_kernel, int4_kernel: one C source for every CPU tier, 8-bit
+activations, products of bytes); a prompt's prefill expands each layer's weights into one reused
+buffer in the activations' dtype and multiplies with torch (oneDNN), so quantizing does not slow
+the first token. Where no kernel builds (no C compiler), torch's packed kernels take every input
+(`_weight_int8pack_mm`: per-output-channel scales; `_weight_int4pack_mm_for_cpu`: groups of up
+to 128 input channels with a scale and a zero point each).
+
+Measured on the 2-core Zen5 (one 2048 -> 6144 projection, batch 1, 2 threads, 24 matrices cycled;
+bytes = the weights as held, per call; `VLBOT_CPU=avx2` = the AVX2 build on the same machine):
+see KERNEL_FIGURES in the kernels' modules and the README's tables.
+
+The quantized weights are kept (engine.cpu.quant_store): the first start with a mode quantizes and
+writes them to the cache, later starts map them from there without quantizing again.
 
 What it trades: answers are no longer those of the published weights (small reading errors can
-change OCR output), and the packed kernels make the language model's part of a long prefill slower.
-The vision encoder and the token embedding are left untouched; the output head, tied to the
-embedding in Qwen3-VL-2B, gets its own quantized copy.
+change OCR output). The vision encoder and the token embedding are left untouched; the output head,
+tied to the embedding in Qwen3-VL-2B, gets its own quantized copy.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -21,14 +32,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.cpu.hugepages import file_mappings, release_file_pages
-from engine.cpu.kernels.int4_kernel import Int4Kernel, PackedInt4, fits, load_kernel, pack
+from engine.cpu.kernels import int4_kernel, int8_kernel
+from engine.cpu.kernels.bf16_kernel import DecodeLinear
+from engine.cpu.kernels.int4_kernel import Int4Kernel, PackedInt4
+from engine.cpu.kernels.int8_kernel import Int8Kernel, PackedInt8
 
 logger = logging.getLogger("vlbot.engine")
 
 Quantize = Literal["none", "int8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4")
 _INT4_GROUPS = (128, 64, 32)
-VNNI_MAX_ROWS = 16  # inputs up to this many rows use the VNNI kernel, larger ones expand weights
+KERNEL_MAX_ROWS = 16  # inputs up to this many rows use the byte kernels, larger ones expanded weights
+EXPAND_MAX_ELEMENTS = 64 * 1024 * 1024  # larger weights (the output head) are never expanded
+# what quantization replaces: nn.Linear, or the bf16 kernel's DecodeLinear (engine.cpu.half_weights
+# swaps the language model's linears for it first on tiers without bf16 arithmetic)
+LinearLike = nn.Linear | DecodeLinear
 
 
 def check_mode(mode: str) -> Quantize:
@@ -38,25 +56,87 @@ def check_mode(mode: str) -> Quantize:
     return key  # type: ignore[return-value]
 
 
+class _Expanded:
+    """One buffer per dtype that a prefill expands each quantized layer's weights into in turn
+    (layers run one after another on the engine thread): no per-layer copy stays in memory."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
+        buffer = self._buffers.get(dtype)
+        if buffer is None or buffer.numel() < rows * columns:
+            buffer = torch.empty(rows * columns, dtype=dtype)
+            self._buffers[dtype] = buffer
+        return buffer[: rows * columns].view(rows, columns)
+
+
+_EXPANDED = _Expanded()
+
+
+def _in_chunks(x: torch.Tensor, run: Any) -> torch.Tensor:
+    """`run` over `x` in slices of KERNEL_MAX_ROWS rows (a weight too large to expand)."""
+    return torch.cat([run(x[at : at + KERNEL_MAX_ROWS]) for at in range(0, x.shape[0], KERNEL_MAX_ROWS)])
+
+
 class Int8Linear(nn.Module):
     """y = x @ (q * scale).T (+ bias), q int8 per output channel."""
 
-    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self, out_features: int, in_features: int, tensors: dict[str, torch.Tensor], kernel: Int8Kernel | None
+    ) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
-        scale = (weight.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-        q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.in_features, self.out_features = in_features, out_features
+        self._kernel = kernel
+        self.bias = nn.Parameter(tensors["bias"], requires_grad=False) if "bias" in tensors else None
+        self.packed: torch.Tensor
+        self.scales: torch.Tensor
         self.qweight: torch.Tensor
         self.scale: torch.Tensor
-        self.register_buffer("qweight", q.contiguous())
-        self.register_buffer("scale", scale.to(compute_dtype))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        for name in ("packed", "scales") if kernel is not None else ("qweight", "scale"):
+            self.register_buffer(name, tensors[name])  # buffers: counted with the model's state
+
+    @classmethod
+    def from_linear(cls, linear: LinearLike, kernel: Int8Kernel | None, dtype: torch.dtype) -> Int8Linear:
+        q, scale = int8_kernel.quantize(linear.weight)
+        n, k = q.shape
+        if kernel is not None and not int8_kernel.fits(n, k):
+            kernel = None
+        tensors: dict[str, torch.Tensor] = {}
+        if kernel is not None:
+            packed = int8_kernel.pack(q, scale)
+            tensors.update(packed=packed.packed, scales=packed.scales)
+        else:
+            compute = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+            tensors.update(qweight=q.contiguous(), scale=scale.to(compute))
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias.detach().clone()
+        return cls(n, k, tensors, kernel)
+
+    @property
+    def kernel_name(self) -> str:
+        return f"vlbot {self._kernel.isa}" if self._kernel is not None else "torch"
+
+    def _weights(self) -> PackedInt8:
+        return PackedInt8(self.packed, self.scales, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        flat = x.reshape(-1, shape[-1]).to(self.scale.dtype)
-        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+        flat = x.reshape(-1, shape[-1])
+        kernel = self._kernel
+        if kernel is None:
+            scale = self.scale
+            y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat.to(scale.dtype), self.qweight, scale)
+        elif flat.shape[0] <= KERNEL_MAX_ROWS:
+            y = kernel.matmul(flat, self._weights())
+        elif self.out_features * self.in_features > EXPAND_MAX_ELEMENTS:
+            y = _in_chunks(flat, lambda part: kernel.matmul(part, self._weights()))
+        else:
+            dtype = flat.dtype if flat.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            weight = kernel.dequantize(
+                self._weights(), _EXPANDED.take(self.out_features, self.in_features, dtype)
+            )
+            y = F.linear(flat.to(dtype), weight)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -65,15 +145,31 @@ class Int8Linear(nn.Module):
 class Int4Linear(nn.Module):
     """Asymmetric 4-bit weights in groups along the input channels.
 
-    Where the AVX-512 VNNI kernel loads (engine.cpu.kernels.int4_kernel), the weights are kept in its layout:
-    up to `VNNI_MAX_ROWS` rows (decode steps, batched or not) go through it, and larger inputs
-    (prefill) multiply with the weights expanded to the activations' dtype for that call, which
-    keeps oneDNN's fast matrix products for the prompt. Elsewhere torch's CPU int4 kernel
-    (`_weight_int4pack_mm_for_cpu`) takes every input.
+    With the byte kernel (engine.cpu.kernels.int4_kernel) the weights are kept in its layout;
+    without it, in torch's (`_weight_int4pack_mm_for_cpu` takes every input).
     """
 
-    def __init__(self, linear: nn.Linear, group: int, *, kernel: Int4Kernel | None = None) -> None:
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        group: int,
+        tensors: dict[str, torch.Tensor],
+        kernel: Int4Kernel | None,
+    ) -> None:
         super().__init__()
+        self.in_features, self.out_features, self.group = in_features, out_features, group
+        self._kernel = kernel
+        self.bias = nn.Parameter(tensors["bias"], requires_grad=False) if "bias" in tensors else None
+        self.packed: torch.Tensor
+        self.scales: torch.Tensor
+        self.lows: torch.Tensor
+        self.scales_zeros: torch.Tensor
+        for name in ("packed", "scales", "lows") if kernel is not None else ("packed", "scales_zeros"):
+            self.register_buffer(name, tensors[name])
+
+    @classmethod
+    def from_linear(cls, linear: LinearLike, group: int, kernel: Int4Kernel | None) -> Int4Linear:
         weight = linear.weight.detach().float()
         n, k = weight.shape
         grouped = weight.reshape(n, k // group, group)
@@ -81,104 +177,108 @@ class Int4Linear(nn.Module):
         scale = ((high - low) / 15.0).clamp(min=1e-8)
         q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15)
         q = q.to(torch.int32).reshape(n, k)
-        self.group = group
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        self.in_features, self.out_features = k, n
-        self._kernel = kernel if kernel is not None and fits(n, k, group) else None
-        self.packed: torch.Tensor
-        self.scales: torch.Tensor
-        self.lows: torch.Tensor
-        if self._kernel is not None:
-            packed = pack(q, scale, low, group)
-            for name in ("packed", "scales", "lows"):  # buffers: counted with the model's state
-                self.register_buffer(name, getattr(packed, name))
-            return
-        zero = low + 8.0 * scale  # torch's kernel computes (q - 8) * scale + zero
-        self.scales_zeros: torch.Tensor
-        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
-        scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
-        self.register_buffer("scales_zeros", scales_zeros.to(torch.bfloat16))
+        if kernel is not None and not int4_kernel.fits(n, k, group):
+            kernel = None
+        tensors: dict[str, torch.Tensor] = {}
+        if kernel is not None:
+            packed = int4_kernel.pack(q, scale, low, group)
+            tensors.update(packed=packed.packed, scales=packed.scales, lows=packed.lows)
+        else:
+            zero = low + 8.0 * scale  # torch's kernel computes (q - 8) * scale + zero
+            tensors["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+            tensors["scales_zeros"] = scales_zeros.to(torch.bfloat16)
+        if linear.bias is not None:
+            tensors["bias"] = linear.bias.detach().clone()
+        return cls(n, k, group, tensors, kernel)
 
-    @property
-    def _packed(self) -> PackedInt4 | None:
-        """The VNNI weights as the buffers are now (engine.cpu.hugepages may have moved them)."""
-        if self._kernel is None:
-            return None
+    def _weights(self) -> PackedInt4:
+        """The kernel's weights as the buffers are now (engine.cpu.hugepages may have moved them)."""
         return PackedInt4(
             self.packed, self.scales, self.lows, self.out_features, self.in_features, self.group
         )
 
     @property
     def kernel_name(self) -> str:
-        return "vnni" if self._kernel is not None else "torch"
+        return f"vlbot {self._kernel.isa}" if self._kernel is not None else "torch"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        packed = self._packed
-        if self._kernel is not None and packed is not None:
-            if flat.shape[0] <= VNNI_MAX_ROWS:
-                y = self._kernel.matmul(flat, packed)
-            else:
-                weight = self._kernel.dequantize(packed, x.dtype)
-                y = F.linear(flat.to(weight.dtype), weight)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+        kernel = self._kernel
+        if kernel is None:
+            y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat.to(torch.bfloat16), self.packed, self.group, self.scales_zeros
             )
+        elif flat.shape[0] <= KERNEL_MAX_ROWS:
+            y = kernel.matmul(flat, self._weights())
+        elif self.out_features * self.in_features > EXPAND_MAX_ELEMENTS:
+            y = _in_chunks(flat, lambda part: kernel.matmul(part, self._weights()))
+        else:
+            dtype = flat.dtype if flat.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            out = _EXPANDED.take(self.out_features, self.in_features, dtype)
+            y = F.linear(flat.to(dtype), kernel.dequantize(self._weights(), dtype, out=out))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
-def _int4_group(linear: nn.Linear) -> int | None:
-    k, n = linear.in_features, linear.out_features
+QuantizedLinear = Int8Linear | Int4Linear
+
+
+def int4_group(linear: nn.Module) -> int | None:
+    k, n = int(linear.in_features), int(linear.out_features)  # type: ignore[arg-type]
     if n % 8:
         return None
     return next((g for g in _INT4_GROUPS if k % g == 0), None)
 
 
-def _quantized(
-    linear: nn.Linear, mode: Quantize, dtype: torch.dtype, kernel: Int4Kernel | None
-) -> nn.Module | None:
+def quantize_one(
+    linear: LinearLike, mode: Quantize, dtype: torch.dtype, kernel: Any
+) -> Int8Linear | Int4Linear | None:
+    """`linear` quantized (None where its shape cannot be)."""
     if mode == "int8":
-        return Int8Linear(linear, torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
-    group = _int4_group(linear)
-    return None if group is None else Int4Linear(linear, group, kernel=kernel)
+        return Int8Linear.from_linear(linear, kernel, dtype)
+    group = int4_group(linear)
+    return None if group is None else Int4Linear.from_linear(linear, group, kernel)
 
 
-def quantize_language_model(model: Any, mode: str) -> int:
-    """Replace the language model's nn.Linear layers (and the output head) in place.
+def load_mode_kernel(mode: Quantize) -> Int8Kernel | Int4Kernel | None:
+    """The byte kernel of `mode` for this process's tier (None: torch's kernels)."""
+    if mode == "int8":
+        return int8_kernel.load_kernel()
+    return int4_kernel.load_kernel() if mode == "int4" else None
 
-    Returns how many layers were quantized; 0 for "none". Layers whose shape the kernel cannot
-    take are left as they are.
-    """
-    key = check_mode(mode)
-    if key == "none":
-        return 0
+
+def quantizable(model: Any) -> Iterator[tuple[str, nn.Module, str, LinearLike]]:
+    """(path, parent, attribute, linear) of every layer quantization replaces: the language
+    model's linear layers, then the output head ("lm_head", replaced by a quantized copy)."""
     language_model = model.model.language_model
-    dtype = next(language_model.parameters()).dtype
-    kernel = load_kernel() if key == "int4" else None
-    count = 0
-    mappings = file_mappings()  # the model file's; quantizing maps no new files
-    for parent in list(language_model.modules()):
+    for parent_name, parent in list(language_model.named_modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                replacement = _quantized(child, key, dtype, kernel)
-                if replacement is not None:
-                    setattr(parent, name, replacement)
-                    # its bf16 weights' pages of the model file stop counting as this process's
-                    # memory now, not after the last layer (full-size model: loading peaks at
-                    # 6.1 GB instead of 8.9 GB)
-                    release_file_pages([child.weight.data], mappings)
-                    count += 1
+            if isinstance(child, (nn.Linear, DecodeLinear)):
+                path = ".".join(p for p in ("model.language_model", parent_name, name) if p)
+                yield path, parent, name, child
     head = getattr(model, "lm_head", None)
-    if isinstance(head, nn.Linear):
-        # quantize a copy: the (tied) token embedding keeps its full-precision weights
-        replacement = _quantized(head, key, dtype, kernel)
-        if replacement is not None:
-            model.lm_head = replacement
-            count += 1
-    detail = "" if key != "int4" else f", {'VNNI' if kernel else 'torch'} kernel"
-    logger.info("quantized %d language-model layers to %s (weight-only%s)", count, key, detail)
-    return count
+    if isinstance(head, (nn.Linear, DecodeLinear)):
+        yield "lm_head", model, "lm_head", head
+
+
+def quantize_in_place(model: Any, mode: Quantize, kernel: Any) -> dict[str, Int8Linear | Int4Linear]:
+    """Quantize every layer of `quantizable(model)` and swap it in; returns the new modules by
+    path."""
+    dtype = next(model.model.language_model.parameters()).dtype
+    done: dict[str, Int8Linear | Int4Linear] = {}
+    mappings = file_mappings()  # the model file's; quantizing maps no new files
+    for path, parent, name, linear in quantizable(model):
+        replacement = quantize_one(linear, mode, dtype, kernel)
+        if replacement is None:
+            continue
+        setattr(parent, name, replacement)
+        done[path] = replacement
+        if path != "lm_head":
+            # its bf16 weights' pages of the model file stop counting as this process's memory
+            # now, not after the last layer (full-size model: loading peaks at 6.1 GB instead of
+            # 8.9 GB); the head is a copy: the (tied) embedding keeps its pages
+            release_file_pages([linear.weight.data], mappings)
+    return done

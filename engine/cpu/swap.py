@@ -29,7 +29,7 @@ from engine.cpu.kernels.output_head import OutputHead
 from engine.cpu.kernels.prefill_ops import use_fast_prefill_ops
 from engine.cpu.kernels.vision_attention import use_fast_vision_attention
 from engine.cpu.patch_embed import linearize_patch_embedding
-from engine.cpu.quant import quantize_language_model
+from engine.cpu.quant_store import quantize_language_model
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ MODULE_SWAPS: tuple[ModuleSwap, ...] = (
         lambda model, _: use_fast_gelu(model),
     ),
     ModuleSwap(
-        "language model linears: int8/int4 weights where quantize asks (quant, kernels/int4_kernel)",
+        "language model linears: int8/int4 weights where quantize asks, saved once and mapped at later"
+        " starts (quant, quant_store, kernels/int8_kernel, kernels/int4_kernel)",
         quantize_language_model,
     ),
     ModuleSwap(

@@ -3,7 +3,8 @@
 | wrapper | C source | what it does |
 |---|---|---|
 | bf16_kernel.py | bf16_matvec.c | bf16 matrix-vector products of decode steps |
-| int4_kernel.py | int4_vnni.c | 4-bit weights x 8-bit activations (AVX-512 VNNI) |
+| int4_kernel.py | int4_matvec.c | 4-bit weights x 8-bit activations (every tier: quant_dot.h) |
+| int8_kernel.py | int8_matvec.c | 8-bit weights x 8-bit activations (every tier: quant_dot.h) |
 | output_head.py | int8_screen.c | the output head screened through an 8-bit copy |
 | decode_ops.py | decode_ops.c | a decode step's RMSNorms and rotary embedding |
 | decode_attention.py | decode_attention.c | a bf16 decode step's attention |
@@ -13,6 +14,6 @@
 | vision_flash.py | vision_flash.c | the vision tower's attention on AMX tiles (bf16) |
 | gelu.py | gelu_tanh.c | the vision MLP's tanh GELU (bf16) |
 
-bf16.h and exp_avx512.h are shared by the C sources. engine.cpu.native builds them (pyproject
+bf16.h, quant_dot.h and exp_avx512.h are shared by the C sources. engine.cpu.native builds them (pyproject
 ships *.c and *.h as package data). May import engine.cpu (native, hugepages) and this package.
 """

@@ -1,12 +1,14 @@
-"""The AVX-512 VNNI kernel for 4-bit weights (engine/cpu/kernels/int4_vnni.c): build, load, call.
+"""The 4-bit weight kernel (engine/cpu/kernels/int4_matvec.c, one source for every CPU tier):
+build, load, call.
 
 torch's own CPU int4 kernel (`_weight_int4pack_mm_for_cpu`) turns every weight into a float and
-multiplies in float; on this 2-core machine it is compute-bound at ~22 G multiply-adds/s, 75-79 ms
-of a decode step's ~100 ms. The VNNI kernel keeps weights as bytes, quantizes the activations to
-8 bits per group (as llama.cpp's 4-bit kernels do) and lets one instruction do 64 multiply-adds:
-~16 GB/s of packed weights there (6144x2048: 0.39 ms against torch's 0.60 ms).
+multiplies in float: compute-bound, and on AVX2 far from the memory's speed. This kernel keeps
+weights as bytes, quantizes the activations to 8 bits per group (as llama.cpp's 4-bit kernels do)
+and multiplies bytes (quant_dot.h: VPDPBUSD on AVX-512 VNNI, VPMADDUBSW + VPMADDWD on AVX2,
+SDOT on NEON). Measured on the 2-core Zen5 (one 2048->6144 projection, batch 1, 24 matrices
+cycled, see tests/../benchmarks): KERNEL_FIGURES below.
 
-It is built and loaded by engine.cpu.native; where the CPU lacks AVX-512 VNNI, no compiler is found
+It is built and loaded by engine.cpu.native for the process's tier; where no compiler is found
 or the build fails, `load_kernel()` returns None and the caller keeps torch's kernel.
 """
 
@@ -18,10 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.cpu.native import I32, I64, POINTER, c_function, load_library
+from engine.cpu.kernels.int8_kernel import dot_needs
+from engine.cpu.native import I32, I64, POINTER, Tier, active_tier, c_function, load_library
 
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_vnni")
-COMPILE_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vnni", "-mfma")
 BLOCK_ROWS = 16  # output rows per block in the packed layout
 CHANNEL_STEP = 8  # input channels per 64-byte chunk
 
@@ -75,6 +76,7 @@ class Int4Kernel:
             library, "vlbot_int4_matmul", I32, POINTER, I32, I64, I64, I64, I64,
             POINTER, POINTER, POINTER, POINTER, I32, I32,
         )  # fmt: skip
+        self.isa = c_function(library, "vlbot_int4_isa", ctypes.c_char_p)().decode()
         self._dequantize = c_function(
             library, "vlbot_int4_dequantize", None, I64, I64, I64,
             POINTER, POINTER, POINTER, POINTER, I32, I32,
@@ -104,11 +106,14 @@ class Int4Kernel:
             raise MemoryError("the int4 kernel could not allocate its scratch memory")
         return out
 
-    def dequantize(self, weights: PackedInt4, dtype: torch.dtype) -> torch.Tensor:
-        """The (N, K) weights as float32 or bfloat16."""
+    def dequantize(
+        self, weights: PackedInt4, dtype: torch.dtype, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The (N, K) weights as float32 or bfloat16 (into `out` when given: contiguous, that dtype)."""
         if dtype not in (torch.float32, torch.bfloat16):
             dtype = torch.float32
-        out = torch.empty((weights.out_features, weights.in_features), dtype=dtype)
+        if out is None:
+            out = torch.empty((weights.out_features, weights.in_features), dtype=dtype)
         self._dequantize(
             weights.in_features,
             weights.out_features,
@@ -124,5 +129,11 @@ class Int4Kernel:
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> Int4Kernel | None:
     """The kernel, or None where this machine cannot build or run it (reason logged once)."""
-    library = load_library("int4_vnni", COMPILE_FLAGS, CPU_FLAGS)
+    library = load_library("int4_matvec", cpu_needs=dot_needs(active_tier()))
+    return None if library is None else Int4Kernel(library)
+
+
+def kernel_for(tier: Tier) -> Int4Kernel | None:
+    """The kernel built for `tier` (tests and measurements of a lower tier than the process's)."""
+    library = load_library("int4_matvec", cpu_needs=dot_needs(tier), tier=tier)
     return None if library is None else Int4Kernel(library)

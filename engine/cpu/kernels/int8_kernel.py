@@ -1,0 +1,122 @@
+"""The 8-bit weight kernel (engine/cpu/kernels/int8_matvec.c, one source for every CPU tier):
+build, load, call.
+
+torch's `_weight_int8pack_mm` converts every weight to a float and multiplies in float: on the
+2-core Zen5 it is compute-bound (the engine's int8 decode was 10.1 tok/s against 9.6 in bf16).
+This kernel multiplies bytes by bytes (activations quantized to 8 bits per group, as llama.cpp's
+Q8_0 does; quant_dot.h: VPDPBUSD on AVX-512 VNNI, VPMADDUBSW + VPMADDWD on AVX2, SDOT on NEON).
+Figures: see engine.cpu.quant's module docstring.
+
+Where no compiler is found or the build fails, `load_kernel()` returns None and engine.cpu.quant
+keeps torch's kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from engine.cpu.native import I32, I64, POINTER, Tier, active_tier, c_function, load_library
+
+BLOCK_ROWS = 16  # output rows per block in the packed layout
+CHANNEL_STEP = 4  # input channels per 64-byte chunk
+ACTIVATION_GROUPS = (128, 64, 32)  # activation channels per 8-bit scale, the first that divides K
+
+
+@dataclass(frozen=True)
+class PackedInt8:
+    """Weights in the kernel's layout (see the C source): `packed` int8 (N/16, K/4, 64) and
+    `scales` float32 (N,): w[n][k] = q * scales[n]."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    out_features: int
+    in_features: int
+
+    @property
+    def group(self) -> int:
+        return next(g for g in ACTIVATION_GROUPS if self.in_features % g == 0)
+
+
+def fits(out_features: int, in_features: int) -> bool:
+    return out_features % BLOCK_ROWS == 0 and any(in_features % g == 0 for g in ACTIVATION_GROUPS)
+
+
+def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q int8 (N, K) in -127..127, scale float32 (N,)): symmetric, per output row."""
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def pack(q: torch.Tensor, scale: torch.Tensor) -> PackedInt8:
+    """`q` (N, K) int8 and `scale` (N,) into the kernel's layout."""
+    n, k = q.shape
+    if not fits(n, k):
+        raise ValueError(f"shape {n}x{k} does not fit the int8 kernel")
+    blocks = q.reshape(n // BLOCK_ROWS, BLOCK_ROWS, k // CHANNEL_STEP, CHANNEL_STEP)
+    packed = blocks.permute(0, 2, 1, 3).reshape(n // BLOCK_ROWS, k // CHANNEL_STEP, 64)
+    return PackedInt8(packed.contiguous(), scale.float().contiguous(), n, k)
+
+
+class Int8Kernel:
+    """The loaded library's functions, typed."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._matmul = c_function(
+            library, "vlbot_int8_matmul", I32, POINTER, I32, I64, I64, I64, I64,
+            POINTER, POINTER, POINTER, I32, I32,
+        )  # fmt: skip
+        self._dequantize = c_function(
+            library, "vlbot_int8_dequantize", None, I64, I64, POINTER, POINTER, POINTER, I32, I32
+        )
+        self.isa = c_function(library, "vlbot_int8_isa", ctypes.c_char_p)().decode()
+
+    def matmul(self, x: torch.Tensor, weights: PackedInt8) -> torch.Tensor:
+        """x (rows, K) -> (rows, N), bfloat16 for bfloat16 input, else float32."""
+        bf16 = x.dtype == torch.bfloat16
+        flat = x.contiguous() if bf16 else x.to(torch.float32).contiguous()
+        rows, k = flat.shape
+        if k != weights.in_features:
+            raise ValueError(f"input has {k} features, the weights {weights.in_features}")
+        out = torch.empty((rows, weights.out_features), dtype=flat.dtype)
+        status = self._matmul(
+            flat.data_ptr(), int(bf16), rows, k, weights.out_features, weights.group,
+            weights.packed.data_ptr(), weights.scales.data_ptr(), out.data_ptr(), int(bf16),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("the int8 kernel could not allocate its scratch memory")
+        return out
+
+    def dequantize(self, weights: PackedInt8, out: torch.Tensor) -> torch.Tensor:
+        """The (N, K) weights written into `out` (float32 or bfloat16, contiguous)."""
+        self._dequantize(
+            weights.in_features, weights.out_features, weights.packed.data_ptr(),
+            weights.scales.data_ptr(), out.data_ptr(), int(out.dtype == torch.bfloat16),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return out
+
+
+def dot_needs(tier: Tier) -> tuple[str, ...]:
+    """The instructions the byte kernels need (quant_dot.h): AVX2's byte products on x86, SDOT
+    (dotprod) on aarch64. Below that (x86 without AVX2, ARM without dotprod) plain C would be
+    no faster than torch's kernels, which are kept there."""
+    return ("asimddp",) if tier.is_arm else ("avx2",)
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> Int8Kernel | None:
+    """The kernel for this process's tier, or None where it cannot be built (reason logged once)."""
+    library = load_library("int8_matvec", cpu_needs=dot_needs(active_tier()))
+    return None if library is None else Int8Kernel(library)
+
+
+def kernel_for(tier: Tier) -> Int8Kernel | None:
+    """The kernel built for `tier` (tests and measurements of a lower tier than the process's)."""
+    library = load_library("int8_matvec", cpu_needs=dot_needs(tier), tier=tier)
+    return None if library is None else Int8Kernel(library)
