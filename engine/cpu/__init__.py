@@ -2,8 +2,14 @@
 
 - swap.py — the one place where this package goes into a loaded model, and the one list of what
   is swapped (read it first);
+- tiers.py — the CPU tier (avx2, avx512, avx512_bf16, amx, aarch64), detected once from
+  /proc/cpuinfo; `VLBOT_CPU` forces a lower one;
 - native.py — builds the C kernels (kernels/*.c) with the system compiler on first use into
-  ~/.cache/vlbot/kernels, checks the CPU's flags, loads them with ctypes;
+  ~/.cache/vlbot/kernels, with the tier's flags, for the kernels the tier can run; loads them
+  with ctypes;
+- half_weights.py — where the tier has no bf16 arithmetic, a bf16 model computes in float32
+  with its language model's linear weights kept bf16;
+- summary.py — the tier and the kernels in use, for doctor, /health and the benchmark;
 - kernels/ — each C kernel next to its Python wrapper (the torch module it stands in for);
 - decode_step.py — a decode step of the language model written out in fewer operators;
 - patch_embed.py — the vision patch embedding as one matrix product;
