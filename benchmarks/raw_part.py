@@ -22,7 +22,14 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.helpers import decode_rate, proc_status_bytes
-from engine.qwen.loading import image_tokens, load_processor, physical_cores, processor_size, resolve_dtype
+from engine.qwen.loading import (
+    cpu_supports_bf16,
+    image_tokens,
+    load_processor,
+    physical_cores,
+    processor_size,
+    resolve_dtype,
+)
 
 
 class Clock(BaseStreamer):
@@ -127,7 +134,10 @@ def main(spec_path: str, out_path: str) -> int:
 
     threads = int(spec.get("threads") or physical_cores())
     torch.set_num_threads(threads)
-    dtype = resolve_dtype(spec.get("dtype", "auto"))
+    # raw transformers as a user runs it: bf16 where the CPU computes it natively, else float32
+    # (vlbot's own "auto" keeps bf16 weights there too, engine.cpu.half_weights)
+    wanted = spec.get("dtype", "auto")
+    dtype = resolve_dtype(wanted) if wanted != "auto" or cpu_supports_bf16() else torch.float32
     started = time.monotonic()
     config = AutoConfig.from_pretrained(spec["model"])
     processor = load_processor(spec["model"], config)
