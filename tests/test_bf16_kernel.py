@@ -115,3 +115,24 @@ def test_use_for_decode_skips_float32_models(kernel: Bf16Kernel) -> None:
     assert use_for_decode(model) == 2
     assert isinstance(model.lm_head, DecodeLinear)
     assert isinstance(model.model.language_model.proj, DecodeLinear)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_adjacent_layers_are_read_as_one_matrix(kernel: Bf16Kernel, dtype: torch.dtype) -> None:
+    """q/k/v-like layers whose weights lie back to back: one call gives each layer's own
+    product (bf16 activations, and float32 ones against bf16 weights)."""
+    from engine.cpu.kernels.bf16_kernel import AdjacentLinears
+
+    block = torch.randn(24, 64).to(torch.bfloat16)
+    layers: list[nn.Module] = []
+    for rows in (slice(0, 10), slice(10, 24)):
+        linear = nn.Linear(64, rows.stop - rows.start, bias=False).to(torch.bfloat16)
+        linear.weight = nn.Parameter(block[rows], requires_grad=False)  # views of one storage
+        layers.append(DecodeLinear(linear, kernel))
+    joined = AdjacentLinears(layers)
+    x = torch.randn(3, 1, 64).to(dtype)
+    out = joined.project(x)
+    assert out is not None and out.dtype == dtype
+    for part, layer in zip(joined.parts(out), layers, strict=True):
+        assert torch.equal(part, layer(x))

@@ -202,8 +202,8 @@ class AdjacentLinears:
         flat = x.reshape(-1, x.shape[-1])
         if weight is None or kernel is None or flat.shape[0] > kernel.max_rows:
             return None
-        if x.dtype != torch.bfloat16 or torch.is_grad_enabled():
-            return None
+        if x.dtype not in (torch.bfloat16, torch.float32) or torch.is_grad_enabled():
+            return None  # float32: the half-size-weights model (engine.cpu.half_weights)
         out = kernel.matmul(flat, weight, None)
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
