@@ -11,9 +11,12 @@ order and one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from bot.fairqueue import FairQueue
@@ -30,6 +33,8 @@ class JobQueue(Protocol):
     poll_s: float | None
     # pinned jobs (an HTTP client waits on this replica) go only to this replica while it lives
     replica_id: str | None
+    # a new job is held (claimed by no one) this long at most, until `ready`: None, not held
+    hold_s: float | None
 
     async def start(self) -> None: ...
 
@@ -40,6 +45,9 @@ class JobQueue(Protocol):
 
     def push(self, job: Job, front: bool = False) -> None:
         """A job this process queued (new, or back after a failed attempt)."""
+
+    async def ready(self, job: Job) -> None:
+        """A held new job's acknowledgement was sent: any replica may claim it now."""
 
     async def claim(self) -> Job | None:
         """The next job to run, its conversation now busy; None if nothing is eligible."""
@@ -53,6 +61,9 @@ class JobQueue(Protocol):
     def predicted_order(self) -> list[Job]:
         """This process's waiting jobs in the order they would start."""
 
+    def still_waiting(self, job: Job) -> AbstractAsyncContextManager[bool]:
+        """Whether the job still waits; while inside, no replica starts it."""
+
 
 class LocalJobQueue:
     """One process: the in-memory fair queue."""
@@ -60,6 +71,7 @@ class LocalJobQueue:
     shared = False
     poll_s: float | None = None
     replica_id: str | None = None
+    hold_s: float | None = None
 
     def __init__(self) -> None:
         self._fair = FairQueue()
@@ -76,6 +88,9 @@ class LocalJobQueue:
     def push(self, job: Job, front: bool = False) -> None:
         self._fair.push(job, front)
 
+    async def ready(self, job: Job) -> None:
+        return None
+
     async def claim(self) -> Job | None:
         return self._fair.pop()
 
@@ -87,6 +102,10 @@ class LocalJobQueue:
 
     def predicted_order(self) -> list[Job]:
         return self._fair.predicted_order()
+
+    @contextlib.asynccontextmanager
+    async def still_waiting(self, job: Job) -> AsyncIterator[bool]:
+        yield True  # one process: the runner's own bookkeeping already says so
 
 
 def positions(queue: JobQueue) -> dict[str, int]:

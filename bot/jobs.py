@@ -31,10 +31,15 @@ class JobStore:
         self.history = history
 
     async def insert(
-        self, job: Job, event_key: str | None = None, pinned_to: str | None = None
+        self,
+        job: Job,
+        event_key: str | None = None,
+        pinned_to: str | None = None,
+        held_until: float | None = None,
     ) -> bool:
         """Persist a new job. Returns False (and writes nothing) if `event_key` was seen before.
-        `pinned_to`: the replica that alone may run it while alive (its client waits there)."""
+        `pinned_to`: the replica that alone may run it while alive (its client waits there);
+        `held_until`: no replica claims it before then (or before bot/pgqueue.py releases it)."""
         async with self.db.transaction() as conn:
             if event_key is not None:
                 # the unique key decides between replicas too: the second insert changes no row
@@ -50,7 +55,8 @@ class JobStore:
             next_seq = ", (SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs)" if seq else ""
             await conn.execute(
                 f'INSERT INTO jobs (id{seq}, conversation, "user", message, status, attempts, origin,'
-                f" created_at, updated_at, pinned_to) VALUES (?{next_seq}, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f" created_at, updated_at, pinned_to, lease_until)"
+                f" VALUES (?{next_seq}, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     job.id,
                     job.conversation.key(),
@@ -62,6 +68,7 @@ class JobStore:
                     job.created_at,
                     job.updated_at,
                     pinned_to,
+                    held_until,
                 ),
             )
             for sha in set(shas):
@@ -72,23 +79,44 @@ class JobStore:
         return True
 
     async def update(self, job: Job, **changes: Any) -> Job:
-        """Persist status/attempts/origin/answer/error changes and return the new job."""
+        """Persist status/attempts/answer/error changes and return the new job; `origin` keys
+        are merged into the stored origin (`merge_origin`)."""
+        origin = changes.pop("origin", None)
+        if origin is not None:
+            changes["origin"] = await self.merge_origin(job.id, origin)
         job = dataclasses.replace(job, updated_at=time.time(), **changes)
         async with self.db.transaction() as conn:
             await self._write(conn, job)
         return job
 
+    async def merge_origin(self, job_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Add reply context (a placeholder's message id …) to the stored origin and return it.
+        Only origin is written: with replicas, the replica that accepted a job may record its
+        placeholder while another one runs the job."""
+        # NO KEY UPDATE: not blocked by a place-in-line send's KEY SHARE lock (bot/pgqueue.py)
+        lock = " FOR NO KEY UPDATE" if self.db.dialect == "postgres" else ""
+        async with self.db.transaction() as conn:
+            rows = await conn.fetchall(f"SELECT origin FROM jobs WHERE id = ?{lock}", (job_id,))
+            merged = {**(json.loads(rows[0]["origin"]) if rows else {}), **changes}
+            await conn.execute(
+                "UPDATE jobs SET origin = ? WHERE id = ?", (json.dumps(merged), job_id)
+            )
+        return merged
+
     async def _write(self, conn: Tx, job: Job) -> None:
+        """Status and outcome (not origin); a job back in the queue loses its lease at once."""
         await conn.execute(
-            "UPDATE jobs SET status = ?, attempts = ?, origin = ?, answer = ?, error = ?,"
-            " updated_at = ? WHERE id = ?",
+            "UPDATE jobs SET status = ?, attempts = ?, answer = ?, error = ?, updated_at = ?,"
+            " lease_until = CASE WHEN ? = 'queued' THEN NULL ELSE lease_until END,"
+            " lease_owner = CASE WHEN ? = 'queued' THEN NULL ELSE lease_owner END WHERE id = ?",
             (
                 job.status.value,
                 job.attempts,
-                json.dumps(job.origin),
                 job.answer,
                 job.error,
                 job.updated_at,
+                job.status.value,
+                job.status.value,
                 job.id,
             ),
         )

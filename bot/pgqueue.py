@@ -4,7 +4,8 @@ Claim: one statement picks the job to start with `FOR UPDATE SKIP LOCKED` (two r
 take the same row, and neither waits for the other), marks it running and leases it to this
 replica for `lease_s`. A job is eligible when
 - it is queued, or running/answered under a lease that expired (its replica died: take over;
-  an answered job is delivered, not generated again),
+  an answered job is delivered, not generated again); a new job is held (leased) by the replica
+  that accepted it until its acknowledgement (the placeholder) is sent and recorded,
 - no earlier unfinished job of its conversation exists (turns in order, one at a time),
 - it is not pinned to another live replica (an HTTP client waits for it there).
 Fairness: conversations take turns as in bot/fairqueue.py: the next job is the oldest one of the
@@ -25,6 +26,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
 from bot.db import Database, Row
 from bot.jobqueue import REPLICA_ID
@@ -40,7 +42,7 @@ CLAIM = f"""
 WITH candidate AS (
     SELECT j.id, j.lease_owner AS previous_owner FROM jobs j
     LEFT JOIN queue_turns q ON q.conversation = j.conversation
-    WHERE (j.status = 'queued' OR (j.status IN {LIVE} AND COALESCE(j.lease_until, 0) < ?))
+    WHERE j.status IN {UNFINISHED} AND COALESCE(j.lease_until, 0) < ?
       AND (j.pinned_to IS NULL OR j.pinned_to = ? OR NOT EXISTS (
             SELECT 1 FROM replicas r WHERE r.id = j.pinned_to AND r.alive_until >= ?))
       AND NOT EXISTS (SELECT 1 FROM jobs b WHERE b.conversation = j.conversation
@@ -96,10 +98,13 @@ class SharedJobQueue:
         self.lease_s = lease_s
         self.poll_s: float | None = poll_s
         self.replica_id: str | None = replica_id
+        self.hold_s: float | None = lease_s
         self.takeovers = 0  # jobs this replica took over from a replica whose lease ran out
         self._local: dict[str, Job] = {}  # waiting jobs accepted here (their place is announced)
         self._waiting: list[str] = []  # every waiting job id, in predicted order (last look)
         self._heartbeat: asyncio.Task[None] | None = None
+        # place-in-line sends hold a connection each: a few at a time, the pool stays free
+        self._announcing = asyncio.Semaphore(2)
 
     async def start(self) -> None:
         await self._beat()
@@ -145,6 +150,12 @@ class SharedJobQueue:
         self._local[job.id] = job
         if job.id not in self._waiting:
             self._waiting.insert(0, job.id) if front else self._waiting.append(job.id)
+
+    async def ready(self, job: Job) -> None:
+        async with self.db.transaction() as tx:
+            await tx.execute(
+                "UPDATE jobs SET lease_until = NULL WHERE id = ? AND status = 'queued'", (job.id,)
+            )
 
     async def claim(self) -> Job | None:
         now = time.time()
@@ -192,3 +203,15 @@ class SharedJobQueue:
 
     def predicted_order(self) -> list[Job]:
         return [self._local[j] for j in self._waiting if j in self._local]
+
+    @contextlib.asynccontextmanager
+    async def still_waiting(self, job: Job) -> AsyncIterator[bool]:
+        """A KEY SHARE lock on the waiting job's row: a claim (FOR UPDATE SKIP LOCKED) passes
+        it by meanwhile, while the origin update a send may make (NO KEY UPDATE) goes ahead."""
+        async with self._announcing, self.db.transaction() as tx:
+            rows = await tx.fetchall(
+                "SELECT id FROM jobs WHERE id = ? AND status = 'queued'"
+                " AND COALESCE(lease_until, 0) < ? FOR KEY SHARE SKIP LOCKED",
+                (job.id, time.time()),
+            )
+            yield bool(rows)

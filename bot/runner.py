@@ -122,7 +122,7 @@ class Runner:
         self.max_question_chars = max_question_chars
         self.params = params or GenerationParams()
         self.adapters: dict[str, Adapter] = {}
-        self._queue: JobQueue = queue or LocalJobQueue()
+        self._queue: JobQueue = queue if queue is not None else LocalJobQueue()
         self._admitting = 0  # submits past the capacity check whose job is not queued yet
         self._wakeup = asyncio.Event()
         self._running: dict[str, tuple[Job, asyncio.Task[None]]] = {}
@@ -201,7 +201,12 @@ class Runner:
                 user=incoming.user,
                 origin=origin,
             )
-            inserted = await self.jobs.insert(job, incoming.event_key, pinned_to=self._pin(incoming))
+            # on a shared queue the job is held until its acknowledgement is sent (below): the
+            # replica that runs it then finds the placeholder this one recorded
+            held = time.time() + self._queue.hold_s if self._queue.hold_s else None
+            inserted = await self.jobs.insert(
+                job, incoming.event_key, pinned_to=self._pin(incoming), held_until=held
+            )
             if inserted:
                 self._queue.push(job)
         finally:
@@ -210,11 +215,19 @@ class Runner:
             log.info("duplicate event %s ignored", incoming.event_key)
             return Acceptance(job_id="", position=0, eta_s=0.0, duplicate=True)
         position = positions(self._queue).get(job.id, 1)
-        self._wakeup.set()
         log.info("job %s accepted for %s (position %d)", job.id, job.conversation, position)
         acceptance = Acceptance(job.id, position, self.eta_s(position))
         self._sent_positions[job.id] = (position, time.monotonic())
-        self._spawn(self._emit(job, Queued(position, acceptance.eta_s)))
+        if held is None:
+            self._wakeup.set()
+            self._spawn(self._emit(job, Queued(position, acceptance.eta_s)))
+        else:
+            await self._emit(job, Queued(position, acceptance.eta_s))
+            try:
+                await self._queue.ready(job)
+            except Exception as exc:  # the hold then ends with its lease
+                log.warning("job %s: could not release its hold: %r", job.id, exc)
+            self._wakeup.set()
         return acceptance
 
     async def cancel(self, conversation: ConversationId) -> int:
@@ -449,8 +462,8 @@ class Runner:
         if changes:
             merged = {**job.origin, **changes}
             if merged != job.origin:
-                await self.jobs.update(job, origin=merged)
-                job.origin.update(changes)  # the runner's copy sees it too (dict is shared)
+                stored = await self.jobs.merge_origin(job.id, changes)
+                job.origin.update(stored)  # the runner's copy sees it too (dict is shared)
 
     async def _emit(self, job: Job, event: ReplyEvent) -> None:
         """Send a progress event; a platform error here never fails the job."""
@@ -476,7 +489,17 @@ class Runner:
                 and (position <= NEAR_FRONT or now - last[1] >= POSITION_UPDATE_S)
             ):
                 self._sent_positions[job.id] = (position, now)
-                self._spawn(self._emit(job, Queued(position, self.eta_s(position))))
+                self._spawn(self._emit_waiting(job, Queued(position, self.eta_s(position))))
+
+    async def _emit_waiting(self, job: Job, event: Queued) -> None:
+        """A new place in line, sent only while the job still waits: with replicas another one
+        may have started (even answered) it meanwhile, and this edit must not come after."""
+        try:
+            async with self._queue.still_waiting(job) as waiting:
+                if waiting:
+                    await self._emit(job, event)
+        except Exception as exc:
+            log.warning("job %s: place in line not sent: %r", job.id, exc)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]

@@ -128,7 +128,7 @@ async def test_a_failed_or_duplicate_write_gives_its_queue_slot_back(stack: Stac
     stack.runner.max_queue = 1
     write = stack.jobs.insert
 
-    async def broken_disk(job: object, event_key: str | None = None, pinned_to: str | None = None) -> bool:
+    async def broken_disk(job: object, event_key: str | None = None, **_: object) -> bool:
         raise OSError("disk I/O error")
 
     stack.jobs.insert = broken_disk  # type: ignore[assignment,method-assign]

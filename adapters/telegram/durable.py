@@ -15,13 +15,17 @@ until the album's job is written. Whatever is still pending at start (an album i
 collection window, a photo still downloading, a handler cut off by SIGTERM or SIGKILL) is put
 back by `replay` before polling starts and handled again; job writes dedupe by event key, and an
 update already in this process (replayed and redelivered) is handled once.
+
+Webhook mode waits (`handled`, bounded) until the update is settled before answering 200: with
+replicas, a replica killed before it wrote the job has then not acknowledged the update, and
+Telegram's redelivery (through the proxy, to another replica) keeps the chat's order; a pending
+update would otherwise be handled only at that replica's restart, after the chat's later ones.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 
 from telegram import Bot, Update
 from telegram.error import TelegramError
@@ -36,6 +40,7 @@ class DurableUpdateQueue(asyncio.Queue[object]):
         super().__init__()
         self.pending = pending
         self._in_process: set[int] = set()
+        self._settled: dict[int, asyncio.Event] = {}
 
     async def put(self, item: object) -> None:
         if isinstance(item, Update) and item.message is not None:
@@ -43,17 +48,31 @@ class DurableUpdateQueue(asyncio.Queue[object]):
                 return  # redelivered while the replayed copy is being handled
             try:
                 await self.pending.add(str(item.update_id), item.to_dict())
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # the database (SQLite or Postgres) refused it
                 # a TelegramError: PTB's polling loop retries getUpdates (same offset) with backoff
                 log.error("telegram: could not store update %s: %r", item.update_id, exc)
                 raise TelegramError(f"update {item.update_id} not stored") from exc
             self._in_process.add(item.update_id)
+            self._settled.setdefault(item.update_id, asyncio.Event())
         await super().put(item)
+
+    async def handled(self, update_id: int, timeout_s: float) -> None:
+        """Wait until the update is settled (at most `timeout_s`; it stays pending anyway)."""
+        settled = self._settled.get(update_id)
+        if settled is not None:
+            try:
+                await asyncio.wait_for(settled.wait(), timeout_s)
+            except asyncio.TimeoutError:
+                self._settled.pop(update_id, None)
 
     async def settle(self, *update_ids: int) -> None:
         """These updates are handled: forget them."""
         await self.pending.remove(str(i) for i in update_ids)
         self._in_process.difference_update(update_ids)
+        for update_id in update_ids:
+            settled = self._settled.pop(update_id, None)
+            if settled is not None:
+                settled.set()
 
     async def replay(self, bot: Bot) -> int:
         """Queue the updates left pending by an earlier run; returns how many."""

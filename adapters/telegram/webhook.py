@@ -15,10 +15,12 @@ from aiohttp import web
 from telegram import Update
 from telegram.ext import Application
 
+from adapters.telegram.durable import DurableUpdateQueue
 from bot.settings import Settings
 
 log = logging.getLogger("vlbot.telegram")
 SECRET_HEADER = "X-Telegram-Bot-Api-Secret-Token"
+HANDLED_WAIT_S = 10.0  # longest wait for an update's job before the 200 (it stays pending)
 
 
 class WebhookServer:
@@ -68,4 +70,7 @@ class WebhookServer:
         except ValueError:
             return web.Response(status=400)
         await self.app.update_queue.put(update)
+        queue = self.app.update_queue
+        if isinstance(queue, DurableUpdateQueue):  # 200 once the job is written (replicas)
+            await queue.handled(update.update_id, HANDLED_WAIT_S)
         return web.Response(status=200)
