@@ -80,6 +80,14 @@ class PostgresDatabase(Database):
 
     @classmethod
     async def open(cls, url: str, max_size: int = 10) -> PostgresDatabase:  # type: ignore[override]
+        try:  # one plain connection first: a wrong URL fails at once, with the server's words
+            probe = await psycopg.AsyncConnection.connect(url, connect_timeout=10)
+            await probe.close()
+        except psycopg.Error as exc:
+            raise DataDirError(
+                f"cannot connect to the database {redacted(url)}: {str(exc).strip()};"
+                " check VLBOT_DATABASE_URL"
+            ) from exc
         pool: AsyncConnectionPool[psycopg.AsyncConnection[Row]] = AsyncConnectionPool(
             url,
             min_size=1,

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from bot.db import Database
+from bot.db import Database, DataDirError
 from bot.history import HistoryStore
 from bot.jobs import JobStore, new_job_id
 from bot.models import ConversationId, ImagePart, Job, JobStatus, Message, User
 from bot.pending import PendingUpdates
+from bot.settings import Settings
 
 CHAT = ConversationId("telegram", "42")
 PHOTO = ImagePart(b"\x89PNG a chart", "image/png", "chart.png")
@@ -122,3 +123,21 @@ async def test_images_of_one_owner_are_not_served_to_another(db: Database) -> No
     assert await history.image_in(PHOTO.sha256, "telegram:42") == PHOTO.data
     assert await history.image_in(PHOTO.sha256, "telegram:43") is None
     assert await history.image_in(PHOTO.sha256, "slack:") is None
+
+
+async def test_a_wrong_database_url_is_a_clear_error_without_the_password() -> None:
+    from tests.postgres_server import free_port
+
+    url = f"postgresql://vlbot:hunter2@127.0.0.1:{free_port()}/vlbot"
+    with pytest.raises(DataDirError) as caught:
+        await Database.open(url)
+    message = str(caught.value)
+    assert "VLBOT_DATABASE_URL" in message and "127.0.0.1" in message
+    assert "hunter2" not in message
+
+
+def test_the_database_setting_switches_backends(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("VLBOT_DATA_DIR", str(tmp_path))
+    assert Settings(_env_file=None).database == tmp_path / "vlbot.sqlite3"  # type: ignore[call-arg]
+    monkeypatch.setenv("VLBOT_DATABASE_URL", "postgresql://bot@db/vlbot")
+    assert Settings(_env_file=None).database == "postgresql://bot@db/vlbot"  # type: ignore[call-arg]
