@@ -12,6 +12,7 @@ from bot.core import BotCore
 from bot.db import Database
 from bot.history import HistoryStore
 from bot.jobs import JobStore
+from bot.pgqueue import SharedJobQueue
 from bot.runner import Runner
 from tests.fakes import RecordingAdapter, ScriptedEngine
 from tests.postgres_server import PostgresServer, bin_dir
@@ -61,11 +62,16 @@ class Stack:
     engine: ScriptedEngine
 
 
-async def make_stack(db_path: Path, engine: ScriptedEngine | None = None, **runner_kw: object) -> Stack:
+async def make_stack(
+    db_path: Path | str, engine: ScriptedEngine | None = None, **runner_kw: object
+) -> Stack:
+    """A runner on SQLite (a path: the in-memory queue) or Postgres (a URL: the shared queue)."""
     db = await Database.open(db_path)
     history = HistoryStore(db, turns_in_prompt=10)
     jobs = JobStore(db, history)
     engine = engine or ScriptedEngine()
+    if db.dialect == "postgres" and "queue" not in runner_kw:
+        runner_kw["queue"] = SharedJobQueue(db, jobs, lease_s=5, poll_s=0.05)
     runner = Runner(jobs, history, engine, **runner_kw)  # type: ignore[arg-type]
     adapter = RecordingAdapter()
     runner.attach({"test": adapter})
@@ -74,8 +80,8 @@ async def make_stack(db_path: Path, engine: ScriptedEngine | None = None, **runn
 
 
 @pytest.fixture
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    s = await make_stack(tmp_path / "vlbot.sqlite3", retry_backoff_s=0.01)
+async def stack(database_target: Path | str) -> AsyncIterator[Stack]:
+    s = await make_stack(database_target, retry_backoff_s=0.01)
     yield s
     await s.runner.stop(grace_s=1)
     await s.db.close()

@@ -335,6 +335,10 @@ async def test_cancel_while_the_start_is_being_announced_keeps_the_runner_alive(
     stack.engine.hang = False
     await stack.runner.submit(incoming("b", "still serving?"))
     assert isinstance((await stack.adapter.wait_for_finals(2))[1].event, Final)
+    for _ in range(100):  # DONE is committed right after the delivery
+        if await stack.jobs.counts() == {"cancelled": 1, "done": 1}:
+            break
+        await asyncio.sleep(0.05)
     assert await stack.jobs.counts() == {"cancelled": 1, "done": 1}
 
 
