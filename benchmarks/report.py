@@ -310,6 +310,7 @@ def render_report(result: Result) -> str:
         )
     )
     parts += ["", markdown_table(["figure", "value"], summary_rows(result))]
+    parts += llama_cpp_section(result)
     parts += ["", "Floors", ""]
     parts.append(
         markdown_table(
@@ -373,3 +374,67 @@ def summary_rows(result: Result) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def llama_cpp_section(result: Result) -> list[str]:
+    """The section "llama.cpp on the same machine": the rows `benchmarks.peers.llama_cpp
+    --merge-into` stored under "llama_cpp", beside this run's vlbot figures at the same images;
+    nothing when the result has none."""
+    peers = result.get("llama_cpp") or {}
+    if not peers.get("runs"):
+        return []
+    vl = result.get("vlbot") or {}
+    rows: list[list[str]] = []
+    for image in dict.fromkeys(str(r.get("image")) for r in peers["runs"]):
+        bot = vlbot_run(result, image)
+        if bot is not None:
+            rows.append(
+                [
+                    "vlbot",
+                    "default",
+                    image,
+                    fmt_int(get(bot, "visual_tokens")),
+                    fmt_s(get(bot, "ttft_s")),
+                    fmt_rate(get(bot, "decode_tok_s")),
+                    fmt_gb(vl.get("peak_rss_bytes")),
+                ]
+            )
+        for quant in quantized_runs(result):
+            if quant.get("image") == image and not quant.get("error"):
+                rows.append(
+                    [
+                        "vlbot",
+                        str(quant.get("option")),
+                        image,
+                        "",
+                        fmt_s(quant.get("ttft_s")),
+                        fmt_rate(quant.get("decode_tok_s")),
+                        fmt_gb(quant.get("peak_rss_bytes")),
+                    ]
+                )
+        for run in (r for r in peers["runs"] if r.get("image") == image):
+            head = [f"llama.cpp {run.get('build')}", str(run.get("quant")), image]
+            if run.get("error"):
+                rows.append([*head, str(run["error"]), "", "", ""])
+                continue
+            first = (
+                f"{fmt_s(run.get('first_token_s'))} ({fmt_s(run.get('encode_s'))} vision encode,"
+                f" {fmt_s(run.get('image_prefill_s'))} image prefill)"
+            )
+            rows.append(
+                [
+                    *head,
+                    fmt_int(run.get("visual_tokens")),
+                    first,
+                    fmt_rate(run.get("decode_tok_s")),
+                    fmt_gb(run.get("peak_rss_bytes")),
+                ]
+            )
+    note = (
+        f"llama-mtmd-cli from the {peers.get('source', '?')}, {peers.get('threads', '?')} threads,"
+        f" {peers.get('mmproj', 'F16')} vision projector, at most {peers.get('max_visual_tokens', '?')}"
+        f" visual tokens, {peers.get('new_tokens', '?')} forced new tokens, greedy{_load_note(peers)}."
+        " Its first token: from the prompt's start to the first token (the log's timestamps)."
+    )
+    headers = ["engine", "weights", "image", "visual tokens", "first token", "decode", "peak RSS"]
+    return ["", "llama.cpp on the same machine", "", note, "", markdown_table(headers, rows)]
