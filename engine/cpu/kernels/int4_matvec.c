@@ -1,5 +1,5 @@
 /* 4-bit weight x 8-bit activation matrix products for decode steps (vlbot int4), one source for
- * every CPU tier: the per-ISA step is quant_dot.h's dot_u8s8 (AVX-512 VNNI, AVX-512BW, AVX2,
+ * every CPU tier: the per-ISA step is quant_dot.h's dot_nibbles (AVX-512 VNNI, AVX-512BW, AVX2,
  * NEON dotprod, plain C).
  *
  * Weights: asymmetric 4-bit in groups of G input channels, w[n][k] = q * scale + low, q in 0..15.
@@ -54,22 +54,20 @@ int vlbot_int4_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
             for (int64_t g = 0; g < groups; g++) {
                 const uint8_t *w = block + g * chunks * 64;
                 const int8_t *xg = xrow + g * group;
-                v16si sums[4] = {{0}, {0}, {0}, {0}};
+                acc16 sums[4] = {acc_zero(), acc_zero(), acc_zero(), acc_zero()};
                 for (int64_t c = 0; c < chunks; c += 2) {
                     __builtin_prefetch(w + c * 64 + PREFETCH_BYTES);
                     __builtin_prefetch(w + c * 64 + 64 + PREFETCH_BYTES);
                     for (int u = 0; u < 2; u++) {
-                        const v64qu v = load_chunk(w + (c + u) * 64);
                         int32_t x_lo, x_hi;
                         memcpy(&x_lo, xg + (c + u) * 8, 4);
                         memcpy(&x_hi, xg + (c + u) * 8 + 4, 4);
-                        sums[2 * u] = dot_u8s8(sums[2 * u], v & 0x0f, x_lo);
-                        sums[2 * u + 1] = dot_u8s8(sums[2 * u + 1], v >> 4, x_hi);
+                        dot_nibbles(&sums[2 * u], &sums[2 * u + 1], w + (c + u) * 64, x_lo, x_hi);
                     }
                 }
-                const v16si dot = (sums[0] + sums[2]) + (sums[1] + sums[3]);
+                const v16sf dot = acc_float(acc_add(acc_add(sums[0], sums[2]), acc_add(sums[1], sums[3])));
                 const v16sf scale = load16f(block_scales + g * 16) * xs[m * groups + g];
-                acc += __builtin_convertvector(dot, v16sf) * scale;
+                acc += dot * scale;
                 acc += load16f(block_lows + g * 16) * xsum[m * groups + g];
             }
             store16(y, m * n_out + b * 16, acc, y_bf16);
@@ -89,18 +87,18 @@ void vlbot_int4_dequantize(int64_t k, int64_t n_out, int64_t group, const uint8_
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *block = packed + b * (k / 8) * 64;
-        for (int64_t r = 0; r < 16; r++) {
-            const int64_t n = b * 16 + r;
-            for (int64_t c = 0; c < k / 8; c++) {
-                const uint8_t *bytes = block + c * 64 + 4 * r;
-                const int64_t at = b * groups * 16 + (c * 8 / group) * 16 + r;
-                const float scale = scales[at], low = lows[at];
-                float v[8];
-                for (int i = 0; i < 4; i++) {
-                    v[i] = (float)(bytes[i] & 0x0f) * scale + low;
-                    v[4 + i] = (float)(bytes[i] >> 4) * scale + low;
+        float scale[64], low[64], lo[64], hi[64];
+        for (int64_t g = 0; g < groups; g++) {
+            spread4(scales + (b * groups + g) * 16, scale);
+            spread4(lows + (b * groups + g) * 16, low);
+            for (int64_t c = g * group / 8; c < (g + 1) * group / 8; c++) {
+                const uint8_t *v = block + c * 64;
+                for (int l = 0; l < 64; l++) {
+                    lo[l] = (float)(v[l] & 0x0f) * scale[l] + low[l];
+                    hi[l] = (float)(v[l] >> 4) * scale[l] + low[l];
                 }
-                for (int i = 0; i < 8; i++) store_value(w, n * k + c * 8 + i, v[i], as_bf16);
+                store_rows4(w, b * 16, k, c * 8, lo, as_bf16);
+                store_rows4(w, b * 16, k, c * 8 + 4, hi, as_bf16);
             }
         }
     }

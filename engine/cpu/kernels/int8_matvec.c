@@ -39,6 +39,12 @@ int vlbot_int8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
     }
     quantize_groups(x, x_bf16, rows, k, group, xq, xs, xsum);
     const int64_t groups = k / group;
+    int32_t *xq_sum = (int32_t *)xsum; /* the float sums are not needed here: reuse their space */
+    for (int64_t at = 0; at < rows * groups; at++) {
+        int32_t total = 0;
+        for (int64_t i = 0; i < group; i++) total += xq[at * group + i];
+        xq_sum[at] = total;
+    }
     const int64_t blocks = n_out / 16;
     const int64_t chunks = group / 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -51,7 +57,7 @@ int vlbot_int8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
             for (int64_t g = 0; g < groups; g++) {
                 const int8_t *w = block + g * chunks * 64;
                 const int8_t *xg = xrow + g * group;
-                v16si sums[4] = {{0}, {0}, {0}, {0}};
+                acc16 sums[4] = {acc_zero(), acc_zero(), acc_zero(), acc_zero()};
                 for (int64_t c = 0; c < chunks; c += 4) {
                     __builtin_prefetch(w + c * 64 + PREFETCH_BYTES);
                     __builtin_prefetch(w + c * 64 + 64 + PREFETCH_BYTES);
@@ -60,11 +66,11 @@ int vlbot_int8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
                     for (int u = 0; u < 4; u++) {
                         int32_t x4;
                         memcpy(&x4, xg + (c + u) * 4, 4);
-                        sums[u] = dot_s8s8(sums[u], (v64qi)load_chunk((const uint8_t *)w + (c + u) * 64), x4);
+                        sums[u] = dot_s8s8(sums[u], w + (c + u) * 64, x4);
                     }
                 }
-                const v16si dot = (sums[0] + sums[1]) + (sums[2] + sums[3]);
-                acc += __builtin_convertvector(dot, v16sf) * xs[m * groups + g];
+                const v16sf dot = acc_float(acc_add(acc_add(sums[0], sums[1]), acc_add(sums[2], sums[3])));
+                acc += (dot - (float)(DOT_S8_BIAS * xq_sum[m * groups + g])) * xs[m * groups + g];
             }
             store16(y, m * n_out + b * 16, acc * scale, y_bf16);
         }
@@ -81,14 +87,12 @@ void vlbot_int8_dequantize(int64_t k, int64_t n_out, const int8_t *packed, const
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int8_t *block = packed + b * (k / 4) * 64;
-        for (int64_t r = 0; r < 16; r++) {
-            const int64_t n = b * 16 + r;
-            const float scale = row_scales[n];
-            for (int64_t c = 0; c < k / 4; c++) {
-                for (int i = 0; i < 4; i++) {
-                    store_value(w, n * k + c * 4 + i, (float)block[c * 64 + 4 * r + i] * scale, as_bf16);
-                }
-            }
+        float scale[64], f[64];
+        spread4(row_scales + b * 16, scale);
+        for (int64_t c = 0; c < k / 4; c++) {
+            const int8_t *q = block + c * 64;
+            for (int l = 0; l < 64; l++) f[l] = (float)q[l] * scale[l];
+            store_rows4(w, b * 16, k, c * 4, f, as_bf16);
         }
     }
 }

@@ -1,7 +1,7 @@
 /* The one per-ISA layer of vlbot's quantized matrix-vector kernels (int4_matvec.c, int8_matvec.c).
  *
- * The kernels are written once with GCC vector extensions (v16si: 16 int32 lanes, v16sf: 16
- * floats, v64qu/v64qi: 64 bytes). Their weights come in 64-byte chunks that hold 16 rows x 4
+ * The kernels are written once (their float arithmetic with GCC vector extensions, v16sf: 16
+ * floats). Their weights come in 64-byte chunks that hold 16 rows x 4
  * input channels (byte 4r + i: row r, channel i), so one chunk times 4 broadcast activation bytes
  * gives each of the 16 rows its 4-channel dot product in its own 32-bit lane (no horizontal sums).
  * This header supplies that step for each instruction set, chosen by the compiler's target macros
@@ -13,30 +13,26 @@
  * - aarch64 with dotprod: SDOT (vdotq_s32), four 16-byte quarters; without it plain C;
  * - anything else: plain C (the compiler vectorizes what it can).
  *
- * dot_u8s8: unsigned weights (< 128: the kernels pass 4-bit values) x signed activations;
- * dot_s8s8: signed weights in -127..127 x signed activations (-127..127), done as |w| x (x with
- * w's sign) on x86 (ggml's trick: the pair sums stay within 16 bits).
+ acc16 holds 16 int32 row sums in the ISA's registers (one zmm, two ymm, four NEON q registers);
+ * dot_s8s8(acc, w64, x4): signed weights in -127..127 x 4 signed activations, done as |w| x (x
+ * with w's sign) on AVX2/AVX-512BW (ggml's trick: the pair sums stay within 16 bits), as
+ * (w + 128) x x on VNNI, the kernel then taking DOT_S8_BIAS * sum(x) off;
+ * dot_nibbles(lo, hi, w64, x_lo, x_hi): a chunk of 4-bit weights, low nibbles x x_lo into `lo`,
+ * high nibbles x x_hi into `hi`; acc_float: the 16 sums as floats (v16sf).
  */
 #ifndef VLBOT_QUANT_DOT_H
 #define VLBOT_QUANT_DOT_H
+
+#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors on AVX2: static inline only */
 
 #include <stdint.h>
 #include <string.h>
 
 #include "bf16.h"
 
-#pragma GCC diagnostic ignored "-Wpsabi" /* 64-byte vectors on AVX2: static inline only */
 
 typedef int32_t v16si __attribute__((vector_size(64)));
 typedef float v16sf __attribute__((vector_size(64)));
-typedef uint8_t v64qu __attribute__((vector_size(64)));
-typedef int8_t v64qi __attribute__((vector_size(64)));
-
-static inline v64qu load_chunk(const uint8_t *p) {
-    v64qu v;
-    memcpy(&v, p, 64);
-    return v;
-}
 
 static inline v16sf load16f(const float *p) {
     v16sf v;
@@ -44,79 +40,116 @@ static inline v16sf load16f(const float *p) {
     return v;
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512BW__)
 #include <immintrin.h>
+typedef __m512i acc16;
+static inline acc16 acc_zero(void) { return _mm512_setzero_si512(); }
+static inline acc16 acc_add(acc16 a, acc16 b) { return _mm512_add_epi32(a, b); }
+static inline v16sf acc_float(acc16 a) { return (v16sf)_mm512_cvtepi32_ps(a); }
+#if defined(__AVX512VNNI__)
 #define QUANT_DOT_ISA "avx512_vnni"
-static inline v16si dot_u8s8(v16si acc, v64qu w, int32_t x4) {
-    return (v16si)_mm512_dpbusd_epi32((__m512i)acc, (__m512i)w, _mm512_set1_epi32(x4));
-}
-static inline v16si dot_s8s8(v16si acc, v64qi w, int32_t x4) {
-    const __m512i x = _mm512_set1_epi32(x4);
-    const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask((__m512i)w), _mm512_setzero_si512(), x);
-    return (v16si)_mm512_dpbusd_epi32((__m512i)acc, _mm512_abs_epi8((__m512i)w), signed_x);
-}
-#elif defined(__AVX512BW__)
-#include <immintrin.h>
+static inline acc16 dot_u8(acc16 acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }
+#else
 #define QUANT_DOT_ISA "avx512bw"
-static inline v16si dot_u8s8(v16si acc, v64qu w, int32_t x4) {
-    const __m512i pairs = _mm512_maddubs_epi16((__m512i)w, _mm512_set1_epi32(x4));
-    return acc + (v16si)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+static inline acc16 dot_u8(acc16 acc, __m512i w, __m512i x) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
 }
-static inline v16si dot_s8s8(v16si acc, v64qi w, int32_t x4) {
-    const __m512i x = _mm512_set1_epi32(x4);
-    const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask((__m512i)w), _mm512_setzero_si512(), x);
-    const __m512i pairs = _mm512_maddubs_epi16(_mm512_abs_epi8((__m512i)w), signed_x);
-    return acc + (v16si)_mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
+#endif
+#if defined(__AVX512VNNI__)
+/* VPDPBUSD multiplies unsigned by signed bytes without saturating: w + 128 (w ^ 0x80) times x,
+ * and the kernel takes 128 * sum(x) off each group's sums (DOT_S8_BIAS). */
+#define DOT_S8_BIAS 128
+static inline acc16 dot_s8s8(acc16 acc, const int8_t *w64, int32_t x4) {
+    const __m512i w = _mm512_xor_si512(_mm512_loadu_si512((const void *)w64), _mm512_set1_epi8((char)0x80));
+    return _mm512_dpbusd_epi32(acc, w, _mm512_set1_epi32(x4));
+}
+#else
+static inline acc16 dot_s8s8(acc16 acc, const int8_t *w64, int32_t x4) {
+    const __m512i w = _mm512_loadu_si512((const void *)w64), x = _mm512_set1_epi32(x4);
+    const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+    return dot_u8(acc, _mm512_abs_epi8(w), signed_x);
+}
+#endif
+static inline void dot_nibbles(acc16 *lo, acc16 *hi, const uint8_t *w64, int32_t x_lo, int32_t x_hi) {
+    const __m512i v = _mm512_loadu_si512((const void *)w64), mask = _mm512_set1_epi8(0x0f);
+    *lo = dot_u8(*lo, _mm512_and_si512(v, mask), _mm512_set1_epi32(x_lo));
+    *hi = dot_u8(*hi, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask), _mm512_set1_epi32(x_hi));
 }
 #elif defined(__AVX2__)
 #include <immintrin.h>
 #define QUANT_DOT_ISA "avx2"
-typedef int32_t v8si __attribute__((vector_size(32)));
-typedef union {
-    v16si whole;
+typedef struct {
     __m256i half[2];
-} halves;
-static inline v16si dot_u8s8(v16si acc, v64qu w, int32_t x4) {
-    halves a = {.whole = acc}, b = {.whole = (v16si)w};
-    const __m256i x = _mm256_set1_epi32(x4), ones = _mm256_set1_epi16(1);
-    for (int h = 0; h < 2; h++) {
-        a.half[h] = _mm256_add_epi32(a.half[h], _mm256_madd_epi16(_mm256_maddubs_epi16(b.half[h], x), ones));
-    }
-    return a.whole;
+} acc16;
+static inline acc16 acc_zero(void) { return (acc16){{_mm256_setzero_si256(), _mm256_setzero_si256()}}; }
+static inline acc16 acc_add(acc16 a, acc16 b) {
+    return (acc16){{_mm256_add_epi32(a.half[0], b.half[0]), _mm256_add_epi32(a.half[1], b.half[1])}};
 }
-static inline v16si dot_s8s8(v16si acc, v64qi w, int32_t x4) {
-    halves a = {.whole = acc}, b = {.whole = (v16si)w};
-    const __m256i x = _mm256_set1_epi32(x4), ones = _mm256_set1_epi16(1);
+static inline v16sf acc_float(acc16 a) {
+    float out[16];
+    _mm256_storeu_ps(out, _mm256_cvtepi32_ps(a.half[0]));
+    _mm256_storeu_ps(out + 8, _mm256_cvtepi32_ps(a.half[1]));
+    return load16f(out);
+}
+static inline __m256i dot_u8(__m256i acc, __m256i w, __m256i x) {
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+static inline acc16 dot_s8s8(acc16 acc, const int8_t *w64, int32_t x4) {
+    const __m256i x = _mm256_set1_epi32(x4);
     for (int h = 0; h < 2; h++) {
-        const __m256i pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(b.half[h], b.half[h]), _mm256_sign_epi8(x, b.half[h]));
-        a.half[h] = _mm256_add_epi32(a.half[h], _mm256_madd_epi16(pairs, ones));
+        const __m256i w = _mm256_loadu_si256((const __m256i *)(w64 + 32 * h));
+        acc.half[h] = dot_u8(acc.half[h], _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
     }
-    return a.whole;
+    return acc;
+}
+static inline void dot_nibbles(acc16 *lo, acc16 *hi, const uint8_t *w64, int32_t x_lo, int32_t x_hi) {
+    const __m256i mask = _mm256_set1_epi8(0x0f), xl = _mm256_set1_epi32(x_lo), xh = _mm256_set1_epi32(x_hi);
+    for (int h = 0; h < 2; h++) {
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(w64 + 32 * h));
+        lo->half[h] = dot_u8(lo->half[h], _mm256_and_si256(v, mask), xl);
+        hi->half[h] = dot_u8(hi->half[h], _mm256_and_si256(_mm256_srli_epi16(v, 4), mask), xh);
+    }
 }
 #elif defined(__ARM_FEATURE_DOTPROD)
 #include <arm_neon.h>
 #define QUANT_DOT_ISA "neon_dotprod"
-typedef union {
-    v16si whole;
-    int32x4_t quarter[4];
-} quarters_si;
-typedef union {
-    v64qi whole;
-    int8x16_t quarter[4];
-} quarters_qi;
-static inline v16si dot_s8s8(v16si acc, v64qi w, int32_t x4) {
-    quarters_si a = {.whole = acc};
-    quarters_qi b = {.whole = w};
-    const int8x16_t x = vreinterpretq_s8_s32(vdupq_n_s32(x4));
-    for (int q = 0; q < 4; q++) a.quarter[q] = vdotq_s32(a.quarter[q], b.quarter[q], x);
-    return a.whole;
+typedef struct {
+    int32x4_t q[4];
+} acc16;
+static inline acc16 acc_zero(void) {
+    const int32x4_t z = vdupq_n_s32(0);
+    return (acc16){{z, z, z, z}};
 }
-static inline v16si dot_u8s8(v16si acc, v64qu w, int32_t x4) {
-    return dot_s8s8(acc, (v64qi)w, x4); /* values < 128: the same bytes as signed */
+static inline acc16 acc_add(acc16 a, acc16 b) {
+    for (int i = 0; i < 4; i++) a.q[i] = vaddq_s32(a.q[i], b.q[i]);
+    return a;
+}
+static inline v16sf acc_float(acc16 a) {
+    float out[16];
+    for (int i = 0; i < 4; i++) vst1q_f32(out + 4 * i, vcvtq_f32_s32(a.q[i]));
+    return load16f(out);
+}
+static inline acc16 dot_s8s8(acc16 acc, const int8_t *w64, int32_t x4) {
+    const int8x16_t x = vreinterpretq_s8_s32(vdupq_n_s32(x4));
+    for (int i = 0; i < 4; i++) acc.q[i] = vdotq_s32(acc.q[i], vld1q_s8(w64 + 16 * i), x);
+    return acc;
+}
+static inline void dot_nibbles(acc16 *lo, acc16 *hi, const uint8_t *w64, int32_t x_lo, int32_t x_hi) {
+    const int8x16_t xl = vreinterpretq_s8_s32(vdupq_n_s32(x_lo)), xh = vreinterpretq_s8_s32(vdupq_n_s32(x_hi));
+    const uint8x16_t mask = vdupq_n_u8(0x0f);
+    for (int i = 0; i < 4; i++) {
+        const uint8x16_t v = vld1q_u8(w64 + 16 * i);
+        lo->q[i] = vdotq_s32(lo->q[i], vreinterpretq_s8_u8(vandq_u8(v, mask)), xl);
+        hi->q[i] = vdotq_s32(hi->q[i], vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), xh);
+    }
 }
 #else
 #define QUANT_DOT_ISA "generic"
-static inline v16si dot_s8s8(v16si acc, v64qi w, int32_t x4) {
+typedef v16si acc16;
+static inline acc16 acc_zero(void) { return (acc16){0}; }
+static inline acc16 acc_add(acc16 a, acc16 b) { return a + b; }
+static inline v16sf acc_float(acc16 a) { return __builtin_convertvector(a, v16sf); }
+static inline acc16 dot_s8s8(acc16 acc, const int8_t *w, int32_t x4) {
     int8_t x[4];
     memcpy(x, &x4, 4);
     for (int r = 0; r < 16; r++) {
@@ -124,9 +157,21 @@ static inline v16si dot_s8s8(v16si acc, v64qi w, int32_t x4) {
     }
     return acc;
 }
-static inline v16si dot_u8s8(v16si acc, v64qu w, int32_t x4) {
-    return dot_s8s8(acc, (v64qi)w, x4);
+static inline void dot_nibbles(acc16 *lo, acc16 *hi, const uint8_t *w, int32_t x_lo, int32_t x_hi) {
+    int8_t xl[4], xh[4];
+    memcpy(xl, &x_lo, 4);
+    memcpy(xh, &x_hi, 4);
+    for (int r = 0; r < 16; r++) {
+        for (int i = 0; i < 4; i++) {
+            (*lo)[r] += (w[4 * r + i] & 0x0f) * xl[i];
+            (*hi)[r] += (w[4 * r + i] >> 4) * xh[i];
+        }
+    }
 }
+#endif
+
+#ifndef DOT_S8_BIAS
+#define DOT_S8_BIAS 0 /* dot_s8s8 gives the plain signed dot product */
 #endif
 
 /* Each `group` activations of each row as int8 (scale = max |x| / 127, rounded to nearest) with
@@ -152,6 +197,31 @@ static inline void quantize_groups(const void *x, int x_bf16, int64_t rows, int6
             xs[m * groups + g] = amax / 127.0f;
             xsum[m * groups + g] = sum;
         }
+    }
+}
+
+/* Expanding weights for a prompt (dequantize): one 64-byte chunk's 64 values at a time, lane
+ * 4r + i being row r's channel i of the chunk. Plain loops over arrays, which the compiler
+ * vectorizes on every tier (its vector conversions of bytes are scalarized by GCC 12). */
+
+/* 16 values repeated 4 times each: out[4r + i] = v[r]. */
+static inline void spread4(const float *v, float *out) {
+    for (int l = 0; l < 64; l++) out[l] = v[l / 4];
+}
+
+/* Row r's 4 values (f[4r .. 4r+3]) to w[(row0 + r) * k + col] for the 16 rows, as float or
+ * bfloat16 (rounded to nearest even, as float_to_bf16). */
+static inline void store_rows4(void *w, int64_t row0, int64_t k, int64_t col, const float *f, int as_bf16) {
+    if (as_bf16) {
+        uint16_t h[64];
+        for (int l = 0; l < 64; l++) {
+            uint32_t bits;
+            memcpy(&bits, f + l, 4);
+            h[l] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+        }
+        for (int r = 0; r < 16; r++) memcpy((uint16_t *)w + (row0 + r) * k + col, h + 4 * r, 8);
+    } else {
+        for (int r = 0; r < 16; r++) memcpy((float *)w + (row0 + r) * k + col, f + 4 * r, 16);
     }
 }
 
