@@ -9,9 +9,7 @@ the first token. Where no kernel builds (no C compiler), torch's packed kernels 
 (`_weight_int8pack_mm`: per-output-channel scales; `_weight_int4pack_mm_for_cpu`: groups of up
 to 128 input channels with a scale and a zero point each).
 
-Measured on the 2-core Zen5 (one 2048 -> 6144 projection, batch 1, 2 threads, 24 matrices cycled;
-bytes = the weights as held, per call; `VLBOT_CPU=avx2` = the AVX2 build on the same machine):
-see KERNEL_FIGURES in the kernels' modules and the README's tables.
+The kernels' figures against torch's (and torchao's) are in their modules' docstrings.
 
 The quantized weights are kept (engine.cpu.quant_store): the first start with a mode quantizes and
 writes them to the cache, later starts map them from there without quantizing again.
