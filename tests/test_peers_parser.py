@@ -174,3 +174,17 @@ def test_report_without_llama_cpp_rows_has_no_such_section() -> None:
     del result["llama_cpp"]
     assert llama_cpp_section(result) == []
     assert "llama.cpp on the same machine" not in render_report(result)
+
+
+def test_plan_names_builds_and_weights_and_refuses_unknown_ones() -> None:
+    from benchmarks.peers.llama_cpp import parse_plan
+
+    assert parse_plan("native:BF16,Q8_0;avx2:Q4_K_M") == [
+        ("native", "BF16"),
+        ("native", "Q8_0"),
+        ("avx2", "Q4_K_M"),
+    ]
+    with pytest.raises(SystemExit, match="unknown build 'avx512'"):
+        parse_plan("avx512:Q8_0")
+    with pytest.raises(SystemExit, match="unknown weights 'Q5_K'"):
+        parse_plan("native:Q5_K")

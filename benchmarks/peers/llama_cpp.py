@@ -29,6 +29,7 @@ The JSON goes to --out; with --merge-into it is also stored under ``llama_cpp`` 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -52,10 +53,10 @@ DEFAULT_VERSION = "0.3.36"
 TARGETS = ("llama-mtmd-cli", "llama-quantize")
 QUESTION = "Describe this image in detail."  # the benchmark's question (benchmarks.run)
 CONTEXT = 4096  # tokens: 1024 visual + prompt + answer fit; the model's 256 K would size a huge KV cache
-# the converter's dependencies, in their own venv; torch pinned so pip never picks a CUDA build
+# the converter's dependencies, in their own venv; torch pinned with the CPU index so pip never picks
+# a CUDA build; transformers as in the project's venv (added below), which hashed the tokenizer
 CONVERTER_REQUIREMENTS = (
     "torch==2.13.0",
-    "transformers",
     "numpy",
     "sentencepiece",
     "protobuf",
@@ -171,7 +172,9 @@ def converter_python() -> Path:
     if not python.is_file():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         cpu_index = ["--extra-index-url", "https://download.pytorch.org/whl/cpu"]
-        subprocess.run([str(python), "-m", "pip", "install", *cpu_index, *CONVERTER_REQUIREMENTS], check=True)
+        same = f"transformers=={importlib.metadata.version('transformers')}"
+        pip = [str(python), "-m", "pip", "install", *cpu_index, *CONVERTER_REQUIREMENTS, same]
+        subprocess.run(pip, check=True)
     return python
 
 
