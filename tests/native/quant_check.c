@@ -1,0 +1,94 @@
+/* The quantized byte kernels (int8_matvec.c, int4_matvec.c) against a scalar C reference of
+ * their arithmetic, built for whichever target the compiler is given (x86 tiers, aarch64 under
+ * qemu-user): activations quantized per group as the kernels do, then plain integer dot products.
+ * Prints "ok: 0 failure(s), isa <name>" or the first differences. Used by tests/test_quant_cross.py. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "int4_matvec.c"
+#include "int8_matvec.c"
+
+static uint32_t state = 12345u;
+static float uniform(void) { /* -1 .. 1 */
+    state = state * 1664525u + 1013904223u;
+    return (float)(state >> 8) / (float)(1u << 23) - 1.0f;
+}
+
+static int failures = 0;
+static void check(const char *what, int64_t at, double got, double want, double tolerance) {
+    if (fabs(got - want) > tolerance) {
+        if (failures < 10) printf("%s[%lld]: %.7g, want %.7g\n", what, (long long)at, got, want);
+        failures++;
+    }
+}
+
+int main(void) {
+    enum { ROWS = 3, K = 256, N = 48, G = 128 };
+    float x[ROWS * K];
+    for (int i = 0; i < ROWS * K; i++) x[i] = uniform() * (i % 37 == 0 ? 20.0f : 1.0f);
+    int8_t xq[ROWS * K];
+    float xs[ROWS * K / G], xsum[ROWS * K / G];
+    quantize_groups(x, 0, ROWS, K, G, xq, xs, xsum);
+
+    /* int8: w[n][k] = q * scale[n]; packed (N/16, K/4, 64), byte 4r + i = q[16b + r][4c + i] */
+    static int8_t q8[N * K], packed8[N * K];
+    float scale8[N], y8[ROWS * N], w8[N * K];
+    for (int n = 0; n < N; n++) {
+        scale8[n] = 0.001f + 0.01f * (uniform() + 1.0f);
+        for (int k = 0; k < K; k++) q8[n * K + k] = (int8_t)lrintf(uniform() * 127.0f);
+    }
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) packed8[(n / 16) * (K / 4) * 64 + (k / 4) * 64 + 4 * (n % 16) + k % 4] = q8[n * K + k];
+    if (vlbot_int8_matmul(x, 0, ROWS, K, N, G, packed8, scale8, y8, 0, 2) != 0) return 2;
+    for (int m = 0; m < ROWS; m++)
+        for (int n = 0; n < N; n++) {
+            double want = 0;
+            for (int g = 0; g < K / G; g++) {
+                long dot = 0;
+                for (int i = 0; i < G; i++) dot += (long)q8[n * K + g * G + i] * xq[m * K + g * G + i];
+                want += (double)dot * xs[m * (K / G) + g];
+            }
+            want *= scale8[n];
+            check("int8 y", m * N + n, y8[m * N + n], want, 1e-5 * (fabs(want) + 1.0));
+        }
+    vlbot_int8_dequantize(K, N, packed8, scale8, w8, 0, 2);
+    for (int i = 0; i < N * K; i++) check("int8 w", i, w8[i], (float)q8[i] * scale8[i / K], 0.0);
+
+    /* int4: w = q * scale + low per group; packed (N/16, K/8, 64), byte 4r + i = q[.][8c + i] |
+     * q[.][8c + 4 + i] << 4; scales and lows (N/16, K/G, 16) */
+    static uint8_t q4[N * K], packed4[N * K / 2];
+    float scale4[N * K / G], low4[N * K / G], y4[ROWS * N], w4[N * K];
+    for (int i = 0; i < N * K; i++) q4[i] = (uint8_t)((uniform() + 1.0f) * 7.99f);
+    for (int n = 0; n < N; n++)
+        for (int g = 0; g < K / G; g++) {
+            const int at = (n / 16) * (K / G) * 16 + g * 16 + n % 16;
+            scale4[at] = 0.001f + 0.01f * (uniform() + 1.0f);
+            low4[at] = -8.0f * scale4[at] + 0.001f * uniform();
+        }
+    for (int n = 0; n < N; n++)
+        for (int c = 0; c < K / 8; c++)
+            for (int i = 0; i < 4; i++)
+                packed4[(n / 16) * (K / 8) * 64 + c * 64 + 4 * (n % 16) + i] =
+                    (uint8_t)(q4[n * K + 8 * c + i] | q4[n * K + 8 * c + 4 + i] << 4);
+    if (vlbot_int4_matmul(x, 0, ROWS, K, N, G, packed4, scale4, low4, y4, 0, 2) != 0) return 2;
+    for (int m = 0; m < ROWS; m++)
+        for (int n = 0; n < N; n++) {
+            double want = 0;
+            for (int g = 0; g < K / G; g++) {
+                const int at = (n / 16) * (K / G) * 16 + g * 16 + n % 16;
+                long dot = 0;
+                for (int i = 0; i < G; i++) dot += (long)q4[n * K + g * G + i] * xq[m * K + g * G + i];
+                want += (double)dot * xs[m * (K / G) + g] * scale4[at] + (double)low4[at] * xsum[m * (K / G) + g];
+            }
+            check("int4 y", m * N + n, y4[m * N + n], want, 1e-5 * (fabs(want) + 1.0));
+        }
+    vlbot_int4_dequantize(K, N, G, packed4, scale4, low4, w4, 0, 2);
+    for (int n = 0; n < N; n++)
+        for (int k = 0; k < K; k++) {
+            const int at = (n / 16) * (K / G) * 16 + (k / G) * 16 + n % 16;
+            check("int4 w", n * K + k, w4[n * K + k], (float)q4[n * K + k] * scale4[at] + low4[at], 1e-6);
+        }
+    printf("ok: %d failure(s), isa %s\n", failures, vlbot_int8_isa());
+    return failures != 0;
+}
