@@ -94,7 +94,9 @@ class Bf16Kernel:
     ) -> torch.Tensor:
         """x (rows, K) float32 times weight (N, K) bfloat16, transposed, for many rows: blocks of
         the weight widened to float32 in C, each multiplied by torch (oneDNN's float32 product;
-        its bf16 product on a tier without bf16 arithmetic is ~3x slower)."""
+        its bf16 product on a tier without bf16 arithmetic is ~3x slower). AVX2 forced on Zen5,
+        2048->6144, 1 thread: 300 rows 122.5 ms against torch's float32 linear's 119.9 ms (and
+        its bf16 linear's 403.9), 1000 rows 263.3 against 278.9 (1000.4) ms."""
         flat = x.contiguous()
         rows, k = flat.shape
         n = weight.shape[0]
