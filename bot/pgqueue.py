@@ -102,6 +102,7 @@ class SharedJobQueue:
         self.takeovers = 0  # jobs this replica took over from a replica whose lease ran out
         self._local: dict[str, Job] = {}  # waiting jobs accepted here (their place is announced)
         self._waiting: list[str] = []  # every waiting job id, in predicted order (last look)
+        self._looked = 0.0  # time.monotonic() of the last look
         self._heartbeat: asyncio.Task[None] | None = None
         # place-in-line sends hold a connection each: a few at a time, the pool stays free
         self._announcing = asyncio.Semaphore(2)
@@ -169,7 +170,8 @@ class SharedJobQueue:
                     " (conversation) DO UPDATE SET served_at = EXCLUDED.served_at",
                     (rows[0]["conversation"], now),
                 )
-        await self._look()
+        if rows or time.monotonic() - self._looked >= (self.poll_s or 0):
+            await self._look()  # idle workers poll together: one look per poll_s is enough
         if not rows:
             return None
         row = rows[0]
@@ -182,6 +184,7 @@ class SharedJobQueue:
 
     async def _look(self) -> None:
         """Refresh the view of waiting jobs (place in line, queue depth)."""
+        self._looked = time.monotonic()
         self._waiting = round_robin(await self.db.fetchall(WAITING))
         waiting = set(self._waiting)
         for job_id in [j for j in self._local if j not in waiting]:
