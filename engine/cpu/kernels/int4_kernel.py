@@ -8,11 +8,11 @@ per group (as llama.cpp's 4-bit kernels do) and multiplies bytes (quant_dot.h: V
 AVX-512 VNNI, VPMADDUBSW + VPMADDWD on AVX-512BW and AVX2, SDOT on NEON with dotprod).
 
 Why it is kept: one 6144x2048 projection, batch 1, 2 threads, 24 matrices cycled, interleaved
-best of 40 rounds on the 2-core Zen5 (a shared machine at load 9-11 then, so the figures are
-low; the ratios are what counts), ms per call, ours against torch's:
-avx512_bf16 0.50 vs 1.71; avx512 (forced) 1.89 vs 1.98; avx2 (forced, ATen forced to AVX2
-too) 0.65 vs 3.25. Where there is no byte dot product (x86 without AVX2, ARM without dotprod) or
-no compiler, `load_kernel()` returns None and engine.cpu.quant keeps torch's kernel.
+best of 15 rounds on the 2-core Zen5 (load average 2), ms per call (GB/s of weights as held),
+ours against torch's: avx512_bf16 0.186 (38.1) vs 0.194 (34.5); avx512 forced 0.253 (28.0) vs
+0.372 (18.0); avx2 forced (ATen forced to AVX2 too) 0.198 (35.7) vs 0.705 (9.5). Where there is
+no byte dot product (x86 without AVX2, ARM without dotprod) or no compiler, `load_kernel()`
+returns None and engine.cpu.quant keeps torch's kernel.
 """
 
 from __future__ import annotations

@@ -3,16 +3,16 @@ build, load, call.
 
 torch's `_weight_int8pack_mm` converts every weight to a float and multiplies in float: on the
 2-core Zen5 it is compute-bound (the engine's int8 decode was 10.1 tok/s against 9.6 in bf16),
-and torchao's `Int8WeightOnlyConfig` in eager mode is slower still (15.5 ms for the projection
-below: it expands the weights each call). This kernel multiplies bytes by bytes (activations
+and torchao's `Int8WeightOnlyConfig` in eager mode is slower still (it expands the weights each
+call: 15.5 ms for the projection below at load average 6, where ours took ~1.4 ms). This kernel multiplies bytes by bytes (activations
 quantized to 8 bits per group of 128, as llama.cpp's Q8_0 does per 32; quant_dot.h: VPDPBUSD on
 AVX-512 VNNI, VPMADDUBSW + VPMADDWD on AVX-512BW and AVX2, SDOT on NEON with dotprod).
 
 Why it is kept: one 6144x2048 projection, batch 1, 2 threads, 24 matrices cycled, interleaved
-best of 40 rounds on the 2-core Zen5 (a shared machine at load 9-11 then: low figures, the
-ratios count), ms per call, ours against `_weight_int8pack_mm`: avx512_bf16 1.81 vs 3.77;
-avx512 (forced) 5.19 vs 6.06; avx2 (forced, ATen forced to AVX2 too) 1.31 vs 2.06.
-Where there is no byte dot product or no compiler, `load_kernel()` returns None and
+best of 15 rounds on the 2-core Zen5 (load average 2), ms per call (GB/s of weights as held),
+ours against `_weight_int8pack_mm`: avx512_bf16 0.316 (39.8) vs 0.447 (28.2); avx512 forced
+0.428 (29.5) vs 0.612 (20.6); avx2 forced (ATen forced to AVX2 too) 0.325 (38.8) vs 0.590
+(21.3). Where there is no byte dot product or no compiler, `load_kernel()` returns None and
 engine.cpu.quant keeps torch's kernel.
 """
 
