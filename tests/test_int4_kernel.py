@@ -10,7 +10,7 @@ from torch import nn
 
 from engine.cpu.kernels.int4_kernel import Int4Kernel, kernel_for, pack
 from engine.cpu.kernels.int8_kernel import dot_needs
-from engine.cpu.quant import KERNEL_MAX_ROWS, Int4Linear
+from engine.cpu.quant import CHUNKED_MAX_ROWS, KERNEL_MAX_ROWS, Int4Linear
 from engine.cpu.tiers import X86_TIERS, TierError, choose, cpu_flags
 from tests.engine_fixtures import built_or_skip
 
@@ -126,10 +126,13 @@ def test_linear_uses_the_kernel_for_decode_and_float_weights_for_prefill(kernel:
     linear = nn.Linear(256, 64, bias=True)
     fast, plain = Int4Linear.from_linear(linear, 128, kernel), Int4Linear.from_linear(linear, 128, None)
     assert (fast.kernel_name, plain.kernel_name) == (f"vlbot {kernel.isa}", "torch")
-    prefill = torch.randn(1, KERNEL_MAX_ROWS + 4, 256)
+    prefill = torch.randn(1, CHUNKED_MAX_ROWS + 4, 256)  # a long prompt: expanded weights
     packed = fast._weights()
     expanded = kernel.dequantize(packed, torch.float32)
     assert torch.allclose(fast(prefill), prefill @ expanded.T + linear.bias, atol=1e-5)
+    short = torch.randn(KERNEL_MAX_ROWS + 4, 256)  # a short one: the kernel, 16 rows at a time
+    parts = [kernel.matmul(short[:KERNEL_MAX_ROWS], packed), kernel.matmul(short[KERNEL_MAX_ROWS:], packed)]
+    assert torch.equal(fast(short), torch.cat(parts) + linear.bias)
     step = torch.randn(1, 1, 256)
     want = linear(step)
     for module in (fast, plain):  # both close to the original layer

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.cpu.kernels.int8_kernel import Int8Kernel, dot_needs, kernel_for, pack, quantize
-from engine.cpu.quant import KERNEL_MAX_ROWS, Int8Linear
+from engine.cpu.quant import CHUNKED_MAX_ROWS, KERNEL_MAX_ROWS, Int8Linear
 from engine.cpu.tiers import X86_TIERS, TierError, choose, cpu_flags
 from tests.engine_fixtures import built_or_skip
 from tests.test_int4_kernel import TIER_ISA
@@ -99,8 +99,16 @@ def test_linear_uses_the_kernel_for_decode_and_expanded_weights_for_prefill(kern
     assert (fast.kernel_name, plain.kernel_name) == (f"vlbot {kernel.isa}", "torch")
     q, scale = quantize(linear.weight)
     expanded = q.float() * scale[:, None]
-    prefill = torch.randn(2, KERNEL_MAX_ROWS + 4, 256)
+    prefill = torch.randn(2, CHUNKED_MAX_ROWS // 2 + 4, 256)  # a long prompt: expanded weights
     assert torch.allclose(fast(prefill), prefill @ expanded.T + linear.bias, atol=1e-5)
+    short = torch.randn(KERNEL_MAX_ROWS + 4, 256)  # a short one: the kernel, 16 rows at a time
+    want = torch.cat(
+        [
+            kernel.matmul(short[:KERNEL_MAX_ROWS], fast._weights()),
+            kernel.matmul(short[KERNEL_MAX_ROWS:], fast._weights()),
+        ]
+    )
+    assert torch.equal(fast(short), want + linear.bias)
     step = torch.randn(1, 1, 256)
     want = linear(step)
     for module in (fast, plain):  # both close to the original layer

@@ -4,9 +4,10 @@ build, load, call.
 torch's `_weight_int8pack_mm` converts every weight to a float and multiplies in float: on the
 2-core Zen5 it is compute-bound (the engine's int8 decode was 10.1 tok/s against 9.6 in bf16),
 and torchao's `Int8WeightOnlyConfig` in eager mode is slower still (it expands the weights each
-call: 15.5 ms for the projection below at load average 6, where ours took ~1.4 ms). This kernel multiplies bytes by bytes (activations
-quantized to 8 bits per group of 128, as llama.cpp's Q8_0 does per 32; quant_dot.h: VPDPBUSD on
-AVX-512 VNNI, VPMADDUBSW + VPMADDWD on AVX-512BW and AVX2, SDOT on NEON with dotprod).
+call: 15.5 ms for the projection below at load average 6, where ours took ~1.4 ms). This
+kernel multiplies bytes by bytes (activations quantized to 8 bits per group of 128, as
+llama.cpp's Q8_0 does per 32; quant_dot.h: VPDPBUSD on AVX-512 VNNI, VPMADDUBSW + VPMADDWD on
+AVX-512BW and AVX2, SDOT on NEON with dotprod).
 
 Why it is kept: one 6144x2048 projection, batch 1, 2 threads, 24 matrices cycled, interleaved
 best of 15 rounds on the 2-core Zen5 (load average 2), ms per call (GB/s of weights as held),
