@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,19 @@ from tests.postgres_server import PostgresServer, bin_dir
 pytest_plugins = ["tests.engine_fixtures"]
 
 BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def quantized_models_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Models the tests quantize are saved under the session's temporary folder, not the user's
+    ~/.cache/vlbot/quantized (subprocesses inherit it; a test may set its own folder)."""
+    saved = os.environ.get("VLBOT_QUANT_CACHE")
+    os.environ["VLBOT_QUANT_CACHE"] = str(tmp_path_factory.mktemp("quantized"))
+    yield
+    if saved is None:
+        os.environ.pop("VLBOT_QUANT_CACHE", None)
+    else:
+        os.environ["VLBOT_QUANT_CACHE"] = saved
 
 
 @pytest.fixture(scope="session")
