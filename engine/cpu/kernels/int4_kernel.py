@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.cpu.kernels.int8_kernel import dot_needs
-from engine.cpu.native import I32, I64, POINTER, Tier, active_tier, c_function, load_library
+from engine.cpu.kernels.int8_kernel import byte_kernel_library
+from engine.cpu.native import I32, I64, POINTER, Tier, c_function
 
 BLOCK_ROWS = 16  # output rows per block in the packed layout
 CHANNEL_STEP = 8  # input channels per 64-byte chunk
@@ -132,11 +132,11 @@ class Int4Kernel:
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> Int4Kernel | None:
     """The kernel, or None where this machine cannot build or run it (reason logged once)."""
-    library = load_library("int4_matvec", cpu_needs=dot_needs(active_tier()))
+    library = byte_kernel_library("int4_matvec")
     return None if library is None else Int4Kernel(library)
 
 
 def kernel_for(tier: Tier) -> Int4Kernel | None:
     """The kernel built for `tier` (tests and measurements of a lower tier than the process's)."""
-    library = load_library("int4_matvec", cpu_needs=dot_needs(tier), tier=tier)
+    library = byte_kernel_library("int4_matvec", tier)
     return None if library is None else Int4Kernel(library)

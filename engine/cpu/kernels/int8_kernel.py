@@ -115,14 +115,22 @@ def dot_needs(tier: Tier) -> tuple[str, ...]:
     return ("asimddp",) if tier.is_arm else ("avx2",)
 
 
+def byte_kernel_library(name: str, tier: Tier | None = None) -> ctypes.CDLL | None:
+    """One of the byte kernels (int8_matvec, int4_matvec) built for `tier` (default: this
+    process's), or None where that tier lacks the byte products they need (`dot_needs`)."""
+    if tier is None:
+        return load_library(name, cpu_needs=dot_needs(active_tier()))
+    return load_library(name, cpu_needs=dot_needs(tier), tier=tier)
+
+
 @functools.lru_cache(maxsize=1)
 def load_kernel() -> Int8Kernel | None:
     """The kernel for this process's tier, or None where it cannot be built (reason logged once)."""
-    library = load_library("int8_matvec", cpu_needs=dot_needs(active_tier()))
+    library = byte_kernel_library("int8_matvec")
     return None if library is None else Int8Kernel(library)
 
 
 def kernel_for(tier: Tier) -> Int8Kernel | None:
     """The kernel built for `tier` (tests and measurements of a lower tier than the process's)."""
-    library = load_library("int8_matvec", cpu_needs=dot_needs(tier), tier=tier)
+    library = byte_kernel_library("int8_matvec", tier)
     return None if library is None else Int8Kernel(library)
