@@ -26,8 +26,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
-from dataclasses import replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bot import texts
@@ -45,6 +45,7 @@ from bot.adapter import (
 )
 from bot.engine_port import AnswerInterrupted, Engine, EngineNotReady, StreamStats
 from bot.history import HistoryStore
+from bot.job_hooks import Admission, JobObserver, JobOutcome, OutcomeStatus, PresetResultHook
 from bot.jobqueue import JobQueue, LocalJobQueue, positions
 from bot.jobs import JobStore, new_job_id
 from bot.models import (
@@ -93,6 +94,16 @@ def with_preset(message: Message, origin: dict[str, Any]) -> tuple[Message, dict
     return Message(tuple(parts)), {**origin, "preset": preset.name}
 
 
+@dataclass
+class _Measured:
+    """What the runner measured of one job while it ran (see JobOutcome)."""
+
+    engine_s: float = 0.0
+    generation_started: float = 0.0
+    first_token_s: float | None = None
+    visual_tokens: int | None = None
+
+
 class Runner:
     def __init__(
         self,
@@ -109,6 +120,9 @@ class Runner:
         max_question_chars: int = 4000,
         params: GenerationParams | None = None,
         queue: JobQueue | None = None,
+        admission: Admission | None = None,
+        observers: Sequence[JobObserver] = (),
+        result_hooks: Sequence[PresetResultHook] = (),
     ) -> None:
         self.jobs = jobs
         self.history = history
@@ -133,6 +147,11 @@ class Runner:
         self._stopping = False
         # job id → (position last announced, when): position updates are rate-limited
         self._sent_positions: dict[str, tuple[int, float]] = {}
+        self.admission = admission
+        self.observers = list(observers)
+        self.result_hooks = list(result_hooks)
+        # job id → what this process measured of it so far, for its JobOutcome
+        self._measured: dict[str, _Measured] = {}
 
     def attach(self, adapters: Mapping[str, Adapter]) -> None:
         self.adapters.update(adapters)
@@ -178,6 +197,16 @@ class Runner:
     # --- the Core interface adapters use -----------------------------------------------------
 
     async def submit(self, incoming: Incoming) -> Acceptance:
+        try:
+            return await self._submit(incoming)
+        except InputRejected as exc:
+            self._spawn(self._observe(JobOutcome.rejected(incoming, exc.code)))
+            raise
+        except QueueFull:
+            self._spawn(self._observe(JobOutcome.rejected(incoming, "queue_full")))
+            raise
+
+    async def _submit(self, incoming: Incoming) -> Acceptance:
         if not incoming.message.parts:
             raise InputRejected("empty_question", "empty message")
         check_message(incoming.message, self.max_question_chars, self.max_images_per_message)
@@ -189,6 +218,8 @@ class Runner:
             raise QueueFull(self.queue_depth, self.retry_after_s())
         self._admitting += 1
         try:
+            if self.admission is not None:  # quotas: refused here, nothing is queued
+                await self.admission.admit(incoming)
             if incoming.message.images:  # decodes every image: off the event loop
                 await asyncio.to_thread(self.engine.check, incoming.message)
             else:
@@ -331,7 +362,12 @@ class Runner:
             if not self.engine.ready:
                 await self.engine.load()  # idempotent: waits for the load already under way
             started = time.monotonic()  # a job's time, without the model's load
-            answer = await asyncio.wait_for(self._generate(job), timeout=self.job_timeout_s)
+            measured = self._measured.setdefault(job.id, _Measured())
+            measured.generation_started = started
+            try:
+                answer = await asyncio.wait_for(self._generate(job), timeout=self.job_timeout_s)
+            finally:
+                measured.engine_s += time.monotonic() - started
         except asyncio.CancelledError:
             if job.id in self._cancelled:
                 self._cancelled.discard(job.id)
@@ -372,6 +408,8 @@ class Runner:
         stats = take_stats(job.conversation.key()) if take_stats is not None else None
         if not isinstance(stats, StreamStats):
             return Final(answer)
+        measured = self._measured.setdefault(job.id, _Measured())
+        measured.visual_tokens = stats.visual_tokens
         return Final(answer, stats.finish_reason, stats.prompt_tokens, stats.completion_tokens)
 
     async def _generate(self, job: Job) -> str:
@@ -390,7 +428,10 @@ class Runner:
                 self.engine, history, job.message, params, preset,
                 user_text=job.message.text, language_code=lang,
             )
-            return text + render_answer(result, lang, json_only=json_only)
+            self._first_piece(job)
+            notes = await self._preset_notes(job, preset.name, result.as_dict())
+            answer = render_answer(result, lang, json_only=json_only)
+            return text + (f"{answer}\n\n{notes}" if notes and not json_only else answer)
         return await self._stream(job, history, params, text)
 
     async def _stream(
@@ -402,6 +443,7 @@ class Runner:
                 if not piece:
                     continue
                 text += piece
+                self._first_piece(job)
                 await self._emit(job, Partial(text, piece))
         return text.strip()
 
@@ -437,9 +479,11 @@ class Runner:
                 await asyncio.sleep(min(30.0, 2.0**attempt))
         else:
             await self.jobs.finish(job, JobStatus.FAILED, "the answer could not be delivered")
+            await self._settled(job, "failed", "undelivered", final)
             return
         await self.jobs.complete(job)
         log.info("job %s done", job.id)
+        await self._settled(job, "answered", None, final)
 
     async def _fail(
         self,
@@ -451,6 +495,53 @@ class Runner:
     ) -> None:
         job = await self.jobs.finish(job, status, detail)
         await self._emit(job, Failed(code, job.id, dict(params or {})))
+        await self._settled(job, "cancelled" if status is JobStatus.CANCELLED else "failed", code)
+
+    # --- hooks (bot/job_hooks.py) --------------------------------------------------------------
+
+    def _first_piece(self, job: Job) -> None:
+        measured = self._measured.get(job.id)
+        if measured is not None and measured.first_token_s is None:
+            measured.first_token_s = time.monotonic() - measured.generation_started
+
+    async def _preset_notes(self, job: Job, preset: str, result: dict[str, Any]) -> str:
+        notes: list[str] = []
+        for hook in self.result_hooks:
+            try:
+                note = await hook.preset_result(job, preset, result)
+            except Exception as exc:  # a hook never costs the user the answer
+                log.error("job %s: preset hook %s failed: %r", job.id, type(hook).__name__, exc,
+                          exc_info=exc)
+                continue
+            if note:
+                notes.append(note)
+        return "\n".join(notes)
+
+    async def _settled(
+        self, job: Job, status: OutcomeStatus, reason: str | None, final: Final | None = None
+    ) -> None:
+        measured = self._measured.pop(job.id, None) or _Measured()
+        await self._observe(JobOutcome(
+            conversation=job.conversation,
+            user=job.user,
+            origin=dict(job.origin),
+            status=status,
+            images=len(job.message.images),
+            job_id=job.id,
+            reason=reason,
+            engine_s=measured.engine_s,
+            first_token_s=measured.first_token_s,
+            prompt_tokens=final.prompt_tokens if final else None,
+            completion_tokens=final.completion_tokens if final else None,
+            visual_tokens=measured.visual_tokens,
+        ))
+
+    async def _observe(self, outcome: JobOutcome) -> None:
+        for observer in self.observers:
+            try:
+                await observer.job_finished(outcome)
+            except Exception as exc:  # the ledger never fails a job
+                log.error("observer %s failed: %r", type(observer).__name__, exc, exc_info=exc)
 
     # --- talking to adapters -----------------------------------------------------------------
 
