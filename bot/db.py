@@ -170,6 +170,25 @@ MIGRATIONS: tuple[Migration, ...] = (
     );
     """
     ),
+    Migration(
+        """
+    CREATE TABLE outbox (                                -- outbound webhooks (bot/outbox.py)
+        event_id        TEXT NOT NULL,                   -- the webhook-id header
+        endpoint        TEXT NOT NULL,                   -- the endpoint's URL
+        event_type      TEXT NOT NULL,
+        payload         TEXT NOT NULL,                   -- JSON
+        state           TEXT NOT NULL,                   -- pending / delivered / dead
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at DOUBLE PRECISION NOT NULL,
+        lease_until     DOUBLE PRECISION,                -- a delivery in flight holds the row
+        last_error      TEXT,
+        created_at      DOUBLE PRECISION NOT NULL,
+        updated_at      DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (event_id, endpoint)
+    );
+    CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
+    """
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
