@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bot.admin import AdminService
 from bot.engine_port import UpstreamStatus
 from bot.history import HistoryStore
 from bot.models import ConversationId, FinishReason, ImagePart, Job, Message, User
@@ -101,6 +102,10 @@ class Core(Protocol):
 
     @property
     def history(self) -> HistoryStore: ...
+
+    @property
+    def admin(self) -> AdminService:
+        """Admins, access, quotas, usage, audit log and run-time API keys (bot/admin.py)."""
 
     def status(self) -> CoreStatus: ...
 

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from bot.adapter import Acceptance, CoreStatus, Incoming
+from bot.admin import AdminService
 from bot.engine_port import Engine, UpstreamStatus
 from bot.history import HistoryStore
 from bot.models import ConversationId, ImagePart
@@ -26,9 +27,17 @@ def public_model_name(model: str) -> str:
 
 
 class BotCore:
-    def __init__(self, runner: Runner, history: HistoryStore, engine: Engine) -> None:
+    def __init__(
+        self,
+        runner: Runner,
+        history: HistoryStore,
+        engine: Engine,
+        admin: AdminService | None = None,
+    ) -> None:
         self.runner = runner
         self._history = history
+        # no admin service given (tests): one on the jobs' database, with no admins or defaults
+        self._admin = admin or AdminService(runner.jobs.db)
         self.engine = engine
         self.started_at = time.time()
         self.engine_error: str | None = None
@@ -37,6 +46,10 @@ class BotCore:
     @property
     def history(self) -> HistoryStore:
         return self._history
+
+    @property
+    def admin(self) -> AdminService:
+        return self._admin
 
     def load_engine_in_background(self) -> asyncio.Task[None]:
         """Start loading the model without delaying readiness of the adapters."""
