@@ -189,6 +189,67 @@ MIGRATIONS: tuple[Migration, ...] = (
     CREATE INDEX outbox_due ON outbox (state, next_attempt_at);
     """
     ),
+    Migration(
+        """
+    CREATE TABLE usage_ledger (                          -- one row per settled or refused job
+        finished_at       DOUBLE PRECISION NOT NULL,
+        platform          TEXT NOT NULL,
+        user_id           TEXT NOT NULL,                 -- HTTP: the API key id
+        user_name         TEXT NOT NULL DEFAULT '',
+        chat              TEXT,                          -- chat/channel id (NULL on HTTP)
+        conversation      TEXT NOT NULL,
+        api_key           TEXT,                          -- HTTP: the API key id
+        job_id            TEXT,                          -- NULL: refused before it was a job
+        status            TEXT NOT NULL,                 -- answered/failed/cancelled/rejected
+        reason            TEXT,
+        images            INTEGER NOT NULL,
+        visual_tokens     INTEGER,
+        prompt_tokens     INTEGER,
+        completion_tokens INTEGER,
+        engine_s          DOUBLE PRECISION NOT NULL,
+        first_token_s     DOUBLE PRECISION
+    );
+    CREATE INDEX usage_by_time ON usage_ledger (finished_at);
+    CREATE INDEX usage_by_user ON usage_ledger (platform, user_id, finished_at);
+    CREATE TABLE access_rules (                          -- allow/deny entries made by admins
+        platform   TEXT NOT NULL,
+        kind       TEXT NOT NULL,                        -- user / chat / key
+        subject_id TEXT NOT NULL,
+        rule       TEXT NOT NULL,                        -- allow / deny
+        updated_at DOUBLE PRECISION NOT NULL,
+        updated_by TEXT NOT NULL,
+        PRIMARY KEY (platform, kind, subject_id)
+    );
+    CREATE TABLE quota_overrides (                       -- NULL: not set at this level
+        platform               TEXT NOT NULL,
+        kind                   TEXT NOT NULL,
+        subject_id             TEXT NOT NULL,
+        images_per_day         INTEGER,
+        requests_per_day       INTEGER,
+        engine_seconds_per_day DOUBLE PRECISION,
+        max_waiting            INTEGER,
+        updated_at             DOUBLE PRECISION NOT NULL,
+        updated_by             TEXT NOT NULL,
+        PRIMARY KEY (platform, kind, subject_id)
+    );
+    CREATE TABLE audit_log (
+        at      DOUBLE PRECISION NOT NULL,
+        actor   TEXT NOT NULL,                           -- platform:kind:id
+        action  TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        detail  TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX audit_by_time ON audit_log (at);
+    CREATE TABLE api_keys (                              -- HTTP keys made at run time
+        id            TEXT PRIMARY KEY,
+        name          TEXT NOT NULL,
+        secret_sha256 TEXT NOT NULL UNIQUE,
+        created_at    DOUBLE PRECISION NOT NULL,
+        created_by    TEXT NOT NULL,
+        revoked_at    DOUBLE PRECISION
+    );
+    """
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
