@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bot.triage.rules import RoutingRule, parse_rules
 
 
 def default_concurrency() -> int:
@@ -109,6 +111,69 @@ class RemoteSettings(BaseModel):
         ]
 
 
+class TriageSettings(BaseModel):
+    """Support-screenshot triage (bot/triage/): auto-triage places, routing, grouping, digest."""
+
+    # images posted here without a mention are triaged (the /triage preset)
+    slack_channels: list[str] = Field(default_factory=list)  # channel IDs (C0…)
+    telegram_chats: list[int] = Field(default_factory=list)  # group chat ids
+    rules: list[RoutingRule] = Field(default_factory=list)  # bot/triage/rules.py
+    digest_hour: int | None = Field(default=9, ge=0, le=23)  # UTC; "off": no daily digest
+    group_window_days: float = Field(default=14.0, gt=0)  # repeats matched this far back
+    group_threshold: float = Field(default=88.0, ge=0, le=100)  # rapidfuzz score to group
+    language: str = "en"  # of the digest and the routed summaries (en, zh)
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _rules(cls, value: object) -> list[RoutingRule]:
+        return parse_rules(value)
+
+    @field_validator("digest_hour", mode="before")
+    @classmethod
+    def _digest_off(cls, value: object) -> object:
+        off = isinstance(value, str) and value.strip().lower() in ("", "off", "none", "null")
+        return None if off else value
+
+
+class WebhookEndpoint(BaseModel):
+    """One receiver of outbound webhooks (bot/webhooks.py) and the secret it verifies with."""
+
+    url: str
+    secret: SecretStr  # whsec_<base64>, as the Standard Webhooks libraries take it
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: SecretStr) -> SecretStr:
+        from standardwebhooks import Webhook
+
+        try:
+            Webhook(value.get_secret_value())
+        except Exception as exc:
+            raise ValueError(
+                "a webhook secret is whsec_ followed by base64 (e.g. whsec_ + 32 random bytes"
+                f" in base64), not a {type(exc).__name__} of one"
+            ) from None
+        return value
+
+
+class WebhookSettings(BaseModel):
+    """Signed outbound webhooks from the durable outbox (bot/outbox.py, bot/webhooks.py)."""
+
+    endpoints: list[WebhookEndpoint] = Field(default_factory=list)  # JSON: [{url, secret}]
+    # triage.result: each triage; preset.result: every other preset's JSON result too
+    events: list[Literal["triage.result", "preset.result"]] = Field(
+        default_factory=lambda: ["triage.result"]
+    )
+    max_attempts: int = Field(default=10, ge=1)  # then the event is dead-lettered ...
+    max_age_s: float = Field(default=86_400.0, gt=0)  # ... or once it is this old
+    backoff_s: float = Field(default=10.0, gt=0)  # first retry after 0.5-1x this, doubling
+    max_backoff_s: float = Field(default=3_600.0, gt=0)
+    timeout_s: float = Field(default=10.0, gt=0)  # one POST
+    # hosts (names or IPs) that may resolve to private addresses: a receiver on the LAN
+    allow_private_hosts: list[str] = Field(default_factory=list)
+    retention_days: float = Field(default=7.0, gt=0)  # delivered events kept (dead ones stay)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VLBOT_",
@@ -162,6 +227,8 @@ class Settings(BaseSettings):
     slack: SlackSettings = Field(default_factory=SlackSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    triage: TriageSettings = Field(default_factory=TriageSettings)
 
     @property
     def db_path(self) -> Path:
