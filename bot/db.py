@@ -250,6 +250,36 @@ MIGRATIONS: tuple[Migration, ...] = (
     );
     """
     ),
+    Migration(
+        """
+    CREATE TABLE triages (                               -- triage results (bot/triage/store.py)
+        job_id        TEXT PRIMARY KEY,
+        platform      TEXT NOT NULL,                     -- where the image was posted
+        chat          TEXT NOT NULL,
+        link          TEXT,                              -- to the original message
+        user_id       TEXT NOT NULL,
+        user_name     TEXT NOT NULL DEFAULT '',
+        severity      TEXT NOT NULL,
+        product_area  TEXT,
+        error_message TEXT,                              -- as the result has it (redacted)
+        error_code    TEXT,
+        normalized    TEXT NOT NULL,                     -- masked error text ('' : none)
+        group_id      TEXT NOT NULL,                     -- repeats of one error share it
+        auto_triage   INTEGER NOT NULL DEFAULT 0,
+        created_at    DOUBLE PRECISION NOT NULL
+    );
+    CREATE INDEX triages_by_place ON triages (platform, chat, created_at);
+    CREATE INDEX triages_by_group ON triages (group_id);
+    CREATE INDEX triages_by_time ON triages (created_at);
+    CREATE TABLE triage_digests (                        -- one daily digest per place and day
+        platform TEXT NOT NULL,
+        chat     TEXT NOT NULL,
+        day      TEXT NOT NULL,                          -- YYYY-MM-DD (UTC)
+        sent_at  DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (platform, chat, day)
+    );
+    """
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
