@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import httpx
@@ -48,6 +49,20 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return [str(info[4][0]) for info in infos]
 
 
+def pinned_request(
+    client: httpx.AsyncClient, method: str, url: str, host: str, address: str, **kw: Any
+) -> httpx.Request:
+    """A request to `url` that connects to the checked `address` (the Host header and TLS name
+    stay `host`'s): a DNS answer changing after the check cannot redirect it."""
+    parts = urlsplit(url)
+    pinned = parts._replace(
+        netloc=(f"[{address}]" if ":" in address else address) + (f":{parts.port}" if parts.port else "")
+    ).geturl()
+    headers = {**kw.pop("headers", {}), "Host": parts.netloc.rsplit("@", 1)[-1]}
+    extensions = {"sni_hostname": host} if parts.scheme == "https" else {}
+    return client.build_request(method, pinned, headers=headers, extensions=extensions, **kw)
+
+
 class RemoteImageFetcher:
     def __init__(
         self,
@@ -66,11 +81,12 @@ class RemoteImageFetcher:
         self._allowed = allowed
         self._transport = transport
 
-    async def check_target(self, url: str) -> tuple[str, str]:
-        """Validate one hop; returns (host, the checked address to connect to)."""
+    async def check_target(self, url: str, what: str = "image") -> tuple[str, str]:
+        """Validate one hop; returns (host, the checked address to connect to). `what` names
+        the URL's use in the messages (the image URL, the webhook URL)."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise RemoteImageError(f"Only http(s) image URLs are accepted, not {parts.scheme or url!r}.")
+            raise RemoteImageError(f"Only http(s) {what} URLs are accepted, not {parts.scheme or url!r}.")
         host = parts.hostname
         port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
@@ -79,10 +95,10 @@ class RemoteImageFetcher:
             try:
                 addresses = [ipaddress.ip_address(a.split("%")[0]) for a in await self._resolve(host, port)]
             except OSError as exc:
-                raise RemoteImageError(f"The image host {host!r} could not be resolved.") from exc
+                raise RemoteImageError(f"The {what} host {host!r} could not be resolved.") from exc
         if not addresses or not all(self._allowed(a) for a in addresses):
             raise RemoteImageError(
-                f"The image URL points to a private or local address ({host}); it is not fetched."
+                f"The {what} URL points to a private or local address ({host}); it is not fetched."
             )
         return host, str(addresses[0])
 
@@ -101,16 +117,7 @@ class RemoteImageFetcher:
             for _ in range(self.max_redirects + 1):
                 host, address = await self.check_target(url)
                 parts = urlsplit(url)
-                pinned = parts._replace(
-                    netloc=(f"[{address}]" if ":" in address else address)
-                    + (f":{parts.port}" if parts.port else "")
-                ).geturl()
-                request = client.build_request(
-                    "GET",
-                    pinned,
-                    headers={"Host": parts.netloc.rsplit("@", 1)[-1]},
-                    extensions={"sni_hostname": host} if parts.scheme == "https" else {},
-                )
+                request = pinned_request(client, "GET", url, host, address)
                 response = await client.send(request, stream=True)
                 try:
                     if response.is_redirect:

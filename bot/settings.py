@@ -148,10 +148,10 @@ class WebhookEndpoint(BaseModel):
 
         try:
             Webhook(value.get_secret_value())
-        except Exception as exc:
+        except Exception:
             raise ValueError(
-                "a webhook secret is whsec_ followed by base64 (e.g. whsec_ + 32 random bytes"
-                f" in base64), not a {type(exc).__name__} of one"
+                "this webhook secret does not decode: give whsec_ followed by base64"
+                " (e.g. of 32 random bytes), the form receivers' Standard Webhooks libraries take"
             ) from None
         return value
 
@@ -161,9 +161,7 @@ class WebhookSettings(BaseModel):
 
     endpoints: list[WebhookEndpoint] = Field(default_factory=list)  # JSON: [{url, secret}]
     # triage.result: each triage; preset.result: every other preset's JSON result too
-    events: list[Literal["triage.result", "preset.result"]] = Field(
-        default_factory=lambda: ["triage.result"]
-    )
+    events: list[Literal["triage.result", "preset.result"]] = ["triage.result"]
     max_attempts: int = Field(default=10, ge=1)  # then the event is dead-lettered ...
     max_age_s: float = Field(default=86_400.0, gt=0)  # ... or once it is this old
     backoff_s: float = Field(default=10.0, gt=0)  # first retry after 0.5-1x this, doubling

@@ -1,0 +1,279 @@
+"""Delivering the outbox (bot/outbox.py): signed POSTs, retries with backoff, dead letters.
+
+Each attempt POSTs the event's JSON body with the Standard Webhooks headers: `webhook-id` (the
+event id, the same on every attempt and for every endpoint: receivers de-duplicate by it),
+`webhook-timestamp` (this attempt's time, Unix seconds) and `webhook-signature`
+(`v1,` + base64 HMAC-SHA256 of "{id}.{timestamp}.{body}" under the endpoint's `whsec_` secret),
+signed by the `standardwebhooks` package, the scheme's reference library.
+
+A 2xx answer delivers the event; anything else (another status, a refused connection, a
+timeout) is retried after a backoff that doubles from `backoff_s` up to `max_backoff_s`, each
+wait drawn between half and all of it (jitter: receivers coming back are not hit by every
+sender at once), until `max_attempts` or `max_age_s`; then the row is dead-lettered.
+
+Endpoint URLs pass the SSRF rules of image URLs (bot/remote_images.py) unless their host is in
+`allow_private_hosts`: checked when the worker starts (a refused URL stops the start, named)
+and again before each attempt, whose connection goes to the address just checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from standardwebhooks import Webhook
+
+from bot.job_hooks import PresetResultHook
+from bot.models import Job
+from bot.outbox import PRESET_EVENT, TRIAGE_EVENT, Outbox, OutboxEvent
+from bot.remote_images import RemoteImageError, RemoteImageFetcher, pinned_request
+from bot.settings import WebhookEndpoint, WebhookSettings
+
+log = logging.getLogger("vlbot.webhooks")
+
+
+class WebhookConfigError(Exception):
+    """An endpoint that may not be used; the message names it and the setting to change."""
+
+
+def endpoint_label(url: str) -> str:
+    """The endpoint for logs and reports: scheme and host only (paths of hook URLs often hold
+    a token)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return f"{parts.scheme}://{host}" + ("/…" if parts.path.strip("/") or parts.query else "")
+
+
+def signed_headers(secret: str, event_id: str, body: str, at: datetime | None = None) -> dict[str, str]:
+    """The Standard Webhooks headers of one attempt."""
+    at = at or datetime.now(timezone.utc)
+    return {
+        "content-type": "application/json",
+        "webhook-id": event_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(event_id, at, body),
+    }
+
+
+class EndpointGuard:
+    """The SSRF rules for endpoint URLs: the image URLs' check, except for allowlisted hosts."""
+
+    def __init__(
+        self, allow_private_hosts: Sequence[str] = (), checker: RemoteImageFetcher | None = None
+    ) -> None:
+        self.allowed_hosts = {h.strip().lower().strip("[]") for h in allow_private_hosts if h.strip()}
+        self.checker = checker or RemoteImageFetcher(max_bytes=0)
+
+    async def target(self, url: str) -> tuple[str, str] | None:
+        """(host, checked address) to connect to; None when the host is allowlisted (connect as
+        usual). Raises RemoteImageError with the reason when the URL is refused."""
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise RemoteImageError(f"Only http(s) webhook URLs are accepted, not {url!r}.")
+        if parts.hostname.lower() in self.allowed_hosts:
+            return None
+        return await self.checker.check_target(url, what="webhook")
+
+    async def check_all(self, urls: Sequence[str]) -> None:
+        for url in urls:
+            try:
+                await self.target(url)
+            except RemoteImageError as exc:
+                raise WebhookConfigError(
+                    f"webhook endpoint {endpoint_label(url)} is refused: {exc} Name its host in"
+                    " VLBOT_WEBHOOKS__ALLOW_PRIVATE_HOSTS if it is a receiver of yours."
+                ) from None
+
+
+class WebhookWorker:
+    """Claims due outbox rows and delivers them, a few at a time, until stopped."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        endpoints: Sequence[WebhookEndpoint],
+        settings: WebhookSettings | None = None,
+        *,
+        guard: EndpointGuard | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        concurrency: int = 4,
+        poll_s: float = 2.0,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.outbox = outbox
+        self.settings = settings or WebhookSettings()
+        self.secrets = {e.url: e.secret.get_secret_value() for e in endpoints}
+        self.guard = guard or EndpointGuard(self.settings.allow_private_hosts)
+        self.concurrency = concurrency
+        self.poll_s = poll_s  # rows other replicas enqueued, leases run out: looked for this often
+        self.lease_s = self.settings.timeout_s * 2 + 10  # longer than any one attempt
+        self._jitter = jitter
+        self._client = httpx.AsyncClient(
+            transport=transport, follow_redirects=False, timeout=self.settings.timeout_s
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.counts: dict[str, int] = {}  # outbox rows by state, as of the last look
+        self._pruned = 0.0
+
+    @classmethod
+    def from_settings(cls, outbox: Outbox, settings: WebhookSettings) -> WebhookWorker:
+        return cls(outbox, settings.endpoints, settings)
+
+    async def start(self) -> None:
+        """Check every endpoint URL (WebhookConfigError names a refused one), resume what a
+        previous run left pending, and start delivering."""
+        await self.guard.check_all(list(self.secrets))
+        if self.outbox.db.dialect == "sqlite":  # one process per data folder: its leases are ours
+            await self.outbox.release_leases()
+        self.counts = await self.outbox.counts()
+        self._task = asyncio.create_task(self._run(), name="vlbot-webhooks")
+        if self.secrets:
+            log.info(
+                "webhooks: %d endpoint(s), %d event(s) pending",
+                len(self.secrets),
+                self.counts.get("pending", 0),
+            )
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self._client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                delivered = await self.run_once()
+                self.counts = await self.outbox.counts()
+                if time.time() - self._pruned > 3600:
+                    self._pruned = time.time()
+                    await self.outbox.prune(self.settings.retention_days * 86_400)
+            except Exception as exc:  # the database is away: try again after a pause
+                log.warning("webhook delivery pass failed: %r", exc)
+                delivered = 0
+            if delivered:
+                continue  # a full batch may mean more are due
+            await self._sleep_until_due()
+
+    async def _sleep_until_due(self) -> None:
+        self.outbox.wakeup.clear()
+        wait = self.poll_s
+        with contextlib.suppress(Exception):
+            due = await self.outbox.next_due()
+            if due is not None:
+                wait = min(wait, max(0.0, due - time.time()))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.outbox.wakeup.wait(), timeout=wait)
+
+    async def run_once(self) -> int:
+        """Deliver one batch of due rows; the number attempted."""
+        events = await self.outbox.claim(self.concurrency, self.lease_s)
+        if events:
+            await asyncio.gather(*(self.deliver(e) for e in events))
+        return len(events)
+
+    async def deliver(self, event: OutboxEvent) -> None:
+        """One attempt; records the outcome (delivered, retry at …, or dead)."""
+        error = await self._attempt(event)
+        if error is None:
+            await self.outbox.delivered(event)
+            log.info("webhook %s delivered to %s", event.event_id, endpoint_label(event.endpoint))
+            return
+        retry_at = self.retry_at(event)
+        await self.outbox.failed(event, error, retry_at)
+        if retry_at is None:
+            log.warning(
+                "webhook %s to %s dead after %d attempt(s): %s",
+                event.event_id, endpoint_label(event.endpoint), event.attempts + 1, error,
+            )
+        else:
+            log.info(
+                "webhook %s to %s failed (%s), retry in %.1f s",
+                event.event_id, endpoint_label(event.endpoint), error, retry_at - time.time(),
+            )
+
+    def retry_at(self, event: OutboxEvent) -> float | None:
+        """When to try again after attempt number `event.attempts + 1` failed, or None: dead."""
+        s = self.settings
+        made = event.attempts + 1
+        if made >= s.max_attempts:
+            return None
+        delay = min(s.max_backoff_s, s.backoff_s * 2 ** (made - 1)) * (0.5 + 0.5 * self._jitter())
+        at = time.time() + delay
+        return None if at - event.created_at > s.max_age_s else at
+
+    async def _attempt(self, event: OutboxEvent) -> str | None:
+        """POST the event once; None when the endpoint took it, else what went wrong."""
+        secret = self.secrets.get(event.endpoint)
+        if secret is None:
+            return "the endpoint is no longer configured (VLBOT_WEBHOOKS__ENDPOINTS)"
+        body = event.body()
+        headers = signed_headers(secret, event.event_id, body)
+        try:
+            target = await self.guard.target(event.endpoint)
+        except RemoteImageError as exc:
+            return f"refused: {exc}"
+        if target is None:
+            request = self._client.build_request("POST", event.endpoint, headers=headers, content=body)
+        else:
+            host, address = target
+            request = pinned_request(
+                self._client, "POST", event.endpoint, host, address, headers=headers, content=body
+            )
+        try:
+            response = await asyncio.wait_for(
+                self._client.send(request, stream=True), self.settings.timeout_s
+            )
+            await response.aclose()
+        except asyncio.TimeoutError:
+            return f"no answer within {self.settings.timeout_s:g} s"
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        if 200 <= response.status_code < 300:
+            return None
+        if response.is_redirect:
+            return f"HTTP {response.status_code} (redirects are not followed)"
+        return f"HTTP {response.status_code}"
+
+
+class PresetResultWebhooks(PresetResultHook):
+    """events=preset.result: every preset's result other than triage's (its own event, with
+    grouping, comes from bot/triage/) as a `preset.result` event, one per job and preset."""
+
+    def __init__(self, outbox: Outbox) -> None:
+        self.outbox = outbox
+
+    async def preset_result(self, job: Job, preset: str, result: Mapping[str, Any]) -> str | None:
+        if preset != "triage" and self.outbox.wants(PRESET_EVENT):
+            await self.outbox.enqueue(
+                PRESET_EVENT,
+                {
+                    "job_id": job.id,
+                    "preset": preset,
+                    "platform": job.conversation.platform,
+                    "result": dict(result),
+                },
+                event_id=f"evt_{job.id}_{preset}",
+            )
+        return None
+
+
+__all__ = [
+    "TRIAGE_EVENT",
+    "EndpointGuard",
+    "PresetResultWebhooks",
+    "WebhookConfigError",
+    "WebhookWorker",
+    "endpoint_label",
+    "signed_headers",
+]
