@@ -160,6 +160,88 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "{command} reset forgets this conversation, {command} help shows this.\n"
             "Model: {model}. Images up to {limit}."
         ),
+        # admin commands (bot/admin_chat.py; {command} is /allow on Telegram, /vlbot allow on Slack)
+        "admin_only": "Sorry, only an admin of this bot can use {command}. Nothing was changed.",
+        "admin_allowed": "Done: {who} may use the bot now.",
+        "admin_denied": "Done: {who} may no longer use the bot.",
+        "admin_quota_set": "Done: {who}'s quota is now {limits}. It applies at once.",
+        "admin_extra_argument": "I did not expect {arg} there.",
+        "admin_who_missing": "{command} needs to know whom it is about.",
+        "admin_quota_empty": "Which limits? Give at least one of {names} as name=number.",
+        "admin_not_a_setting": "{arg} is not a limit setting: write name=number ({names}).",
+        "admin_unknown_limit": "{arg}: there is no limit called {name} (the limits: {names}).",
+        "admin_limit_twice": "{name} is given twice.",
+        "admin_negative": "{arg}: a limit cannot be negative.",
+        "admin_not_a_number": "{arg} is not a number.",
+        "admin_not_whole": "{arg} is not a whole number.",
+        "admin_too_large": "{arg} is too large (at most {limit}).",
+        "admin_bad_days": "{arg} is not a number of days (1 to {limit}).",
+        "admin_bad_target": "{arg} is not a user or a chat I can name.",
+        "admin_slack_plain_mention": (
+            "{arg} reached me as plain text, not as a mention: pick the person or channel from "
+            "Slack's suggestions, or turn on \"Escape channels, users, and links\" for the command "
+            "(should_escape: true in manifest.yml)."
+        ),
+        "admin_not_me": "That is me, not a user.",
+        "admin_who_telegram": (
+            "who: reply to one of their messages, or give a user id (a number), a group's chat id "
+            "(a negative number) or here (this chat)"
+        ),
+        "admin_who_slack": "who: @someone, #channel or here (this channel)",
+        "admin_usage_allow": "Usage: {command} <who> ({who}).",
+        "admin_usage_deny": "Usage: {command} <who> ({who}).",
+        "admin_usage_quota": (
+            "Usage: {command} <who> images=20 requests=50 engine=600 waiting=2 (any of them; "
+            "engine in seconds; {who})."
+        ),
+        "admin_usage_usage": "Usage: {command} [who] [days] ({who}).",
+        "admin_usage_others": "Sorry, only an admin can see someone else's use. /usage alone shows yours.",
+        "admin_used_today": (
+            "Your use today (UTC): {requests} requests, {images} images, {engine} s of engine time; "
+            "{waiting} waiting now."
+        ),
+        "admin_exempt": "You are an admin: no limits apply to you.",
+        "admin_limit_images": "images",
+        "admin_limit_requests": "requests",
+        "admin_limit_engine": "engine seconds",
+        "admin_limit_waiting": "waiting jobs",
+        "admin_no_limit": "{name}: no limit",
+        "admin_left_item": "{name}: {left} of {limit}",
+        "admin_left_today": "Left: {items}.",
+        "admin_resets": "The day's counts reset at {reset}.",
+        "admin_limit_default": "{name}: default",
+        "admin_per_day": "{name} {value}/day",
+        "admin_seconds_per_day": "{name} {value}/day",
+        "admin_at_once": "{name} {value} at once",
+        "admin_report_of": " by {who}",
+        "admin_report_head": (
+            "Use in the last {days} days ({since} to {until}, UTC){whom}: {requests} requests, "
+            "{images} images, {engine} s of engine time; answered {answered}, failed {failed}, "
+            "cancelled {cancelled}, refused {rejected}."
+        ),
+        "admin_report_first_token": "Time to first token: p50 {p50} s, p95 {p95} s.",
+        "admin_report_no_first_token": "Time to first token: nothing timed yet.",
+        "admin_report_top_users": "Top users:",
+        "admin_report_top_chats": "Top chats:",
+        "admin_report_top_line": "{rank}. {who}: {requests} requests, {images} images, {engine} s",
+        "admin_report_images_per_day": "Images per day: {days}.",
+        "admin_report_none": "none",
+        "admin_label_user": "{platform} user {id}",
+        "admin_label_chat": "{platform} chat {id}",
+        "admin_label_key": "API key {id}",
+        "admin_label_telegram_user": "user {id}",
+        "admin_label_telegram_chat": "chat {id}",
+        "admin_help": (
+            "Admin: /allow <who>, /deny <who>, /quota <who> images=20 requests=50 engine=600 "
+            "waiting=2, /usage [who] [days] (who: reply to their message, a user id, a group's "
+            "chat id, or here). Changes apply at once and are logged."
+        ),
+        "admin_slack_help": (
+            "Admin: {command} allow <who>, {command} deny <who>, {command} quota <who> images=20 "
+            "requests=50 engine=600 waiting=2, {command} usage [who] [days] (who: @someone, "
+            "#channel or here). Changes apply at once and are logged."
+        ),
+        "admin_usage_help": "/usage shows your use today and what is left of your limits.",
     },
     "zh": {
         "thinking": "思考中…",
@@ -276,6 +358,78 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "{command} help 显示本帮助。\n"
             "模型：{model}。图片最大 {limit}。"
         ),
+        "admin_only": "抱歉，只有本机器人的管理员可以使用 {command}。没有做任何更改。",
+        "admin_allowed": "完成：{who} 现在可以使用本机器人。",
+        "admin_denied": "完成：{who} 不能再使用本机器人。",
+        "admin_quota_set": "完成：{who} 的配额现在为 {limits}，立即生效。",
+        "admin_extra_argument": "此处不应有 {arg}。",
+        "admin_who_missing": "{command} 需要指明对象。",
+        "admin_quota_empty": "要设置哪些限制？请以 名称=数字 的形式至少给出 {names} 中的一个。",
+        "admin_not_a_setting": "{arg} 不是限制设置：请写成 名称=数字（{names}）。",
+        "admin_unknown_limit": "{arg}：没有名为 {name} 的限制（可用的限制：{names}）。",
+        "admin_limit_twice": "{name} 给出了两次。",
+        "admin_negative": "{arg}：限制不能为负数。",
+        "admin_not_a_number": "{arg} 不是数字。",
+        "admin_not_whole": "{arg} 不是整数。",
+        "admin_too_large": "{arg} 太大了（最多 {limit}）。",
+        "admin_bad_days": "{arg} 不是天数（1 到 {limit}）。",
+        "admin_bad_target": "{arg} 不是我能识别的用户或群组。",
+        "admin_slack_plain_mention": (
+            "{arg} 以纯文本而不是提及的形式到达：请从 Slack 的提示中选择用户或频道，或为该命令开启"
+            "“Escape channels, users, and links”（manifest.yml 中的 should_escape: true）。"
+        ),
+        "admin_not_me": "那是我，不是用户。",
+        "admin_who_telegram": "对象：回复其消息，或给出用户 id（数字）、群组的 chat id（负数）或 here（本对话）",
+        "admin_who_slack": "对象：@某人、#频道 或 here（本频道）",
+        "admin_usage_allow": "用法：{command} <对象>（{who}）。",
+        "admin_usage_deny": "用法：{command} <对象>（{who}）。",
+        "admin_usage_quota": (
+            "用法：{command} <对象> images=20 requests=50 engine=600 waiting=2（可任选；engine 以秒计；{who}）。"
+        ),
+        "admin_usage_usage": "用法：{command} [对象] [天数]（{who}）。",
+        "admin_usage_others": "抱歉，只有管理员可以查看他人的用量。单独使用 /usage 可查看你自己的用量。",
+        "admin_used_today": "你今天（UTC）的用量：{requests} 个请求，{images} 张图片，{engine} 秒引擎时间；当前 {waiting} 个在等待。",
+        "admin_exempt": "你是管理员：不受任何限制。",
+        "admin_limit_images": "图片",
+        "admin_limit_requests": "请求",
+        "admin_limit_engine": "引擎秒数",
+        "admin_limit_waiting": "等待中的任务",
+        "admin_no_limit": "{name}：无限制",
+        "admin_left_item": "{name}：剩余 {left}，共 {limit}",
+        "admin_left_today": "剩余：{items}。",
+        "admin_resets": "每日计数在 {reset} 重置。",
+        "admin_limit_default": "{name}：默认",
+        "admin_per_day": "{name} 每天 {value}",
+        "admin_seconds_per_day": "{name} 每天 {value}",
+        "admin_at_once": "{name} 同时 {value}",
+        "admin_report_of": "（{who}）",
+        "admin_report_head": (
+            "最近 {days} 天（{since} 至 {until}，UTC）的用量{whom}：{requests} 个请求，{images} 张图片，"
+            "{engine} 秒引擎时间；已回答 {answered}，失败 {failed}，已取消 {cancelled}，被拒绝 {rejected}。"
+        ),
+        "admin_report_first_token": "首个 token 用时：p50 {p50} 秒，p95 {p95} 秒。",
+        "admin_report_no_first_token": "首个 token 用时：尚无记录。",
+        "admin_report_top_users": "用量最多的用户：",
+        "admin_report_top_chats": "用量最多的对话：",
+        "admin_report_top_line": "{rank}. {who}：{requests} 个请求，{images} 张图片，{engine} 秒",
+        "admin_report_images_per_day": "每日图片数：{days}。",
+        "admin_report_none": "无",
+        "admin_label_user": "{platform} 用户 {id}",
+        "admin_label_chat": "{platform} 对话 {id}",
+        "admin_label_key": "API 密钥 {id}",
+        "admin_label_telegram_user": "用户 {id}",
+        "admin_label_telegram_chat": "对话 {id}",
+        "admin_help": (
+            "管理员：/allow <对象>、/deny <对象>、/quota <对象> images=20 requests=50 engine=600 "
+            "waiting=2、/usage [对象] [天数]（对象：回复其消息、用户 id、群组 chat id 或 here）。"
+            "更改立即生效并记录在案。"
+        ),
+        "admin_slack_help": (
+            "管理员：{command} allow <对象>、{command} deny <对象>、{command} quota <对象> images=20 "
+            "requests=50 engine=600 waiting=2、{command} usage [对象] [天数]（对象：@某人、#频道 或 here）。"
+            "更改立即生效并记录在案。"
+        ),
+        "admin_usage_help": "/usage 显示你今天的用量以及各项限制的剩余。",
     },
 }
 
