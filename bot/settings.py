@@ -32,6 +32,7 @@ class TelegramSettings(BaseModel):
     base_file_url: str | None = None
     allowed_users: list[int] = Field(default_factory=list)
     allowed_chats: list[int] = Field(default_factory=list)
+    admins: list[int] = Field(default_factory=list)  # user ids: admin commands, no quota
     rate_limit_per_minute: int = 10
     default_prompt: str = "Describe this image in one or two sentences."
 
@@ -53,6 +54,7 @@ class SlackSettings(BaseModel):
     follow_all_thread_messages: bool = True  # plain replies in threads the bot answers in
     allowed_teams: list[str] = Field(default_factory=list)
     allowed_channels: list[str] = Field(default_factory=list)
+    admins: list[str] = Field(default_factory=list)  # user ids (U…): admin commands, no quota
 
     @property
     def enabled(self) -> bool:
@@ -71,6 +73,7 @@ class HttpSettings(BaseModel):
     log_dir: Path | None = None
     body_timeout_s: float = Field(default=30.0, gt=0)  # a request body stalled this long: 408
     metrics_public: bool = False  # /metrics without the API key even when keys are set
+    admin_key: SecretStr | None = None  # the admin API's own key (None: no admin API)
 
 
 class RemoteServer(BaseModel):
@@ -172,6 +175,16 @@ class WebhookSettings(BaseModel):
     retention_days: float = Field(default=7.0, gt=0)  # delivered events kept (dead ones stay)
 
 
+class QuotaSettings(BaseModel):
+    """Default quotas per user (HTTP: per API key), per UTC day; None: no limit. Admins may
+    override them per user, chat/channel or API key at run time (bot/quotas.py)."""
+
+    images_per_day: int | None = Field(default=None, ge=0)
+    requests_per_day: int | None = Field(default=None, ge=0)
+    engine_seconds_per_day: float | None = Field(default=None, ge=0)
+    max_waiting: int | None = Field(default=None, ge=0)  # jobs queued or running at once
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VLBOT_",
@@ -227,6 +240,7 @@ class Settings(BaseSettings):
     remote: RemoteSettings = Field(default_factory=RemoteSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     triage: TriageSettings = Field(default_factory=TriageSettings)
+    quota: QuotaSettings = Field(default_factory=QuotaSettings)
 
     @property
     def db_path(self) -> Path:
