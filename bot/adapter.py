@@ -4,12 +4,16 @@ An adapter turns platform events into `Incoming` messages and hands them to `Cor
 (ack fast: submit persists and queues, it never waits for the answer). The runner later calls
 `Adapter.send(job, event)` on the adapter of the job's platform with reply events; the job's
 `origin` holds the platform reply context the adapter captured when the message arrived.
+
+Optional capability: an adapter that can also post on its own initiative (the triage workflow's
+routed summaries and daily digests) implements `Poster`; the composition root hands those to the
+workflow. The core contract stays start/stop/send.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from bot.admin import AdminService
 from bot.engine_port import UpstreamStatus
@@ -136,3 +140,15 @@ class Adapter(Protocol):
     async def send(self, job: Job, event: ReplyEvent) -> dict[str, Any] | None:
         """Deliver one reply event. Return origin fields to persist (e.g. a placeholder message
         id) so that a later delivery, also after a restart, edits the same message."""
+
+
+@runtime_checkable
+class Poster(Protocol):
+    """An adapter that can post a message of its own into a chat (not a reply to a job)."""
+
+    platform: str
+
+    async def post(self, chat: str, text: str) -> str | None:
+        """Post plain text (the adapter escapes it for its platform; bare URLs stay links) into
+        `chat` (a Slack channel ID, a Telegram chat id) and return a link to the new message, or
+        None where the platform has none. Raises if the platform refused the post."""

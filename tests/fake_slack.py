@@ -240,6 +240,19 @@ class FakeSlack:
         found[0].update(text=args.get("text", ""), blocks=args.get("blocks"))
         return {"channel": channel, "ts": args["ts"], "text": args.get("text", "")}
 
+    def _m_chat_getPermalink(self, args: dict[str, Any]) -> dict[str, Any] | str:
+        """Slack's permalink form: /archives/<channel>/p<ts without the dot>, with the thread for
+        a reply in one."""
+        channel, ts = args.get("channel", ""), args.get("message_ts", "")
+        found = [m for m in self.messages.get(channel, []) if m["ts"] == ts]
+        if not found:
+            return "message_not_found"
+        link = f"https://fake.slack.com/archives/{channel}/p{ts.replace('.', '')}"
+        thread = found[0].get("thread_ts")
+        if thread and thread != ts:
+            link += f"?thread_ts={thread}&cid={channel}"
+        return {"channel": channel, "permalink": link}
+
     def _m_chat_postEphemeral(self, args: dict[str, Any]) -> dict[str, Any] | str:
         if args.get("channel") in self.not_member:
             return "not_in_channel"

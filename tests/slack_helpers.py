@@ -20,9 +20,10 @@ import aiohttp
 from PIL import Image
 
 from adapters.slack import SlackAdapter
+from bot.admin import AdminPolicy
 from bot.models import Message, Turn
 from bot.remote_images import RemoteImageFetcher
-from bot.settings import Settings, SlackSettings
+from bot.settings import Settings, SlackSettings, TriageSettings
 from tests.conftest import CoreStack, make_core
 from tests.fake_slack import FakeSlack
 from tests.fakes import ScriptedEngine
@@ -120,9 +121,10 @@ class Env:
 
 async def open_env(tmp_path: Path, fake: FakeSlack, engine: ScriptedEngine | None = None,
                    runner_kw: dict[str, Any] | None = None, fetcher: RemoteImageFetcher | None = None,
-                   **slack: Any) -> Env:
+                   triage: dict[str, Any] | None = None, **slack: Any) -> Env:
     settings = Settings(
         data_dir=tmp_path,
+        triage=TriageSettings.model_validate(triage or {}),
         slack=SlackSettings.model_validate({
             "bot_token": BOT_TOKEN, "signing_secret": SIGNING_SECRET, "app_token": APP_TOKEN,
             "mode": "http", "port": 0, "base_url": fake.api_url,
@@ -130,7 +132,8 @@ async def open_env(tmp_path: Path, fake: FakeSlack, engine: ScriptedEngine | Non
     )
     adapter = SlackAdapter(settings, update_interval_s=0.1, fetcher=fetcher)
     engine = engine or ScriptedEngine(reply=describe, delay_s=0.02)
-    stack = await make_core(tmp_path / "vlbot.sqlite3", [adapter], engine, **(runner_kw or {}))
+    stack = await make_core(tmp_path / "vlbot.sqlite3", [adapter], engine,  # settings' allowlists
+                            admin_policy=AdminPolicy.from_settings(settings), **(runner_kw or {}))
     return Env(fake, adapter, stack, engine, aiohttp.ClientSession())
 
 

@@ -27,6 +27,7 @@ from slack_sdk.http_retry.builtin_async_handlers import (
 )
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.auto_triage import SlackTriage
 from adapters.slack.files import SlackFiles
 from adapters.slack.handlers import SlackHandlers
 from adapters.slack.replies import ReplyWriter
@@ -83,9 +84,10 @@ class SlackAdapter:
             self.client, slack.bot_token.get_secret_value(), settings.max_image_bytes,
             settings.max_images_per_message, own_base_url=slack.base_url,
         )
+        self.triage = SlackTriage(self.client, settings.triage.slack_channels)
         self.handlers = SlackHandlers(
             settings, self.client, self.files, self.replies,
-            fetcher or RemoteImageFetcher(settings.max_image_bytes),
+            fetcher or RemoteImageFetcher(settings.max_image_bytes), self.triage,
         )
         self.app.event("app_mention")(self.handlers.on_mention)
         self.app.event("message")(self.handlers.on_message)
@@ -106,6 +108,7 @@ class SlackAdapter:
                 "VLBOT_SLACK__BOT_TOKEN (the xoxb-... Bot User OAuth Token of the installed app)"
             ) from exc
         log.info("slack: signed in as %s in team %s", me.get("user_id"), me.get("team_id"))
+        self.triage.workspace_url = me.get("url")
         if self.slack.mode == "http":
             await self._start_http()
             return
@@ -164,3 +167,7 @@ class SlackAdapter:
 
     async def send(self, job: Job, event: ReplyEvent) -> dict[str, Any] | None:
         return await self.replies.send(job, event)
+
+    async def post(self, chat: str, text: str) -> str | None:
+        """bot.adapter.Poster: plain text into channel `chat`; the new message's permalink."""
+        return await self.triage.post(chat, text)

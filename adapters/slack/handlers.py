@@ -28,6 +28,7 @@ from slack_bolt.context.async_context import AsyncBoltContext
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.auto_triage import SlackTriage, has_image
 from adapters.slack.files import SlackFiles, latest_image_file
 from adapters.slack.format import addresses_others, escape, page_message, split_links, strip_mentions
 from adapters.slack.replies import ReplyWriter
@@ -56,7 +57,7 @@ def check_text(value: str) -> None:
 class SlackHandlers:
     def __init__(
         self, settings: Settings, client: AsyncWebClient, files: SlackFiles, replies: ReplyWriter,
-        fetcher: RemoteImageFetcher,
+        fetcher: RemoteImageFetcher, triage: SlackTriage,
     ) -> None:
         self.settings = settings
         self.slack = settings.slack
@@ -64,6 +65,7 @@ class SlackHandlers:
         self.files = files
         self.replies = replies
         self.fetcher = fetcher
+        self.triage = triage
         self.core: Core | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()  # event ids seen by this process
         self._threads: set[str] = set()  # threads this process replied in
@@ -132,6 +134,9 @@ class SlackHandlers:
             thread = event.get("thread_ts")
             words = str(event.get("text") or "")
             mentioned = bool(context.bot_user_id) and f"<@{context.bot_user_id}" in words
+            if not mentioned and self.triage.covers(channel):  # an auto-triage channel
+                await self._auto_triage(body, event, channel)
+                return
             if not thread or mentioned or not self.slack.follow_all_thread_messages:
                 return  # mentions arrive as app_mention; other channel chatter is not for us
             if addresses_others(words, context.bot_user_id):
@@ -142,6 +147,15 @@ class SlackHandlers:
             origin = {"channel": channel, "thread_ts": thread, "message_ts": event["ts"]}
         if self._first_time(body.get("event_id")):
             await self._turn(conversation, event, origin, body)
+
+    async def _auto_triage(self, body: dict[str, Any], event: dict[str, Any], channel: str) -> None:
+        """An image posted in an auto-triage channel: triaged, answered in its thread. Messages
+        without an image are left alone there (see adapters/slack/auto_triage.py)."""
+        if not has_image(event.get("files")) or not self._first_time(body.get("event_id")):
+            return
+        conversation, origin = self.triage.turn_of(channel, event)
+        origin["link"] = await self.triage.link(channel, str(event["ts"]))
+        await self._turn(conversation, event, origin, body)
 
     async def _bot_in_thread(self, conversation: ConversationId) -> bool:
         if conversation.key() in self._threads:

@@ -1,0 +1,79 @@
+"""Auto-triage channels, and posts of the triage workflow into other channels.
+
+In a channel named in `settings.triage.slack_channels`, every message with an image (no mention
+needed) is triaged with the `triage` preset: the job's origin carries preset="triage",
+auto_triage=True and `link`, the message's permalink, and the answer goes into the image's
+thread. A mention there is an ordinary question (app_mention); messages without an image,
+thread replies included, are left alone (people discuss the problem in the thread).
+
+`post` is the triage workflow's way out (routing to an on-call channel, the daily digest): plain
+text into any channel the bot may write in, answered with the new message's permalink.
+
+Links come from chat.getPermalink (no scope needed); if that call fails, from the documented
+archive form https://<workspace>.slack.com/archives/<channel>/p<ts without the dot>, built from
+the workspace URL auth.test reported.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+
+from adapters.slack.files import is_other_file
+from adapters.slack.format import page_message, pages
+from bot.models import ConversationId
+
+log = logging.getLogger("vlbot.slack.triage")
+
+PRESET = "triage"
+
+
+def has_image(files: list[dict[str, Any]] | None) -> bool:
+    """Does a message carry a file that is, or may be, an image (a stub of unknown type is
+    looked up later)? Known non-images (a PDF, a snippet) do not count."""
+    return any(not is_other_file(f) for f in files or [])
+
+
+class SlackTriage:
+    def __init__(self, client: AsyncWebClient, channels: Iterable[str]) -> None:
+        self.client = client
+        self.channels = set(channels)
+        self.workspace_url: str | None = None  # https://team.slack.com/, from auth.test at start
+
+    def covers(self, channel: str) -> bool:
+        return channel in self.channels
+
+    def turn_of(self, channel: str, event: dict[str, Any]) -> tuple[ConversationId, dict[str, Any]]:
+        """The conversation (the image's thread) and reply context of an image to triage."""
+        thread = str(event.get("thread_ts") or event["ts"])
+        origin = {"channel": channel, "thread_ts": thread, "message_ts": event["ts"],
+                  "preset": PRESET, "auto_triage": True}
+        return ConversationId("slack", channel, thread), origin
+
+    async def link(self, channel: str, ts: str) -> str | None:
+        """The message's permalink (None only if Slack refuses and the workspace is unknown)."""
+        try:
+            resp = await self.client.chat_getPermalink(channel=channel, message_ts=ts)
+            permalink = resp.get("permalink")
+            if isinstance(permalink, str) and permalink:
+                return permalink
+        except SlackApiError as exc:
+            log.info("chat.getPermalink in %s: %s", channel, exc.response.get("error"))
+        if self.workspace_url is None:
+            return None
+        return f"{self.workspace_url.rstrip('/')}/archives/{channel}/p{ts.replace('.', '')}"
+
+    async def post(self, channel: str, text: str) -> str | None:
+        """Post plain text (escaped for mrkdwn; bare URLs stay links), one message per page, and
+        return the first message's permalink. Raises SlackApiError if Slack refuses the post
+        (not_in_channel: invite the bot, or give it the chat:write.public scope)."""
+        first: str | None = None
+        for page in pages(text):
+            resp = await self.client.chat_postMessage(channel=channel, **page_message(page))
+            first = first or str(resp["ts"])
+        assert first is not None  # pages() has at least one page
+        return await self.link(channel, first)
