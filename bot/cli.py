@@ -23,6 +23,7 @@ from bot.models import GenerationParams, ImagePart, InputRejected, Message, size
 from bot.presets import preset_names
 from bot.runner import check_message
 from bot.settings import Settings
+from bot.webhooks import WebhookConfigError, doctor_report
 
 MIME_BY_SUFFIX = {
     ".jpg": "image/jpeg",
@@ -211,6 +212,12 @@ def doctor(args: argparse.Namespace) -> int:
     except DataDirError as exc:
         problems.append(str(exc))
         print(f"data folder: {exc}")
+    if not problems:  # the data folder (or database) is usable: the webhook outbox in it
+        webhook_lines, webhook_problems = asyncio.run(
+            doctor_report(settings.database, settings.webhooks)
+        )
+        print("\n".join(webhook_lines))
+        problems += webhook_problems
     for problem in problems:
         print(f"vlbot: {problem}", file=sys.stderr)
     return 1 if problems else 0
@@ -308,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputRejected as exc:
         print(f"vlbot: {texts.text(exc.code, **exc.params)}", file=sys.stderr)
         return 2
-    except (EngineError, DataDirError, AdapterStartError) as exc:
+    except (EngineError, DataDirError, AdapterStartError, WebhookConfigError) as exc:
         print(f"vlbot: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bot.adapter import Acceptance, CoreStatus, Incoming
 from bot.admin import AdminService
@@ -13,6 +14,9 @@ from bot.engine_port import Engine, UpstreamStatus
 from bot.history import HistoryStore
 from bot.models import ConversationId, ImagePart
 from bot.runner import Runner
+
+if TYPE_CHECKING:
+    from bot.webhooks import WebhookWorker
 
 log = logging.getLogger("vlbot.core")
 
@@ -42,6 +46,7 @@ class BotCore:
         self.started_at = time.time()
         self.engine_error: str | None = None
         self._load_task: asyncio.Task[None] | None = None
+        self.webhooks: WebhookWorker | None = None  # outbound webhooks (set by bot/app.py)
 
     @property
     def history(self) -> HistoryStore:
@@ -84,6 +89,7 @@ class BotCore:
             cpu_tier=info.details.get("cpu_tier"),
             kernels=info.details.get("kernels"),
             upstreams=self.upstreams(),
+            webhooks=dict(self.webhooks.counts) if self.webhooks is not None else None,
         )
 
     def upstreams(self) -> tuple[UpstreamStatus, ...]:

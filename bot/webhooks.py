@@ -25,12 +25,14 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
 from standardwebhooks import Webhook
 
+from bot.db import Database, DataDirError
 from bot.job_hooks import PresetResultHook
 from bot.models import Job
 from bot.outbox import PRESET_EVENT, TRIAGE_EVENT, Outbox, OutboxEvent
@@ -246,6 +248,49 @@ class WebhookWorker:
         return f"HTTP {response.status_code}"
 
 
+async def doctor_report(database: Path | str, settings: WebhookSettings) -> tuple[list[str], list[str]]:
+    """`vlbot doctor`'s webhook lines (endpoints, their URL check, the outbox by state, the
+    latest dead letters) and the problems among them that would stop `serve`."""
+    lines: list[str] = []
+    problems: list[str] = []
+    if settings.endpoints:
+        allowed = ", ".join(settings.allow_private_hosts) or "none"
+        lines.append(f"webhooks: events {', '.join(settings.events)}; private hosts allowed: {allowed}")
+    else:
+        lines.append("webhooks: no endpoint (VLBOT_WEBHOOKS__ENDPOINTS)")
+    guard = EndpointGuard(settings.allow_private_hosts)
+    for endpoint in settings.endpoints:
+        try:
+            await guard.check_all([endpoint.url])
+            lines.append(f"  endpoint {endpoint_label(endpoint.url)}: URL accepted")
+        except WebhookConfigError as exc:
+            problems.append(str(exc))
+            lines.append(f"  endpoint {endpoint_label(endpoint.url)}: {exc}")
+    try:
+        db = await Database.open(database)
+    except DataDirError as exc:
+        problems.append(str(exc))
+        lines.append(f"webhook outbox: {exc}")
+        return lines, problems
+    try:
+        outbox = Outbox(db)
+        counts = await outbox.counts()
+        dead = await outbox.dead_letters(limit=5)
+    finally:
+        await db.close()
+    lines.append(
+        f"webhook outbox: {counts['pending']} pending, {counts['dead']} dead,"
+        f" {counts['delivered']} delivered (kept {settings.retention_days:g} days)"
+    )
+    for row in dead:
+        when = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(row["updated_at"]))
+        lines.append(
+            f"  dead {row['event_id']} ({row['event_type']}) to {endpoint_label(row['endpoint'])}"
+            f" after {row['attempts']} attempt(s), {when}: {row['last_error']}"
+        )
+    return lines, problems
+
+
 class PresetResultWebhooks(PresetResultHook):
     """events=preset.result: every preset's result other than triage's (its own event, with
     grouping, comes from bot/triage/) as a `preset.result` event, one per job and preset."""
@@ -274,6 +319,7 @@ __all__ = [
     "PresetResultWebhooks",
     "WebhookConfigError",
     "WebhookWorker",
+    "doctor_report",
     "endpoint_label",
     "signed_headers",
 ]

@@ -66,6 +66,7 @@ class Metrics:
         self.engine_ready.set_function(lambda: 1.0 if status().engine_state == "ready" else 0.0)
         self.uptime.set_function(lambda: status().uptime_s)
         self.registry.register(UpstreamCollector(status))
+        self.registry.register(WebhookCollector(status))
 
     def set_job_counts(self, counts: dict[str, int]) -> None:
         for status, n in counts.items():
@@ -124,3 +125,25 @@ class UpstreamCollector(Collector):
             counters["failovers"].add_metric([u.server], u.failovers)
         yield from gauges.values()
         yield from counters.values()
+
+
+class WebhookCollector(Collector):
+    """Outbound webhook events in the outbox by state (pending, delivered, dead: dead letters
+    wait for an operator), read from the core at each scrape."""
+
+    def __init__(self, status: Callable[[], CoreStatus]) -> None:
+        self._status = status
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._status().webhooks
+        if counts is None:
+            return
+        events = GaugeMetricFamily(
+            "vlbot_webhook_events", "Outbound webhook events in the outbox, by state", labels=["state"]
+        )
+        for state, n in counts.items():
+            events.add_metric([state], n)
+        yield events

@@ -332,6 +332,8 @@ class HttpAdapter:
             body["kernels"] = status.kernels or "none"
         if status.engine_error:
             body["error"] = status.engine_error
+        if status.webhooks is not None:  # outbound webhooks: waiting, and given up on (dead)
+            body["webhooks"] = {k: status.webhooks.get(k, 0) for k in ("pending", "dead")}
         if status.upstreams:  # engine=openai: the pool of model servers
             body["upstreams_up"] = f"{sum(u.up for u in status.upstreams)}/{len(status.upstreams)}"
             if self._sees_internals(request):  # their URLs and errors: to whom /metrics shows them
