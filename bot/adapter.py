@@ -13,12 +13,14 @@ workflow. The core contract stays start/stop/send.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from bot.admin import AdminService
 from bot.engine_port import UpstreamStatus
 from bot.history import HistoryStore
 from bot.models import ConversationId, FinishReason, ImagePart, Job, Message, User
+
+if TYPE_CHECKING:  # bot.admin's stores import this module
+    from bot.admin import AdminService
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,6 @@ class CoreStatus:
     upstreams: tuple[UpstreamStatus, ...] = ()  # engine=openai: each model server of the pool
     cpu_tier: str | None = None  # the local engine's CPU tier (VLBOT_CPU) and its C kernels in use
     kernels: str | None = None
-    webhooks: dict[str, int] | None = None  # outbound webhook events by state (bot/outbox.py)
 
 
 class Core(Protocol):

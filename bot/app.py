@@ -14,6 +14,7 @@ import signal
 import time
 
 from bot.adapter import Adapter
+from bot.admin import AdminPolicy, AdminService
 from bot.core import BotCore
 from bot.db import Database
 from bot.engine_port import Engine
@@ -22,10 +23,9 @@ from bot.jobqueue import JobQueue, LocalJobQueue
 from bot.jobs import JobStore
 from bot.logs import SecretRedactor, secret_values
 from bot.models import GenerationParams
-from bot.outbox import Outbox
 from bot.runner import Runner
 from bot.settings import Settings
-from bot.webhooks import PresetResultWebhooks, WebhookWorker
+from bot.usage import UsageLedger
 from engine import IntakeLimits
 
 log = logging.getLogger("vlbot.app")
@@ -133,25 +133,16 @@ class App:
         self.db: Database | None = None
         self.runner: Runner | None = None
         self.core: BotCore | None = None
-        self.outbox: Outbox | None = None  # outbound webhook events (bot/outbox.py)
-        self.webhooks: WebhookWorker | None = None  # delivers them
         self._prune_task: asyncio.Task[None] | None = None
 
     async def start(self) -> BotCore:
         s = self.settings
         started = time.monotonic()
         self.db = await Database.open(s.database)
-        self.outbox = Outbox(
-            self.db, [e.url for e in s.webhooks.endpoints], event_types=s.webhooks.events
-        )
-        self.webhooks = WebhookWorker.from_settings(self.outbox, s.webhooks)
-        try:  # a refused endpoint URL stops the start here, named (WebhookConfigError)
-            await self.webhooks.start()
-        except BaseException:
-            await self.stop()
-            raise
         history = HistoryStore(self.db, s.history_turns, s.retention_days)
         jobs = JobStore(self.db, history)
+        # admins, access, quotas (the runner's admission) and the usage ledger (its observer)
+        admin = AdminService(self.db, AdminPolicy.from_settings(s), s.retention_days)
         queue: JobQueue = LocalJobQueue()
         if self.db.dialect == "postgres":  # replicas may share this database
             from bot.pgqueue import SharedJobQueue
@@ -172,11 +163,11 @@ class App:
             max_question_chars=s.max_question_chars,
             params=params,
             queue=queue,
-            result_hooks=[PresetResultWebhooks(self.outbox)],
+            admission=admin.admission,
+            observers=[admin.ledger],
         )
         self.runner.attach({a.platform: a for a in self.adapters})
-        self.core = BotCore(self.runner, history, self.engine)
-        self.core.webhooks = self.webhooks
+        self.core = BotCore(self.runner, history, self.engine, admin)
         self.core.load_engine_in_background()
         for adapter in self.adapters:
             try:
@@ -190,7 +181,7 @@ class App:
                 ) from exc
             log.info("adapter %s started", adapter.platform)
         await self.runner.start()
-        self._prune_task = asyncio.create_task(self._prune_forever(history))
+        self._prune_task = asyncio.create_task(self._prune_forever(history, admin.ledger))
         log.info(
             "vlbot serving (%s) in %.2f s",
             ", ".join(a.platform for a in self.adapters) or "no adapters",
@@ -209,8 +200,6 @@ class App:
                 log.warning("adapter %s did not stop cleanly: %r", adapter.platform, exc)
         if self.runner:
             await self.runner.stop(grace_s=10.0)
-        if self.webhooks:  # after the runner: its last results are in the outbox
-            await self.webhooks.stop()
         await self.engine.close()
         if self.db:
             await self.db.close()
@@ -227,12 +216,15 @@ class App:
         finally:
             await self.stop()
 
-    async def _prune_forever(self, history: HistoryStore) -> None:
+    async def _prune_forever(self, history: HistoryStore, ledger: UsageLedger) -> None:
         while True:
             try:
                 deleted = await history.prune()
                 if deleted:
                     log.info("retention: deleted %d old turns", deleted)
+                rows = await ledger.prune()  # the usage ledger keeps history's retention
+                if rows:
+                    log.info("retention: deleted %d old usage rows", rows)
             except Exception as exc:
                 log.warning("retention pass failed: %r", exc)
             await asyncio.sleep(3600)

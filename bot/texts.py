@@ -27,6 +27,22 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "too_many_images": "That's {count} images; I take at most {limit} at once.",
         "question_too_long": "That question is {length} characters long; the limit is {limit}.",
         "not_allowed": "Sorry, this bot is private.",
+        # quotas (bot/quotas.py): {limit}, {used}, {resets} ("2026-12-08 00:00 UTC")
+        "quota_images": (
+            "You have used {used} of your {limit} images for today, so I can't take these. "
+            "The limit resets at {resets}."
+        ),
+        "quota_requests": (
+            "You have used all {limit} of your requests for today. The limit resets at {resets}."
+        ),
+        "quota_engine": (
+            "You have used {used} s of your {limit} s of model time for today. "
+            "The limit resets at {resets}."
+        ),
+        "quota_waiting": (
+            "You already have {used} requests waiting (at most {limit} at once). "
+            "Please wait until one is answered."
+        ),
         "rate_limited": "You're sending messages too fast. Please wait {retry_s} s.",
         "engine_loading": "The model is still loading. Please try again in a minute.",
         # remote engine (engine=openai)
@@ -261,6 +277,10 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "too_many_images": "你发送了 {count} 张图片；我一次最多处理 {limit} 张。",
         "question_too_long": "问题长度为 {length} 个字符，上限为 {limit}。",
         "not_allowed": "抱歉，这是一个私有机器人。",
+        "quota_images": "你今天已使用 {used} 张图片（上限 {limit} 张），无法再接收这些图片。额度将于 {resets} 重置。",
+        "quota_requests": "你今天的 {limit} 次请求已全部用完。额度将于 {resets} 重置。",
+        "quota_engine": "你今天已使用 {used} 秒模型时间（上限 {limit} 秒）。额度将于 {resets} 重置。",
+        "quota_waiting": "你已有 {used} 个请求在等待（同时最多 {limit} 个）。请等其中一个回答后再发。",
         "rate_limited": "你发送消息太快了，请等待 {retry_s} 秒。",
         "engine_loading": "模型仍在加载中，请稍后再试。",
         "remote_rejected": "模型服务器拒绝了该请求：{reason}",

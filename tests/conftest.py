@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from bot.adapter import Adapter
+from bot.admin import AdminPolicy, AdminService
 from bot.core import BotCore
 from bot.db import Database
 from bot.history import HistoryStore
@@ -74,13 +75,32 @@ class Stack:
     runner: Runner
     adapter: RecordingAdapter
     engine: ScriptedEngine
+    admin: AdminService | None = None
+
+
+def with_admin(
+    db: Database, policy: AdminPolicy | None, runner_kw: dict[str, Any]
+) -> AdminService | None:
+    """An AdminService when a policy is given (its quota admission and usage ledger wired into
+    the runner's keyword arguments), else None."""
+    if policy is None:
+        return None
+    admin = AdminService(db, policy)
+    runner_kw.setdefault("admission", admin.admission)
+    runner_kw.setdefault("observers", [admin.ledger])
+    return admin
 
 
 async def make_stack(
-    db_path: Path | str, engine: ScriptedEngine | None = None, **runner_kw: object
+    db_path: Path | str,
+    engine: ScriptedEngine | None = None,
+    admin_policy: AdminPolicy | None = None,
+    **runner_kw: object,
 ) -> Stack:
-    """A runner on SQLite (a path: the in-memory queue) or Postgres (a URL: the shared queue)."""
+    """A runner on SQLite (a path: the in-memory queue) or Postgres (a URL: the shared queue).
+    With `admin_policy`: quotas and the usage ledger wired in (Stack.admin, bot/admin.py)."""
     db = await Database.open(db_path)
+    admin = with_admin(db, admin_policy, runner_kw)
     history = HistoryStore(db, turns_in_prompt=10)
     jobs = JobStore(db, history)
     engine = engine or ScriptedEngine()
@@ -89,8 +109,8 @@ async def make_stack(
     runner = Runner(jobs, history, engine, **runner_kw)  # type: ignore[arg-type]
     adapter = RecordingAdapter()
     runner.attach({"test": adapter})
-    await adapter.start(BotCore(runner, history, engine))
-    return Stack(db, history, jobs, runner, adapter, engine)
+    await adapter.start(BotCore(runner, history, engine, admin))
+    return Stack(db, history, jobs, runner, adapter, engine, admin)
 
 
 @pytest.fixture
@@ -119,16 +139,18 @@ class CoreStack:
 
 async def make_core(
     db_path: Path, adapters: Sequence[Adapter], engine: ScriptedEngine | None = None,
-    **runner_kw: Any,
+    admin_policy: AdminPolicy | None = None, **runner_kw: Any,
 ) -> CoreStack:
-    """Build the core around `adapters`, start the runner and then the adapters."""
+    """Build the core around `adapters`, start the runner and then the adapters. With
+    `admin_policy`: quotas and the usage ledger wired in (core.admin, bot/admin.py)."""
     db = await Database.open(db_path)
+    admin = with_admin(db, admin_policy, runner_kw)
     history = HistoryStore(db, turns_in_prompt=10)
     jobs = JobStore(db, history)
     engine = engine or ScriptedEngine()
     runner = Runner(jobs, history, engine, **runner_kw)
     runner.attach({a.platform: a for a in adapters})
-    core = BotCore(runner, history, engine)
+    core = BotCore(runner, history, engine, admin)
     await runner.start()
     for adapter in adapters:
         await adapter.start(core)
