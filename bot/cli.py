@@ -1,4 +1,4 @@
-"""`vlbot` command line: ask, serve, doctor, eval, dev make-model."""
+"""`vlbot` command line: ask, serve, doctor, eval, usage, dev make-model."""
 
 from __future__ import annotations
 
@@ -259,6 +259,31 @@ async def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def usage(args: argparse.Namespace) -> int:
+    """`vlbot usage`: the usage ledger of the last `--since` (a report, or `--csv` rows)."""
+    from bot.db import Database
+    from bot.usage import UsageLedger
+    from bot.usage_view import csv_text, parse_since, parse_subject, report_text
+
+    try:
+        period = parse_since(args.since)
+        subject = parse_subject(args.user) if args.user else None
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    settings = load_settings()
+    db = await Database.open(settings.database)
+    try:
+        ledger = UsageLedger(db)
+        since = time.time() - period
+        if args.csv:
+            sys.stdout.write(csv_text(await ledger.records(since, subject=subject)))
+        else:
+            print(report_text(await ledger.report(subject, since)))
+    finally:
+        await db.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlbot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -289,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--seed", type=int, default=0, help="the evaluation set's seed")
     p_eval.add_argument("--set-dir", help="where the generated set is kept (default: the cache)")
     p_eval.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p_usage = sub.add_parser("usage", help="who used the bot: a report, or the ledger as CSV")
+    p_usage.add_argument("--since", default="7d", help="the period: 7d (default), 12h, 30m")
+    p_usage.add_argument("--csv", action="store_true", help="one CSV row per job, to stdout")
+    p_usage.add_argument("--user", help="only this user: telegram:42, slack:user:U1, http:k-1a2b")
     p_dev = sub.add_parser("dev", help="developer tools")
     p_dev.add_argument("tool", choices=["make-model"])
     p_dev.add_argument("rest", nargs=argparse.REMAINDER)
@@ -306,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return doctor(args)
         if args.command == "eval":
             return asyncio.run(evaluate(args))
+        if args.command == "usage":
+            return asyncio.run(usage(args))
         from engine import make_model_main
 
         return make_model_main(args.rest)
