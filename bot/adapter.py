@@ -101,6 +101,7 @@ class CoreStatus:
     upstreams: tuple[UpstreamStatus, ...] = ()  # engine=openai: each model server of the pool
     cpu_tier: str | None = None  # the local engine's CPU tier (VLBOT_CPU) and its C kernels in use
     kernels: str | None = None
+    webhooks: dict[str, int] | None = None  # outbound webhook events by state (bot/outbox.py)
 
 
 class Core(Protocol):

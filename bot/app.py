@@ -23,9 +23,11 @@ from bot.jobqueue import JobQueue, LocalJobQueue
 from bot.jobs import JobStore
 from bot.logs import SecretRedactor, secret_values
 from bot.models import GenerationParams
+from bot.outbox import Outbox
 from bot.runner import Runner
 from bot.settings import Settings
 from bot.usage import UsageLedger
+from bot.webhooks import PresetResultWebhooks, WebhookWorker
 from engine import IntakeLimits
 
 log = logging.getLogger("vlbot.app")
@@ -133,12 +135,23 @@ class App:
         self.db: Database | None = None
         self.runner: Runner | None = None
         self.core: BotCore | None = None
+        self.outbox: Outbox | None = None  # outbound webhook events (bot/outbox.py)
+        self.webhooks: WebhookWorker | None = None  # delivers them
         self._prune_task: asyncio.Task[None] | None = None
 
     async def start(self) -> BotCore:
         s = self.settings
         started = time.monotonic()
         self.db = await Database.open(s.database)
+        self.outbox = Outbox(
+            self.db, [e.url for e in s.webhooks.endpoints], event_types=s.webhooks.events
+        )
+        self.webhooks = WebhookWorker.from_settings(self.outbox, s.webhooks)
+        try:  # a refused endpoint URL stops the start here, named (WebhookConfigError)
+            await self.webhooks.start()
+        except BaseException:
+            await self.stop()
+            raise
         history = HistoryStore(self.db, s.history_turns, s.retention_days)
         jobs = JobStore(self.db, history)
         # admins, access, quotas (the runner's admission) and the usage ledger (its observer)
@@ -165,9 +178,11 @@ class App:
             queue=queue,
             admission=admin.admission,
             observers=[admin.ledger],
+            result_hooks=[PresetResultWebhooks(self.outbox)],
         )
         self.runner.attach({a.platform: a for a in self.adapters})
         self.core = BotCore(self.runner, history, self.engine, admin)
+        self.core.webhooks = self.webhooks
         self.core.load_engine_in_background()
         for adapter in self.adapters:
             try:
@@ -200,6 +215,8 @@ class App:
                 log.warning("adapter %s did not stop cleanly: %r", adapter.platform, exc)
         if self.runner:
             await self.runner.stop(grace_s=10.0)
+        if self.webhooks:  # after the runner: its last results are in the outbox
+            await self.webhooks.stop()
         await self.engine.close()
         if self.db:
             await self.db.close()
