@@ -12,6 +12,7 @@ workflow. The core contract stays start/stop/send.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -155,3 +156,18 @@ class Poster(Protocol):
         """Post plain text (the adapter escapes it for its platform; bare URLs stay links) into
         `chat` (a Slack channel ID, a Telegram chat id) and return a link to the new message, or
         None where the platform has none. Raises if the platform refused the post."""
+
+
+class Posters:
+    """The adapters that can post, by platform, as one call: (platform, chat, text) -> link. The
+    triage workflow's PostText (bot/triage/workflow.py). `adapters` is read at each call."""
+
+    def __init__(self, adapters: Sequence[object]) -> None:
+        self.adapters = adapters
+
+    async def __call__(self, platform: str, chat: str, text: str) -> str | None:
+        for adapter in self.adapters:
+            if isinstance(adapter, Poster) and adapter.platform == platform:
+                return await adapter.post(chat, text)
+        raise LookupError(f"cannot post into {platform}:{chat}: the {platform} adapter is not "
+                          "configured (or cannot post)")

@@ -29,6 +29,7 @@ from telegram.ext import (
     filters,
 )
 
+from adapters.telegram.auto_triage import post_text
 from adapters.telegram.durable import DurableUpdateQueue
 from adapters.telegram.handlers import COMMAND_NAMES, Handlers
 from adapters.telegram.ledger import ChatLedger
@@ -268,6 +269,13 @@ class TelegramAdapter:
             status = self.core.status()
             self.replier.running, self.replier.queue_depth = status.running, status.queue_depth
         return await self.replier.send(job, event)
+
+    async def post(self, chat: str, text: str) -> str | None:
+        """bot.adapter.Poster: plain text into chat `chat` (its numeric id); the new message's
+        t.me link, None where Telegram has none (private chats, basic groups)."""
+        await asyncio.wait_for(self._ready.wait(), timeout=30)
+        assert self.handlers is not None and self.app is not None
+        return await post_text(self.app.bot, self.handlers.ledger, chat, text)
 
 
 def _protect_logs(redactor: TokenRedactor) -> None:

@@ -29,6 +29,7 @@ from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import ContextTypes
 
+from adapters.telegram.auto_triage import TelegramTriage
 from adapters.telegram.durable import DurableUpdateQueue
 from adapters.telegram.ledger import ChatLedger
 from adapters.telegram.media import (
@@ -97,6 +98,7 @@ class Handlers:
         self.album_wait_s = album_wait_s
         self.queue = queue
         self.ledger = ledger
+        self.triage = TelegramTriage(settings.triage.telegram_chats)
         self.rate = RateLimiter(self.tg.rate_limit_per_minute)
         self.albums: dict[tuple[int, str], Album] = {}
         # handlers run concurrently (block=False); a chat's messages are turned into jobs one at
@@ -151,6 +153,10 @@ class Handlers:
             if await self._dropped_by_cancel([msg]) or await self._invalid_text([msg]):
                 return
             addressed, question = self._addressed(msg)
+            if not addressed and self.triage.wants([msg]):  # an image in an auto-triage group
+                if await self._admit(msg, quietly=True):
+                    await self._turn([msg], question, f"telegram:update:{update_id}", triage=True)
+                return
             unknown = self._unknown_command(msg)
             if unknown is not None:
                 if (addressed or unknown[1]) and await self._admit(msg):
@@ -266,11 +272,14 @@ class Handlers:
         user_id = msg.from_user.id if msg.from_user else 0
         return user_id in users or msg.chat.id in chats
 
-    async def _admit(self, msg: Message) -> bool:
+    async def _admit(self, msg: Message, quietly: bool = False) -> bool:
+        """Allowlist and rate limit; `quietly`: a refusal by the allowlist is only logged (no
+        one asked: an auto-triaged image)."""
         if not self._allowed(msg):
             log.info("telegram: refused user %s in chat %s (not in the allowlist)",
                      msg.from_user.id if msg.from_user else "?", msg.chat.id)
-            await self._say(msg, "not_allowed")
+            if not quietly:
+                await self._say(msg, "not_allowed")
             return False
         assert msg.from_user is not None
         ok, wait, tell = self.rate.check(msg.from_user.id)
@@ -341,10 +350,12 @@ class Handlers:
         if await self._dropped_by_cancel(messages) or await self._invalid_text(messages):
             return
         checked = [self._addressed(m) for m in messages]
-        if not any(hit for hit, _ in checked) or not await self._admit(messages[0]):
+        addressed = any(hit for hit, _ in checked)
+        triage = not addressed and self.triage.wants(messages)
+        if not (addressed or triage) or not await self._admit(messages[0], quietly=triage):
             return
         question = " ".join(q for _, q in checked if q)
-        await self._turn(messages, question, event_key)
+        await self._turn(messages, question, event_key, triage=triage)
 
     async def _invalid_text(self, messages: list[Message]) -> bool:
         """True (and said so) if a text or caption is not valid Unicode (a lone surrogate)."""
@@ -358,11 +369,13 @@ class Handlers:
 
     # --- a turn ------------------------------------------------------------------------------
 
-    async def _turn(self, messages: list[Message], question: str, event_key: str) -> None:
+    async def _turn(self, messages: list[Message], question: str, event_key: str,
+                    triage: bool = False) -> None:
+        """`triage`: an image in an auto-triage group (adapters/telegram/auto_triage.py)."""
         first = messages[0]
         assert first.from_user is not None
         lang = first.from_user.language_code
-        conversation = conversation_of(first)
+        conversation = self.triage.conversation_of(first) if triage else conversation_of(first)
         try:
             refs: list[FileRef] = [ref for m in messages for ref in image_refs(m)]
             for ref in refs:
@@ -373,7 +386,7 @@ class Handlers:
             images = [await self._download(ref) for ref in refs]
             if not images and first.reply_to_message is not None:
                 images = await self._replied_images(first.reply_to_message, conversation)
-            if images and not question:
+            if images and not question and not triage:
                 question = self.tg.default_prompt
             if not images and not question:
                 raise InputRejected("empty_question", "nothing asked")
@@ -388,6 +401,7 @@ class Handlers:
                     "thread_id": thread_of(first),
                     "lang": lang,
                     "group": first.chat.type != ChatType.PRIVATE,
+                    **(self.triage.origin_of(first) if triage else {}),
                 },
                 event_key=event_key,
             )
