@@ -291,3 +291,25 @@ async def test_dead_letters_show_in_metrics_health_and_doctor(tmp_path: Path) ->
 
 async def metrics_show(client: httpx.AsyncClient, line: str) -> bool:
     return line in (await client.get("/metrics")).text
+
+
+async def test_two_replicas_on_postgres_deliver_each_event_once(postgres_url: str) -> None:
+    """Two workers, each on its own connection pool (two replicas), share one outbox: every
+    event reaches the receiver once, none twice."""
+    secret = new_secret()
+    with WebhookReceiver(secret) as receiver:
+        settings = hooks(receiver.url, secret)
+        dbs = [await Database.open(postgres_url) for _ in range(2)]
+        outboxes = [Outbox(db, [receiver.url]) for db in dbs]
+        workers = [WebhookWorker(o, settings.endpoints, settings, poll_s=0.05) for o in outboxes]
+        try:
+            ids = [await outboxes[n % 2].enqueue(TRIAGE_EVENT, {"n": n}) for n in range(30)]
+            for worker in workers:
+                await worker.start()
+            await eventually(lambda: outbox_has(outboxes[0], delivered=30))
+        finally:
+            for worker in workers:
+                await worker.stop()
+            for db in dbs:
+                await db.close()
+    assert sorted(a.event_id for a in receiver.attempts) == sorted(ids)

@@ -3,9 +3,9 @@ it verifies each request's Standard Webhooks signature with the `standardwebhook
 (401 when it does not match), de-duplicates by `webhook-id` (a repeat is answered 200 and not
 processed again) and records everything it saw.
 
-`fail_first=N`: the first N verified attempts of each event id are answered 503. `hold()`:
-verified requests are recorded, then kept waiting without an answer until `release()` (a
-delivery in flight when vlbot is killed).
+`fail_first=N`: the first N verified attempts of each event id are answered 503. `hold()`, or
+`hold_after=N` (after N answered 200): verified requests are recorded, then kept waiting without
+an answer until `release()` (deliveries in flight when vlbot is killed).
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ class Attempt:
 
 
 class WebhookReceiver:
-    def __init__(self, secret: str, fail_first: int = 0) -> None:
+    def __init__(self, secret: str, fail_first: int = 0, hold_after: int | None = None) -> None:
         self.webhook = Webhook(secret)
         self.fail_first = fail_first
+        self.hold_after = hold_after
         self.attempts: list[Attempt] = []
         self.processed: list[dict[str, Any]] = []  # each event's body, once per id
         self.seen_ids: set[str] = set()
@@ -61,6 +62,7 @@ class WebhookReceiver:
         self._open.clear()
 
     def release(self) -> None:
+        self.hold_after = None
         self._open.set()
 
     def attempts_of(self, event_id: str) -> list[Attempt]:
@@ -90,8 +92,11 @@ class WebhookReceiver:
         if earlier < self.fail_first:
             self._record(Attempt(event_id, time.monotonic(), 503, True))
             return 503
-        held = not self._open.is_set()
         with self._lock:
+            answered = sum(1 for a in self.attempts if a.status == 200)
+            if self.hold_after is not None and answered >= self.hold_after:
+                self._open.clear()
+            held = not self._open.is_set()
             if event_id not in self.seen_ids:  # de-duplicate by webhook-id
                 self.seen_ids.add(event_id)
                 self.processed.append(payload)
