@@ -15,6 +15,7 @@ import httpx
 from PIL import Image
 
 from adapters.http import HttpAdapter
+from bot.admin import AdminPolicy
 from bot.models import Message
 from bot.settings import HttpSettings, Settings
 from engine.intake import IntakeLimits, check_image
@@ -68,14 +69,18 @@ async def running(
     engine: ScriptedEngine | None = None,
     http: dict[str, Any] | None = None,
     runner: dict[str, Any] | None = None,
+    admin_policy: AdminPolicy | None = None,
     **settings_kw: Any,
 ) -> AsyncIterator[Server]:
+    """A server on the SQLite file in `tmp_path` (the same file again: a restart). With
+    `admin_policy`: quotas and the usage ledger wired into the runner (core.admin)."""
     settings = make_settings(tmp_path, http, **settings_kw)
     adapter = HttpAdapter(settings)
     stack = await make_core(
         tmp_path / "vlbot.sqlite3",
         [adapter],
         engine or CheckingEngine(),
+        admin_policy,
         retry_backoff_s=0.01,
         **(runner or {}),
     )

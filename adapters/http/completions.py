@@ -29,6 +29,7 @@ from adapters.http.guard import Caller, owned_conversation
 from adapters.http.logs import kv, model_log
 from adapters.http.metrics import Metrics
 from bot.adapter import Core, Failed, Final, Incoming, Partial, QueueFull, ReplyEvent
+from bot.admin_types import next_reset
 from bot.models import ConversationId, InputRejected, User
 from bot.texts import text
 
@@ -52,12 +53,34 @@ class Exchange:
     answered: bool = False
 
 
+# A quota refusal (bot/quotas.py): the limit it names, as the admin API and settings call it.
+QUOTA_LIMITS = {
+    "quota_images": "images_per_day",
+    "quota_requests": "requests_per_day",
+    "quota_engine": "engine_seconds_per_day",
+    "quota_waiting": "max_waiting",
+}
+
+
 def failure_status(code: str) -> int:
     if code == "too_large":
         return 413
+    if code in QUOTA_LIMITS:
+        return 429
     if code in ("busy", "engine_loading"):
         return 503
     return SERVER_FAULTS.get(code, 400)
+
+
+def quota_retry_after(code: str, core: Core) -> float | None:
+    """Seconds until a quota lets the caller in again: the daily limits at the next 00:00 UTC;
+    jobs waiting about when one of them is answered (the recent mean job time)."""
+    if code == "quota_waiting":
+        return max(1.0, core.status().job_seconds)
+    if code in QUOTA_LIMITS:
+        now = time.time()
+        return next_reset(now) - now
+    return None
 
 
 def language(request: Request) -> str | None:
@@ -110,7 +133,13 @@ class Completions:
         except InputRejected as exc:
             await self._done(rid, conversation, stateless, None)
             message = text(exc.code, lang, **exc.params)
-            raise ApiError(failure_status(exc.code), message, code=exc.code) from None
+            raise ApiError(
+                failure_status(exc.code),
+                message,
+                code=exc.code,
+                param=QUOTA_LIMITS.get(exc.code),
+                retry_after_s=quota_retry_after(exc.code, core),
+            ) from None
         except QueueFull as exc:
             await self._done(rid, conversation, stateless, None)
             retry = max(1, math.ceil(exc.retry_after_s))

@@ -12,13 +12,14 @@ import hmac
 import ipaddress
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from pydantic import SecretStr
 from starlette.requests import ClientDisconnect, Request
 
 from adapters.http.errors import ApiError
+from bot.admin_types import ApiKeyInfo
 from bot.models import ConversationId, size_text
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
@@ -74,20 +75,34 @@ def key_principal(key: bytes) -> str:
     return "key-" + hashlib.sha256(key).hexdigest()[:32]
 
 
+# A run-time API key by its secret (bot/admin.py's AdminService.key_for_secret), or None.
+KeyLookup = Callable[[str], Awaitable[ApiKeyInfo | None]]
+ADMIN_ACTOR = "admin"  # the admin key's caller id (audit log: http:key:admin)
+
+
 class Authenticator:
+    """API keys from settings and, once the core runs, the keys made at run time (looked up in
+    the database on every request, so a revoked key is refused at once); the admin key, which
+    opens the admin API only; basic auth for the web page."""
+
     def __init__(
         self,
         api_keys: Sequence[SecretStr],
         web_user: str | None = None,
         web_password: SecretStr | None = None,
+        admin_key: SecretStr | None = None,
     ) -> None:
         self._keys = [k.get_secret_value().encode() for k in api_keys]
         self._web_user = web_user
         self._web_password = web_password.get_secret_value() if web_password else None
+        self._admin_key = admin_key.get_secret_value().encode() if admin_key else None
+        self.live_keys: KeyLookup | None = None  # set by the adapter at start
 
     @property
     def has_keys(self) -> bool:
-        return bool(self._keys)
+        """Callers must bring a key: settings name API keys, or an admin key (who then makes
+        the API keys at run time)."""
+        return bool(self._keys) or self._admin_key is not None
 
     @property
     def has_web_auth(self) -> bool:
@@ -106,25 +121,59 @@ class Authenticator:
             password.encode(), self._web_password.encode()
         )
 
-    def api_caller(self, request: Request) -> Caller:
-        """The caller of an API route: a Bearer key when keys are set (or the web page's basic
-        auth); otherwise the client address (the server is on loopback then)."""
-        if self._basic_ok(request):
-            return Caller("web", WEB_PRINCIPAL)
-        if not self._keys:
-            return Caller(f"ip:{request.client.host if request.client else '?'}", LOCAL_PRINCIPAL)
+    @staticmethod
+    def _bearer(request: Request) -> str:
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("bearer "):
-            given = header[7:].strip().encode()
-            for index, key in enumerate(self._keys):
-                if hmac.compare_digest(given, key):
-                    return Caller(f"key#{index + 1}", key_principal(key))
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        if header.lower().startswith("bearer ") and header[7:].strip():
+            return header[7:].strip()
         raise ApiError(
             401,
             "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY'.",
             code="missing_api_key",
         )
+
+    async def _key_caller(self, given: str) -> Caller | None:
+        """The caller an API key names: a settings key ("key#N"), else a live run-time key (its
+        id, as the ledger and quotas know it); None for an unknown or revoked key."""
+        raw = given.encode()
+        for index, key in enumerate(self._keys):
+            if hmac.compare_digest(raw, key):
+                return Caller(f"key#{index + 1}", key_principal(key))
+        if self.live_keys is not None:
+            info = await self.live_keys(given)
+            if info is not None and info.active:
+                return Caller(info.id, key_principal(raw))
+        return None
+
+    async def api_caller(self, request: Request) -> Caller:
+        """The caller of an API route: a Bearer key when keys are set (or the web page's basic
+        auth); otherwise the client address (the server is on loopback then)."""
+        if self._basic_ok(request):
+            return Caller("web", WEB_PRINCIPAL)
+        if not self.has_keys:
+            return Caller(f"ip:{request.client.host if request.client else '?'}", LOCAL_PRINCIPAL)
+        caller = await self._key_caller(self._bearer(request))
+        if caller is None:
+            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+        return caller
+
+    async def admin_caller(self, request: Request) -> Caller:
+        """The caller of an admin route: the admin key only. Without a key 401; an API key that
+        is not the admin key 403; no admin key configured 403 (the admin API is off)."""
+        if self._admin_key is None:
+            raise ApiError(
+                403,
+                "The admin API is off on this server: set VLBOT_HTTP__ADMIN_KEY to turn it on.",
+                code="admin_disabled",
+            )
+        given = self._bearer(request)
+        if hmac.compare_digest(given.encode(), self._admin_key):
+            return Caller(ADMIN_ACTOR, ADMIN_ACTOR)
+        if await self._key_caller(given) is not None:
+            raise ApiError(
+                403, "This API key may not use the admin API; use the admin key.", code="not_admin"
+            )
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     def page_allowed(self, request: Request) -> bool:
         """The web page and its files: open unless basic auth is configured."""

@@ -3,7 +3,9 @@ tests, and nothing leaks between them). Served at GET /metrics in the text forma
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -11,6 +13,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from bot.adapter import CoreStatus
+from bot.admin_types import PLATFORMS, UsageRecord
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 
@@ -58,6 +61,8 @@ class Metrics:
         self.running = Gauge("vlbot_jobs_running", "Jobs generating now", registry=r)
         self.engine_ready = Gauge("vlbot_engine_ready", "1 when the model is loaded", registry=r)
         self.uptime = Gauge("vlbot_uptime_seconds", "Seconds since the core started", registry=r)
+        self.ledger = LedgerCounters()
+        r.register(self.ledger)
 
     def track_status(self, status: Callable[[], CoreStatus]) -> None:
         """Read the queue gauges from the core at each scrape."""
@@ -147,3 +152,67 @@ class WebhookCollector(Collector):
         for state, n in counts.items():
             events.add_metric([state], n)
         yield events
+
+
+LEDGER_MARGIN_S = 300.0  # rows may be written a little after the time they carry
+
+
+class LedgerCounters(Collector):
+    """Counters per platform read from the usage ledger (all replicas' jobs on a shared
+    database): jobs by outcome, images, engine seconds, refused messages by reason. No per-user
+    labels. Each `refresh` (at a scrape) adds the rows settled since the last one; rows carrying
+    a time a little before it (written late) are still counted, each once."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str], int] = defaultdict(int)
+        self._images: dict[str, int] = defaultdict(int)
+        self._engine_s: dict[str, float] = defaultdict(float)
+        self._rejected: dict[tuple[str, str], int] = defaultdict(int)
+        self._until = 0.0  # the newest row's time counted so far
+        self._recent: set[tuple[float, str, str | None, str, str]] = set()
+        self._lock = asyncio.Lock()
+
+    async def refresh(self, records: Callable[[float], Awaitable[list[UsageRecord]]]) -> None:
+        async with self._lock:
+            for r in await records(max(0.0, self._until - LEDGER_MARGIN_S)):
+                key = (r.finished_at, r.conversation, r.job_id, r.status, r.user_id)
+                if key in self._recent:
+                    continue
+                self._recent.add(key)
+                self._until = max(self._until, r.finished_at)
+                if r.status == "rejected":
+                    self._rejected[(r.platform, r.reason or "unknown")] += 1
+                else:
+                    self._requests[(r.platform, r.status)] += 1
+                    self._images[r.platform] += r.images
+                    self._engine_s[r.platform] += r.engine_s
+            cutoff = self._until - LEDGER_MARGIN_S
+            self._recent = {k for k in self._recent if k[0] >= cutoff}
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "vlbot_usage_requests", "Jobs settled, by platform and outcome (usage ledger)",
+            labels=["platform", "status"],
+        )
+        images = CounterMetricFamily(
+            "vlbot_usage_images", "Images in settled jobs, by platform (usage ledger)", labels=["platform"]
+        )
+        engine_s = CounterMetricFamily(
+            "vlbot_usage_engine_seconds", "Engine time spent on jobs, by platform (usage ledger)",
+            labels=["platform"],
+        )
+        rejected = CounterMetricFamily(
+            "vlbot_usage_rejected", "Messages refused before they became jobs, by platform and reason",
+            labels=["platform", "reason"],
+        )
+        for platform in PLATFORMS:
+            images.add_metric([platform], self._images[platform])
+            engine_s.add_metric([platform], self._engine_s[platform])
+            for status in ("answered", "failed", "cancelled"):
+                requests.add_metric([platform, status], self._requests[(platform, status)])
+        for (platform, reason), n in sorted(self._rejected.items()):
+            rejected.add_metric([platform, reason], n)
+        yield from (requests, images, engine_s, rejected)

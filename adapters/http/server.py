@@ -28,7 +28,9 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.http import admin_api
 from adapters.http import openai_api as api
+from adapters.http.admin_api import AdminApi
 from adapters.http.completions import Completions, Exchange, language
 from adapters.http.errors import ApiError
 from adapters.http.guard import (
@@ -67,6 +69,9 @@ PAGE_HEADERS = {
 }
 
 Handler = Callable[[Request], Awaitable[Response]]
+# the web page's files by path; the admin page's need the admin key for their data, not to load
+PAGE_FILES = {"/": "index.html", "/app.js": "app.js", "/app.css": "app.css"}
+ADMIN_PAGE = {"/admin": "admin.html", "/admin.js": "admin.js", "/admin.css": "admin.css"}
 
 
 def route_label(path: str) -> str:
@@ -74,7 +79,10 @@ def route_label(path: str) -> str:
         return "/v1/conversations/{id}"
     if path.startswith("/v1/images/"):
         return "/v1/images/{sha}"
-    known = ("/", "/app.js", "/app.css", "/health", "/metrics", "/v1/models", "/v1/chat/completions")
+    if path.startswith("/v1/admin/"):
+        return admin_api.route_label(path)
+    known = ("/", "/app.js", "/app.css", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
+             *ADMIN_PAGE)
     return path if path in known else "other"
 
 
@@ -153,7 +161,7 @@ class HttpAdapter:
     def __init__(self, settings: Settings, *, fetcher: RemoteImageFetcher | None = None) -> None:
         self.settings = settings
         http = settings.http
-        self.auth = Authenticator(http.api_keys, http.web_user, http.web_password)
+        self.auth = Authenticator(http.api_keys, http.web_user, http.web_password, http.admin_key)
         self.limiter = RateLimiter(http.rate_limit_per_minute)
         self.metrics = Metrics()
         if fetcher is None and http.allow_remote_images:
@@ -165,6 +173,7 @@ class HttpAdapter:
         self.completions = Completions(
             self.core, self._exchanges, self.metrics, settings.max_visual_tokens, self._spawn
         )
+        self.admin_api = AdminApi(self.auth, self.core, http.body_timeout_s)
         self.app = self._build_app()
         self._server: _Server | None = None
         self._serve_task: asyncio.Task[None] | None = None
@@ -182,6 +191,7 @@ class HttpAdapter:
         http = self.settings.http
         check_bind(http.host, self.auth.has_keys)
         self._core = core
+        self.auth.live_keys = core.admin.key_for_secret  # API keys made at run time
         self.metrics.track_status(core.status)
         if http.log_dir is not None:
             self._log_files = LogFiles(http.log_dir)
@@ -279,9 +289,7 @@ class HttpAdapter:
             return error.response(str(request.scope.get("vlbot.rid", "")))
 
         routes = [
-            Route("/", endpoint(self.page), methods=["GET"]),
-            Route("/app.js", endpoint(self.page), methods=["GET"]),
-            Route("/app.css", endpoint(self.page), methods=["GET"]),
+            *(Route(path, endpoint(self.page), methods=["GET"]) for path in {**PAGE_FILES, **ADMIN_PAGE}),
             Route("/health", endpoint(self.health), methods=["GET"]),
             Route("/metrics", endpoint(self.metrics_page), methods=["GET"]),
             Route("/v1/models", endpoint(self.models), methods=["GET"]),
@@ -289,12 +297,13 @@ class HttpAdapter:
             Route("/v1/chat/completions", endpoint(self.chat), methods=["POST"]),
             Route("/v1/conversations/{cid}", endpoint(self.conversation), methods=["GET", "DELETE"]),
             Route("/v1/images/{sha}", endpoint(self.image), methods=["GET"]),
+            *self.admin_api.routes(endpoint),
         ]
         app = Starlette(routes=routes, exception_handlers={HTTPException: http_error})
         return Observe(app, self.metrics)
 
-    def _caller(self, request: Request) -> Caller:
-        caller = self.auth.api_caller(request)
+    async def _caller(self, request: Request) -> Caller:
+        caller = await self.auth.api_caller(request)
         request.scope["vlbot.caller"] = caller.key_id
         return caller
 
@@ -303,7 +312,7 @@ class HttpAdapter:
             return Response(
                 "Authentication required", 401, {"WWW-Authenticate": 'Basic realm="vlbot", charset="UTF-8"'}
             )
-        name = {"/": "index.html", "/app.js": "app.js", "/app.css": "app.css"}[request.url.path]
+        name = {**PAGE_FILES, **ADMIN_PAGE}[request.url.path]
         return FileResponse(WEB_DIR / name, headers=PAGE_HEADERS)
 
     async def health(self, request: Request) -> Response:
@@ -336,30 +345,32 @@ class HttpAdapter:
             body["webhooks"] = {k: status.webhooks.get(k, 0) for k in ("pending", "dead")}
         if status.upstreams:  # engine=openai: the pool of model servers
             body["upstreams_up"] = f"{sum(u.up for u in status.upstreams)}/{len(status.upstreams)}"
-            if self._sees_internals(request):  # their URLs and errors: to whom /metrics shows them
+            if await self._sees_internals(request):  # their URLs and errors: to whom /metrics shows them
                 body["upstreams"] = [dataclasses.asdict(u) for u in status.upstreams]
         if status.fallback:  # engine=auto: no VLM here, OCR answers
             body["notice"] = f"{text('engine_fallback_ocr')} ({status.fallback})"
         return JSONResponse(body, status_code=200 if state == "healthy" else 503)
 
-    def _sees_internals(self, request: Request) -> bool:
+    async def _sees_internals(self, request: Request) -> bool:
         if self.settings.http.metrics_public:
             return True
         try:
-            self._caller(request)
+            await self._caller(request)
         except ApiError:
             return False
         return True
 
     async def metrics_page(self, request: Request) -> Response:
         if not self.settings.http.metrics_public:
-            self._caller(request)  # with API keys set, only their holders (and the web user)
+            await self._caller(request)  # with API keys set, only their holders (and the web user)
         with contextlib.suppress(Exception):
             self.metrics.set_job_counts(await self.core().job_counts())
+        with contextlib.suppress(Exception):
+            await self.metrics.ledger.refresh(self.core().admin.usage_records)
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     async def models(self, request: Request) -> Response:
-        self._caller(request)
+        await self._caller(request)
         status = self.core().status()
         name = status.model
         model = {"id": name, "object": "model", "created": 0, "owned_by": "vlbot"}
@@ -367,12 +378,12 @@ class HttpAdapter:
 
     async def presets(self, request: Request) -> Response:
         """The presets, each with the response_format that selects it."""
-        self._caller(request)
+        await self._caller(request)
         data = [{"name": p.name, "response_format": response_format(p)} for p in PRESETS.values()]
         return JSONResponse({"object": "list", "data": data})
 
     async def chat(self, request: Request) -> Response:
-        caller = self._caller(request)
+        caller = await self._caller(request)
         self.limiter.check(caller.key_id)
         core = self.core()
         status = core.status()
@@ -396,7 +407,7 @@ class HttpAdapter:
 
     async def conversation(self, request: Request) -> Response:
         """A caller's own conversation; another principal's is not found, like an unknown id."""
-        caller = self._caller(request)
+        caller = await self._caller(request)
         cid = api.check_conversation_id(request.path_params["cid"])
         assert cid is not None
         conversation = owned_conversation(caller.principal, cid)
@@ -421,7 +432,7 @@ class HttpAdapter:
 
     async def image(self, request: Request) -> Response:
         """An image of one of the caller's own conversations; any other is not found."""
-        caller = self._caller(request)
+        caller = await self._caller(request)
         sha = request.path_params["sha"]
         history = self.core().history
         data = await history.image_in(sha, owned_prefix(caller.principal)) if _SHA.match(sha) else None
