@@ -204,10 +204,10 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "(a negative number) or here (this chat)"
         ),
         "admin_who_slack": "who: @someone, #channel or here (this channel)",
-        "admin_usage_allow": "Usage: {command} <who> ({who}).",
-        "admin_usage_deny": "Usage: {command} <who> ({who}).",
+        "admin_usage_allow": "Usage: {command} who ({who}).",
+        "admin_usage_deny": "Usage: {command} who ({who}).",
         "admin_usage_quota": (
-            "Usage: {command} <who> images=20 requests=50 engine=600 waiting=2 (any of them; "
+            "Usage: {command} who images=20 requests=50 engine=600 waiting=2 (any of them; "
             "engine in seconds; {who})."
         ),
         "admin_usage_usage": "Usage: {command} [who] [days] ({who}).",
@@ -248,16 +248,17 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "admin_label_telegram_user": "user {id}",
         "admin_label_telegram_chat": "chat {id}",
         "admin_help": (
-            "Admin: /allow <who>, /deny <who>, /quota <who> images=20 requests=50 engine=600 "
+            "Admin: /allow who, /deny who, /quota who images=20 requests=50 engine=600 "
             "waiting=2, /usage [who] [days] (who: reply to their message, a user id, a group's "
             "chat id, or here). Changes apply at once and are logged."
         ),
         "admin_slack_help": (
-            "Admin: {command} allow <who>, {command} deny <who>, {command} quota <who> images=20 "
+            "Admin: {command} allow who, {command} deny who, {command} quota who images=20 "
             "requests=50 engine=600 waiting=2, {command} usage [who] [days] (who: @someone, "
             "#channel or here). Changes apply at once and are logged."
         ),
         "admin_usage_help": "/usage shows your use today and what is left of your limits.",
+        "admin_slack_usage_help": "{command} usage shows your use today and what is left of your limits.",
     },
     "zh": {
         "thinking": "思考中…",
@@ -401,10 +402,10 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "admin_not_me": "那是我，不是用户。",
         "admin_who_telegram": "对象：回复其消息，或给出用户 id（数字）、群组的 chat id（负数）或 here（本对话）",
         "admin_who_slack": "对象：@某人、#频道 或 here（本频道）",
-        "admin_usage_allow": "用法：{command} <对象>（{who}）。",
-        "admin_usage_deny": "用法：{command} <对象>（{who}）。",
+        "admin_usage_allow": "用法：{command} 对象（{who}）。",
+        "admin_usage_deny": "用法：{command} 对象（{who}）。",
         "admin_usage_quota": (
-            "用法：{command} <对象> images=20 requests=50 engine=600 waiting=2（可任选；engine 以秒计；{who}）。"
+            "用法：{command} 对象 images=20 requests=50 engine=600 waiting=2（可任选；engine 以秒计；{who}）。"
         ),
         "admin_usage_usage": "用法：{command} [对象] [天数]（{who}）。",
         "admin_usage_others": "抱歉，只有管理员可以查看他人的用量。单独使用 /usage 可查看你自己的用量。",
@@ -440,16 +441,17 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "admin_label_telegram_user": "用户 {id}",
         "admin_label_telegram_chat": "对话 {id}",
         "admin_help": (
-            "管理员：/allow <对象>、/deny <对象>、/quota <对象> images=20 requests=50 engine=600 "
+            "管理员：/allow 对象、/deny 对象、/quota 对象 images=20 requests=50 engine=600 "
             "waiting=2、/usage [对象] [天数]（对象：回复其消息、用户 id、群组 chat id 或 here）。"
             "更改立即生效并记录在案。"
         ),
         "admin_slack_help": (
-            "管理员：{command} allow <对象>、{command} deny <对象>、{command} quota <对象> images=20 "
+            "管理员：{command} allow 对象、{command} deny 对象、{command} quota 对象 images=20 "
             "requests=50 engine=600 waiting=2、{command} usage [对象] [天数]（对象：@某人、#频道 或 here）。"
             "更改立即生效并记录在案。"
         ),
         "admin_usage_help": "/usage 显示你今天的用量以及各项限制的剩余。",
+        "admin_slack_usage_help": "{command} usage 显示你今天的用量以及各项限制的剩余。",
     },
 }
 
