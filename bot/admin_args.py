@@ -71,14 +71,14 @@ def parse_admin_command(
             raise AdminArgError("admin_extra_argument", arg=words[1])
         target = target_of(words[0]) if words else replied_to
         if target is None:
-            raise AdminArgError("admin_who_missing", command=verb)
+            raise AdminArgError("admin_who_missing")  # the reply names the command
         return AdminCommand(verb, target)
     if verb == "quota":
         target = replied_to
         if words and "=" not in words[0]:
             target = target_of(words.pop(0))
         if target is None:
-            raise AdminArgError("admin_who_missing", command=verb)
+            raise AdminArgError("admin_who_missing")  # the reply names the command
         return AdminCommand(verb, target, limits=parse_limits(words))
     if len(words) > 2:
         raise AdminArgError("admin_extra_argument", arg=words[2])

@@ -28,6 +28,7 @@ from slack_bolt.context.async_context import AsyncBoltContext
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from adapters.slack.admin_commands import SlackAdminCommands, admin_verb
 from adapters.slack.auto_triage import SlackTriage, has_image
 from adapters.slack.files import SlackFiles, latest_image_file
 from adapters.slack.format import addresses_others, escape, page_message, split_links, strip_mentions
@@ -66,19 +67,22 @@ class SlackHandlers:
         self.replies = replies
         self.fetcher = fetcher
         self.triage = triage
+        self.admin_commands = SlackAdminCommands(self.slack.slash_command)  # allow, deny, quota, usage
         self.core: Core | None = None
         self._seen: OrderedDict[str, None] = OrderedDict()  # event ids seen by this process
         self._threads: set[str] = set()  # threads this process replied in
 
     # --- filters -----------------------------------------------------------------------------
 
-    def _allowed(self, team: str | None, channel: str | None) -> bool:
+    async def _allowed(self, team: str | None, channel: str | None, user: Any) -> bool:
+        """The team allowlist, then the settings allowlists and the database's entries (admins'
+        allow/deny of users and channels; a DM is not held to a channel list)."""
         if self.slack.allowed_teams and team not in self.slack.allowed_teams:
             log.info("ignored: team %s is not allowed", team)
             return False
-        is_dm = (channel or "").startswith("D")
-        if self.slack.allowed_channels and not is_dm and channel not in self.slack.allowed_channels:
-            log.info("ignored: channel %s is not allowed", channel)
+        assert self.core is not None
+        if not await self.core.admin.access("slack", str(user or ""), channel):
+            log.info("ignored: user %s in channel %s is not allowed", user, channel)
             return False
         return True
 
@@ -111,7 +115,9 @@ class SlackHandlers:
         self, body: dict[str, Any], event: dict[str, Any], context: AsyncBoltContext
     ) -> None:
         channel = event.get("channel")
-        if self._from_a_bot(event, context) or not self._allowed(_team(body, event), channel):
+        if self._from_a_bot(event, context) or not await self._allowed(
+            _team(body, event), channel, event.get("user")
+        ):
             return
         if not self._first_time(body.get("event_id")):
             return
@@ -125,7 +131,7 @@ class SlackHandlers:
         if event.get("subtype") not in TURN_SUBTYPES or self._from_a_bot(event, context):
             return
         channel = str(event.get("channel"))
-        if not self._allowed(_team(body, event), channel):
+        if not await self._allowed(_team(body, event), channel, event.get("user")):
             return
         if event.get("channel_type") == "im":
             conversation = ConversationId("slack", channel)
@@ -227,7 +233,7 @@ class SlackHandlers:
         given = (command.get("text") or "").strip()
         channel = str(command.get("channel_id"))
         word = given.lower()
-        if not self._allowed(command.get("team_id"), channel):
+        if not await self._allowed(command.get("team_id"), channel, command.get("user_id")):
             await ack(response_type="ephemeral", text=text("not_allowed"))
             return
         if word in ("", "help"):
@@ -236,7 +242,12 @@ class SlackHandlers:
             await ack(response_type="ephemeral", text=escape(text(
                 "slack_help", command=self.slack.slash_command, model=self.core.status().model,
                 limit=size_text(self.settings.max_image_bytes), follow_ups=follow_ups,
-            )))
+            ) + self.admin_commands.help_lines(self.core, str(command.get("user_id")))))
+            return
+        verb = admin_verb(given)  # "/vlbot allow @someone", "/vlbot usage 7"...
+        if verb is not None:
+            reply = await self.admin_commands.reply_to(self.core, command, verb)
+            await ack(response_type="ephemeral", text=reply)
             return
         conversation = ConversationId("slack", channel)
         if word == "reset":
