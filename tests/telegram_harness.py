@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from adapters.telegram import TelegramAdapter
 from adapters.telegram.replies import utf16_len
+from bot.admin import AdminPolicy
 from bot.models import Turn
 from bot.settings import Settings, TelegramSettings
 from tests.conftest import CoreStack, make_core
@@ -153,9 +154,11 @@ async def running(fake: FakeTelegram, tmp_path: Path, engine: ScriptedEngine | N
                   adapter_kw: dict[str, float] | None = None, **telegram: Any) -> AsyncIterator[Harness]:
     kw = {"edit_interval_s": 0.1, "group_edit_interval_s": 0.3, "album_wait_s": 0.3,
           "poll_timeout_s": 2.0, **(adapter_kw or {})}
-    adapter = TelegramAdapter(make_settings(fake, tmp_path, **telegram), **kw)
+    settings = make_settings(fake, tmp_path, **telegram)
+    adapter = TelegramAdapter(settings, **kw)
     engine = engine or ScriptedEngine(reply=lambda h, m: ANSWER, delay_s=0.03)
-    stack = await make_core(tmp_path / "vlbot.sqlite3", [adapter], engine, max_concurrency=1,
+    stack = await make_core(tmp_path / "vlbot.sqlite3", [adapter], engine,  # settings' allowlists
+                            admin_policy=AdminPolicy.from_settings(settings), max_concurrency=1,
                             retry_backoff_s=0.01)
     try:
         yield Harness(fake, adapter, stack)

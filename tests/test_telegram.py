@@ -284,7 +284,7 @@ async def test_help_and_commands_registered(fake: FakeTelegram, tmp_path: Path) 
     registered = [c.params for c in fake.calls if c.method == "setMyCommands"]
     assert {c.get("language_code") for c in registered} == {None, "zh"}
     names = {x["command"] for x in registered[0]["commands"]}
-    assert names == {"ask", "help", "reset", "cancel", "export", "start"}
+    assert names == {"ask", "help", "reset", "cancel", "export", "usage", "start"}
 
 
 async def test_an_unknown_command_is_named_not_asked(fake: FakeTelegram, tmp_path: Path) -> None:

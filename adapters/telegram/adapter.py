@@ -29,6 +29,7 @@ from telegram.ext import (
     filters,
 )
 
+from adapters.telegram.admin_commands import ADMIN_COMMANDS, register_admin_menus, with_usage
 from adapters.telegram.auto_triage import post_text
 from adapters.telegram.durable import DurableUpdateQueue
 from adapters.telegram.handlers import COMMAND_NAMES, Handlers
@@ -191,17 +192,20 @@ class TelegramAdapter:
                 group_edit_interval_s=self.group_edit_interval_s,
             )
             commands = filters.UpdateType.MESSAGE
-            names = [n for n in COMMAND_NAMES if n != "ask"]  # /ask is a question: on_message
+            names = [n for n in (*COMMAND_NAMES, *ADMIN_COMMANDS) if n != "ask"]  # /ask: on_message
             app.add_handler(CommandHandler(names, self.handlers.on_command, filters=commands,
                                            block=False))
             app.add_handler(MessageHandler(filters.UpdateType.MESSAGE, self.handlers.on_message,
                                            block=False))
             app.add_error_handler(self.handlers.on_error, block=False)
-        for lang, items in COMMANDS.items():
+        menus = {lang: with_usage(items, lang) for lang, items in COMMANDS.items()}
+        for lang, items in menus.items():
             await app.bot.set_my_commands(
                 [BotCommand(name, about) for name, about in items],
                 language_code=None if lang == "en" else lang,
             )
+        await register_admin_menus(app.bot, self.core.admin.policy.access.admins.get("telegram", ()),
+                                   menus)
         if not app.running:
             await app.start()
             await self.queue.replay(app.bot)  # what an earlier run received but did not finish

@@ -29,6 +29,7 @@ from telegram.constants import ChatType
 from telegram.error import TelegramError
 from telegram.ext import ContextTypes
 
+from adapters.telegram.admin_commands import ADMIN_COMMANDS, TelegramAdminCommands, is_admin_command
 from adapters.telegram.auto_triage import TelegramTriage
 from adapters.telegram.durable import DurableUpdateQueue
 from adapters.telegram.ledger import ChatLedger
@@ -52,7 +53,7 @@ log = logging.getLogger("vlbot.telegram")
 
 Context = ContextTypes.DEFAULT_TYPE
 # The commands of the bot menu (registered with setMyCommands by the adapter), in /help order.
-COMMAND_NAMES = ("ask", "help", "reset", "cancel", "export", "start")
+COMMAND_NAMES = ("ask", "help", "reset", "cancel", "export", "usage", "start")
 
 
 @dataclass
@@ -98,6 +99,7 @@ class Handlers:
         self.album_wait_s = album_wait_s
         self.queue = queue
         self.ledger = ledger
+        self.admin_commands = TelegramAdminCommands(core, bot.id)  # /allow /deny /quota /usage
         self.triage = TelegramTriage(settings.triage.telegram_chats)
         self.rate = RateLimiter(self.tg.rate_limit_per_minute)
         self.albums: dict[tuple[int, str], Album] = {}
@@ -181,14 +183,19 @@ class Handlers:
 
     async def _command(self, msg: Message) -> None:
         assert msg.text is not None
-        if not self._allowed(msg):
+        if not await self._allowed(msg):
             await self._say(msg, "not_allowed")
             return
         command = msg.text.split()[0].lstrip("/").split("@")[0].lower()
         conversation = conversation_of(msg)
         if command in ("start", "help"):
-            await self._say(msg, "help", model=self.core.status().model,
-                            presets=_presets(), limit=size_text(self.settings.max_image_bytes))
+            lang = msg.from_user.language_code if msg.from_user else None
+            await self._say_text(msg, texts.text(
+                "help", lang, model=self.core.status().model, presets=_presets(),
+                limit=size_text(self.settings.max_image_bytes),
+            ) + self.admin_commands.help_lines(msg))
+        elif is_admin_command(command):
+            await self._say_text(msg, await self.admin_commands.reply_to(msg, command))
         elif command == "reset":
             await self.core.reset(conversation)
             await self._say(msg, "reset_done")
@@ -225,7 +232,7 @@ class Handlers:
             name, _, target = value.lstrip("/").partition("@")
             if target and target.lower() != self.bot.username.lower():
                 return None  # for another bot
-            if name.lower() in COMMAND_NAMES or get_preset(name) is not None:
+            if name.lower() in (*COMMAND_NAMES, *ADMIN_COMMANDS) or get_preset(name) is not None:
                 return None
             return name, bool(target) or msg.chat.type == ChatType.PRIVATE
         return None
@@ -265,17 +272,15 @@ class Handlers:
 
     # --- admission ---------------------------------------------------------------------------
 
-    def _allowed(self, msg: Message) -> bool:
-        users, chats = self.tg.allowed_users, self.tg.allowed_chats
-        if not users and not chats:
-            return True
+    async def _allowed(self, msg: Message) -> bool:
+        """The settings allowlists and the database's entries (/allow, /deny), with admins in."""
         user_id = msg.from_user.id if msg.from_user else 0
-        return user_id in users or msg.chat.id in chats
+        return await self.core.admin.access("telegram", str(user_id), str(msg.chat.id))
 
     async def _admit(self, msg: Message, quietly: bool = False) -> bool:
         """Allowlist and rate limit; `quietly`: a refusal by the allowlist is only logged (no
         one asked: an auto-triaged image)."""
-        if not self._allowed(msg):
+        if not await self._allowed(msg):
             log.info("telegram: refused user %s in chat %s (not in the allowlist)",
                      msg.from_user.id if msg.from_user else "?", msg.chat.id)
             if not quietly:
@@ -435,10 +440,13 @@ class Handlers:
 
     async def _say(self, msg: Message, key: str, **params: Any) -> None:
         lang = msg.from_user.language_code if msg.from_user else None
+        await self._say_text(msg, texts.text(key, lang, **params))
+
+    async def _say_text(self, msg: Message, text: str) -> None:
         try:
             async with self.ledger.sending(msg.chat.id):
                 sent = await self.bot.send_message(
-                    msg.chat.id, texts.text(key, lang, **params),
+                    msg.chat.id, text,
                     message_thread_id=thread_of(msg),
                     reply_parameters=ReplyParameters(msg.message_id, allow_sending_without_reply=True),
                 )
