@@ -154,6 +154,13 @@ async def test_quota_set_by_the_admin_applies_at_once_and_is_audited(tmp_path: P
             with pytest.raises(openai.RateLimitError) as refused:
                 await ask(server.url, made["secret"])
             assert refused.value.code == "quota_requests"
+            # a settings key by its id ("key#1" for the first of VLBOT_HTTP__API_KEYS)
+            settings_key = await http.put(
+                "/v1/admin/quotas/http/key/key%231", json={"requests_per_day": 0}, headers=as_admin()
+            )
+            assert settings_key.json()["subject"] == "http:key:key#1"
+            with pytest.raises(openai.RateLimitError):
+                await ask(server.url, USER_KEY)
             chat = await http.put(
                 "/v1/admin/quotas/slack/chat/C042", json={"images_per_day": 5}, headers=as_admin()
             )
@@ -167,6 +174,7 @@ async def test_quota_set_by_the_admin_applies_at_once_and_is_audited(tmp_path: P
     assert [(e["actor"], e["action"], e["subject"]) for e in audit] == [
         ("http:key:admin", "key_revoke", f"http:key:{made['id']}"),
         ("http:key:admin", "quota", "slack:chat:C042"),
+        ("http:key:admin", "quota", "http:key:key#1"),
         ("http:key:admin", "quota", f"http:key:{made['id']}"),
         ("http:key:admin", "key_create", f"http:key:{made['id']}"),
     ]
