@@ -8,7 +8,9 @@ Partial text is never sent from the runner's coroutine: `Partial` only records t
 and a per-job flusher task edits the placeholder at most once per interval (about one edit per
 second in private chats, fewer in groups), so a slow or rate-limited Telegram never slows
 generation. The final answer is sent as plain text (no parse mode: `*_[` can never fail to send),
-split at Telegram's 4096-character limit.
+split at Telegram's 4096-character limit; a complete fenced block in a piece (```json … ```, as
+a preset's answer carries its JSON) is sent as its bare content with a `pre` entity of the
+fence's language, which Telegram shows as a code block with a copy button.
 
 A send whose response was lost (the message may exist, its id is unknown) is not left beside
 the answer: the next message sent to the chat (the next placeholder try, or the answer) lets
@@ -21,12 +23,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
-from telegram import Bot, ReplyParameters
+from telegram import Bot, MessageEntity, ReplyParameters
 from telegram.constants import ChatAction
 from telegram.error import BadRequest, Forbidden, RetryAfter, TelegramError
 
@@ -38,6 +41,7 @@ from bot.models import Job
 log = logging.getLogger("vlbot.telegram")
 
 MAX_MESSAGE = 4096  # Telegram's limit, in UTF-16 code units
+FENCE_RE = re.compile(r"```([\w+#.-]*)[ \t]*\n(.*?)\n?```", re.DOTALL)
 
 
 def utf16_len(text: str) -> int:
@@ -63,6 +67,29 @@ def split_message(text: str, limit: int = MAX_MESSAGE) -> list[str]:
     if rest:
         pieces.append(rest)
     return pieces or ["…"]
+
+
+def code_blocks(text: str) -> tuple[str, list[MessageEntity]]:
+    """`text` with its complete fenced blocks unwrapped, and a `pre` entity (offsets in UTF-16
+    code units, as the Bot API counts) for each. An open fence, or an empty block, stays as typed."""
+    out: list[str] = []
+    entities: list[MessageEntity] = []
+    offset = 0  # UTF-16 length of what is in `out`
+    at = 0
+    for match in FENCE_RE.finditer(text):
+        language, body = match.group(1), match.group(2)
+        if not body.strip():
+            continue  # an entity may not be empty
+        before = text[at:match.start()]
+        out.append(before)
+        offset += utf16_len(before)
+        entities.append(MessageEntity(MessageEntity.PRE, offset, utf16_len(body),
+                                      language=language or None))
+        out.append(body)
+        offset += utf16_len(body)
+        at = match.end()
+    out.append(text[at:])
+    return "".join(out), entities
 
 
 def preview(text: str) -> str:
@@ -214,7 +241,7 @@ class Replier:
             ids = state.answer_ids or ([state.placeholder_id] if state.placeholder_id else [])
             for i, chunk in enumerate(chunks):
                 existing = ids[i] if i < len(ids) else None
-                message_id = await self._put(job, existing, chunk)
+                message_id = await self._put(job, existing, *code_blocks(chunk))
                 if i < len(state.answer_ids):
                     state.answer_ids[i] = message_id
                 else:
@@ -243,13 +270,15 @@ class Replier:
         state.shown = text
         state.last_edit = time.monotonic()
 
-    async def _put(self, job: Job, message_id: int | None, text: str) -> int:
+    async def _put(self, job: Job, message_id: int | None, text: str,
+                   entities: list[MessageEntity] | None = None) -> int:
         """Edit `message_id` to `text`, or send a new message when there is none (or the user
         deleted it). Returns the id of the message now showing `text`."""
         chat_id = int(job.origin["chat_id"])
         if message_id is not None:
             try:
-                await self.bot.edit_message_text(text, chat_id=chat_id, message_id=message_id)
+                await self.bot.edit_message_text(text, chat_id=chat_id, message_id=message_id,
+                                                 entities=entities or None)
                 return message_id
             except BadRequest as exc:
                 reason = exc.message.lower()
@@ -260,7 +289,7 @@ class Replier:
                 log.info("job %s: message %s was deleted; sending a new one", job.id, message_id)
         async with self.ledger.sending(chat_id):
             sent = await self.bot.send_message(
-                chat_id, text,
+                chat_id, text, entities=entities or None,
                 message_thread_id=job.origin.get("thread_id"),
                 reply_parameters=_reply_to(job.origin.get("message_id")),
             )
