@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 import engine.qwen.engine
@@ -18,6 +19,7 @@ from bot.models import Message
 from engine.cpu import hugepages, swap
 from engine.cpu.hugepages import move_to_huge_pages, on_huge_pages, release_file_pages
 from engine.cpu.quant_store import quantize_language_model
+from tests.engine_fixtures import peak_rss, reset_peak_rss, resident_file_bytes
 from tests.test_engine_qwen import answer, png_image
 
 pytestmark = pytest.mark.skipif(not hugepages.huge_pages_available(), reason="no transparent huge pages")
@@ -156,3 +158,23 @@ async def test_the_engine_answers_the_same_on_huge_pages(
     assert not getattr(unmoved.model, "_vlbot_huge_pages", None)
     assert moved_answer == await answer(unmoved, message)
     await unmoved.close()
+
+
+def test_a_large_tensor_is_not_resident_twice_while_it_moves(
+    wide_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output head (16 MB here, 0.6 GB in Qwen3-VL-2B) is copied a step at a time, each
+    step's file pages released: the move's peak memory is the moved weights, not + the head."""
+    monkeypatch.setattr(hugepages, "COPY_STEP", 1 << 20)
+    model: Any = AutoModelForImageTextToText.from_pretrained(str(wide_qwen3), dtype=torch.bfloat16)
+    head_bytes = model.lm_head.weight.numel() * 2
+    file = wide_qwen3 / "model.safetensors"
+    assert resident_file_bytes(file) < head_bytes / 4  # the file is mapped, not yet read
+    start = reset_peak_rss()
+    assert move_to_huge_pages(model) is True
+    growth = peak_rss() - start
+    moved = sum(arena.nbytes for arena in model._vlbot_huge_pages)
+    assert on_huge_pages(model, model.lm_head.weight)
+    assert growth < moved + head_bytes / 2
+    assert resident_file_bytes(file) < head_bytes / 4
+    assert torch.equal(model.lm_head.weight, load_file(file)["lm_head.weight"])

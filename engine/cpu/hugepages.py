@@ -8,10 +8,11 @@ memory mapping (4 KiB page-cache pages), so after loading, `move_to_huge_pages` 
 language model's parameters and buffers into one anonymous mapping advised `MADV_HUGEPAGE` and
 points them there.
 
-Memory stays flat while moving: each tensor's old pages are released as soon as it is copied —
-pages of the safetensors mapping with `MADV_DONTNEED` (a private file mapping: should anything
-still read them, the kernel reads the file again, so nothing can see wrong values), other
-memory by dropping the last reference. Where transparent huge pages are off (`never`) or this is
+Memory stays flat while moving: each tensor's old pages are released as soon as they are copied
+(64 MiB at a time, so the 0.6 GB output head is not resident twice) — pages of the safetensors
+mapping with `MADV_DONTNEED` (a private file mapping: should anything still read them, the
+kernel reads the file again, so nothing can see wrong values), other memory by dropping the
+last reference. Where transparent huge pages are off (`never`) or this is
 not Linux, nothing moves.
 """
 
@@ -36,6 +37,7 @@ HUGE_PAGE = 2 << 20
 ALIGNMENT = 4096  # each tensor starts on a page of its own
 MIN_BYTES = 1 << 20  # smaller tensors (norm weights) stay where they are
 MADV_DONTNEED = 4
+COPY_STEP = 64 << 20  # bytes copied before the file pages read so far are released
 
 
 class HugePageArena:
@@ -60,9 +62,23 @@ class HugePageArena:
         self.nbytes += size
         return view
 
-    def place(self, tensor: torch.Tensor) -> torch.Tensor:
+    def place(self, tensor: torch.Tensor, mappings: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """A copy of `tensor` (contiguous) in the arena. With `mappings` (`file_mappings()`) and
+        `tensor` in one of them, its file pages are released as the copy passes them, so a large
+        tensor (the 0.6 GB output head) is not resident twice while it is copied."""
         view = self.empty(tuple(tensor.shape), tensor.dtype)
-        view.copy_(tensor)
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if not mappings or not _in_mapping(start, end, mappings):
+            view.copy_(tensor)
+            return view
+        source, target = tensor.view(-1), view.view(-1)
+        step = max(1, COPY_STEP // tensor.element_size())
+        for first in range(0, source.numel(), step):
+            last = min(first + step, source.numel())
+            target[first:last].copy_(source[first:last])
+            # every page wholly before the copy's position; one straddling it goes next time
+            _release_range(start, start + last * tensor.element_size())
         return view
 
 
@@ -112,8 +128,17 @@ def _release_file_pages(tensor: torch.Tensor, mappings: list[tuple[int, int]]) -
     """Drop the whole pages under `tensor` from this process if they belong to a file mapping."""
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    if not any(low <= start and end <= high for low, high in mappings):
-        return
+    if _in_mapping(start, end, mappings):
+        _release_range(start, end)
+
+
+def _in_mapping(start: int, end: int, mappings: list[tuple[int, int]]) -> bool:
+    return any(low <= start and end <= high for low, high in mappings)
+
+
+def _release_range(start: int, end: int) -> None:
+    """MADV_DONTNEED on the whole pages between the addresses `start` and `end` (in a file
+    mapping: checked by the caller)."""
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
     if last > first:
@@ -202,9 +227,9 @@ def move_to_huge_pages(
             tensor = store[name]
             old = tensor.data  # shares the old storage
             if isinstance(tensor, nn.Parameter):
-                tensor.data = arena.place(old)  # the same Parameter object: tied weights stay tied
+                tensor.data = arena.place(old, mappings)  # the same Parameter: ties stay tied
             else:
-                store[name] = arena.place(old)
+                store[name] = arena.place(old, mappings)
             del tensor
             _release_file_pages(old, mappings)
             del old
