@@ -295,3 +295,16 @@ def cli_csv_header(data_dir: Path) -> list[str]:
         cwd=data_dir, env=env, capture_output=True, text=True, timeout=120, check=True,
     )
     return done.stdout.splitlines()[0].split(",")
+
+
+async def test_with_only_an_admin_key_the_api_needs_a_key_made_at_run_time(tmp_path: Path) -> None:
+    async with running(tmp_path, http={"admin_key": ADMIN}, admin_policy=AdminPolicy()) as server:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await ask(server.url, "anything")
+        assert refused.value.code == "invalid_api_key"
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            anonymous = await http.get("/v1/models")
+            made = await create_key(http, "frank")
+        assert anonymous.status_code == 401
+        assert anonymous.json()["error"]["code"] == "missing_api_key"
+        assert await ask(server.url, made["secret"], "made here") == "answer to: made here"
