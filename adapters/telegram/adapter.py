@@ -30,7 +30,7 @@ from telegram.ext import (
 )
 
 from adapters.telegram.admin_commands import ADMIN_COMMANDS, register_admin_menus, with_usage
-from adapters.telegram.auto_triage import post_text
+from adapters.telegram.auto_triage import post_text, warn_if_privacy_on
 from adapters.telegram.durable import DurableUpdateQueue
 from adapters.telegram.handlers import COMMAND_NAMES, Handlers
 from adapters.telegram.ledger import ChatLedger
@@ -179,6 +179,7 @@ class TelegramAdapter:
         tg = self.settings.telegram
         assert self.queue is not None and self.core is not None
         await app.initialize()  # getMe: fails here, clearly, on a wrong token
+        warn_if_privacy_on(app.bot, self.settings.triage.telegram_chats)
         if self.handlers is None:
             ledger = ChatLedger(app.bot)
             self.handlers = Handlers(self.settings, app.bot, self.core,

@@ -6,7 +6,9 @@ job's origin carries preset="triage", auto_triage=True and `link`: the message's
 (t.me/<username>/<id> for a public group, t.me/c/<id>/<id> for a private supergroup; None for a
 basic group, which has no message links). Each image is its own conversation, so one triage never
 sees another's screenshot in its history. Text without an image is left alone; a mention or a
-reply to the bot is an ordinary question, as in any group.
+reply to the bot is an ordinary question, as in any group. The bot sees unaddressed messages
+only with privacy mode off (@BotFather, /setprivacy) or as an admin of the group: the adapter
+warns at start when privacy mode is on and auto-triage groups are set.
 
 `post` is the triage workflow's way out (routing to an on-call chat, the daily digest): plain
 text into any chat the bot is in, answered with the new message's link.
@@ -15,7 +17,7 @@ text into any chat the bot is in, answered with the new message's link.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from telegram import Bot, Message
@@ -55,6 +57,17 @@ class TelegramTriage:
     @staticmethod
     def origin_of(msg: Message) -> dict[str, Any]:
         return {"preset": PRESET, "auto_triage": True, "link": msg.link}
+
+
+def warn_if_privacy_on(bot: Bot, chats: Collection[int]) -> None:
+    """Auto-triage needs every group message; with privacy mode on Telegram sends only those
+    that address the bot (unless the bot is an admin of the group)."""
+    if chats and not bot.can_read_all_group_messages:
+        log.warning("telegram: privacy mode is on, so in the auto-triage groups (%s) the bot sees "
+                    "only messages addressed to it unless it is an admin there: turn it off "
+                    "(@BotFather: /setprivacy, Disable; then remove and add the bot to each "
+                    "group again) or make the bot an admin of those groups",
+                    ", ".join(str(c) for c in chats))
 
 
 async def post_text(bot: Bot, ledger: ChatLedger, chat: str, text: str) -> str | None:
