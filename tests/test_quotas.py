@@ -138,6 +138,20 @@ async def test_max_waiting_refuses_while_the_users_jobs_are_queued_or_running(
     await answered(stack, ask("ann", "now"), 3)  # nothing of hers waits any more
 
 
+async def test_jobs_still_waiting_count_against_the_days_requests_and_images(
+    make: StackMaker,
+) -> None:
+    stack = await make(Limits(requests_per_day=2, images_per_day=3))
+    stack.engine.hang = True  # nothing settles: the counts come from the jobs still waiting
+    await stack.runner.submit(ask("ann", images=2))
+    error = await refused(stack, ask("ann", images=2), "quota_images")
+    assert error.params["used"] == 2
+    await stack.runner.submit(ask("ann", "a second question"))
+    error = await refused(stack, ask("ann", "a third"), "quota_requests")
+    assert error.params["used"] == 2
+    await stack.runner.cancel(ConversationId("telegram", "ann"))
+
+
 async def test_admins_are_exempt(make: StackMaker) -> None:
     stack = await make(Limits(requests_per_day=1, images_per_day=0, max_waiting=0))
     for n in range(1, 4):
