@@ -226,6 +226,7 @@ async def test_usage_as_json_and_as_csv_with_the_cli_columns(tmp_path: Path) -> 
     assert [u["subject"] for u in report["top_users"]] == [f"http:key:{made['id']}", "http:key:key#1"]
     assert mine.json()["totals"]["requests"] == 2
     assert as_csv.headers["content-type"].startswith("text/csv")
+    assert as_csv.headers["content-disposition"] == 'attachment; filename="vlbot-usage-7d.csv"'
     rows = list(csv.DictReader(io.StringIO(as_csv.text)))
     header = as_csv.text.splitlines()[0].split(",")
     assert header == list(COLUMNS) == cli_csv_header(tmp_path)

@@ -138,16 +138,17 @@ class AdminApi:
             raise bad_request(f"'who': {exc}.", param="who") from None
         admin = self._core().admin
         kind = query.get("format", "json")
+        days = period_s / 86400
         if kind == "csv":  # the columns of `vlbot usage --csv`
             records = await admin.ledger.records(time.time() - period_s, subject=who)
             return Response(
                 csv_text(records),
                 media_type="text/csv; charset=utf-8",
-                headers={"Content-Disposition": f'attachment; filename="vlbot-usage-{since}.csv"'},
+                headers={"Content-Disposition": f'attachment; filename="vlbot-usage-{days:g}d.csv"'},
             )
         if kind != "json":
             raise bad_request("'format' must be json or csv.", param="format")
-        return JSONResponse(report_json(await admin.usage(who, period_s / 86400)))
+        return JSONResponse(report_json(await admin.usage(who, days)))
 
     async def audit(self, request: Request) -> Response:
         await self._admin(request)
