@@ -21,6 +21,7 @@ __all__ = ["fake_server"]  # the `fake` fixture
 
 ADMIN, BOB, CAROL = 900_001, 222_001, 333_001
 NOT_ALLOWED = texts.text("not_allowed")
+SERVED = (texts.text("thinking"), ANSWER)  # the placeholder, or the answer it became
 
 
 def engine() -> GatedEngine:
@@ -82,11 +83,14 @@ async def test_a_reply_names_whom_and_here_names_the_group(fake: FakeTelegram, t
         reply_to = {"message_id": carol_said.message_id, "date": 0, "text": carol_said.text,
                     "chat": {"id": GROUP, "type": "supergroup", "title": "G"},
                     "from": {"id": CAROL, "is_bot": False, "first_name": "Carol"}}
+        assert await say(h, "/ask what?", BOB, chat=GROUP) == NOT_ALLOWED
         done = await say(h, "/allow", ADMIN, chat=GROUP, reply_to=reply_to)
         assert done == "Done: user 333001 may use the bot now."
-        assert await h.stack.core.admin.access("telegram", str(CAROL), None)
+        assert await say(h, "/ask what is 2+2?", CAROL, chat=GROUP) in SERVED
+        assert await say(h, "/ask what?", BOB, chat=GROUP) == NOT_ALLOWED  # only Carol
         assert await say(h, "/allow here", ADMIN, chat=GROUP) == f"Done: chat {GROUP} may use the bot now."
-        assert await h.stack.core.admin.access("telegram", str(BOB), str(GROUP))  # anyone there now
+        assert await say(h, "/ask what is 3+3?", BOB, chat=GROUP) in SERVED  # anyone there now
+        await h.wait_done(2)
 
 
 async def test_a_non_admins_admin_commands_are_refused_and_change_nothing(
