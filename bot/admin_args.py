@@ -89,8 +89,19 @@ def parse_admin_command(
     elif words:
         days = days_or_none(words[0])
         if days is None:
-            target = target_of(words[0])
+            target = _target_or_days(words[0], target_of)
     return AdminCommand(verb, target, days=days)
+
+
+def _target_or_days(word: str, target_of: TargetParser) -> Subject:
+    """/usage's single argument when it is not a number of days: whom, else (a number such as
+    "0" or "400d") the days it failed to be."""
+    try:
+        return target_of(word)
+    except AdminArgError:
+        if _DAYS_RE.fullmatch(word.strip()):
+            raise AdminArgError("admin_bad_days", arg=word, limit=MAX_DAYS) from None
+        raise
 
 
 def parse_limits(words: Sequence[str]) -> Limits:

@@ -56,7 +56,6 @@ class Asker:
     user: Subject
     chat: Subject | None  # where the command was typed
     lang: str | None
-    name: str = ""  # a display name, for the log only
     replied_to: Subject | None = None  # Telegram: the author of the message replied to
 
 

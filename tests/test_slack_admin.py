@@ -137,6 +137,7 @@ async def test_bad_arguments_are_named_and_change_nothing(fake: FakeSlack, tmp_p
             "allow @bob",
             "deny <!here>",
             "usage <@U0BOB|bob> 400",
+            "usage 0d",
         )}
         admin = env.stack.core.admin
         assert await admin.audit() == []
@@ -149,6 +150,7 @@ async def test_bad_arguments_are_named_and_change_nothing(fake: FakeSlack, tmp_p
         "allow @bob": texts.text("admin_slack_plain_mention", arg="@bob"),
         "deny <!here>": "&lt;!here&gt; is not a user or a chat I can name.",
         "usage <@U0BOB|bob> 400": "400 is not a number of days (1 to 366).",
+        "usage 0d": "0d is not a number of days (1 to 366).",
     }
 
 

@@ -75,6 +75,5 @@ class SlackAdminCommands:
             user=Subject(PLATFORM, "user", str(command.get("user_id", ""))),
             chat=Subject(PLATFORM, "chat", str(command.get("channel_id", ""))),
             lang=None,  # Slack does not send the user's language with a command
-            name=str(command.get("user_name", "")),
         )
         return await self.chat_admin.run(core.admin, verb, words, asker)

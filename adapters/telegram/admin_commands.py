@@ -100,7 +100,6 @@ class TelegramAdminCommands:
             user=Subject(PLATFORM, "user", str(msg.from_user.id)),
             chat=Subject(PLATFORM, "chat", str(msg.chat.id)),
             lang=msg.from_user.language_code,
-            name=msg.from_user.full_name,
             replied_to=self._replied_author(msg),
         )
         return await self.chat_admin.run(self.core.admin, verb, msg.text.split()[1:], asker)
