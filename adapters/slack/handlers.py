@@ -159,6 +159,9 @@ class SlackHandlers:
         without an image are left alone there (see adapters/slack/auto_triage.py)."""
         if not has_image(event.get("files")) or not self._first_time(body.get("event_id")):
             return
+        wanted, _ = await self.files.sort_out(event.get("files"))  # looks up files of unknown type
+        if not wanted:
+            return  # a PDF, a snippet... is not a screenshot: nothing to say
         conversation, origin = self.triage.turn_of(channel, event)
         origin["link"] = await self.triage.link(channel, str(event["ts"]))
         await self._turn(conversation, event, origin, body)
