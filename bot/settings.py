@@ -123,7 +123,7 @@ class TriageSettings(BaseModel):
     rules: list[RoutingRule] = Field(default_factory=list)  # bot/triage/rules.py
     digest_hour: int | None = Field(default=9, ge=0, le=23)  # UTC; "off": no daily digest
     group_window_days: float = Field(default=14.0, gt=0)  # repeats matched this far back
-    group_threshold: float = Field(default=88.0, ge=0, le=100)  # rapidfuzz score to group
+    group_threshold: float = Field(default=85.0, ge=0, le=100)  # rapidfuzz score to group
     language: str = "en"  # of the digest and the routed summaries (en, zh)
 
     @field_validator("rules", mode="before")

@@ -55,23 +55,23 @@ class RuleError(ValueError):
     """A routing rule that cannot be used; the message names the rule and the fix."""
 
 
-def parse_target(text: Any) -> Target:
+def parse_target(text: Any, what: str = "post_to") -> Target:
     """"slack:C0ONCALL" or "telegram:-100123…" (a Slack channel ID, a Telegram chat id)."""
     if not isinstance(text, str) or ":" not in text:
-        raise ValueError(f"post_to must look like slack:C0ONCALL or telegram:-1001234567890, "
+        raise ValueError(f"{what} must look like slack:C0ONCALL or telegram:-1001234567890, "
                          f"not {json.dumps(text)}")
     platform, _, chat = text.partition(":")
     platform, chat = platform.strip().lower(), chat.strip()
     if platform == "slack":
         if not _SLACK_ID.match(chat):
-            raise ValueError(f"post_to {text!r}: a Slack target is the channel ID (C0…, "
+            raise ValueError(f"{what} {text!r}: a Slack channel is named by its ID (C0…, "
                              "upper-case letters and digits), not its #name")
     elif platform == "telegram":
         if not _TELEGRAM_ID.match(chat):
-            raise ValueError(f"post_to {text!r}: a Telegram target is the numeric chat id "
+            raise ValueError(f"{what} {text!r}: a Telegram chat is named by its numeric id "
                              "(e.g. -1001234567890)")
     else:
-        raise ValueError(f"post_to {text!r}: unknown platform {platform!r} (slack or telegram)")
+        raise ValueError(f"{what} {text!r}: unknown platform {platform!r} (slack or telegram)")
     return Target(platform, chat)
 
 
@@ -108,7 +108,7 @@ def parse_rule(raw: Any) -> RoutingRule:
     if "product_area" in when:
         area = frozenset(v.casefold() for v in _strings("product_area", when["product_area"]))
     if "place" in when:
-        place = frozenset(str(parse_target(v)) for v in _strings("place", when["place"]))
+        place = frozenset(str(parse_target(v, "place")) for v in _strings("place", when["place"]))
     return RoutingRule(severity, area, place, parse_target(raw["post_to"]))
 
 
