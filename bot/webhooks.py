@@ -299,7 +299,7 @@ class PresetResultWebhooks(PresetResultHook):
         self.outbox = outbox
 
     async def preset_result(self, job: Job, preset: str, result: Mapping[str, Any]) -> str | None:
-        if preset != "triage" and self.outbox.wants(PRESET_EVENT):
+        if preset != "triage":  # stored only where preset.result is subscribed (Outbox)
             await self.outbox.enqueue(
                 PRESET_EVENT,
                 {

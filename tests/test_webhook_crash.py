@@ -23,6 +23,7 @@ from tests.webhook_receiver import WebhookReceiver, new_secret
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
 EVENTS = 24
 ANSWERED_BEFORE_KILL = 5
 
@@ -30,6 +31,7 @@ ANSWERED_BEFORE_KILL = 5
 async def start_serve(data: Path, receiver: WebhookReceiver, secret: str) -> asyncio.subprocess.Process:
     env = {
         **os.environ,
+        "PYTHONPATH": str(ROOT),  # this checkout's code, whatever the venv has installed
         "HF_HUB_OFFLINE": "1",
         "VLBOT_DATA_DIR": str(data),
         "VLBOT_ENGINE": "openai",  # no model to load: the outbox is what is under test

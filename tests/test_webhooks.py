@@ -39,6 +39,7 @@ TRIAGE = {
     "severity": "critical",
 }
 DESCRIBED = '{"summary": "A login form showing an expired-session error.", "tags": ["login"]}'
+ROOT = Path(__file__).resolve().parents[1]  # subprocesses run this checkout's code
 PNG = ImagePart(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32, "image/png", "shot.png")
 
 
@@ -153,6 +154,7 @@ def test_serve_with_a_private_endpoint_stops_with_one_clear_line(tmp_path: Path)
     url = "http://169.254.169.254/latest/meta-data"
     env = {
         **os.environ,
+        "PYTHONPATH": str(ROOT),
         "VLBOT_ENGINE": "openai",
         "VLBOT_DATA_DIR": str(tmp_path / "data"),
         "VLBOT_HTTP__ENABLED": "true",
@@ -272,6 +274,7 @@ async def test_dead_letters_show_in_metrics_health_and_doctor(tmp_path: Path) ->
     assert health["webhooks"] == {"pending": 0, "dead": 1}
     env = {
         **os.environ,
+        "PYTHONPATH": str(ROOT),
         "HF_HUB_OFFLINE": "1",
         "VLBOT_ENGINE": "openai",
         "VLBOT_DATA_DIR": str(tmp_path / "data"),
