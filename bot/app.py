@@ -146,7 +146,7 @@ class App:
         self.outbox = Outbox(
             self.db, [e.url for e in s.webhooks.endpoints], event_types=s.webhooks.events
         )
-        self.webhooks = WebhookWorker.from_settings(self.outbox, s.webhooks)
+        self.webhooks = WebhookWorker(self.outbox, s.webhooks)
         try:  # a refused endpoint URL stops the start here, named (WebhookConfigError)
             await self.webhooks.start()
         except BaseException:

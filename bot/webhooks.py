@@ -35,9 +35,9 @@ from standardwebhooks import Webhook
 from bot.db import Database, DataDirError
 from bot.job_hooks import PresetResultHook
 from bot.models import Job
-from bot.outbox import PRESET_EVENT, TRIAGE_EVENT, Outbox, OutboxEvent
+from bot.outbox import PRESET_EVENT, Outbox, OutboxEvent
 from bot.remote_images import RemoteImageError, RemoteImageFetcher, pinned_request
-from bot.settings import WebhookEndpoint, WebhookSettings
+from bot.settings import WebhookSettings
 
 log = logging.getLogger("vlbot.webhooks")
 
@@ -101,33 +101,24 @@ class WebhookWorker:
     def __init__(
         self,
         outbox: Outbox,
-        endpoints: Sequence[WebhookEndpoint],
-        settings: WebhookSettings | None = None,
+        settings: WebhookSettings,
         *,
         guard: EndpointGuard | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
         concurrency: int = 4,
         poll_s: float = 2.0,
         jitter: Callable[[], float] = random.random,
     ) -> None:
         self.outbox = outbox
-        self.settings = settings or WebhookSettings()
-        self.secrets = {e.url: e.secret.get_secret_value() for e in endpoints}
+        self.settings = settings
+        self.secrets = {e.url: e.secret.get_secret_value() for e in settings.endpoints}
         self.guard = guard or EndpointGuard(self.settings.allow_private_hosts)
         self.concurrency = concurrency
         self.poll_s = poll_s  # rows other replicas enqueued, leases run out: looked for this often
         self.lease_s = self.settings.timeout_s * 2 + 10  # longer than any one attempt
         self._jitter = jitter
-        self._client = httpx.AsyncClient(
-            transport=transport, follow_redirects=False, timeout=self.settings.timeout_s
-        )
         self._task: asyncio.Task[None] | None = None
         self.counts: dict[str, int] = {}  # outbox rows by state, as of the last look
         self._pruned = 0.0
-
-    @classmethod
-    def from_settings(cls, outbox: Outbox, settings: WebhookSettings) -> WebhookWorker:
-        return cls(outbox, settings.endpoints, settings)
 
     async def start(self) -> None:
         """Check every endpoint URL (WebhookConfigError names a refused one), resume what a
@@ -150,7 +141,6 @@ class WebhookWorker:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        await self._client.aclose()
 
     async def _run(self) -> None:
         while True:
@@ -225,17 +215,21 @@ class WebhookWorker:
             target = await self.guard.target(event.endpoint)
         except RemoteImageError as exc:
             return f"refused: {exc}"
-        if target is None:
-            request = self._client.build_request("POST", event.endpoint, headers=headers, content=body)
-        else:
-            host, address = target
-            request = pinned_request(
-                self._client, "POST", event.endpoint, host, address, headers=headers, content=body
-            )
+        # a client per attempt: pinned connections to one address under several host names
+        # must not share a pooled connection (nor its TLS name)
+        async with httpx.AsyncClient(follow_redirects=False, timeout=self.settings.timeout_s) as client:
+            if target is None:
+                request = client.build_request("POST", event.endpoint, headers=headers, content=body)
+            else:
+                host, address = target
+                request = pinned_request(
+                    client, "POST", event.endpoint, host, address, headers=headers, content=body
+                )
+            return await self._send(client, request)
+
+    async def _send(self, client: httpx.AsyncClient, request: httpx.Request) -> str | None:
         try:
-            response = await asyncio.wait_for(
-                self._client.send(request, stream=True), self.settings.timeout_s
-            )
+            response = await asyncio.wait_for(client.send(request, stream=True), self.settings.timeout_s)
             await response.aclose()
         except asyncio.TimeoutError:
             return f"no answer within {self.settings.timeout_s:g} s"
@@ -300,12 +294,15 @@ class PresetResultWebhooks(PresetResultHook):
 
     async def preset_result(self, job: Job, preset: str, result: Mapping[str, Any]) -> str | None:
         if preset != "triage":  # stored only where preset.result is subscribed (Outbox)
+            conversation, link = job.conversation, job.origin.get("link")
             await self.outbox.enqueue(
                 PRESET_EVENT,
                 {
                     "job_id": job.id,
                     "preset": preset,
-                    "platform": job.conversation.platform,
+                    "place": {"platform": conversation.platform, "chat": conversation.chat,
+                              "thread": conversation.thread},  # as in triage.result events
+                    "link": link if isinstance(link, str) else None,
                     "result": dict(result),
                 },
                 event_id=f"evt_{job.id}_{preset}",
@@ -314,7 +311,6 @@ class PresetResultWebhooks(PresetResultHook):
 
 
 __all__ = [
-    "TRIAGE_EVENT",
     "EndpointGuard",
     "PresetResultWebhooks",
     "WebhookConfigError",

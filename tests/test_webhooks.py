@@ -54,7 +54,7 @@ async def delivering(
 ) -> AsyncIterator[tuple[Outbox, WebhookWorker]]:
     db = await Database.open(tmp_path / "data" / "vlbot.sqlite3")
     outbox = Outbox(db, [e.url for e in settings.endpoints], event_types=settings.events)
-    worker = WebhookWorker(outbox, settings.endpoints, settings, poll_s=0.2, **worker_kw)
+    worker = WebhookWorker(outbox, settings, poll_s=0.2, **worker_kw)
     try:
         await worker.start()
         yield outbox, worker
@@ -136,7 +136,7 @@ async def test_a_private_endpoint_is_refused_at_start_with_its_url_named(tmp_pat
     with WebhookReceiver(secret) as receiver:
         settings = hooks(receiver.url, secret, allow_private_hosts=[])
         db = await Database.open(tmp_path / "vlbot.sqlite3")
-        worker = WebhookWorker(Outbox(db, [receiver.url]), settings.endpoints, settings)
+        worker = WebhookWorker(Outbox(db, [receiver.url]), settings)
         try:
             with pytest.raises(WebhookConfigError) as refused:
                 await worker.start()
@@ -228,7 +228,8 @@ async def test_preset_results_become_events_when_asked_for(tmp_path: Path) -> No
     (body,) = receiver.processed
     assert body["type"] == "preset.result"
     data = body["data"]
-    assert data["preset"] == "describe" and data["platform"] == "test"
+    assert data["preset"] == "describe"
+    assert data["place"] == {"platform": "test", "chat": "c1", "thread": None}
     assert data["result"]["summary"] == "A login form showing an expired-session error."
     assert receiver.attempts[0].event_id == f"evt_{data['job_id']}_describe"
 
@@ -304,7 +305,7 @@ async def test_two_replicas_on_postgres_deliver_each_event_once(postgres_url: st
         settings = hooks(receiver.url, secret)
         dbs = [await Database.open(postgres_url) for _ in range(2)]
         outboxes = [Outbox(db, [receiver.url]) for db in dbs]
-        workers = [WebhookWorker(o, settings.endpoints, settings, poll_s=0.05) for o in outboxes]
+        workers = [WebhookWorker(o, settings, poll_s=0.05) for o in outboxes]
         try:
             ids = [await outboxes[n % 2].enqueue(TRIAGE_EVENT, {"n": n}) for n in range(30)]
             for worker in workers:
