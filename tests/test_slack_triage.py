@@ -17,6 +17,7 @@ from slack_sdk.errors import SlackApiError
 
 from adapters.slack.format import escape
 from bot.adapter import Poster
+from bot.settings import TriageSettings
 from tests.fake_slack import FakeSlack
 from tests.slack_helpers import (
     APP_TOKEN,
@@ -31,7 +32,7 @@ from tests.slack_helpers import (
     open_env,
     png,
 )
-from tests.triage_helpers import TriageScript, triage_json
+from tests.triage_helpers import TriageScript, triage_json, triage_workflow
 
 SUPPORT = "C0SUPPORT"
 ONCALL = "C0ONCALL"
@@ -74,12 +75,21 @@ def script() -> TriageScript:
     return s
 
 
+TRIAGE = {"slack_channels": [SUPPORT],
+          "rules": [{"when": {"severity": ["blocker"]}, "post_to": f"slack:{ONCALL}"}]}
+
+
 @pytest.fixture
 async def env(tmp_path: Path, fake: FakeSlack, script: TriageScript) -> AsyncIterator[Env]:
-    e = await open_env(tmp_path, fake, engine=script.engine(),
-                       triage={"slack_channels": [SUPPORT]})
-    yield e
-    await e.close()
+    """An adapter with one auto-triage channel and a rule: blockers also go to on-call."""
+    adapters: list[object] = []
+    settings = TriageSettings.model_validate(TRIAGE)
+    async with triage_workflow(tmp_path / "vlbot.sqlite3", settings, adapters) as workflow:
+        e = await open_env(tmp_path, fake, engine=script.engine(), triage=TRIAGE,
+                           runner_kw={"result_hooks": [workflow]})
+        adapters.append(e.adapter)
+        yield e
+        await e.close()
 
 
 async def job_origins(env: Env) -> list[dict[str, Any]]:
@@ -122,7 +132,11 @@ async def test_other_channels_and_text_only_messages_are_left_alone(
 ) -> None:
     elsewhere = posted(env.fake, "look at this", BLUE, channel=CHANNEL)
     chatter = posted(env.fake, "anyone else seeing checkout errors?")
-    for payload in (elsewhere, chatter):
+    pdf = posted(env.fake, "the invoice", RED)  # a file Slack describes only by its id
+    stored = env.fake.files[pdf["event"]["files"][0]["id"]]
+    stored.mimetype, stored.name = "application/pdf", "invoice.pdf"
+    pdf["event"]["files"] = [{"id": stored.id, "file_access": "check_file_info"}]
+    for payload in (elsewhere, chatter, pdf):
         assert await env.event(payload) == 200
     first = posted(env.fake, "", RED)
     await env.event(first)
@@ -137,6 +151,7 @@ async def test_other_channels_and_text_only_messages_are_left_alone(
     assert len(script.seen) == 2, "only the two images in the triage channel were triaged"
     assert not any(m.get("bot_id") for m in env.fake.messages[CHANNEL]), "nothing elsewhere"
     assert not env.fake.reactions.get((CHANNEL, elsewhere["event"]["ts"]))
+    assert env.fake.called("files.info") and env.fake.thread(SUPPORT, pdf["event"]["ts"]) == []
     bot_posts = [m for m in env.fake.messages[SUPPORT] if m.get("bot_id")]
     assert len(bot_posts) == 2 and {m["thread_ts"] for m in bot_posts} == {first["event"]["ts"]}
     links = [origin["link"] for origin in await job_origins(env)]
@@ -166,3 +181,35 @@ async def test_the_poster_posts_into_a_channel_and_returns_the_link(env: Env) ->
     env.fake.not_member.add("C0PRIVATE")
     with pytest.raises(SlackApiError):
         await env.adapter.post("C0PRIVATE", "nobody will see this")
+
+
+async def test_a_blocker_reaches_on_call_and_a_repeat_says_how_often_it_was_seen(
+    env: Env, script: TriageScript
+) -> None:
+    first = posted(env.fake, "customer sent this from the checkout page", RED)
+    await env.event(first)
+    await answered(env.fake, first)
+    first_link = f"https://fake.slack.com/archives/{SUPPORT}/p{first['event']['ts'].replace('.', '')}"
+    [routed] = env.fake.messages[ONCALL]
+    assert "blocker" in routed["text"] and "Checkout" in routed["text"]
+    assert f"Original: {first_link}" in routed["text"], "the summary links the original thread"
+    assert "Seen" not in _text(env.fake.thread(SUPPORT, first["event"]["ts"])[0])
+
+    minor = posted(env.fake, "", BLUE)  # a minor problem: answered, not routed
+    await env.event(minor)
+    await answered(env.fake, minor)
+    assert len(env.fake.messages[ONCALL]) == 1
+
+    again = png((201, 30, 30))  # another screenshot of the same error: other order id and time
+    script.add(again, triage_json("blocker", "Checkout", "Payment failed for order 99102 at 11:02:45",
+                                  "PAY-402"))
+    repeat = posted(env.fake, "same again, another customer", again)
+    await env.event(repeat)
+    await answered(env.fake, repeat)
+    [reply] = env.fake.thread(SUPPORT, repeat["event"]["ts"])
+    assert "Seen 2 times since" in _text(reply) and f"first here: {first_link}" in _text(reply)
+    assert "Seen" not in _text(env.fake.thread(SUPPORT, minor["event"]["ts"])[0])
+    assert len(env.fake.messages[ONCALL]) == 2
+    assert "(seen 2 times)" in env.fake.messages[ONCALL][1]["text"]
+    print(f"\nthe repeat's reply in its thread:\n{_text(reply)}\n\non-call channel:\n"
+          + "\n---\n".join(_text(m) for m in env.fake.messages[ONCALL]))
