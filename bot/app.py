@@ -26,6 +26,7 @@ from bot.models import GenerationParams
 from bot.outbox import Outbox
 from bot.runner import Runner
 from bot.settings import Settings
+from bot.triage.service import TriageService
 from bot.usage import UsageLedger
 from bot.webhooks import PresetResultWebhooks, WebhookWorker
 from engine import IntakeLimits
@@ -137,6 +138,7 @@ class App:
         self.core: BotCore | None = None
         self.outbox: Outbox | None = None  # outbound webhook events (bot/outbox.py)
         self.webhooks: WebhookWorker | None = None  # delivers them
+        self.triage: TriageService | None = None  # bot/triage/: grouping, routing, digest
         self._prune_task: asyncio.Task[None] | None = None
 
     async def start(self) -> BotCore:
@@ -154,6 +156,11 @@ class App:
             raise
         history = HistoryStore(self.db, s.history_turns, s.retention_days)
         jobs = JobStore(self.db, history)
+        try:  # a routing rule to a platform not configured here stops the start, named
+            self.triage = TriageService.build(self.db, s, self.outbox, self.adapters)
+        except BaseException:
+            await self.stop()
+            raise
         # admins, access, quotas (the runner's admission) and the usage ledger (its observer)
         admin = AdminService(self.db, AdminPolicy.from_settings(s), s.retention_days)
         queue: JobQueue = LocalJobQueue()
@@ -178,7 +185,7 @@ class App:
             queue=queue,
             admission=admin.admission,
             observers=[admin.ledger],
-            result_hooks=[PresetResultWebhooks(self.outbox)],
+            result_hooks=[PresetResultWebhooks(self.outbox), self.triage.workflow],
         )
         self.runner.attach({a.platform: a for a in self.adapters})
         self.core = BotCore(self.runner, history, self.engine, admin)
@@ -196,6 +203,7 @@ class App:
                 ) from exc
             log.info("adapter %s started", adapter.platform)
         await self.runner.start()
+        self.triage.start()  # the daily digest
         self._prune_task = asyncio.create_task(self._prune_forever(history, admin.ledger))
         log.info(
             "vlbot serving (%s) in %.2f s",
@@ -208,6 +216,8 @@ class App:
         log.info("shutting down")
         if self._prune_task:
             self._prune_task.cancel()
+        if self.triage:
+            await self.triage.stop()
         for adapter in reversed(self.adapters):
             try:
                 await adapter.stop()
@@ -242,6 +252,8 @@ class App:
                 rows = await ledger.prune()  # the usage ledger keeps history's retention
                 if rows:
                     log.info("retention: deleted %d old usage rows", rows)
+                if self.triage and (rows := await self.triage.store.prune()):  # so do triages
+                    log.info("retention: deleted %d old triages", rows)
             except Exception as exc:
                 log.warning("retention pass failed: %r", exc)
             await asyncio.sleep(3600)

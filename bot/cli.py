@@ -23,6 +23,7 @@ from bot.models import GenerationParams, ImagePart, InputRejected, Message, size
 from bot.presets import preset_names
 from bot.runner import check_message
 from bot.settings import Settings
+from bot.triage.service import TriageConfigError
 from bot.webhooks import WebhookConfigError, doctor_report
 
 MIME_BY_SUFFIX = {
@@ -284,6 +285,31 @@ async def usage(args: argparse.Namespace) -> int:
     return 0
 
 
+async def triage_report(args: argparse.Namespace) -> int:
+    """`vlbot triage-report`: the triages of the last `--since` (a summary, or `--csv` rows)."""
+    from bot.db import Database
+    from bot.triage.report import report_csv, report_text
+    from bot.triage.store import TriageStore
+    from bot.usage_view import parse_since
+
+    try:
+        period = parse_since(args.since)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    settings = load_settings()
+    db = await Database.open(settings.database)
+    try:
+        end = time.time()
+        rows = await TriageStore(db).between(end - period, end)
+        if args.csv:
+            sys.stdout.write(report_csv(rows))
+        else:
+            print(report_text(rows, end - period, end))
+    finally:
+        await db.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlbot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -318,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_usage.add_argument("--since", default="7d", help="the period: 7d (default), 12h, 30m")
     p_usage.add_argument("--csv", action="store_true", help="one CSV row per job, to stdout")
     p_usage.add_argument("--user", help="only this user: telegram:42, slack:user:U1, http:k-1a2b")
+    p_triage = sub.add_parser("triage-report", help="support triage: counts, repeated errors, CSV")
+    p_triage.add_argument("--since", default="7d", help="the period: 7d (default), 12h, 30m")
+    p_triage.add_argument("--csv", action="store_true", help="one CSV row per triage, to stdout")
     p_dev = sub.add_parser("dev", help="developer tools")
     p_dev.add_argument("tool", choices=["make-model"])
     p_dev.add_argument("rest", nargs=argparse.REMAINDER)
@@ -337,6 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(evaluate(args))
         if args.command == "usage":
             return asyncio.run(usage(args))
+        if args.command == "triage-report":
+            return asyncio.run(triage_report(args))
         from engine import make_model_main
 
         return make_model_main(args.rest)
@@ -346,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InputRejected as exc:
         print(f"vlbot: {texts.text(exc.code, **exc.params)}", file=sys.stderr)
         return 2
-    except (EngineError, DataDirError, AdapterStartError, WebhookConfigError) as exc:
+    except (EngineError, DataDirError, AdapterStartError, WebhookConfigError,
+            TriageConfigError) as exc:
         print(f"vlbot: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

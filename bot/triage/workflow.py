@@ -9,8 +9,7 @@
    fails is logged and costs nothing else;
 4. returns the reply's note when the error was seen before: "Seen 4 times since Monday, first
    here: <link>" (days and times in UTC).
-Any other preset's result becomes a "preset.result" event when the outbox takes that type
-(VLBOT_WEBHOOKS__EVENTS).
+Other presets' results are bot/webhooks.py's PresetResultWebhooks' business ("preset.result").
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from typing import Any, Protocol
 
 from bot import texts
 from bot.models import Job
+from bot.outbox import TRIAGE_EVENT
 from bot.triage.rules import RoutingRule, Target, targets_for
 from bot.triage.store import Grouped, Place, TriageRecord, TriageStore
 from bot.triage.summary import error_text, utc
@@ -31,8 +31,6 @@ from bot.triage.summary import error_text, utc
 log = logging.getLogger("vlbot.triage")
 
 TRIAGE_PRESET = "triage"
-TRIAGE_EVENT = "triage.result"  # the event types of bot/outbox.py
-PRESET_EVENT = "preset.result"
 POST_TIMEOUT_S = 15.0
 
 # (platform, chat, text) -> a link to the posted message, or None where the platform has none
@@ -41,8 +39,6 @@ PostText = Callable[[str, str, str], Awaitable[str | None]]
 
 class EventSink(Protocol):
     """What the workflow needs of bot/outbox.py's Outbox."""
-
-    def wants(self, event_type: str) -> bool: ...
 
     async def enqueue(
         self, event_type: str, payload: Mapping[str, Any], *, event_id: str | None = None
@@ -117,11 +113,6 @@ class TriageWorkflow:
         self, job: Job, preset: str, result: Mapping[str, Any]
     ) -> str | None:
         if preset != TRIAGE_PRESET:
-            if self.outbox is not None and self.outbox.wants(PRESET_EVENT):
-                await self.outbox.enqueue(
-                    PRESET_EVENT, {**self._context(job), "preset": preset, "result": dict(result)},
-                    event_id=f"evt_preset_{job.id}",
-                )
             return None
         now = self.clock()
         place = Place(job.conversation.platform, job.conversation.chat)
