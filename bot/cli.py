@@ -168,7 +168,7 @@ def doctor(args: argparse.Namespace) -> int:
 
     settings = load_settings()
     shown = {name: mask(getattr(settings, name)) for name in type(settings).model_fields}
-    for name in ("telegram", "slack", "http", "remote", "quota"):
+    for name in ("telegram", "slack", "http", "remote", "quota", "triage"):
         sub = getattr(settings, name)
         shown[name] = {k: mask(getattr(sub, k)) for k in type(sub).model_fields}
     print("settings:")

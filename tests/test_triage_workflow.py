@@ -220,3 +220,12 @@ def test_bad_rules_stop_the_start_naming_the_rule(
     for words in says:
         assert words in error
     assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+def test_rules_read_back_as_doctor_shows_them() -> None:
+    rules = parse_rules(json.dumps([*RULES, {"post_to": "telegram:-1001"}]))
+    assert [str(r) for r in rules] == [
+        "severity blocker -> slack:C0ONCALL",
+        "product_area billing, place slack:C0SUP -> telegram:-1009",
+        "any result -> telegram:-1001",
+    ]

@@ -41,6 +41,13 @@ class RoutingRule:
     place: frozenset[str] | None  # "platform:chat" of the triaged image
     post_to: Target
 
+    def __str__(self) -> str:
+        """As `vlbot doctor` shows it: "severity blocker, product_area billing -> slack:C0X"."""
+        when = [f"{name} {'|'.join(sorted(values))}" for name, values in (
+            ("severity", self.severity), ("product_area", self.product_area), ("place", self.place)
+        ) if values is not None]
+        return f"{', '.join(when) or 'any result'} -> {self.post_to}"
+
     def matches(self, severity: str | None, product_area: str | None, place: str) -> bool:
         if self.severity is not None and severity not in self.severity:
             return False
