@@ -1,18 +1,17 @@
 """The triage workflow's parts as the composition root (bot/app.py) builds and runs them: the
-store, the runner's result hook, the digest scheduler, and the chat adapters' `post` as one
-`PostText`. Routing targets are checked against the platforms that are configured."""
+store, the runner's result hook and the digest scheduler, posting through the chat adapters
+(bot.adapter.Posters). Routing targets are checked against the platforms that can post here."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-from bot.adapter import Adapter
+from bot.adapter import Adapter, Poster, Posters
 from bot.db import Database
 from bot.settings import Settings
 from bot.triage.digest import DigestScheduler
 from bot.triage.store import Place, TriageStore
-from bot.triage.workflow import EventSink, PostText, TriageWorkflow
+from bot.triage.workflow import EventSink, TriageWorkflow
 
 PLATFORM_SETTING = {"slack": "VLBOT_SLACK__BOT_TOKEN", "telegram": "VLBOT_TELEGRAM__TOKEN"}
 
@@ -23,7 +22,7 @@ class TriageConfigError(Exception):
 
 def check_targets(settings: Settings, adapters: Sequence[Adapter]) -> None:
     """Every routing rule posts into a platform that runs here, and can post."""
-    can_post = {a.platform for a in adapters if callable(getattr(a, "post", None))}
+    can_post = {a.platform for a in adapters if isinstance(a, Poster)}
     for number, rule in enumerate(settings.triage.rules, start=1):
         platform = rule.post_to.platform
         if platform not in can_post:
@@ -31,21 +30,6 @@ def check_targets(settings: Settings, adapters: Sequence[Adapter]) -> None:
                 f"routing rule {number} posts to {rule.post_to}, but {platform.capitalize()} is "
                 f"not configured (set {PLATFORM_SETTING[platform]}) — see VLBOT_TRIAGE__RULES"
             )
-
-
-def chat_poster(adapters: Sequence[Adapter]) -> PostText:
-    """(platform, chat, text) -> link, through the adapter of that platform's `post`."""
-    posts: dict[str, Callable[[str, str], Awaitable[Any]]] = {
-        a.platform: a.post for a in adapters if callable(getattr(a, "post", None))  # type: ignore[attr-defined]
-    }
-
-    async def post(platform: str, chat: str, text: str) -> str | None:
-        if platform not in posts:
-            raise LookupError(f"no {platform} adapter that can post is running")
-        link = await posts[platform](chat, text)
-        return link if isinstance(link, str) else None
-
-    return post
 
 
 def auto_triage_places(settings: Settings) -> list[Place]:
@@ -69,7 +53,7 @@ class TriageService:
         t = settings.triage
         store = TriageStore(db, retention_days=settings.retention_days,
                             window_days=t.group_window_days, threshold=t.group_threshold)
-        post = chat_poster(adapters)
+        post = Posters(adapters)
         workflow = TriageWorkflow(store, rules=t.rules, outbox=outbox, post=post, language=t.language)
         places = auto_triage_places(settings)
         digest = (DigestScheduler(store, places, t.digest_hour, post, language=t.language)
