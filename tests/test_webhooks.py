@@ -317,3 +317,38 @@ async def test_two_replicas_on_postgres_deliver_each_event_once(postgres_url: st
             for db in dbs:
                 await db.close()
     assert sorted(a.event_id for a in receiver.attempts) == sorted(ids)
+
+
+async def test_triages_asked_through_the_http_api_reach_the_receiver_grouped(tmp_path: Path) -> None:
+    """The whole path: a triage request, the triage workflow's event, the outbox, a signed POST;
+    the same error asked about twice in one place (conversation) is one group, counted."""
+    from tests.http_helpers import data_url, png
+    from tests.test_presets import GOOD
+
+    secret = new_secret()
+    with WebhookReceiver(secret) as receiver:
+        settings = Settings(  # type: ignore[call-arg]
+            _env_file=None, data_dir=tmp_path / "data", http=HttpSettings(port=0),
+            webhooks=hooks(receiver.url, secret),
+        )
+        adapter = HttpAdapter(settings)
+        app = App(settings, ScriptedEngine(reply=lambda h, m: GOOD["triage"]), [adapter])
+        await app.start()
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{adapter.port}") as http:
+                for color in ((200, 30, 30), (30, 200, 30)):
+                    answer = await http.post("/v1/chat/completions", timeout=30, json={
+                        "model": "m", "preset": "triage", "conversation_id": "support-desk",
+                        "messages": [{"role": "user", "content": [
+                            {"type": "image_url", "image_url": {"url": data_url(png(color=color))}},
+                            {"type": "text", "text": "what broke?"}]}]})
+                    assert answer.status_code == 200, answer.text
+            await received(receiver, lambda: len(receiver.processed) == 2)
+        finally:
+            await app.stop()
+    first, second = receiver.processed
+    assert first["type"] == second["type"] == "triage.result"
+    assert first["data"]["result"]["error_message"] == "Your card was declined."
+    assert first["data"]["group_id"] == second["data"]["group_id"]
+    assert [first["data"]["count"], second["data"]["count"]] == [1, 2]
+    assert len({a.event_id for a in receiver.attempts}) == 2 and all(a.verified for a in receiver.attempts)
