@@ -19,8 +19,9 @@ from bot.db import Database
 from bot.models import ConversationId, ImagePart, Message, User
 from bot.settings import HttpSettings, Settings, TriageSettings
 from bot.triage.digest import DigestScheduler, digest_day
+from bot.triage.rules import Place
 from bot.triage.service import TriageConfigError
-from bot.triage.store import Place, TriageRecord, TriageStore
+from bot.triage.store import TriageRecord, TriageStore
 from tests.fakes import RecordingAdapter, ScriptedEngine
 from tests.http_helpers import png
 

@@ -11,7 +11,8 @@ import pytest
 
 from bot.db import Database
 from bot.triage.grouping import DEFAULT_THRESHOLD, ErrorKey, similarity
-from bot.triage.store import Place, TriageRecord, TriageStore
+from bot.triage.rules import Place
+from bot.triage.store import TriageRecord, TriageStore
 
 # each pair: two reports of the same error, differing in what a screenshot varies in
 SAME_ERROR = [

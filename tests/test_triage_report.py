@@ -13,7 +13,8 @@ import pytest
 from bot.cli import main
 from bot.db import Database
 from bot.triage.report import CSV_COLUMNS
-from bot.triage.store import Place, TriageRecord, TriageStore
+from bot.triage.rules import Place
+from bot.triage.store import TriageRecord, TriageStore
 
 DAY = 86400.0
 SUPPORT = Place("slack", "C0SUP")

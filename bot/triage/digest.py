@@ -20,7 +20,8 @@ from datetime import datetime, timedelta, timezone
 
 from bot import texts
 from bot.db import Row
-from bot.triage.store import Place, TriageStore
+from bot.triage.rules import Place
+from bot.triage.store import TriageStore
 from bot.triage.summary import render, summarise, utc
 from bot.triage.workflow import PostText
 

@@ -24,8 +24,9 @@ _TELEGRAM_ID = re.compile(r"^-?\d+$")
 
 
 @dataclass(frozen=True)
-class Target:
-    """A chat to post into: ("slack", "C0ONCALL") or ("telegram", "-1001234567890")."""
+class Place:
+    """A chat: where an image was posted, or where a rule posts: ("slack", "C0ONCALL"),
+    ("telegram", "-1001234567890")."""
 
     platform: str
     chat: str
@@ -39,7 +40,7 @@ class RoutingRule:
     severity: frozenset[str] | None  # None: any
     product_area: frozenset[str] | None  # casefolded
     place: frozenset[str] | None  # "platform:chat" of the triaged image
-    post_to: Target
+    post_to: Place
 
     def __str__(self) -> str:
         """As `vlbot doctor` shows it: "severity blocker, product_area billing -> slack:C0X"."""
@@ -62,7 +63,7 @@ class RuleError(ValueError):
     """A routing rule that cannot be used; the message names the rule and the fix."""
 
 
-def parse_target(text: Any, what: str = "post_to") -> Target:
+def parse_target(text: Any, what: str = "post_to") -> Place:
     """"slack:C0ONCALL" or "telegram:-100123…" (a Slack channel ID, a Telegram chat id)."""
     if not isinstance(text, str) or ":" not in text:
         raise ValueError(f"{what} must look like slack:C0ONCALL or telegram:-1001234567890, "
@@ -79,7 +80,7 @@ def parse_target(text: Any, what: str = "post_to") -> Target:
                              "(e.g. -1001234567890)")
     else:
         raise ValueError(f"{what} {text!r}: unknown platform {platform!r} (slack or telegram)")
-    return Target(platform, chat)
+    return Place(platform, chat)
 
 
 def _strings(name: str, value: Any) -> list[str]:
@@ -143,7 +144,7 @@ def parse_rules(raw: Any) -> list[RoutingRule]:
 
 def targets_for(
     rules: list[RoutingRule], severity: str | None, product_area: str | None, place: str
-) -> list[Target]:
+) -> list[Place]:
     """The distinct targets of every matching rule, in rule order."""
     found = [r.post_to for r in rules if r.matches(severity, product_area, place)]
     return list(dict.fromkeys(found))

@@ -10,7 +10,8 @@ from bot.adapter import Adapter, Poster, Posters
 from bot.db import Database
 from bot.settings import Settings
 from bot.triage.digest import DigestScheduler
-from bot.triage.store import Place, TriageStore
+from bot.triage.rules import Place
+from bot.triage.store import TriageStore
 from bot.triage.workflow import EventSink, TriageWorkflow
 
 PLATFORM_SETTING = {"slack": "VLBOT_SLACK__BOT_TOKEN", "telegram": "VLBOT_TELEGRAM__TOKEN"}

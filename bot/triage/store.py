@@ -17,19 +17,9 @@ from typing import Any
 
 from bot.db import Database, Row, Tx
 from bot.triage.grouping import DEFAULT_THRESHOLD, Candidate, ErrorKey, best_match
+from bot.triage.rules import Place
 
 MAX_CANDIDATES = 2000  # the most recent triages of a place compared with a new one
-
-
-@dataclass(frozen=True)
-class Place:
-    """Where images are posted: ("slack", "C0SUPPORT"), ("telegram", "-1001234")."""
-
-    platform: str
-    chat: str
-
-    def __str__(self) -> str:
-        return f"{self.platform}:{self.chat}"
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from typing import Any, Protocol
 from bot import texts
 from bot.models import Job
 from bot.outbox import TRIAGE_EVENT
-from bot.triage.rules import RoutingRule, Target, targets_for
-from bot.triage.store import Grouped, Place, TriageRecord, TriageStore
+from bot.triage.rules import Place, RoutingRule, targets_for
+from bot.triage.store import Grouped, TriageRecord, TriageStore
 from bot.triage.summary import error_text, utc
 
 log = logging.getLogger("vlbot.triage")
@@ -155,7 +155,7 @@ class TriageWorkflow:
         for target in targets:
             await self._post(target, text, record.job_id)
 
-    async def _post(self, target: Target, text: str, job_id: str) -> None:
+    async def _post(self, target: Place, text: str, job_id: str) -> None:
         if self.post is None:
             log.warning("job %s: routing to %s, but no chat platform can post", job_id, target)
             return
