@@ -23,7 +23,7 @@ from adapters.slack import SlackAdapter
 from bot.admin import AdminPolicy
 from bot.models import Message, Turn
 from bot.remote_images import RemoteImageFetcher
-from bot.settings import Settings, SlackSettings, TriageSettings
+from bot.settings import Settings, SlackSettings
 from tests.conftest import CoreStack, make_core
 from tests.fake_slack import FakeSlack
 from tests.fakes import ScriptedEngine
@@ -121,10 +121,9 @@ class Env:
 
 async def open_env(tmp_path: Path, fake: FakeSlack, engine: ScriptedEngine | None = None,
                    runner_kw: dict[str, Any] | None = None, fetcher: RemoteImageFetcher | None = None,
-                   triage: dict[str, Any] | None = None, **slack: Any) -> Env:
+                   **slack: Any) -> Env:
     settings = Settings(
         data_dir=tmp_path,
-        triage=TriageSettings.model_validate(triage or {}),
         slack=SlackSettings.model_validate({
             "bot_token": BOT_TOKEN, "signing_secret": SIGNING_SECRET, "app_token": APP_TOKEN,
             "mode": "http", "port": 0, "base_url": fake.api_url,

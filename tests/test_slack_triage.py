@@ -1,7 +1,8 @@
-"""Auto-triage channels on Slack, end to end: real bolt behind the adapter's HTTP server, signed
+"""Auto-triage channels on Slack, end to end: the whole app (bot/app.py: runner, SQLite, the
+triage workflow with a routing rule) with real bolt behind the adapter's HTTP server, signed
 Events API payloads of the recorded shapes (message.channels: a file share, a plain text
-message), the fake Slack's Web API, the real runner and SQLite, and a scripted engine that
-answers the triage preset's JSON per screenshot (tests/triage_helpers.py)."""
+message), the fake Slack's Web API, and a scripted engine that answers the triage preset's JSON
+per screenshot (tests/triage_helpers.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from slack_sdk.errors import SlackApiError
 from adapters.slack.format import escape
 from bot.adapter import Poster
 from bot.settings import TriageSettings
+from tests.chat_admin_helpers import slack_app, slack_settings
 from tests.fake_slack import FakeSlack
 from tests.slack_helpers import (
     APP_TOKEN,
@@ -29,10 +31,9 @@ from tests.slack_helpers import (
     answered,
     fixture,
     mention,
-    open_env,
     png,
 )
-from tests.triage_helpers import TriageScript, triage_json, triage_workflow
+from tests.triage_helpers import TriageScript, triage_json
 
 SUPPORT = "C0SUPPORT"
 ONCALL = "C0ONCALL"
@@ -81,15 +82,11 @@ TRIAGE = {"slack_channels": [SUPPORT],
 
 @pytest.fixture
 async def env(tmp_path: Path, fake: FakeSlack, script: TriageScript) -> AsyncIterator[Env]:
-    """An adapter with one auto-triage channel and a rule: blockers also go to on-call."""
-    adapters: list[object] = []
-    settings = TriageSettings.model_validate(TRIAGE)
-    async with triage_workflow(tmp_path / "vlbot.sqlite3", settings, adapters) as workflow:
-        e = await open_env(tmp_path, fake, engine=script.engine(), triage=TRIAGE,
-                           runner_kw={"result_hooks": [workflow]})
-        adapters.append(e.adapter)
+    """The app with one auto-triage channel and a rule: blockers also go to on-call."""
+    settings = slack_settings(fake, tmp_path).model_copy(
+        update={"triage": TriageSettings.model_validate(TRIAGE)})
+    async with slack_app(fake, settings, script.engine()) as e:
         yield e
-        await e.close()
 
 
 async def job_origins(env: Env) -> list[dict[str, Any]]:

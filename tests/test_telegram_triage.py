@@ -1,7 +1,7 @@
-"""Auto-triage groups on Telegram, end to end: python-telegram-bot long-polling the fake Bot API
-(recorded-shape updates: an unaddressed group photo, a group text message), the real runner and
-SQLite, the triage workflow (bot/triage/) with a routing rule, and a scripted engine that
-answers the triage preset's JSON per screenshot (tests/triage_helpers.py)."""
+"""Auto-triage groups on Telegram, end to end: the whole app (bot/app.py: runner, SQLite, the
+triage workflow with a routing rule) with python-telegram-bot long-polling the fake Bot API
+(recorded-shape updates: an unaddressed group photo, a group text message), and a scripted
+engine that answers the triage preset's JSON per screenshot (tests/triage_helpers.py)."""
 
 from __future__ import annotations
 
@@ -16,11 +16,9 @@ from typing import Any
 import pytest
 from telegram.error import Forbidden
 
-from adapters.telegram import TelegramAdapter
 from bot.adapter import Poster
-from bot.admin import AdminPolicy
 from bot.settings import TriageSettings
-from tests.conftest import make_core
+from tests.chat_admin_helpers import telegram_app, telegram_settings
 from tests.fake_telegram import FakeTelegram, fixture
 from tests.telegram_harness import (
     BLUE,
@@ -30,9 +28,8 @@ from tests.telegram_harness import (
     Harness,
     fake_server,  # noqa: F401  (the `fake` fixture)
     jpeg,
-    make_settings,
 )
-from tests.triage_helpers import TriageScript, triage_json, triage_workflow
+from tests.triage_helpers import TriageScript, triage_json
 
 SUPPORT = -1009876543210  # the auto-triage group of the recorded updates
 ONCALL = -1005555555555
@@ -59,21 +56,11 @@ def script() -> TriageScript:
 @asynccontextmanager
 async def triage_bot(fake: FakeTelegram, tmp_path: Path, script: TriageScript, **telegram: Any
                      ) -> AsyncIterator[Harness]:
-    """The adapter with one auto-triage group, and the workflow with the rule: blockers also
-    go to the on-call group."""
-    triage = TriageSettings.model_validate(TRIAGE)
-    settings = make_settings(fake, tmp_path, **telegram).model_copy(update={"triage": triage})
-    adapter = TelegramAdapter(settings, edit_interval_s=0.1, group_edit_interval_s=0.3,
-                              album_wait_s=0.3, poll_timeout_s=2.0)
-    async with triage_workflow(tmp_path / "vlbot.sqlite3", triage, [adapter]) as workflow:
-        stack = await make_core(tmp_path / "vlbot.sqlite3", [adapter], script.engine(),
-                                admin_policy=AdminPolicy.from_settings(settings), max_concurrency=1,
-                                retry_backoff_s=0.01, result_hooks=[workflow])
-        try:
-            yield Harness(fake, adapter, stack)
-        finally:
-            await adapter.stop()
-            await stack.close()
+    """The app with one auto-triage group and a rule: blockers also go to the on-call group."""
+    settings = telegram_settings(fake, tmp_path, **telegram).model_copy(
+        update={"triage": TriageSettings.model_validate(TRIAGE)})
+    async with telegram_app(fake, settings, script.engine()) as h:
+        yield h
 
 
 def screenshot(h: Harness, data: bytes, caption: str | None = None, chat: int = SUPPORT

@@ -1,24 +1,16 @@
 """Shared pieces of the auto-triage end-to-end tests (tests/test_slack_triage.py,
 tests/test_telegram_triage.py): a scripted engine that answers the triage preset's JSON for each
-screenshot, as the model would for a support screenshot, and the triage workflow (bot/triage/)
-wired to the chat adapters' posts as the composition root wires it."""
+screenshot, as the model would for a support screenshot."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from bot.adapter import Posters
-from bot.db import Database
 from bot.models import Message, Turn
-from bot.settings import TriageSettings
-from bot.triage.store import TriageStore
-from bot.triage.workflow import TriageWorkflow
 from tests.fakes import ScriptedEngine
 
 
@@ -49,17 +41,3 @@ class TriageScript:
     def engine(self) -> ScriptedEngine:
         return ScriptedEngine(reply=self, delay_s=0.005)
 
-
-@asynccontextmanager
-async def triage_workflow(db_path: Path, settings: TriageSettings, adapters: Sequence[object]
-                          ) -> AsyncIterator[TriageWorkflow]:
-    """The runner's result hook for triage, on the bot's database file, posting through
-    `adapters` (a list the test fills once the adapter exists)."""
-    db = await Database.open(db_path)
-    try:
-        store = TriageStore(db, window_days=settings.group_window_days,
-                            threshold=settings.group_threshold)
-        yield TriageWorkflow(store, rules=settings.rules, post=Posters(adapters),
-                             language=settings.language)
-    finally:
-        await db.close()
