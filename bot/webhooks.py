@@ -84,15 +84,23 @@ class EndpointGuard:
             return None
         return await self.checker.check_target(url, what="webhook")
 
-    async def check_all(self, urls: Sequence[str]) -> None:
+    async def check_all(self, urls: Sequence[str]) -> list[str]:
+        """Raise WebhookConfigError naming the first URL that may not be used; return warnings
+        for hosts that do not resolve now (no reason to refuse: each attempt resolves again)."""
+        warnings: list[str] = []
         for url in urls:
             try:
                 await self.target(url)
             except RemoteImageError as exc:
+                if isinstance(exc.__cause__, OSError):  # DNS failed: maybe only for now
+                    warnings.append(f"webhook endpoint {endpoint_label(url)}: {exc}")
+                    continue
+                hint = (" Name its host in VLBOT_WEBHOOKS__ALLOW_PRIVATE_HOSTS if it is a receiver"
+                        " of yours." if urlsplit(url).scheme in ("http", "https") else "")
                 raise WebhookConfigError(
-                    f"webhook endpoint {endpoint_label(url)} is refused: {exc} Name its host in"
-                    " VLBOT_WEBHOOKS__ALLOW_PRIVATE_HOSTS if it is a receiver of yours."
+                    f"webhook endpoint {endpoint_label(url)} is refused: {exc}{hint}"
                 ) from None
+        return warnings
 
 
 class WebhookWorker:
@@ -123,7 +131,8 @@ class WebhookWorker:
     async def start(self) -> None:
         """Check every endpoint URL (WebhookConfigError names a refused one), resume what a
         previous run left pending, and start delivering."""
-        await self.guard.check_all(list(self.secrets))
+        for warning in await self.guard.check_all(list(self.secrets)):
+            log.warning("%s (tried anyway)", warning)
         if self.outbox.db.dialect == "sqlite":  # one process per data folder: its leases are ours
             await self.outbox.release_leases()
         self.counts = await self.outbox.counts()
@@ -255,8 +264,9 @@ async def doctor_report(database: Path | str, settings: WebhookSettings) -> tupl
     guard = EndpointGuard(settings.allow_private_hosts)
     for endpoint in settings.endpoints:
         try:
-            await guard.check_all([endpoint.url])
-            lines.append(f"  endpoint {endpoint_label(endpoint.url)}: URL accepted")
+            warnings = await guard.check_all([endpoint.url])
+            lines.append(f"  {warnings[0]}" if warnings else
+                         f"  endpoint {endpoint_label(endpoint.url)}: URL accepted")
         except WebhookConfigError as exc:
             problems.append(str(exc))
             lines.append(f"  endpoint {endpoint_label(endpoint.url)}: {exc}")

@@ -150,8 +150,21 @@ async def test_a_private_endpoint_is_refused_at_start_with_its_url_named(tmp_pat
     assert receiver.attempts == []
 
 
-def test_serve_with_a_private_endpoint_stops_with_one_clear_line(tmp_path: Path) -> None:
-    url = "http://169.254.169.254/latest/meta-data"
+@pytest.mark.parametrize(
+    ("url", "secret", "says"),
+    [
+        ("http://169.254.169.254/latest/meta-data", None,
+         "webhook endpoint http://169.254.169.254/… is refused: The webhook URL points to a private"),
+        ("ftp://files.example/drop", None,
+         "webhook endpoint ftp://files.example/… is refused: Only http(s) webhook URLs"),
+        ("https://tickets.example/hook", "whsec_c2hvcnQ=",
+         "invalid setting webhooks.endpoints.0.secret: Value error, a webhook secret is whsec_"),
+    ],
+)
+def test_serve_with_a_bad_endpoint_stops_with_one_clear_line(
+    url: str, secret: str | None, says: str, tmp_path: Path
+) -> None:
+    secret = secret or new_secret()
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
@@ -159,7 +172,7 @@ def test_serve_with_a_private_endpoint_stops_with_one_clear_line(tmp_path: Path)
         "VLBOT_DATA_DIR": str(tmp_path / "data"),
         "VLBOT_HTTP__ENABLED": "true",
         "VLBOT_HTTP__PORT": "0",
-        "VLBOT_WEBHOOKS__ENDPOINTS": json.dumps([{"url": url, "secret": new_secret()}]),
+        "VLBOT_WEBHOOKS__ENDPOINTS": json.dumps([{"url": url, "secret": secret}]),
     }
     out = subprocess.run(
         [sys.executable, "-m", "bot.cli", "serve"],
@@ -167,8 +180,8 @@ def test_serve_with_a_private_endpoint_stops_with_one_clear_line(tmp_path: Path)
     )
     assert out.returncode == 2, out.stderr
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("vlbot: webhook endpoint http://169.254.169.254/… is refused:"), last
-    assert "Traceback" not in out.stderr
+    assert last.startswith(f"vlbot: {says}"), last
+    assert "Traceback" not in out.stderr and secret not in out.stderr + out.stdout
 
 
 def resolver(table: dict[str, list[str]]) -> Callable[[str, int], Awaitable[list[str]]]:
@@ -189,6 +202,21 @@ async def test_an_endpoint_whose_dns_turns_private_is_refused_at_delivery(tmp_pa
         await eventually(lambda: outbox_has(outbox, dead=1))
         (dead,) = await outbox.dead_letters()
     assert dead["last_error"].startswith("refused: The webhook URL points to a private")
+
+
+async def test_an_endpoint_that_does_not_resolve_at_start_is_tried_anyway(tmp_path: Path) -> None:
+    """DNS down at start is no reason to refuse the endpoint: each attempt resolves again."""
+    async def no_dns(host: str, port: int) -> list[str]:
+        raise OSError("temporary failure in name resolution")
+
+    guard = EndpointGuard([], RemoteImageFetcher(0, resolver=no_dns))
+    settings = hooks("https://tickets.example/hook", new_secret(), allow_private_hosts=[],
+                     max_attempts=1)
+    async with delivering(tmp_path, settings, guard=guard) as (outbox, _):
+        await outbox.enqueue(TRIAGE_EVENT, TRIAGE)
+        await eventually(lambda: outbox_has(outbox, dead=1))
+        (dead,) = await outbox.dead_letters()
+    assert dead["last_error"] == "refused: The webhook host 'tickets.example' could not be resolved."
 
 
 async def test_a_checked_endpoint_is_reached_at_the_address_that_was_checked(tmp_path: Path) -> None:
