@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from slack_sdk.errors import SlackApiError
 
+from adapters.slack.auto_triage import PostRefused
 from adapters.slack.format import escape
 from bot.adapter import Poster
 from bot.settings import TriageSettings
@@ -176,7 +176,7 @@ async def test_the_poster_posts_into_a_channel_and_returns_the_link(env: Env) ->
     assert _text(message) == escape(summary) and "thread_ts" not in message
     assert link == f"https://fake.slack.com/archives/{ONCALL}/p{message['ts'].replace('.', '')}"
     env.fake.not_member.add("C0PRIVATE")
-    with pytest.raises(SlackApiError):
+    with pytest.raises(PostRefused, match=r"into C0PRIVATE \(not_in_channel\): invite the bot"):
         await env.adapter.post("C0PRIVATE", "nobody will see this")
 
 

@@ -32,6 +32,25 @@ log = logging.getLogger("vlbot.slack.triage")
 PRESET = "triage"
 
 
+# What to do when Slack refuses a post (chat.postMessage's error codes).
+POST_HINTS = {
+    "not_in_channel": "invite the bot there (/invite @vlbot), or give the app the "
+                      "chat:write.public scope for public channels",
+    "channel_not_found": "use the channel's ID (C0…, in its details), not its #name, and "
+                         "invite the bot if it is private",
+    "is_archived": "the channel is archived",
+}
+
+
+class PostRefused(Exception):
+    """Slack refused a post of the triage workflow; the message says what to do about it."""
+
+    def __init__(self, channel: str, error: str) -> None:
+        hint = POST_HINTS.get(error, "see https://api.slack.com/methods/chat.postMessage")
+        super().__init__(f"Slack refused a post into {channel} ({error}): {hint}")
+        self.error = error
+
+
 def has_image(files: list[dict[str, Any]] | None) -> bool:
     """Does a message carry a file that is, or may be, an image (a stub of unknown type is
     looked up later)? Known non-images (a PDF, a snippet) do not count."""
@@ -69,11 +88,14 @@ class SlackTriage:
 
     async def post(self, channel: str, text: str) -> str | None:
         """Post plain text (escaped for mrkdwn; bare URLs stay links), one message per page, and
-        return the first message's permalink. Raises SlackApiError if Slack refuses the post
-        (not_in_channel: invite the bot, or give it the chat:write.public scope)."""
+        return the first message's permalink. Raises PostRefused (saying what to do) if Slack
+        refuses the post."""
         first: str | None = None
         for page in pages(text):
-            resp = await self.client.chat_postMessage(channel=channel, **page_message(page))
+            try:
+                resp = await self.client.chat_postMessage(channel=channel, **page_message(page))
+            except SlackApiError as exc:
+                raise PostRefused(channel, str(exc.response.get("error"))) from None
             first = first or str(resp["ts"])
         assert first is not None  # pages() has at least one page
         return await self.link(channel, first)
