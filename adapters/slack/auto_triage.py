@@ -26,10 +26,9 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack.files import is_other_file
 from adapters.slack.format import page_message, pages
 from bot.models import ConversationId
+from bot.triage.workflow import TRIAGE_PRESET
 
 log = logging.getLogger("vlbot.slack.triage")
-
-PRESET = "triage"
 
 
 # What to do when Slack refuses a post (chat.postMessage's error codes).
@@ -70,7 +69,7 @@ class SlackTriage:
         """The conversation (the image's thread) and reply context of an image to triage."""
         thread = str(event.get("thread_ts") or event["ts"])
         origin = {"channel": channel, "thread_ts": thread, "message_ts": event["ts"],
-                  "preset": PRESET, "auto_triage": True}
+                  "preset": TRIAGE_PRESET, "auto_triage": True}
         return ConversationId("slack", channel, thread), origin
 
     async def link(self, channel: str, ts: str) -> str | None:

@@ -26,10 +26,9 @@ from adapters.telegram.ledger import ChatLedger
 from adapters.telegram.media import image_refs
 from adapters.telegram.replies import split_message
 from bot.models import ConversationId, InputRejected
+from bot.triage.workflow import TRIAGE_PRESET
 
 log = logging.getLogger("vlbot.telegram.triage")
-
-PRESET = "triage"
 
 
 def _has_image(msg: Message) -> bool:
@@ -56,7 +55,7 @@ class TelegramTriage:
 
     @staticmethod
     def origin_of(msg: Message) -> dict[str, Any]:
-        return {"preset": PRESET, "auto_triage": True, "link": msg.link}
+        return {"preset": TRIAGE_PRESET, "auto_triage": True, "link": msg.link}
 
 
 def warn_if_privacy_on(bot: Bot, chats: Collection[int]) -> None:
