@@ -221,9 +221,11 @@ class WebhookWorker:
         body = event.body()
         headers = signed_headers(secret, event.event_id, body)
         try:
-            target = await self.guard.target(event.endpoint)
+            target = await asyncio.wait_for(self.guard.target(event.endpoint), self.settings.timeout_s)
         except RemoteImageError as exc:
             return f"refused: {exc}"
+        except asyncio.TimeoutError:
+            return f"its host name did not resolve within {self.settings.timeout_s:g} s"
         # a client per attempt: pinned connections to one address under several host names
         # must not share a pooled connection (nor its TLS name)
         async with httpx.AsyncClient(follow_redirects=False, timeout=self.settings.timeout_s) as client:
