@@ -131,6 +131,16 @@ class TriageSettings(BaseModel):
     def _rules(cls, value: object) -> list[RoutingRule]:
         return parse_rules(value)
 
+    @field_validator("slack_channels")
+    @classmethod
+    def _channel_ids(cls, value: list[str]) -> list[str]:
+        """Slack events name channels by ID: a #name here would never match one."""
+        for channel in value:
+            if not (channel.isascii() and channel.isalnum() and channel.isupper()):
+                raise ValueError(f"{channel!r} is not a Slack channel ID: use the ID from the "
+                                 "channel's details (C0…), not its #name")
+        return value
+
     @field_validator("digest_hour", mode="before")
     @classmethod
     def _digest_off(cls, value: object) -> object:

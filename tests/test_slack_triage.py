@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from adapters.slack.auto_triage import PostRefused
 from adapters.slack.format import escape
@@ -210,3 +211,8 @@ async def test_a_blocker_reaches_on_call_and_a_repeat_says_how_often_it_was_seen
     assert "(seen 2 times)" in env.fake.messages[ONCALL][1]["text"]
     print(f"\nthe repeat's reply in its thread:\n{_text(reply)}\n\non-call channel:\n"
           + "\n---\n".join(_text(m) for m in env.fake.messages[ONCALL]))
+
+
+def test_an_auto_triage_channel_must_be_given_by_its_id() -> None:
+    with pytest.raises(ValidationError, match=r"'#support' is not a Slack channel ID: use the ID"):
+        TriageSettings.model_validate({"slack_channels": ["C0SUPPORT", "#support"]})
