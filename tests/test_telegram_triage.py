@@ -126,13 +126,17 @@ async def test_other_groups_and_text_only_messages_are_left_alone(
     async with triage_bot(fake, tmp_path, script) as h:
         await fake.push(screenshot(h, GREEN, "look at this", chat=GROUP))  # not a triage group
         await fake.push(group_text("anyone else seeing checkout errors?"))
-        for i, data in enumerate((BLUE, GREEN)):  # an album: triaged once, with both images
-            part = screenshot(h, data, "two screens of it" if i == 0 else None)
+        parts = [screenshot(h, data, "two screens of it" if i == 0 else None)
+                 for i, data in enumerate((BLUE, GREEN, b"a screen recording"))]
+        video = parts[2]["message"]  # an album may hold a video: left out, not refused
+        video["video"] = {"file_id": video["photo"][-1]["file_id"], "file_unique_id": "vid1",
+                          "width": 1280, "height": 800, "duration": 12}
+        del video["photo"]
+        for part in parts:  # an album: triaged once, with its two images
             part["message"]["media_group_id"] = "album-7"
             await fake.push(part)
         await h.wait_done(1)
-        album_first = part["message"]["message_id"] - 1
-        [answer] = replies_to(fake, SUPPORT, album_first)
+        [answer] = replies_to(fake, SUPPORT, parts[0]["message"]["message_id"])
         assert fake.bot_messages(GROUP) == [] and len(fake.bot_messages(SUPPORT)) == 1
         [call] = h.engine.calls
         assert [i.data for i in call.message.images] == [BLUE, GREEN]

@@ -47,6 +47,12 @@ class TelegramTriage:
         return messages[0].chat.id in self.chats and any(_has_image(m) for m in messages)
 
     @staticmethod
+    def screenshots(messages: Sequence[Message]) -> list[Message]:
+        """The parts of an album to triage: those with an image (a video beside them is not
+        refused, it is left out)."""
+        return [m for m in messages if _has_image(m)]
+
+    @staticmethod
     def conversation_of(msg: Message) -> ConversationId:
         """One conversation per triaged message (in a forum, inside its topic's key)."""
         thread = msg.message_thread_id if msg.is_topic_message and msg.chat.is_forum else None

@@ -360,7 +360,8 @@ class Handlers:
         if not (addressed or triage) or not await self._admit(messages[0], quietly=triage):
             return
         question = " ".join(q for _, q in checked if q)
-        await self._turn(messages, question, event_key, triage=triage)
+        await self._turn(self.triage.screenshots(messages) if triage else messages, question,
+                         event_key, triage=triage)
 
     async def _invalid_text(self, messages: list[Message]) -> bool:
         """True (and said so) if a text or caption is not valid Unicode (a lone surrogate)."""
