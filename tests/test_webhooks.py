@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from adapters.http import HttpAdapter
 from bot.app import App
@@ -182,6 +183,13 @@ def test_serve_with_a_bad_endpoint_stops_with_one_clear_line(
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"vlbot: {says}"), last
     assert "Traceback" not in out.stderr and secret not in out.stderr + out.stdout
+
+
+def test_a_wrong_secret_is_kept_out_of_the_settings_error() -> None:
+    with pytest.raises(ValidationError) as refused:
+        WebhookEndpoint(url="https://tickets.example/hook", secret="whsec_c2hvcnQtc2VjcmV0")
+    assert "whsec_ followed by the base64 of 24 to 64 random bytes" in str(refused.value)
+    assert "c2hvcnQtc2VjcmV0" not in str(refused.value)
 
 
 def resolver(table: dict[str, list[str]]) -> Callable[[str, int], Awaitable[list[str]]]:
