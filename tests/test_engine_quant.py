@@ -114,6 +114,36 @@ def test_the_quantized_output_heads_file_pages_leave_memory(wide_qwen3: Path) ->
     assert resident_file_bytes(wide_qwen3 / "model.safetensors") < head_bytes / 4
 
 
+PEAK_SCRIPT = """
+import sys, torch
+from pathlib import Path
+from engine.cpu.quant import load_mode_kernel, quantize_one
+from tests.engine_fixtures import peak_rss, reset_peak_rss
+head = torch.nn.Linear(256, 65536, bias=False, dtype=torch.bfloat16)
+with torch.no_grad():
+    head.weight.normal_()
+start = reset_peak_rss()
+quantized = quantize_one(head, sys.argv[1], torch.bfloat16, load_mode_kernel(sys.argv[1]))
+assert quantized is not None
+print(peak_rss() - start, head.weight.numel() * 2)
+"""
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantizing_a_large_layer_holds_little_more_than_its_result(mode: str) -> None:
+    """Quantizing Qwen3-VL-2B's output head at the first start held ~4 GB of float temporaries
+    (the whole head in float32, several times over: here 6x the bf16 weight's size); now a
+    block of rows at a time: the peak is the quantized copy and its packed layout (~1.6x)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, mode],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    growth, weight_bytes = (int(x) for x in done.stdout.split())
+    assert growth < 2.5 * weight_bytes, (growth, weight_bytes)
+
+
 # --- the saved copy ------------------------------------------------------------------------------
 
 LOGITS_SCRIPT = """

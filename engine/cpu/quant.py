@@ -33,7 +33,7 @@ from engine.cpu.hugepages import file_mappings, release_file_pages
 from engine.cpu.kernels import int4_kernel, int8_kernel
 from engine.cpu.kernels.bf16_kernel import DecodeLinear
 from engine.cpu.kernels.int4_kernel import Int4Kernel, PackedInt4
-from engine.cpu.kernels.int8_kernel import Int8Kernel, PackedInt8
+from engine.cpu.kernels.int8_kernel import QUANTIZE_ROWS, Int8Kernel, PackedInt8
 
 logger = logging.getLogger("vlbot.engine")
 
@@ -144,6 +144,25 @@ class Int8Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
 
+def _int4_quantize(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q uint8 (N, K) in 0..15, scale and low float32 (N, K/group)): w ~ q * scale + low per
+    group of a row; computed QUANTIZE_ROWS rows at a time (the float temporaries of Qwen3-VL-2B's
+    whole output head were ~4 GB at the first start)."""
+    n, k = weight.shape
+    q = torch.empty((n, k), dtype=torch.uint8)
+    scale = torch.empty((n, k // group), dtype=torch.float32)
+    low = torch.empty((n, k // group), dtype=torch.float32)
+    for start in range(0, n, QUANTIZE_ROWS):
+        stop = min(n, start + QUANTIZE_ROWS)
+        grouped = weight[start:stop].float().reshape(stop - start, k // group, group)
+        lowest, highest = grouped.amin(dim=-1), grouped.amax(dim=-1)
+        step = ((highest - lowest) / 15.0).clamp(min=1e-8)
+        part = torch.round((grouped - lowest[..., None]) / step[..., None]).clamp(0, 15)
+        q[start:stop] = part.reshape(stop - start, k)
+        scale[start:stop], low[start:stop] = step, lowest
+    return q, scale, low
+
+
 class Int4Linear(nn.Module):
     """Asymmetric 4-bit weights in groups along the input channels.
 
@@ -172,13 +191,8 @@ class Int4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: LinearLike, group: int, kernel: Int4Kernel | None) -> Int4Linear:
-        weight = linear.weight.detach().float()
-        n, k = weight.shape
-        grouped = weight.reshape(n, k // group, group)
-        low, high = grouped.amin(dim=-1), grouped.amax(dim=-1)
-        scale = ((high - low) / 15.0).clamp(min=1e-8)
-        q = torch.round((grouped - low[..., None]) / scale[..., None]).clamp(0, 15)
-        q = q.to(torch.int32).reshape(n, k)
+        q, scale, low = _int4_quantize(linear.weight.detach(), group)
+        n, k = q.shape
         if kernel is not None and not int4_kernel.fits(n, k, group):
             kernel = None
         tensors: dict[str, torch.Tensor] = {}
@@ -187,7 +201,7 @@ class Int4Linear(nn.Module):
             tensors.update(packed=packed.packed, scales=packed.scales, lows=packed.lows)
         else:
             zero = low + 8.0 * scale  # torch's kernel computes (q - 8) * scale + zero
-            tensors["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            tensors["packed"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
             scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
             tensors["scales_zeros"] = scales_zeros.to(torch.bfloat16)
         if linear.bias is not None:

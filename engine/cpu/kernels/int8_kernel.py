@@ -29,6 +29,7 @@ from engine.cpu.native import I32, I64, POINTER, Tier, active_tier, c_function, 
 
 BLOCK_ROWS = 16  # output rows per block in the packed layout
 CHANNEL_STEP = 4  # input channels per 64-byte chunk
+QUANTIZE_ROWS = 4096  # weight rows quantized at a time
 ACTIVATION_GROUPS = (128, 64, 32)  # activation channels per 8-bit scale, the first that divides K
 
 
@@ -52,10 +53,19 @@ def fits(out_features: int, in_features: int) -> bool:
 
 
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q int8 (N, K) in -127..127, scale float32 (N,)): symmetric, per output row."""
-    w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+    """(q int8 (N, K) in -127..127, scale float32 (N,)): symmetric, per output row; computed
+    QUANTIZE_ROWS rows at a time (the float temporaries of Qwen3-VL-2B's whole output head were
+    ~4 GB at the first start)."""
+    n, k = weight.shape
+    q = torch.empty((n, k), dtype=torch.int8)
+    scale = torch.empty(n, dtype=torch.float32)
+    for start in range(0, n, QUANTIZE_ROWS):
+        stop = min(n, start + QUANTIZE_ROWS)
+        w = weight[start:stop].detach().float()
+        part = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)
+        q[start:stop] = torch.round(w / part[:, None]).clamp(-127, 127)
+        scale[start:stop] = part
+    return q, scale
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor) -> PackedInt8:
