@@ -430,8 +430,7 @@ class Runner:
             )
             self._first_piece(job)
             notes = await self._preset_notes(job, preset.name, result.as_dict())
-            answer = render_answer(result, lang, json_only=json_only)
-            return text + (f"{answer}\n\n{notes}" if notes and not json_only else answer)
+            return text + render_answer(result, lang, json_only=json_only, note=notes)
         return await self._stream(job, history, params, text)
 
     async def _stream(

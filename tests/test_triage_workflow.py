@@ -137,9 +137,10 @@ async def test_a_repeat_is_noted_in_the_reply_and_grouped_in_the_webhook(triage:
     triage.clock.now = MONDAY + 2 * DAY  # Wednesday
     await triage.ask("case-funds", link="https://acme.slack.com/archives/C0SUP/p2")
     third = await triage.ask("case-declined-2", link="https://acme.slack.com/archives/C0SUP/p3")
-    assert third.endswith(f"Seen 2 times since Monday, first here: {first_link}")
+    # the note follows the readable fields, before the JSON block
+    assert f"Seen 2 times since Monday, first here: {first_link}\n\n```json\n" in third
     fourth = await triage.ask("case-declined-3", lang="zh-CN")
-    assert fourth.endswith(f"自周一以来已出现 3 次，首次在这里：{first_link}")
+    assert f"自周一以来已出现 3 次，首次在这里：{first_link}\n\n```json\n" in fourth
 
     events = await triage.events()
     assert [e["type"] for e in events] == ["triage.result"] * 4
@@ -180,8 +181,8 @@ async def test_a_failed_routing_post_costs_the_user_nothing(triage: Triage) -> N
     await triage.ask("case-outage", link="https://acme.slack.com/archives/C0SUP/p1")
     answer = await triage.ask("case-outage")
     assert "Service unavailable" in answer
-    assert answer.endswith("Seen 2 times since 09:14 UTC, first here: "
-                           "https://acme.slack.com/archives/C0SUP/p1")
+    assert ("Seen 2 times since 09:14 UTC, first here: "
+            "https://acme.slack.com/archives/C0SUP/p1\n\n```json\n") in answer
     assert [e["count"] for e in await triage.events()] == [1, 2]
 
 

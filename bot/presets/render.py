@@ -160,10 +160,11 @@ def render_text(model: BaseModel, language_code: str | None = None) -> str:
 
 
 def render_answer(result: PresetResult, language_code: str | None = None, *,
-                  json_only: bool = False) -> str:
-    """The answer a job stores and delivers: for chats the readable list, then the JSON in a
-    fenced block (the raw JSON stays available); `json_only` for API clients that asked for a
-    response_format."""
+                  json_only: bool = False, note: str = "") -> str:
+    """The answer a job stores and delivers: for chats the readable list, any `note` (e.g. a
+    triage's "seen 4 times"), then the JSON in a fenced block (the raw JSON stays available);
+    `json_only` for API clients that asked for a response_format (no note)."""
     if json_only:
         return result.json(indent=None)
-    return f"{render_text(result.data, language_code)}\n\n```json\n{result.json()}\n```"
+    readable = render_text(result.data, language_code) + (f"\n\n{note}" if note else "")
+    return f"{readable}\n\n```json\n{result.json()}\n```"
