@@ -211,6 +211,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     );
     CREATE INDEX usage_by_time ON usage_ledger (finished_at);
     CREATE INDEX usage_by_user ON usage_ledger (platform, user_id, finished_at);
+    CREATE UNIQUE INDEX usage_by_job ON usage_ledger (job_id);  -- a job is settled once
     CREATE TABLE access_rules (                          -- allow/deny entries made by admins
         platform   TEXT NOT NULL,
         kind       TEXT NOT NULL,                        -- user / chat / key

@@ -79,32 +79,38 @@ class QuotaStore:
         return limits.over(self.defaults)
 
     async def day_use(self, user: Subject, now: float | None = None) -> DayUse:
-        """Today's (UTC) use of `user`: settled jobs from the ledger plus its unsettled jobs."""
-        now = now if now is not None else time.time()
-        requests, images, engine_s = await self.ledger.used_since(
-            user.platform, user.id, day_start(now)
-        )
-        waiting = 0
-        for status, n_images in await self._unsettled(user):
-            requests += 1
-            images += n_images
-            waiting += status in WAITING
-        return DayUse(requests, images, engine_s, waiting)
+        """Today's (UTC) use of `user`: settled jobs from the ledger plus its unsettled jobs.
 
-    async def _unsettled(self, user: Subject) -> list[tuple[str, int]]:
-        """(status, images) of the user's jobs not settled yet. The jobs table holds at most the
-        queue's bound of these, so they are matched here rather than by a JSON query."""
+        One statement, so one snapshot (also on Postgres): the runner writes a job's ledger row
+        before it marks the job done, and a job with a ledger row is not counted again from the
+        jobs table, so every job is counted exactly once. The jobs table holds at most the
+        queue's bound of unsettled jobs; they are matched to the user here rather than by a
+        JSON query."""
+        now = now if now is not None else time.time()
         marks = ", ".join("?" for _ in UNSETTLED)
         rows = await self.db.fetchall(
-            'SELECT j.status, j."user", (SELECT COUNT(*) FROM job_images i WHERE i.job_id = j.id)'
-            f" AS images FROM jobs j WHERE j.status IN ({marks}) AND j.conversation LIKE ?",
-            [*UNSETTLED, f"{user.platform}:%"],
+            "SELECT NULL AS status, NULL AS user_json, COUNT(*) AS requests,"
+            " COALESCE(SUM(images), 0) AS images, COALESCE(SUM(engine_s), 0) AS engine_s"
+            " FROM usage_ledger WHERE platform = ? AND user_id = ? AND finished_at >= ?"
+            " AND status <> 'rejected'"
+            " UNION ALL"
+            ' SELECT j.status, j."user", 1, (SELECT COUNT(*) FROM job_images i'
+            " WHERE i.job_id = j.id), 0 FROM jobs j"
+            f" WHERE j.status IN ({marks}) AND j.conversation LIKE ?"
+            " AND NOT EXISTS (SELECT 1 FROM usage_ledger u WHERE u.job_id = j.id)",
+            [user.platform, user.id, day_start(now), *UNSETTLED, f"{user.platform}:%"],
         )
-        return [
-            (r["status"], int(r["images"]))
-            for r in rows
-            if str(json.loads(r["user"]).get("platform_id")) == user.id
-        ]
+        requests, images, engine_s, waiting = 0, 0, 0.0, 0
+        for row in rows:
+            if row["status"] is not None and (
+                str(json.loads(row["user_json"]).get("platform_id")) != user.id
+            ):
+                continue  # another user's job on this platform
+            requests += int(row["requests"])
+            images += int(row["images"])
+            engine_s += float(row["engine_s"])
+            waiting += row["status"] in WAITING
+        return DayUse(requests, images, engine_s, waiting)
 
 
 def limits_from(row: dict[str, object]) -> Limits:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import math
 import time
+import weakref
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -152,6 +153,9 @@ class Runner:
         self.result_hooks = list(result_hooks)
         # job id → what this process measured of it so far, for its JobOutcome
         self._measured: dict[str, _Measured] = {}
+        self._admission_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     def attach(self, adapters: Mapping[str, Adapter]) -> None:
         self.adapters.update(adapters)
@@ -218,26 +222,29 @@ class Runner:
             raise QueueFull(self.queue_depth, self.retry_after_s())
         self._admitting += 1
         try:
-            if self.admission is not None:  # quotas: refused here, nothing is queued
-                await self.admission.admit(incoming)
-            if incoming.message.images:  # decodes every image: off the event loop
-                await asyncio.to_thread(self.engine.check, incoming.message)
-            else:
-                self.engine.check(incoming.message)
-            message, origin = with_preset(incoming.message, dict(incoming.origin))
-            job = Job(
-                id=new_job_id(),
-                conversation=incoming.conversation,
-                message=message,
-                user=incoming.user,
-                origin=origin,
-            )
-            # on a shared queue the job is held until its acknowledgement is sent (below): the
-            # replica that runs it then finds the placeholder this one recorded
-            held = time.time() + self._queue.hold_s if self._queue.hold_s else None
-            inserted = await self.jobs.insert(
-                job, incoming.event_key, pinned_to=self._pin(incoming), held_until=held
-            )
+            # one user's messages are admitted one at a time: a quota then sees the job
+            # written before it checks the next
+            async with self._admission_lock(incoming):
+                if self.admission is not None:  # quotas: refused here, nothing is queued
+                    await self.admission.admit(incoming)
+                if incoming.message.images:  # decodes every image: off the event loop
+                    await asyncio.to_thread(self.engine.check, incoming.message)
+                else:
+                    self.engine.check(incoming.message)
+                message, origin = with_preset(incoming.message, dict(incoming.origin))
+                job = Job(
+                    id=new_job_id(),
+                    conversation=incoming.conversation,
+                    message=message,
+                    user=incoming.user,
+                    origin=origin,
+                )
+                # on a shared queue the job is held until its acknowledgement is sent (below): the
+                # replica that runs it then finds the placeholder this one recorded
+                held = time.time() + self._queue.hold_s if self._queue.hold_s else None
+                inserted = await self.jobs.insert(
+                    job, incoming.event_key, pinned_to=self._pin(incoming), held_until=held
+                )
             if inserted:
                 self._queue.push(job)
         finally:
@@ -278,6 +285,13 @@ class Runner:
     async def reset(self, conversation: ConversationId) -> None:
         await self.cancel(conversation)
         await self.history.reset(conversation)
+
+    def _admission_lock(self, incoming: Incoming) -> asyncio.Lock:
+        key = (incoming.conversation.platform, incoming.user.platform_id)
+        lock = self._admission_locks.get(key)
+        if lock is None:  # weakly held: gone once no submit of that user is under way
+            lock = self._admission_locks[key] = asyncio.Lock()
+        return lock
 
     def _pin(self, incoming: Incoming) -> str | None:
         """The replica an adapter's job must run on while it lives: an HTTP client waits for
@@ -477,12 +491,14 @@ class Runner:
                 log.warning("job %s delivery attempt %d failed: %r", job.id, attempt + 1, exc)
                 await asyncio.sleep(min(30.0, 2.0**attempt))
         else:
-            await self.jobs.finish(job, JobStatus.FAILED, "the answer could not be delivered")
             await self._settled(job, "failed", "undelivered", final)
+            await self.jobs.finish(job, JobStatus.FAILED, "the answer could not be delivered")
             return
+        # the outcome is recorded before the job leaves the unsettled ones (quotas count a job
+        # from the jobs table until the ledger has it: never in neither place)
+        await self._settled(job, "answered", None, final)
         await self.jobs.complete(job)
         log.info("job %s done", job.id)
-        await self._settled(job, "answered", None, final)
 
     async def _fail(
         self,
@@ -492,9 +508,9 @@ class Runner:
         status: JobStatus = JobStatus.FAILED,
         params: dict[str, object] | None = None,
     ) -> None:
+        await self._settled(job, "cancelled" if status is JobStatus.CANCELLED else "failed", code)
         job = await self.jobs.finish(job, status, detail)
         await self._emit(job, Failed(code, job.id, dict(params or {})))
-        await self._settled(job, "cancelled" if status is JobStatus.CANCELLED else "failed", code)
 
     # --- hooks (bot/job_hooks.py) --------------------------------------------------------------
 

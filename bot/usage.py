@@ -88,7 +88,8 @@ class UsageLedger:
         placeholders = ", ".join("?" for _ in COLUMNS)
         async with self.db.transaction() as tx:
             await tx.execute(
-                f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) VALUES ({placeholders})",
+                f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) VALUES ({placeholders})"
+                " ON CONFLICT DO NOTHING",  # a job settled again after a restart: once
                 [getattr(record, c) for c in COLUMNS],
             )
 
@@ -103,17 +104,6 @@ class UsageLedger:
             [since, until if until is not None else time.time() + 1, *params],
         )
         return [record_from(row) for row in rows]
-
-    async def used_since(self, platform: str, user_id: str, since: float) -> tuple[int, int, float]:
-        """(requests, images, engine seconds) of one user's jobs settled since `since`."""
-        rows = await self.db.fetchall(
-            "SELECT COUNT(*) AS requests, COALESCE(SUM(images), 0) AS images,"
-            " COALESCE(SUM(engine_s), 0) AS engine_s FROM usage_ledger"
-            " WHERE platform = ? AND user_id = ? AND finished_at >= ? AND status <> 'rejected'",
-            [platform, user_id, since],
-        )
-        row = rows[0]
-        return int(row["requests"]), int(row["images"]), float(row["engine_s"])
 
     async def report(
         self, subject: Subject | None, since: float, until: float | None = None, top: int = 10

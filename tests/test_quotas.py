@@ -5,6 +5,7 @@ beat the defaults, the most specific first."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,7 +17,8 @@ from bot.access import SettingsAccess
 from bot.adapter import Incoming
 from bot.admin import AdminPolicy, AdminService, Limits, Subject
 from bot.admin_types import next_reset, reset_text
-from bot.models import ConversationId, InputRejected
+from bot.job_hooks import JobOutcome
+from bot.models import ConversationId, InputRejected, Job
 from tests.admin_helpers import ask, until
 from tests.conftest import Stack, make_stack
 
@@ -199,3 +201,47 @@ async def test_no_quota_set_means_no_limit(make: StackMaker) -> None:
         await answered(stack, ask("ann", images=2), n)
     left = await admin_of(stack).remaining(Subject("telegram", "user", "ann"), None)
     assert left.limits == Limits() and left.used.images == 6 and left.images_left is None
+
+
+async def test_messages_sent_at_the_same_moment_cannot_all_pass_a_quota(make: StackMaker) -> None:
+    stack = await make(Limits(requests_per_day=2))
+    messages = [ask("ann", f"question {i}", chat=f"chat-{i}") for i in range(6)]
+    results = await asyncio.gather(
+        *(stack.runner.submit(m) for m in messages), return_exceptions=True
+    )
+    refusals = [r for r in results if isinstance(r, InputRejected)]
+    assert len(refusals) == 4 and {r.code for r in refusals} == {"quota_requests"}
+    assert sum((await stack.jobs.counts()).values()) == 2
+
+
+async def test_a_job_is_counted_once_while_it_is_being_settled(make: StackMaker) -> None:
+    """The runner writes the ledger row before it marks the job done: in between, the job is
+    counted from the ledger and not again from the jobs table (and never in neither place)."""
+    stack = await make(Limits(requests_per_day=5))
+    admin = admin_of(stack)
+    seen: list[int] = []
+    record = admin.ledger.job_finished
+
+    async def recording(outcome: JobOutcome) -> None:
+        await record(outcome)
+        used = await admin.quotas.day_use(Subject("telegram", "user", "ann"))
+        seen.append(used.requests)  # the row is in the ledger, the job not marked done yet
+
+    complete = stack.jobs.complete
+
+    async def completing(job: Job) -> Job:
+        done = await complete(job)
+        used = await admin.quotas.day_use(Subject("telegram", "user", "ann"))
+        seen.append(used.requests)  # marked done: counted from the ledger already
+        return done
+
+    admin.ledger.job_finished = recording  # type: ignore[method-assign]
+    stack.jobs.complete = completing  # type: ignore[method-assign]
+    await answered(stack, ask("ann"), 1)
+
+    async def checked() -> bool:
+        return len(seen) == 2
+
+    await until(checked, "the count taken while the job was settled")
+    assert seen == [1, 1]
+    assert (await admin.quotas.day_use(Subject("telegram", "user", "ann"))).requests == 1
