@@ -3,6 +3,7 @@ Runner (shared fake engine), on SQLite and Postgres; reports, retention, reopeni
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -100,11 +101,14 @@ async def test_an_http_job_is_recorded_under_its_api_key(stack: Stack) -> None:
     assert (await ledger(stack).report(Subject("http", "key", "k-other"), 0)).totals.requests == 0
 
 
+JOB_IDS = itertools.count()  # each outcome its own job (the ledger keeps one row per job)
+
+
 def outcome(user: str, chat: str, at: float, images: int = 1, engine_s: float = 1.0,
             first: float | None = 0.5, status: str = "answered") -> JobOutcome:
     return JobOutcome(
         conversation=ConversationId("slack", chat), user=User(user, f"@{user}"), origin={},
-        status=status, images=images, job_id=f"j{at}", engine_s=engine_s,  # type: ignore[arg-type]
+        status=status, images=images, job_id=f"j{next(JOB_IDS)}", engine_s=engine_s,  # type: ignore[arg-type]
         first_token_s=first, prompt_tokens=10, completion_tokens=5, finished_at=at,
     )
 
