@@ -213,8 +213,8 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "admin_usage_usage": "Usage: {command} [who] [days] ({who}).",
         "admin_usage_others": "Sorry, only an admin can see someone else's use. /usage alone shows yours.",
         "admin_used_today": (
-            "Your use today (UTC): {requests} requests, {images} images, {engine} s of engine time; "
-            "{waiting} waiting now."
+            "Your use today (UTC): requests {requests}, images {images}, engine time {engine} s; "
+            "waiting now {waiting}."
         ),
         "admin_exempt": "You are an admin: no limits apply to you.",
         "admin_limit_images": "images",
@@ -231,15 +231,15 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "admin_at_once": "{name} {value} at once",
         "admin_report_of": " by {who}",
         "admin_report_head": (
-            "Use in the last {days} days ({since} to {until}, UTC){whom}: {requests} requests, "
-            "{images} images, {engine} s of engine time; answered {answered}, failed {failed}, "
+            "Use in the last {days} days ({since} to {until}, UTC){whom}: requests {requests}, "
+            "images {images}, engine time {engine} s; answered {answered}, failed {failed}, "
             "cancelled {cancelled}, refused {rejected}."
         ),
         "admin_report_first_token": "Time to first token: p50 {p50} s, p95 {p95} s.",
         "admin_report_no_first_token": "Time to first token: nothing timed yet.",
         "admin_report_top_users": "Top users:",
         "admin_report_top_chats": "Top chats:",
-        "admin_report_top_line": "{rank}. {who}: {requests} requests, {images} images, {engine} s",
+        "admin_report_top_line": "{rank}. {who}: requests {requests}, images {images}, {engine} s",
         "admin_report_images_per_day": "Images per day: {days}.",
         "admin_report_none": "none",
         "admin_label_user": "{platform} user {id}",

@@ -165,17 +165,17 @@ async def test_usage_shows_what_was_done(fake: FakeSlack, tmp_path: Path) -> Non
         report = await slash(env, "usage", ADMIN)
         by_channel = await slash(env, "usage <#C0GENERAL|general> 3", ADMIN)
         helped = await slash(env, "help", ADMIN), await slash(env, "help", BOB)
-    assert own.startswith("Your use today (UTC): 2 requests, 2 images, ")
+    assert own.startswith("Your use today (UTC): requests 2, images 2, ")
     assert "images: 2 of 4; requests: no limit;" in own
     assert others == texts.text("admin_usage_others")
     head, *rest = report.split("\n")
-    assert ": 3 requests, 3 images, " in head and "answered 3" in head
+    assert ": requests 3, images 3, " in head and "answered 3" in head
     users = rest[rest.index("Top users:") + 1: rest.index("Top chats:")]
     chats = rest[rest.index("Top chats:") + 1: -1]
     assert sorted(line[3:].rsplit(",", 1)[0] for line in users) == [  # ranked by engine time
-        "<@U0BOB>: 2 requests, 2 images", "<@U0CAROL>: 1 requests, 1 images"]
+        "<@U0BOB>: requests 2, images 2", "<@U0CAROL>: requests 1, images 1"]
     assert sorted(line[3:].rsplit(",", 1)[0] for line in chats) == [
-        "<#C0GENERAL>: 2 requests, 2 images", "<#C0TEAM>: 1 requests, 1 images"]
+        "<#C0GENERAL>: requests 2, images 2", "<#C0TEAM>: requests 1, images 1"]
     assert rest[-1].startswith("Images per day: ") and rest[-1].endswith(": 3.")
     assert by_channel.startswith("Use in the last 3 days (") and " by <#C0GENERAL>: 2 requests" in by_channel
     assert "/vlbot allow" in helped[0] and "/vlbot allow" not in helped[1]

@@ -182,21 +182,21 @@ async def test_usage_shows_what_was_done(fake: FakeTelegram, tmp_path: Path) -> 
         report = await say(h, "/usage", ADMIN)
         about_bob = await say(h, f"/usage {BOB} 1", ADMIN)
     lines = own.split("\n")
-    assert lines[0].startswith("Your use today (UTC): 2 requests, 2 images, ")
+    assert lines[0].startswith("Your use today (UTC): requests 2, images 2, ")
     assert lines[1] == ("Left: images: 3 of 5; requests: 8 of 10; engine seconds: no limit; "
                         "waiting jobs: no limit.")
     assert lines[2].startswith("The day's counts reset at ") and lines[2].endswith(" 00:00 UTC.")
     assert mine_zh.startswith("你今天（UTC）的用量：1 个请求，1 张图片，")
     assert carol_to_bob == texts.text("admin_usage_others")
     head, *rest = report.split("\n")
-    assert head.startswith("Use in the last 7 days (") and ": 3 requests, 3 images, " in head
+    assert head.startswith("Use in the last 7 days (") and ": requests 3, images 3, " in head
     assert "answered 3, failed 0, cancelled 0" in head
     assert rest[0].startswith("Time to first token: p50 ")
     users = rest[rest.index("Top users:") + 1: rest.index("Top chats:")]
     assert sorted(line[3:].rsplit(",", 1)[0] for line in users) == [  # ranked by engine time
-        f"Alice (user {BOB}): 2 requests, 2 images", f"Alice (user {CAROL}): 1 requests, 1 images"]
+        f"Alice (user {BOB}): requests 2, images 2", f"Alice (user {CAROL}): requests 1, images 1"]
     assert rest[-1].startswith("Images per day: ") and rest[-1].endswith(": 3.")
-    assert f" by user {BOB}: 2 requests, 2 images" in about_bob
+    assert f" by user {BOB}: requests 2, images 2" in about_bob
 
 
 async def test_help_and_menus_show_the_admin_commands_to_admins(fake: FakeTelegram, tmp_path: Path) -> None:
