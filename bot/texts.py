@@ -40,7 +40,7 @@ CATALOGUE: dict[str, dict[str, str]] = {
             "The limit resets at {resets}."
         ),
         "quota_waiting": (
-            "You already have {used} requests waiting (at most {limit} at once). "
+            "Requests of yours waiting now: {used}, the most at once: {limit}. "
             "Please wait until one is answered."
         ),
         "rate_limited": "You're sending messages too fast. Please wait {retry_s} s.",

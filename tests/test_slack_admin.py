@@ -177,6 +177,6 @@ async def test_usage_shows_what_was_done(fake: FakeSlack, tmp_path: Path) -> Non
     assert sorted(line[3:].rsplit(",", 1)[0] for line in chats) == [
         "<#C0GENERAL>: requests 2, images 2", "<#C0TEAM>: requests 1, images 1"]
     assert rest[-1].startswith("Images per day: ") and rest[-1].endswith(": 3.")
-    assert by_channel.startswith("Use in the last 3 days (") and " by <#C0GENERAL>: 2 requests" in by_channel
+    assert by_channel.startswith("Use in the last 3 days (") and " by <#C0GENERAL>: requests 2" in by_channel
     assert "/vlbot allow" in helped[0] and "/vlbot allow" not in helped[1]
     assert "/vlbot usage" in helped[1]
