@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import SecretStr, ValidationError
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from bot import texts
 from bot.app import AdapterStartError
@@ -144,6 +144,8 @@ def mask(value: Any) -> Any:
     if isinstance(value, SecretStr):
         secret = value.get_secret_value()
         return f"{secret[:4]}…({len(secret)} chars)" if len(secret) > 8 else "***"
+    if isinstance(value, BaseModel):  # a settings sub-model (telegram, webhooks, …), nested too
+        return {k: mask(getattr(value, k)) for k in type(value).model_fields}
     if isinstance(value, dict):
         return {k: mask(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -167,10 +169,7 @@ def doctor(args: argparse.Namespace) -> int:
     )
 
     settings = load_settings()
-    shown = {name: mask(getattr(settings, name)) for name in type(settings).model_fields}
-    for name in ("telegram", "slack", "http", "remote", "quota", "triage"):
-        sub = getattr(settings, name)
-        shown[name] = {k: mask(getattr(sub, k)) for k in type(sub).model_fields}
+    shown = mask(settings)
     print("settings:")
     print(json.dumps(shown, indent=2, ensure_ascii=False, default=str))
     print(f"python: {platform.python_version()}  machine: {platform.machine()}  "
