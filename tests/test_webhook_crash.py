@@ -114,15 +114,20 @@ async def until_async(check: Callable[[], object], timeout: float) -> None:
         await asyncio.sleep(0.1)
 
 
+@pytest.mark.parametrize("fail_first", [0, 3], ids=["receiver-up", "receiver-fails-3-first"])
 async def test_sigkill_with_triage_events_pending_and_in_flight_then_restart_delivers_each_once(
-    tmp_path: Path,
+    tmp_path: Path, fail_first: int
 ) -> None:
+    """With `fail_first`=3 the receiver also answers each event's first 3 attempts 503 (before
+    and after the kill, counted across both), as a ticket system that is down for a while."""
     secret = new_secret()
     data = tmp_path / "data"
     db = data / "vlbot.sqlite3"
     model = await TriageModel("triage-model").start()
     try:
-        with WebhookReceiver(secret, hold_after=ANSWERED_BEFORE_KILL) as receiver:
+        with WebhookReceiver(
+            secret, fail_first=fail_first, hold_after=ANSWERED_BEFORE_KILL
+        ) as receiver:
             first = Serve(data, model, receiver, secret)
             await first.start()
             try:
@@ -158,11 +163,19 @@ async def test_sigkill_with_triage_events_pending_and_in_flight_then_restart_del
     # each processed once (de-duplicated by webhook-id): the same error, counted 1 to 10
     assert sorted(body["data"]["count"] for body in receiver.processed) == list(range(1, TRIAGES + 1))
     assert len({body["data"]["group_id"] for body in receiver.processed}) == 1
+    failed = [503] * fail_first
+
+    def after_failures(event_id: str) -> list[int]:
+        """The event's answers after its first `fail_first`, which must all be 503."""
+        statuses = [a.status for a in receiver.attempts_of(event_id)]
+        assert statuses[:fail_first] == failed, statuses
+        return statuses[fail_first:]
+
     assert held  # the in-flight ones came again after the restart, under the same id
     for event_id in held:
-        assert [a.status for a in receiver.attempts_of(event_id)] == [0, 200]
+        assert after_failures(event_id) == [0, 200]
     for event_id in recorded:  # what vlbot had recorded as delivered is not sent again
-        assert [a.status for a in receiver.attempts_of(event_id)] == [200]
+        assert after_failures(event_id) == [200]
     for event_id in ids - recorded - held:  # the rest: once, or again if answered just
-        statuses = [a.status for a in receiver.attempts_of(event_id)]  # before the kill
+        statuses = after_failures(event_id)  # before the kill
         assert statuses in ([200], [200, 200]), statuses
