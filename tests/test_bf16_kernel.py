@@ -24,8 +24,8 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
 @pytest.mark.parametrize(("rows", "n", "k"), [(1, 64, 256), (1, 38, 100), (3, 37, 100), (8, 130, 2048)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_products_match_float64(kernel: Bf16Kernel, rows: int, n: int, k: int, bias: bool) -> None:
-    """Whole blocks and the tails (outputs not a multiple of 4, inputs not of 32 or 64), with a
-    bias; one row goes through its own loop (vdpbf16ps on the avx512_bf16 tier)."""
+    """Whole blocks and the tails (outputs not a multiple of 4, inputs not of 32), with a bias;
+    one row goes through its own loop."""
     generator = torch.Generator().manual_seed(n + k)
     x = torch.randn(rows, k, generator=generator).to(torch.bfloat16)
     weight = torch.randn(n, k, generator=generator).to(torch.bfloat16)

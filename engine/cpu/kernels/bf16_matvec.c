@@ -9,8 +9,7 @@
  * are (row-major (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch
  * of up to MAX_ROWS conversations reads each weight vector once for all of its rows; built for
  * the avx512_bf16 tier, a batch multiplies bf16 pairs with `vdpbf16ps` instead of widening them
- * (4 rows 149 -> 141 ms, 6 rows 211 -> 157 ms over the 28 layers' weights), and so does a single
- * bf16 row (single_row_dp).
+ * (4 rows 149 -> 141 ms, 6 rows 211 -> 157 ms over the 28 layers' weights).
  *
  * Measured against torch on each tier (Zen5, 2048->6144 weights, 24 matrices cycled, 1 thread,
  * a machine loaded by other work (load ~6-7), so the 2-thread figures were noise): avx512_bf16:
@@ -168,47 +167,8 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
 #define FEW_ROWS(rows)                                                                         \
     (x != NULL ? few_rows_dp(x, xf, k, n_out, w, bias, y, out_bf16, pair, rows)                \
                : few_rows(xf, k, n_out, w, bias, y, out_bf16, pair, rows))
-
-/* As single_row, with `vdpbf16ps` (bf16 activations only): four weight rows, 64 weights of each
- * per step, one instruction per 32 weights instead of a widening and an FMA per 16. Over the 28
- * layers' decode matrices (2.82 GB on huge pages, 2 threads, Zen5, in one process alternately
- * with the widening loop, best of 21, machine at load 2.5-3.2): 50-53 ms against 56-61 ms; a
- * plain AVX-512 sum over the same bytes took 35-37 ms, so this is still not at memory speed. */
-static void single_row_dp(const uint16_t *x, const float *xf, int64_t k, int64_t n_out,
-                          const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
-                          int64_t b) {
-    const int64_t first = b * WEIGHT_ROWS;
-    if (n_out - first < WEIGHT_ROWS) { /* the last, partial block */
-        single_row(xf, k, n_out, w, bias, y, out_bf16, b);
-        return;
-    }
-    const int64_t body = k - k % 64;
-    __m512 acc[WEIGHT_ROWS][2];
-    for (int i = 0; i < WEIGHT_ROWS; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < body; c += 64) {
-        for (int i = 0; i < WEIGHT_ROWS; i++) prefetch(w + (first + i) * k + c + PREFETCH_ELEMENTS);
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512((const void *)(x + c));
-        const __m512bh x1 = (__m512bh)_mm512_loadu_si512((const void *)(x + c + 32));
-        for (int i = 0; i < WEIGHT_ROWS; i++) {
-            const uint16_t *row = w + (first + i) * k + c;
-            acc[i][0] = _mm512_dpbf16_ps(acc[i][0], (__m512bh)_mm512_loadu_si512((const void *)row), x0);
-            acc[i][1] = _mm512_dpbf16_ps(acc[i][1], (__m512bh)_mm512_loadu_si512((const void *)(row + 32)), x1);
-        }
-    }
-    for (int i = 0; i < WEIGHT_ROWS; i++) {
-        vf sum;
-        const __m512 both = _mm512_add_ps(acc[i][0], acc[i][1]);
-        memcpy(&sum, &both, sizeof sum);
-        const float total = vf_sum(sum) + dot_tail(w + (first + i) * k, xf, body, k);
-        store_value(y, first + i, total + bias_of(bias, first + i), out_bf16);
-    }
-}
-#define SINGLE_ROW(b)                                                                          \
-    (x != NULL ? single_row_dp(x, xf, k, n_out, w, bias, y, out_bf16, b)                       \
-               : single_row(xf, k, n_out, w, bias, y, out_bf16, b))
 #else
 #define FEW_ROWS(rows) few_rows(xf, k, n_out, w, bias, y, out_bf16, pair, rows)
-#define SINGLE_ROW(b) single_row(xf, k, n_out, w, bias, y, out_bf16, b)
 #endif
 
 /* x: the bf16 activations where there are any (the avx512_bf16 tier multiplies them directly),
@@ -228,14 +188,6 @@ static void few_rows_any(const uint16_t *x, const float *xf, int64_t k, int64_t 
     }
 }
 
-/* One activation row: x (bf16) or NULL as in few_rows_any. */
-static void single_row_any(const uint16_t *x, const float *xf, int64_t k, int64_t n_out,
-                           const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
-                           int64_t b) {
-    (void)x;
-    SINGLE_ROW(b);
-}
-
 static void products(const uint16_t *x, const float *xf, int64_t rows, int64_t k, int64_t n_out,
                      const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
                      int threads) {
@@ -248,7 +200,7 @@ static void products(const uint16_t *x, const float *xf, int64_t rows, int64_t k
         if (count == 1) {
             const int64_t blocks = (n_out + WEIGHT_ROWS - 1) / WEIGHT_ROWS;
 #pragma omp parallel for num_threads(threads) schedule(static)
-            for (int64_t b = 0; b < blocks; b++) single_row_any(xb, xs, k, n_out, w, bias, ys, out_bf16, b);
+            for (int64_t b = 0; b < blocks; b++) single_row(xs, k, n_out, w, bias, ys, out_bf16, b);
         } else {
             const int64_t pairs = (n_out + 1) / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
