@@ -36,6 +36,8 @@ from bot.audit import AuditLog
 from bot.db import Database
 from bot.quotas import QuotaAdmission, QuotaStore
 from bot.settings import Settings
+from bot.triage.places import AutoTriagePlaces, settings_places
+from bot.triage.rules import Place
 from bot.usage import UsageLedger
 
 __all__ = [
@@ -63,6 +65,7 @@ class AdminPolicy:
 
     access: SettingsAccess = field(default_factory=SettingsAccess)
     defaults: Limits = field(default_factory=Limits)
+    auto_triage: frozenset[Place] = frozenset()  # auto-triage places named in settings
 
     @classmethod
     def from_settings(cls, s: Settings) -> AdminPolicy:
@@ -84,6 +87,7 @@ class AdminPolicy:
                 engine_seconds_per_day=s.quota.engine_seconds_per_day,
                 max_waiting=s.quota.max_waiting,
             ),
+            auto_triage=settings_places(s),
         )
 
 
@@ -105,6 +109,8 @@ class AdminService:
         self.rules = AccessRules(db)
         self.audit_log = AuditLog(db)
         self.keys = ApiKeyStore(db)
+        # auto-triage places: settings' and those admins turn on (/autotriage)
+        self.auto_triage = AutoTriagePlaces(db, self.policy.auto_triage)
 
     # --- access ----------------------------------------------------------------------------
 

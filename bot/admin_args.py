@@ -3,6 +3,7 @@
     allow <who>                  deny <who>
     quota <who> images=20 requests=50 engine=600 waiting=2   (any of the four, at least one)
     usage [who] [days]
+    autotriage [where] [on|off]  (where: a group or channel; none: here)
 
 Who a command is about is platform syntax (a Telegram id or reply, a Slack <@U…>/<#C…>
 mention): the adapter passes a `TargetParser` for it. Any argument that does not fit raises
@@ -19,10 +20,11 @@ from typing import Any, Literal
 
 from bot.admin_types import Limits, Subject
 
-AdminVerb = Literal["allow", "deny", "quota", "usage"]
-ADMIN_VERBS: tuple[AdminVerb, ...] = ("allow", "deny", "quota", "usage")
-# The commands that change something: only admins may run them.
-CHANGING_VERBS: tuple[AdminVerb, ...] = ("allow", "deny", "quota")
+AdminVerb = Literal["allow", "deny", "quota", "usage", "autotriage"]
+ADMIN_VERBS: tuple[AdminVerb, ...] = ("allow", "deny", "quota", "usage", "autotriage")
+# The commands that change something: only admins may run them (autotriage's status too).
+CHANGING_VERBS: tuple[AdminVerb, ...] = ("allow", "deny", "quota", "autotriage")
+SWITCHES = {"on": True, "off": False}  # autotriage's last word
 # quota names as typed → Limits fields
 LIMIT_FIELDS = {
     "images": "images_per_day",
@@ -58,6 +60,7 @@ class AdminCommand:
     target: Subject | None = None  # allow/deny/quota: always set; usage: None means "me" / "all"
     limits: Limits = field(default_factory=Limits)  # quota
     days: int | None = None  # usage: None when not given
+    switch: bool | None = None  # autotriage: on (True), off (False), None: say how it is
 
 
 def parse_admin_command(
@@ -80,6 +83,8 @@ def parse_admin_command(
         if target is None:
             raise AdminArgError("admin_who_missing")  # the reply names the command
         return AdminCommand(verb, target, limits=parse_limits(words))
+    if verb == "autotriage":
+        return parse_autotriage(words, target_of)
     if len(words) > 2:
         raise AdminArgError("admin_extra_argument", arg=words[2])
     days: int | None = None
@@ -91,6 +96,24 @@ def parse_admin_command(
         if days is None:
             target = _target_or_days(words[0], target_of)
     return AdminCommand(verb, target, days=days)
+
+
+def parse_autotriage(words: Sequence[str], target_of: TargetParser) -> AdminCommand:
+    """[where] [on|off]: target None means the chat the command was typed in."""
+    if len(words) > 2:
+        raise AdminArgError("admin_extra_argument", arg=words[2])
+    rest = list(words)
+    switch: bool | None = None
+    if rest and rest[-1].lower() in SWITCHES:
+        switch = SWITCHES[rest.pop().lower()]
+    elif len(rest) == 2:
+        raise AdminArgError("admin_autotriage_bad_switch", arg=rest[1])
+    if len(rest) > 1:
+        raise AdminArgError("admin_extra_argument", arg=rest[1])
+    target = target_of(rest[0]) if rest else None
+    if target is not None and target.kind != "chat":
+        raise AdminArgError("admin_autotriage_not_a_chat", arg=rest[0])
+    return AdminCommand("autotriage", target, switch=switch)
 
 
 def _target_or_days(word: str, target_of: TargetParser) -> Subject:

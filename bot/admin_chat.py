@@ -1,4 +1,5 @@
-"""The chat admin commands, run for Telegram and Slack alike: /allow, /deny, /quota, /usage.
+"""The chat admin commands, run for Telegram and Slack alike: /allow, /deny, /quota, /usage,
+/autotriage.
 
 An adapter parses the platform's command syntax into a verb and words, says who asked
 (`Asker`) and how its platform names people and chats (`ChatPlatform`); `ChatAdmin.run` checks
@@ -8,7 +9,8 @@ with the asker as actor, effective at once) and returns the reply text in the as
 A non-admin's allow/deny/quota is refused before its arguments are read; anyone may ask /usage
 about themselves (today's use and what is left of each limit); an admin's /usage is the report
 of everyone's (or one user's or chat's) use over days: top users and chats, images per day, the
-p50/p95 time to first token.
+p50/p95 time to first token. An admin's /autotriage turns auto-triage on or off in a group or
+channel (bot/triage/places.py), or says whether it is on there and why (settings or an admin).
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from bot.admin_args import (
     parse_admin_command,
 )
 from bot.admin_types import Limits, Remaining, Subject, TopUsage, UsageReport, reset_text, utc_day
+from bot.triage.places import PlaceState
+from bot.triage.rules import Place
+from bot.triage.summary import utc
 
 log = logging.getLogger("vlbot.admin")
 
 TOP_N = 5  # users and chats listed in an admin's report
 DAYS_SHOWN = 14  # the latest days of "images per day"
+SETTING = {"telegram": "VLBOT_TRIAGE__TELEGRAM_CHATS", "slack": "VLBOT_TRIAGE__SLACK_CHANNELS"}
 
 
 class ChatPlatform(Protocol):
@@ -49,6 +55,9 @@ class ChatPlatform(Protocol):
 
     def quote(self, text: str) -> str:
         """User-typed text made safe to put into a reply (Slack: its three escapes)."""
+
+    def is_group(self, chat: Subject) -> bool:
+        """A group or channel (not a private chat with the bot): where auto-triage can be on."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,8 @@ class ChatAdmin:
             return self._arg_error(exc, verb, lang)
         if command.verb == "usage":
             return await self._usage(admin, command, asker, is_admin)
+        if command.verb == "autotriage":
+            return await self._autotriage(admin, command, asker)
         assert command.target is not None
         target, who = command.target, self.label(command.target, lang)
         if command.verb == "allow":
@@ -98,8 +109,41 @@ class ChatAdmin:
     def _arg_error(self, exc: AdminArgError, verb: AdminVerb, lang: str | None) -> str:
         params = {k: self.platform.quote(str(v)) for k, v in exc.params.items()}
         reason = texts.text(exc.code, lang, **{"command": self.prefix + verb, **params})
-        who = texts.text("admin_who_" + self.platform.name, lang)
+        whom = "where" if verb == "autotriage" else "who"
+        who = texts.text(f"admin_{whom}_{self.platform.name}", lang)
         return f"{reason}\n{texts.text('admin_usage_' + verb, lang, command=self.prefix + verb, who=who)}"
+
+    # --- /autotriage ------------------------------------------------------------------------
+
+    async def _autotriage(self, admin: AdminService, command: AdminCommand, asker: Asker) -> str:
+        lang = asker.lang
+        chat = command.target or asker.chat
+        if chat is None or not self.platform.is_group(chat):
+            return texts.text("admin_autotriage_not_group", lang)
+        place, where = Place(chat.platform, chat.id), self.label(chat, lang)
+        setting = SETTING[self.platform.name]
+        if command.switch is None:
+            return self._autotriage_state(await admin.auto_triage.state(place), where, lang)
+        places = admin.auto_triage
+        change = await (places.turn_on if command.switch else places.turn_off)(asker.user, place)
+        log.info("%s: admin %s: autotriage %s in %s: %s", self.platform.name, asker.user.id,
+                 "on" if command.switch else "off", chat, change)
+        if change == "settings":
+            key = "admin_autotriage_settings_" + ("on" if command.switch else "off")
+            return texts.text(key, lang, where=where, setting=setting)
+        if change == "already_on":
+            return self._autotriage_state(await places.state(place), where, lang)
+        return texts.text("admin_autotriage_" + change, lang, where=where)
+
+    def _autotriage_state(self, state: PlaceState, where: str, lang: str | None) -> str:
+        if state.source == "settings":
+            return texts.text("admin_autotriage_state_settings", lang, where=where,
+                              setting=SETTING[self.platform.name])
+        if state.source == "admin" and state.set_by is not None and state.set_at is not None:
+            return texts.text("admin_autotriage_state_admin", lang, where=where,
+                              who=self.label(state.set_by, lang), when=utc(state.set_at))
+        return texts.text("admin_autotriage_state_off", lang, where=where,
+                          command=self.prefix + "autotriage")
 
     # --- /usage ------------------------------------------------------------------------------
 

@@ -156,13 +156,14 @@ class App:
             raise
         history = HistoryStore(self.db, s.history_turns, s.retention_days)
         jobs = JobStore(self.db, history)
+        # admins, access, quotas (the runner's admission) and the usage ledger (its observer)
+        admin = AdminService(self.db, AdminPolicy.from_settings(s), s.retention_days)
         try:  # a routing rule to a platform not configured here stops the start, named
-            self.triage = TriageService.build(self.db, s, self.outbox, self.adapters)
+            self.triage = TriageService.build(self.db, s, self.outbox, self.adapters,
+                                              places=admin.auto_triage)
         except BaseException:
             await self.stop()
             raise
-        # admins, access, quotas (the runner's admission) and the usage ledger (its observer)
-        admin = AdminService(self.db, AdminPolicy.from_settings(s), s.retention_days)
         queue: JobQueue = LocalJobQueue()
         if self.db.dialect == "postgres":  # replicas may share this database
             from bot.pgqueue import SharedJobQueue

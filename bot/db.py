@@ -281,6 +281,17 @@ MIGRATIONS: tuple[Migration, ...] = (
     );
     """
     ),
+    Migration(
+        """
+    CREATE TABLE triage_places (                         -- auto-triage places set by an admin
+        platform TEXT NOT NULL,
+        chat     TEXT NOT NULL,
+        set_by   TEXT NOT NULL,                          -- platform:kind:id
+        set_at   DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (platform, chat)
+    );
+    """
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -250,15 +250,53 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "admin_help": (
             "Admin: /allow who, /deny who, /quota who images=20 requests=50 engine=600 "
             "waiting=2, /usage [who] [days] (who: reply to their message, a user id, a group's "
-            "chat id, or here). Changes apply at once and are logged."
+            "chat id, or here); /autotriage on|off in a group (or /autotriage chat-id on|off): "
+            "every image posted there is triaged without a mention. Changes apply at once and "
+            "are logged."
         ),
         "admin_slack_help": (
             "Admin: {command} allow who, {command} deny who, {command} quota who images=20 "
             "requests=50 engine=600 waiting=2, {command} usage [who] [days] (who: @someone, "
-            "#channel or here). Changes apply at once and are logged."
+            "#channel or here), {command} autotriage #channel|here on|off (every image posted "
+            "there is triaged without a mention). Changes apply at once and are logged."
         ),
         "admin_usage_help": "/usage shows your use today and what is left of your limits.",
         "admin_slack_usage_help": "{command} usage shows your use today and what is left of your limits.",
+        # /autotriage (bot/admin_chat.py; {where} names the group or channel)
+        "admin_autotriage_on": (
+            "Done: auto-triage is on in {where}. Every image posted there is triaged, no mention "
+            "needed, from now on."
+        ),
+        "admin_autotriage_off": "Done: auto-triage is off in {where}.",
+        "admin_autotriage_already_off": "Auto-triage is not on in {where}. Nothing was changed.",
+        "admin_autotriage_settings_on": (
+            "Auto-triage is already on in {where}: the settings name it ({setting}). Nothing was "
+            "changed."
+        ),
+        "admin_autotriage_settings_off": (
+            "Auto-triage in {where} comes from the settings ({setting}), so it cannot be turned "
+            "off from a chat: remove it from {setting} and restart vlbot. Nothing was changed."
+        ),
+        "admin_autotriage_state_settings": "Auto-triage is on in {where}: the settings name it ({setting}).",
+        "admin_autotriage_state_admin": "Auto-triage is on in {where}: {who} turned it on ({when} UTC).",
+        "admin_autotriage_state_off": "Auto-triage is off in {where} ({command} on turns it on).",
+        "admin_autotriage_bad_switch": "{arg}: write on or off.",
+        "admin_autotriage_not_a_chat": "{arg} is a user: auto-triage is for a group or channel.",
+        "admin_autotriage_not_group": (
+            "Auto-triage is for a group or channel, not a private chat: send the command there, "
+            "or name it."
+        ),
+        "admin_usage_autotriage": (
+            "Usage: {command} [where] [on|off] (where: {who}; without on or off: whether it is on, "
+            "and why)."
+        ),
+        "admin_where_telegram": "a group's chat id (a negative number), or none: this group",
+        "admin_where_slack": "#channel, or here / none: this channel",
+        "admin_autotriage_privacy": (
+            "Note: my privacy mode is on, so in a group I see only messages addressed to me unless "
+            "I am an admin there: make me an admin of the group, or turn privacy mode off "
+            "(@BotFather: /setprivacy, Disable; then remove and add me to the group again)."
+        ),
         # support triage (bot/triage/): the reply's note, routed summaries, digest, report
         "triage_seen": "Seen {count} times since {since}, first here: {link}",
         "triage_seen_no_link": "Seen {count} times since {since}.",
@@ -463,16 +501,39 @@ CATALOGUE: dict[str, dict[str, str]] = {
         "admin_label_telegram_chat": "对话 {id}",
         "admin_help": (
             "管理员：/allow 对象、/deny 对象、/quota 对象 images=20 requests=50 engine=600 "
-            "waiting=2、/usage [对象] [天数]（对象：回复其消息、用户 id、群组 chat id 或 here）。"
-            "更改立即生效并记录在案。"
+            "waiting=2、/usage [对象] [天数]（对象：回复其消息、用户 id、群组 chat id 或 here）；"
+            "在群组中发送 /autotriage on|off（或 /autotriage 群组id on|off）：发到该群组的每张图片"
+            "无需提及即自动分诊。更改立即生效并记录在案。"
         ),
         "admin_slack_help": (
             "管理员：{command} allow 对象、{command} deny 对象、{command} quota 对象 images=20 "
-            "requests=50 engine=600 waiting=2、{command} usage [对象] [天数]（对象：@某人、#频道 或 here）。"
+            "requests=50 engine=600 waiting=2、{command} usage [对象] [天数]（对象：@某人、#频道 或 here）、"
+            "{command} autotriage #频道|here on|off（发到该频道的每张图片无需提及即自动分诊）。"
             "更改立即生效并记录在案。"
         ),
         "admin_usage_help": "/usage 显示你今天的用量以及各项限制的剩余。",
         "admin_slack_usage_help": "{command} usage 显示你今天的用量以及各项限制的剩余。",
+        "admin_autotriage_on": "完成：{where} 已开启自动分诊。从现在起，发到那里的每张图片无需提及都会被分诊。",
+        "admin_autotriage_off": "完成：{where} 已关闭自动分诊。",
+        "admin_autotriage_already_off": "{where} 未开启自动分诊。没有做任何更改。",
+        "admin_autotriage_settings_on": "{where} 已开启自动分诊：它在设置中（{setting}）。没有做任何更改。",
+        "admin_autotriage_settings_off": (
+            "{where} 的自动分诊来自设置（{setting}），不能在聊天中关闭：请将其从 {setting} 中删除并"
+            "重启 vlbot。没有做任何更改。"
+        ),
+        "admin_autotriage_state_settings": "{where} 已开启自动分诊：它在设置中（{setting}）。",
+        "admin_autotriage_state_admin": "{where} 已开启自动分诊：由 {who} 开启（UTC {when}）。",
+        "admin_autotriage_state_off": "{where} 未开启自动分诊（{command} on 可开启）。",
+        "admin_autotriage_bad_switch": "{arg}：请写 on 或 off。",
+        "admin_autotriage_not_a_chat": "{arg} 是用户：自动分诊只用于群组或频道。",
+        "admin_autotriage_not_group": "自动分诊只用于群组或频道，不用于私聊：请在那里发送命令，或指明它。",
+        "admin_usage_autotriage": "用法：{command} [位置] [on|off]（位置：{who}；不带 on 或 off：显示是否开启及原因）。",
+        "admin_where_telegram": "群组的 chat id（负数），不写则为本群组",
+        "admin_where_slack": "#频道，或 here / 不写：本频道",
+        "admin_autotriage_privacy": (
+            "注意：我的隐私模式已开启，因此在群组中我只能看到发给我的消息，除非我是该群组的管理员："
+            "请将我设为群组管理员，或关闭隐私模式（@BotFather：/setprivacy，Disable；然后将我移出群组再重新加入）。"
+        ),
         "triage_seen": "自{since}以来已出现 {count} 次，首次在这里：{link}",
         "triage_seen_no_link": "自{since}以来已出现 {count} 次。",
         "triage_since_time": "UTC {time} ",

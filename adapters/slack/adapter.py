@@ -84,7 +84,7 @@ class SlackAdapter:
             self.client, slack.bot_token.get_secret_value(), settings.max_image_bytes,
             settings.max_images_per_message, own_base_url=slack.base_url,
         )
-        self.triage = SlackTriage(self.client, settings.triage.slack_channels)
+        self.triage = SlackTriage(self.client)
         self.handlers = SlackHandlers(
             settings, self.client, self.files, self.replies,
             fetcher or RemoteImageFetcher(settings.max_image_bytes), self.triage,
@@ -100,6 +100,7 @@ class SlackAdapter:
 
     async def start(self, core: Core) -> None:
         self.handlers.core = core
+        self.triage.places = core.admin.auto_triage  # settings' and admins' auto-triage channels
         try:
             me = await self.client.auth_test()
         except SlackApiError as exc:

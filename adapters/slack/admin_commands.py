@@ -1,5 +1,6 @@
 """Slack's admin subcommands of the slash command: `/vlbot allow|deny|quota …` (admins) and
-`/vlbot usage [who] [days]` (everyone), including the channel allowlist (`/vlbot allow #channel`).
+`/vlbot usage [who] [days]` (everyone), including the channel allowlist (`/vlbot allow #channel`),
+and `/vlbot autotriage [#channel|here] [on|off]` (admins: auto-triage of a channel's images).
 
 Whom a command is about: a mention as Slack escapes it in a slash command's text (`<@U…|name>`,
 `<#C…|name>`; the app's manifest sets should_escape), a bare user or channel id (U…, C…), or
@@ -48,6 +49,9 @@ class SlackNames:
 
     def quote(self, text: str) -> str:
         return escape(text)
+
+    def is_group(self, chat: Subject) -> bool:
+        return chat.kind == "chat" and not chat.id.startswith("D")  # D…: a direct message
 
 
 def admin_verb(given: str) -> AdminVerb | None:

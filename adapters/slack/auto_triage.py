@@ -1,7 +1,8 @@
 """Auto-triage channels, and posts of the triage workflow into other channels.
 
-In a channel named in `settings.triage.slack_channels`, every message with an image (no mention
-needed) is triaged with the `triage` preset: the job's origin carries preset="triage",
+In a channel named in `settings.triage.slack_channels` or turned on by an admin (`/vlbot
+autotriage #channel on`; bot/triage/places.py, looked up for each message), every message with
+an image (no mention needed) is triaged with the `triage` preset: the job's origin carries preset="triage",
 auto_triage=True and `link`, the message's permalink, and the answer goes into the image's
 thread. A mention there is an ordinary question (app_mention); messages without an image,
 thread replies included, are left alone (people discuss the problem in the thread).
@@ -17,7 +18,6 @@ the workspace URL auth.test reported.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
@@ -26,6 +26,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 from adapters.slack.files import is_other_file
 from adapters.slack.format import page_message, pages
 from bot.models import ConversationId
+from bot.triage.places import AutoTriagePlaces
+from bot.triage.rules import Place
 from bot.triage.workflow import TRIAGE_PRESET
 
 log = logging.getLogger("vlbot.slack.triage")
@@ -57,13 +59,14 @@ def has_image(files: list[dict[str, Any]] | None) -> bool:
 
 
 class SlackTriage:
-    def __init__(self, client: AsyncWebClient, channels: Iterable[str]) -> None:
+    def __init__(self, client: AsyncWebClient) -> None:
         self.client = client
-        self.channels = set(channels)
+        self.places: AutoTriagePlaces | None = None  # the core's (core.admin.auto_triage), at start
         self.workspace_url: str | None = None  # https://team.slack.com/, from auth.test at start
 
-    def covers(self, channel: str) -> bool:
-        return channel in self.channels
+    async def covers(self, channel: str) -> bool:
+        """An auto-triage channel: named in settings, or turned on by an admin."""
+        return self.places is not None and await self.places.covers(Place("slack", channel))
 
     def turn_of(self, channel: str, event: dict[str, Any]) -> tuple[ConversationId, dict[str, Any]]:
         """The conversation (the image's thread) and reply context of an image to triage."""

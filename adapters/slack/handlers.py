@@ -140,7 +140,7 @@ class SlackHandlers:
             thread = event.get("thread_ts")
             words = str(event.get("text") or "")
             mentioned = bool(context.bot_user_id) and f"<@{context.bot_user_id}" in words
-            if not mentioned and self.triage.covers(channel):  # an auto-triage channel
+            if not mentioned and await self.triage.covers(channel):  # an auto-triage channel
                 await self._auto_triage(body, event, channel)
                 return
             if not thread or mentioned or not self.slack.follow_all_thread_messages:

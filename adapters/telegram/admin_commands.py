@@ -1,7 +1,8 @@
-"""Telegram's admin commands: /allow, /deny, /quota (admins) and /usage (everyone).
+"""Telegram's admin commands: /allow, /deny, /quota, /autotriage (admins) and /usage (everyone).
 
 Whom a command is about: the author of the message it replies to, or an id argument: a user id
-(a positive number), a group's chat id (negative: -100…), or `here` (this chat). The commands
+(a positive number), a group's chat id (negative: -100…), or `here` (this chat); /autotriage
+[chat id] [on|off] is about the group it is sent in, or the one named. The commands
 run through bot/admin_chat.py (checks, changes through core.admin, replies in the asker's
 language); this module only reads Telegram's message and registers the command menus: /usage
 for everyone, and for each admin, in their private chat with the bot, the admin commands too
@@ -27,19 +28,21 @@ log = logging.getLogger("vlbot.telegram")
 
 PLATFORM = "telegram"
 USAGE_COMMAND: AdminVerb = "usage"  # everyone's
-ADMIN_COMMANDS: tuple[AdminVerb, ...] = ("allow", "deny", "quota")  # admins'
+ADMIN_COMMANDS: tuple[AdminVerb, ...] = ("allow", "deny", "quota", "autotriage")  # admins'
 MENU = {  # what the bot menu says about them, per language
     "en": {
         "usage": "Your use today and what is left of your limits",
         "allow": "Admin: let a user or chat use the bot",
         "deny": "Admin: stop a user or chat using the bot",
         "quota": "Admin: set a user's or chat's limits",
+        "autotriage": "Admin: triage every image in a group (on/off)",
     },
     "zh": {
         "usage": "你今天的用量和剩余额度",
         "allow": "管理员：允许用户或对话使用本机器人",
         "deny": "管理员：禁止用户或对话使用本机器人",
         "quota": "管理员：设置用户或对话的限制",
+        "autotriage": "管理员：自动分诊群组中的每张图片（on/off）",
     },
 }
 _ID_RE = re.compile(r"-?\d{1,20}")
@@ -69,6 +72,9 @@ class TelegramNames:
     def quote(self, text: str) -> str:
         return text  # replies are plain text
 
+    def is_group(self, chat: Subject) -> bool:
+        return chat.kind == "chat" and chat.id.startswith("-")  # private chats: the user's id
+
 
 VERBS: dict[str, AdminVerb] = {verb: verb for verb in (*ADMIN_COMMANDS, USAGE_COMMAND)}
 
@@ -93,7 +99,7 @@ class TelegramAdminCommands:
         return lines + "\n" + texts.text("admin_help", lang) if self.is_admin(msg) else lines
 
     async def reply_to(self, msg: Message, name: str) -> str:
-        """Run /allow, /deny, /quota or /usage from `msg`; the text to answer with."""
+        """Run /allow, /deny, /quota, /autotriage or /usage from `msg`; the text to answer with."""
         assert msg.from_user is not None and msg.text is not None and is_admin_command(name)
         verb = VERBS[name]
         asker = Asker(
@@ -102,7 +108,18 @@ class TelegramAdminCommands:
             lang=msg.from_user.language_code,
             replied_to=self._replied_author(msg),
         )
-        return await self.chat_admin.run(self.core.admin, verb, msg.text.split()[1:], asker)
+        words = msg.text.split()[1:]
+        reply = await self.chat_admin.run(self.core.admin, verb, words, asker)
+        if verb == "autotriage" and self._turns_a_group_on(msg, words) \
+                and not msg.get_bot().can_read_all_group_messages:
+            reply += "\n" + texts.text("admin_autotriage_privacy", asker.lang)  # see auto_triage.py
+        return reply
+
+    def _turns_a_group_on(self, msg: Message, words: list[str]) -> bool:
+        """An admin's `/autotriage on` in a group, or `/autotriage -100… on` anywhere."""
+        if not self.is_admin(msg) or not words or words[-1].lower() != "on":
+            return False
+        return msg.chat.id < 0 if len(words) == 1 else len(words) == 2 and words[0].startswith("-")
 
     def _replied_author(self, msg: Message) -> Subject | None:
         """The author of the message replied to; None when there is none, it is the bot, or the

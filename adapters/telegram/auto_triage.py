@@ -1,6 +1,7 @@
 """Auto-triage groups, and posts of the triage workflow into other chats.
 
-In a group named in `settings.triage.telegram_chats`, every photo or image file (an album counts
+In a group named in `settings.triage.telegram_chats` or turned on by an admin (`/autotriage on`;
+bot/triage/places.py, looked up for each image in a group), every photo or image file (an album counts
 once), no mention needed, is triaged with the `triage` preset and answered as a reply to it. The
 job's origin carries preset="triage", auto_triage=True and `link`: the message's t.me link
 (t.me/<username>/<id> for a public group, t.me/c/<id>/<id> for a private supergroup; None for a
@@ -17,7 +18,7 @@ text into any chat the bot is in, answered with the new message's link.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from telegram import Bot, Message
@@ -26,6 +27,8 @@ from adapters.telegram.ledger import ChatLedger
 from adapters.telegram.media import image_refs
 from adapters.telegram.replies import split_message
 from bot.models import ConversationId, InputRejected
+from bot.triage.places import AutoTriagePlaces
+from bot.triage.rules import Place
 from bot.triage.workflow import TRIAGE_PRESET
 
 log = logging.getLogger("vlbot.telegram.triage")
@@ -39,12 +42,14 @@ def _has_image(msg: Message) -> bool:
 
 
 class TelegramTriage:
-    def __init__(self, chats: Iterable[int]) -> None:
-        self.chats = set(chats)
+    def __init__(self, places: AutoTriagePlaces) -> None:
+        self.places = places  # settings' and those admins turn on (/autotriage)
 
-    def wants(self, messages: Sequence[Message]) -> bool:
-        """A message (or album) with an image in an auto-triage group."""
-        return messages[0].chat.id in self.chats and any(_has_image(m) for m in messages)
+    async def wants(self, messages: Sequence[Message]) -> bool:
+        """A message (or album) with an image in an auto-triage group (the image is looked at
+        first: text is never looked up)."""
+        return any(_has_image(m) for m in messages) and await self.places.covers(
+            Place("telegram", str(messages[0].chat.id)))
 
     @staticmethod
     def screenshots(messages: Sequence[Message]) -> list[Message]:

@@ -100,7 +100,7 @@ class Handlers:
         self.queue = queue
         self.ledger = ledger
         self.admin_commands = TelegramAdminCommands(core, bot.id)  # /allow /deny /quota /usage
-        self.triage = TelegramTriage(settings.triage.telegram_chats)
+        self.triage = TelegramTriage(core.admin.auto_triage)  # settings' and admins' groups
         self.rate = RateLimiter(self.tg.rate_limit_per_minute)
         self.albums: dict[tuple[int, str], Album] = {}
         # handlers run concurrently (block=False); a chat's messages are turned into jobs one at
@@ -155,7 +155,7 @@ class Handlers:
             if await self._dropped_by_cancel([msg]) or await self._invalid_text([msg]):
                 return
             addressed, question = self._addressed(msg)
-            if not addressed and self.triage.wants([msg]):  # an image in an auto-triage group
+            if not addressed and await self.triage.wants([msg]):  # an image in an auto-triage group
                 if await self._admit(msg, quietly=True):
                     await self._turn([msg], question, f"telegram:update:{update_id}", triage=True)
                 return
@@ -356,7 +356,7 @@ class Handlers:
             return
         checked = [self._addressed(m) for m in messages]
         addressed = any(hit for hit, _ in checked)
-        triage = not addressed and self.triage.wants(messages)
+        triage = not addressed and await self.triage.wants(messages)
         if not (addressed or triage) or not await self._admit(messages[0], quietly=triage):
             return
         question = " ".join(q for _, q in checked if q)

@@ -1,6 +1,7 @@
 """The daily digest: once a day, at VLBOT_TRIAGE__DIGEST_HOUR (UTC), each auto-triage place gets a
 post of the last 24 hours' triages there: counts by severity and product area, the most repeated
-errors with a link to where each was first seen.
+errors with a link to where each was first seen. The places are listed at each pass, so those an
+admin turned on at run time are included (bot/triage/places.py).
 
 A day's digest covers [that day's hour - 24 h, that day's hour), so consecutive digests neither
 overlap nor leave a gap, whenever they are sent. Each (place, day) is claimed in the database
@@ -15,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta, timezone
 
 from bot import texts
@@ -28,6 +29,9 @@ from bot.triage.workflow import PostText
 log = logging.getLogger("vlbot.triage.digest")
 
 MAX_SLEEP_S = 900.0  # the scheduler looks again at least this often
+# The places to post to, or how to list them at each pass (bot/triage/places.py: settings' and
+# those an admin turned on at run time).
+Places = Sequence[Place] | Callable[[], Awaitable[Sequence[Place]]]
 
 
 def digest_day(now: float, hour: int) -> tuple[str, float]:
@@ -58,7 +62,7 @@ class DigestScheduler:
     def __init__(
         self,
         store: TriageStore,
-        places: Sequence[Place],
+        places: Places,
         hour: int,
         post: PostText,
         *,
@@ -66,7 +70,7 @@ class DigestScheduler:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.places = list(places)
+        self.places = places
         self.hour = hour
         self.post = post
         self.language = language
@@ -78,7 +82,8 @@ class DigestScheduler:
         now = self.clock()
         day, end = digest_day(now, self.hour)
         posted: list[Place] = []
-        for place in self.places:
+        places = await self.places() if callable(self.places) else self.places
+        for place in places:
             if not await self.store.claim_digest(place, day, now):
                 continue
             rows = await self.store.between(end - 86400, end, place)
@@ -96,7 +101,7 @@ class DigestScheduler:
         return posted
 
     def start(self) -> None:
-        if self.places and self._task is None:
+        if self._task is None:
             self._task = asyncio.create_task(self._forever(), name="vlbot-triage-digest")
 
     async def stop(self) -> None:

@@ -10,7 +10,7 @@ from bot.adapter import Adapter, Poster, Posters
 from bot.db import Database
 from bot.settings import Settings
 from bot.triage.digest import DigestScheduler
-from bot.triage.rules import Place
+from bot.triage.places import AutoTriagePlaces
 from bot.triage.store import TriageStore
 from bot.triage.workflow import EventSink, TriageWorkflow
 
@@ -33,13 +33,6 @@ def check_targets(settings: Settings, adapters: Sequence[Adapter]) -> None:
             )
 
 
-def auto_triage_places(settings: Settings) -> list[Place]:
-    t = settings.triage
-    return [Place("slack", c) for c in t.slack_channels] + [
-        Place("telegram", str(c)) for c in t.telegram_chats
-    ]
-
-
 class TriageService:
     def __init__(self, store: TriageStore, workflow: TriageWorkflow, digest: DigestScheduler | None):
         self.store = store
@@ -48,7 +41,8 @@ class TriageService:
 
     @classmethod
     def build(
-        cls, db: Database, settings: Settings, outbox: EventSink | None, adapters: Sequence[Adapter]
+        cls, db: Database, settings: Settings, outbox: EventSink | None, adapters: Sequence[Adapter],
+        places: AutoTriagePlaces,
     ) -> TriageService:
         check_targets(settings, adapters)
         t = settings.triage
@@ -56,9 +50,9 @@ class TriageService:
                             window_days=t.group_window_days, threshold=t.group_threshold)
         post = Posters(adapters)
         workflow = TriageWorkflow(store, rules=t.rules, outbox=outbox, post=post, language=t.language)
-        places = auto_triage_places(settings)
-        digest = (DigestScheduler(store, places, t.digest_hour, post, language=t.language)
-                  if places and t.digest_hour is not None else None)
+        # the places are listed at each pass: an admin may turn one on at any time
+        digest = (DigestScheduler(store, places.all, t.digest_hour, post, language=t.language)
+                  if t.digest_hour is not None else None)
         return cls(store, workflow, digest)
 
     def start(self) -> None:
