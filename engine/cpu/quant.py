@@ -227,7 +227,9 @@ class Int4Linear(nn.Module):
                 flat.to(torch.bfloat16), self.packed, self.group, self.scales_zeros
             )
         elif flat.shape[0] <= KERNEL_MAX_ROWS:
-            y = kernel.matmul(flat, self._weights())
+            # the buffers' addresses, not a PackedInt4, for the ~200 calls of a decode step
+            pointers = (self.packed.data_ptr(), self.scales.data_ptr(), self.lows.data_ptr())
+            y = kernel.matmul_at(flat, pointers, self.out_features, self.in_features, self.group)
         elif flat.shape[0] <= CHUNKED_MAX_ROWS or self.out_features * self.in_features > EXPAND_MAX_ELEMENTS:
             y = _in_chunks(flat, lambda part: kernel.matmul(part, self._weights()))
         else:
@@ -236,7 +238,8 @@ class Int4Linear(nn.Module):
             y = F.linear(flat.to(dtype), kernel.dequantize(self._weights(), dtype, out=out))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 QuantizedLinear = Int8Linear | Int4Linear
