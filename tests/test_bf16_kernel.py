@@ -10,7 +10,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engine.cpu.kernels.bf16_kernel import Bf16Kernel, DecodeLinear, load_kernel, use_for_decode
+from engine.cpu.kernels.bf16_kernel import (
+    FLOAT_PROMPT_MAX_ROWS,
+    Bf16Kernel,
+    DecodeLinear,
+    load_kernel,
+    use_for_decode,
+)
 from tests.engine_fixtures import built_or_skip
 from tests.tier_helpers import KERNEL_TIERS, forced
 
@@ -57,13 +63,39 @@ def test_a_prompt_widens_the_weights_block_by_block(
     kernel: Bf16Kernel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("engine.cpu.kernels.bf16_kernel.WIDEN_BLOCK", 3 * 64)  # 3 rows a block
-    x = torch.randn(20, 64)
+    x = torch.randn(FLOAT_PROMPT_MAX_ROWS + 5, 64)
     weight = torch.randn(11, 64).to(torch.bfloat16)
     layer = DecodeLinear(nn.Linear(64, 11, bias=False).to(torch.bfloat16), kernel)
     layer.weight = nn.Parameter(weight, requires_grad=False)
     with torch.inference_mode():
         got = layer(x[None])[0]
     torch.testing.assert_close(got, F.linear(x, weight.float()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [9, 21, FLOAT_PROMPT_MAX_ROWS, FLOAT_PROMPT_MAX_ROWS + 1])
+def test_a_short_float32_prompt_goes_through_the_kernel(
+    kernel: Bf16Kernel, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    """A follow-up's short text prompt over half-size weights: up to FLOAT_PROMPT_MAX_ROWS rows
+    the kernel takes them (MAX_ROWS rows a pass, the last pass partial) instead of widening the
+    weights; longer prompts widen. Either way the float32 product with the bf16 weights."""
+    widened: list[int] = []
+    widen = Bf16Kernel.widened_matmul
+
+    def counted(self: Bf16Kernel, x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        widened.append(x.shape[0])
+        return widen(self, x, *args)
+
+    monkeypatch.setattr(Bf16Kernel, "widened_matmul", counted)
+    generator = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(200, 37, bias=True).to(torch.bfloat16)
+    layer = DecodeLinear(linear, kernel)
+    x = torch.randn(1, rows, 200, generator=generator)
+    with torch.inference_mode():
+        got = layer(x)
+    want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    assert widened == ([] if rows <= FLOAT_PROMPT_MAX_ROWS else [rows])
 
 
 def test_rows_are_independent(kernel: Bf16Kernel) -> None:

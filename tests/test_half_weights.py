@@ -15,7 +15,7 @@ from torch import nn
 
 from engine.cpu import tiers
 from engine.cpu.half_weights import compute_in_float32
-from engine.cpu.kernels.bf16_kernel import DecodeLinear, load_kernel
+from engine.cpu.kernels.bf16_kernel import FLOAT_PROMPT_MAX_ROWS, DecodeLinear, load_kernel
 from engine.cpu.swap import swap_modules
 from engine.qwen.loading import load_processor, resolve_dtype
 from tests.engine_fixtures import resident_file_bytes
@@ -71,13 +71,16 @@ def test_auto_keeps_bf16_weights_where_the_tier_lacks_bf16_arithmetic(avx2: None
 
 @torch.inference_mode()
 @pytest.mark.parametrize(
-    ("with_image", "tokens"), [(True, 0), (False, 1), (False, 6)], ids=["image-prompt", "1-row", "6-rows"]
+    ("with_image", "tokens"),
+    [(True, 0), (False, 1), (False, 6), (False, 100)],
+    ids=["image-prompt", "1-row", "6-rows", "text-prompt"],
 )
 def test_logits_match_float32_with_the_weights_in_bf16(
     avx2: None, tiny_qwen3: Path, with_image: bool, tokens: int
 ) -> None:
     """With an image the prompt is long (weights widened for torch's float32 products); a short
-    text has as few rows as a decode step (the C kernel's float32 path: one row, a batch)."""
+    text has as few rows as a decode step (the C kernel's float32 path: one row, a batch), and a
+    whole text prompt (a follow-up's new tokens) goes through the kernel a batch at a time."""
     batch = inputs(tiny_qwen3, with_image, tokens)
     want = float32_reference(tiny_qwen3)(**batch).logits
     model = load(tiny_qwen3, torch.bfloat16)
@@ -88,7 +91,8 @@ def test_logits_match_float32_with_the_weights_in_bf16(
     assert isinstance(model.lm_head, DecodeLinear) and model.lm_head.weight.dtype == torch.bfloat16
     assert next(model.model.visual.parameters()).dtype == torch.float32
     rows = batch["input_ids"].shape[1]
-    assert (rows > load_kernel().max_rows) == with_image  # type: ignore[union-attr]
+    assert (rows > FLOAT_PROMPT_MAX_ROWS) == with_image
+    assert with_image or tokens <= rows or rows > load_kernel().max_rows  # type: ignore[union-attr]
     got = model(**batch).logits
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -41,6 +41,18 @@ WIDEN_BLOCK = 4 * 1024 * 1024
 # kernel takes batches of up to 8.
 MAX_ROWS_WITH_AMX = 6
 MAX_ROWS = 8
+# Float32 activations over bf16 weights (engine.cpu.half_weights, tiers without bf16 arithmetic):
+# inputs up to this many rows (a follow-up's short text prompt) go through the kernel too, MAX_ROWS
+# rows per pass over the weights, instead of widening every weight for torch's float32 product.
+# The kernel's time grows by one pass over the weights per MAX_ROWS rows, the widened product's
+# by its arithmetic. AVX2 forced on Zen5, 2 threads, A/B alternately in one process, best of 5-9
+# at load 4-5 (other benchmarks running: the ratios, not the times): the language model's forward
+# over a follow-up's new tokens on 344-355 cached ones, full-size model, kernel against widened:
+# 12 rows 0.31 / 0.60 s, 16 0.43 / 0.54, 20 0.48 / 0.68, 24 0.62 / 0.75, 32 0.76 / 0.74,
+# 40 0.98 / 1.00 s; one layer's 7 matrices alone: 16 rows 0.62x, 24 0.69x, 32 0.83x, 40 1.11x,
+# 48 1.10x, 64 1.15x. With bf16 arithmetic (avx512_bf16) oneDNN's bf16 product is ahead from
+# 8 rows (1.2x at 8, 1.4x at 16): nothing changes there.
+FLOAT_PROMPT_MAX_ROWS = 24
 
 
 class Bf16Kernel:
@@ -145,7 +157,10 @@ class DecodeLinear(nn.Module):
                 bias = None if self.bias is None else self.bias.float()
                 return F.linear(x, self.weight.float(), bias)
             return F.linear(x, self.weight, self.bias)
-        if flat.shape[0] <= self._kernel.max_rows and (half_weights or x.dtype == torch.bfloat16):
+        kernel_rows = self._kernel.max_rows
+        if half_weights:  # a short float32 prompt too (FLOAT_PROMPT_MAX_ROWS)
+            kernel_rows = max(kernel_rows, FLOAT_PROMPT_MAX_ROWS)
+        if flat.shape[0] <= kernel_rows and (half_weights or x.dtype == torch.bfloat16):
             y = self._kernel.matmul(flat, self.weight, self.bias)
         elif half_weights:
             y = self._kernel.widened_matmul(flat, self.weight, self.bias)
