@@ -42,7 +42,8 @@ def quantized(n: int, k: int, group: int, seed: int = 0) -> tuple[torch.Tensor, 
     q = torch.randint(0, 16, (n, k), generator=generator)
     scale = torch.rand(n, k // group, generator=generator) * 0.02 + 1e-3
     low = -8 * scale + torch.randn(n, k // group, generator=generator) * 1e-3
-    return q, scale, low
+    # the kernel keeps scales and lows in float16: values it holds exactly
+    return q, scale.half().float(), low.half().float()
 
 
 def float_weights(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) -> torch.Tensor:
@@ -112,6 +113,21 @@ def test_dequantize_gives_the_float_weights(kernel: Int4Kernel, dtype: torch.dty
         if dtype == torch.bfloat16
         else torch.allclose(got.double(), want.double(), atol=1e-6)
     )
+
+
+def test_scales_and_lows_are_kept_in_half_precision(kernel: Int4Kernel) -> None:
+    """Scales and lows that float16 cannot hold are rounded to it once, at packing: the product
+    is the arithmetic with the rounded values (and the packed weights a sixteenth smaller)."""
+    q, scale, low = quantized(32, 256, 128, seed=3)
+    scale, low = scale * (1 + 1e-3 / 3), low * (1 - 1e-3 / 7)  # not float16 values any more
+    packed = pack(q, scale, low, 128)
+    assert packed.scales.dtype == packed.lows.dtype == torch.float16
+    x = torch.randn(2, 256, generator=torch.Generator().manual_seed(4))
+    want = reference(x, q, scale.half().float(), low.half().float(), 128)
+    got = kernel.matmul(x, packed)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    expanded = kernel.dequantize(packed, torch.float32)
+    assert torch.allclose(expanded.double(), float_weights(q, scale.half(), low.half(), 128), atol=1e-6)
 
 
 def test_pack_refuses_shapes_the_kernel_cannot_take() -> None:

@@ -49,7 +49,7 @@ from engine.cpu.quant import (
 logger = logging.getLogger("vlbot.engine")
 
 FORMAT = "vlbot-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the int4 kernel's scales and lows in float16 (float32 in 1)
 ENVIRONMENT = "VLBOT_QUANT_CACHE"
 _WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
 

@@ -59,19 +59,24 @@ int main(void) {
      * q[.][8c + 4 + i] << 4; scales and lows (N/16, K/G, 16) */
     static uint8_t q4[N * K], packed4[N * K / 2];
     float scale4[N * K / G], low4[N * K / G], y4[ROWS * N], w4[N * K];
+    uint16_t scale4h[N * K / G], low4h[N * K / G]; /* the kernel's: IEEE half precision */
     for (int i = 0; i < N * K; i++) q4[i] = (uint8_t)((uniform() + 1.0f) * 7.99f);
     for (int n = 0; n < N; n++)
         for (int g = 0; g < K / G; g++) {
             const int at = (n / 16) * (K / G) * 16 + g * 16 + n % 16;
-            scale4[at] = 0.001f + 0.01f * (uniform() + 1.0f);
-            low4[at] = -8.0f * scale4[at] + 0.001f * uniform();
+            /* values float16 holds exactly: scale 2^-17 x 1024..2047, low a multiple of 2^-14 */
+            scale4[at] = (float)(1024 + (int)((uniform() + 1.0f) * 511.0f)) * 0x1p-17f;
+            low4[at] = (float)(int)((-8.0f * scale4[at] + 0.001f * uniform()) * 0x1p14f) * 0x1p-14f;
+            const _Float16 hs = (_Float16)scale4[at], hl = (_Float16)low4[at];
+            memcpy(scale4h + at, &hs, 2);
+            memcpy(low4h + at, &hl, 2);
         }
     for (int n = 0; n < N; n++)
         for (int c = 0; c < K / 8; c++)
             for (int i = 0; i < 4; i++)
                 packed4[(n / 16) * (K / 8) * 64 + c * 64 + 4 * (n % 16) + i] =
                     (uint8_t)(q4[n * K + 8 * c + i] | q4[n * K + 8 * c + 4 + i] << 4);
-    if (vlbot_int4_matmul(x, 0, ROWS, K, N, G, packed4, scale4, low4, y4, 0, 2) != 0) return 2;
+    if (vlbot_int4_matmul(x, 0, ROWS, K, N, G, packed4, scale4h, low4h, y4, 0, 2) != 0) return 2;
     for (int m = 0; m < ROWS; m++)
         for (int n = 0; n < N; n++) {
             double want = 0;
@@ -83,7 +88,7 @@ int main(void) {
             }
             check("int4 y", m * N + n, y4[m * N + n], want, 1e-5 * (fabs(want) + 1.0));
         }
-    vlbot_int4_dequantize(K, N, G, packed4, scale4, low4, w4, 0, 2);
+    vlbot_int4_dequantize(K, N, G, packed4, scale4h, low4h, w4, 0, 2);
     for (int n = 0; n < N; n++)
         for (int k = 0; k < K; k++) {
             const int at = (n / 16) * (K / G) * 16 + (k / G) * 16 + n % 16;

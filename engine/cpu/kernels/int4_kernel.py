@@ -33,7 +33,7 @@ CHANNEL_STEP = 8  # input channels per 64-byte chunk
 @dataclass(frozen=True)
 class PackedInt4:
     """Weights in the kernel's layout (see the C source): `packed` uint8 (N/16, K/8, 64),
-    `scales` and `lows` float32 (N/16, K/group, 16)."""
+    `scales` and `lows` float16 (N/16, K/group, 16)."""
 
     packed: torch.Tensor
     scales: torch.Tensor
@@ -56,7 +56,9 @@ def fits(out_features: int, in_features: int, group: int) -> bool:
 
 
 def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) -> PackedInt4:
-    """`q` (N, K) integers 0..15, `scale` and `low` (N, K/group): w = q * scale + low."""
+    """`q` (N, K) integers 0..15, `scale` and `low` (N, K/group): w = q * scale + low, with
+    `scale` and `low` rounded to float16 (their relative error 2^-11, against the 4-bit step's
+    rounding of up to half a step; llama.cpp keeps its 4-bit scales in float16 too)."""
     n, k = q.shape
     if not fits(n, k, group):
         raise ValueError(f"shape {n}x{k} with group {group} does not fit the int4 kernel")
@@ -66,7 +68,7 @@ def pack(q: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, group: int) ->
 
     def per_block(values: torch.Tensor) -> torch.Tensor:
         blocks = values.float().reshape(n // BLOCK_ROWS, BLOCK_ROWS, k // group)
-        return blocks.permute(0, 2, 1).contiguous()
+        return blocks.permute(0, 2, 1).to(torch.float16).contiguous()
 
     return PackedInt4(packed.contiguous(), per_block(scale), per_block(low), n, k, group)
 

@@ -174,6 +174,41 @@ static inline void dot_nibbles(acc16 *lo, acc16 *hi, const uint8_t *w, int32_t x
 #define DOT_S8_BIAS 0 /* dot_s8s8 gives the plain signed dot product */
 #endif
 
+/* 16 IEEE half-precision values (the int4 kernel's scales and lows) as floats: F16C's VCVTPH2PS on
+ * x86 (every x86 tier with a byte kernel has it), FCVTL on aarch64, else exact bit arithmetic. */
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline void halves_to_floats(const uint16_t *h, float *out) {
+    _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)h)));
+    _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + 8))));
+}
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+static inline void halves_to_floats(const uint16_t *h, float *out) {
+    for (int i = 0; i < 4; i++) vst1q_f32(out + 4 * i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4 * i))));
+}
+#else
+static inline void halves_to_floats(const uint16_t *h, float *out) {
+    for (int l = 0; l < 16; l++) {
+        const uint32_t sign = (uint32_t)(h[l] & 0x8000u) << 16, exponent = (h[l] >> 10) & 0x1fu;
+        const uint32_t mantissa = h[l] & 0x3ffu;
+        if (exponent == 0) { /* zero or subnormal: mantissa * 2^-24, exact in float */
+            const float value = (float)mantissa * 0x1p-24f;
+            out[l] = sign ? -value : value;
+            continue;
+        }
+        const uint32_t bits = sign | ((exponent == 31 ? 255u : exponent + 112u) << 23) | (mantissa << 13);
+        memcpy(out + l, &bits, 4);
+    }
+}
+#endif
+
+static inline v16sf load16h(const uint16_t *h) {
+    float f[16];
+    halves_to_floats(h, f);
+    return load16f(f);
+}
+
 /* 16 activations from `at` on as float (x float, or bfloat16 where `x_bf16`). */
 static inline void load16_values(const void *x, int64_t at, int x_bf16, float *out) {
     if (x_bf16) {
