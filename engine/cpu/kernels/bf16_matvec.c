@@ -5,7 +5,12 @@
  * is the time to stream the weights from memory. oneDNN's bf16 matrix-vector product reads them at
  * ~18-20 GB/s on the 2-core machine vlbot is measured on; this loop reads four weight rows at a
  * time, widens each bfloat16 to float (a 16-bit shift) and accumulates in float, at ~26-28 GB/s
- * (27-28.5 GB/s measured for a plain float sum there at the same time). Weights are used as they
+ * (27-28.5 GB/s measured for a plain float sum there at the same time). A single activation row
+ * widens pairs of weights with two bit operations (single_row) and prefetches the rows 8 below
+ * the ones it reads: over the 28 layers' decode matrices (benchmarks/bf16_matvec_ab.py, 1 thread,
+ * paired passes, load ~5) 167 -> 151 ms on avx512_bf16 (12 of 12 faster), 125 -> 103 ms with
+ * AVX2 forced (11 of 12); the prefetch is most of it (the pair widening alone, with the former
+ * prefetch 768 bytes ahead in the same row: -2 % and -5 %). Weights are used as they
  * are (row-major (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch
  * of up to MAX_ROWS conversations reads each weight vector once for all of its rows; built for
  * the avx512_bf16 tier, a batch multiplies bf16 pairs with `vdpbf16ps` instead of widening them
@@ -35,15 +40,28 @@
 #include "bf16.h"
 #include "simd.h"
 
+#ifndef WEIGHT_ROWS
 #define WEIGHT_ROWS 4 /* weight rows read together for a single activation row */
+#endif
 /* weights of a row per loop step: one 64-byte cache line (one prefetch each), or two vectors'
  * worth where a vector is wider (AVX-512: 2 x 16) */
 #define STEP (2 * VF_LANES > 32 ? 2 * VF_LANES : 32)
+#ifndef SINGLE_SCHEDULE
+#define SINGLE_SCHEDULE static /* how single_row's blocks are shared by the threads */
+#endif
+#define PRAGMA(text) _Pragma(#text)
 #define MAX_ROWS 8    /* activation rows that share one reading of the weights */
 #ifndef PREFETCH_ELEMENTS
 /* how far ahead each weight row is prefetched: swept over all 28 layers + head (3.44 GB, huge
  * pages, 2 cores): 384 elements (768 bytes) 121 ms, 256 125, 512 125, 1024 130, 2048 128 */
 #define PREFETCH_ELEMENTS 384
+#endif
+#ifndef PREFETCH_ROWS
+/* single_row prefetches the rows this many rows below the ones it reads, at the same column */
+#define PREFETCH_ROWS 8
+#endif
+#ifndef PREFETCH_LOCALITY
+#define PREFETCH_LOCALITY 3 /* __builtin_prefetch's: 3 all cache levels, 0 non-temporal */
 #endif
 
 static inline float dot_tail(const uint16_t *w, const float *x, int64_t from, int64_t k) {
@@ -56,23 +74,31 @@ static inline float bias_of(const uint16_t *bias, int64_t n) {
     return bias == NULL ? 0.0f : bf16_to_float(bias[n]);
 }
 
-/* One activation row: four weight rows at a time, two accumulators each. */
-static void single_row(const float *xf, int64_t k, int64_t n_out, const uint16_t *w,
-                       const uint16_t *bias, void *y, int out_bf16, int64_t b) {
+/* One activation row: WEIGHT_ROWS weight rows at a time. Each vector load takes 2 * VF_LANES
+ * bf16 weights as VF_LANES 32-bit lanes; a lane's low half is an even-numbered weight, its high
+ * half the odd one after it. `lane << 16` is the even weight as a float, `lane & 0xffff0000` the
+ * odd one: two plain bit operations instead of a cross-lane widening per half vector. `xs` holds
+ * the activations in the same order (each 2 * VF_LANES block: its even elements, then its odd
+ * ones; split_activations), so one accumulator per row gathers the even products, one the odd. */
+static void single_row(const float *xf, const float *xs, int64_t k, int64_t n_out,
+                       const uint16_t *w, const uint16_t *bias, void *y, int out_bf16, int64_t b) {
     const int64_t body = k - k % STEP;
     const int64_t first = b * WEIGHT_ROWS;
     const int64_t count = n_out - first < WEIGHT_ROWS ? n_out - first : WEIGHT_ROWS;
     vf acc[WEIGHT_ROWS][2];
     for (int i = 0; i < WEIGHT_ROWS; i++) acc[i][0] = acc[i][1] = vf_zero();
+    const vu high = (vu){0} + 0xffff0000u;
     if (count == WEIGHT_ROWS) {
         for (int64_t c = 0; c < body; c += STEP) {
-            for (int i = 0; i < WEIGHT_ROWS; i++) prefetch(w + (first + i) * k + c + PREFETCH_ELEMENTS);
+            for (int i = 0; i < WEIGHT_ROWS; i++) /* past the matrix's end: no fault, no harm */
+                __builtin_prefetch(w + (first + i + PREFETCH_ROWS) * k + c, 0, PREFETCH_LOCALITY);
             for (int u = 0; u < STEP; u += 2 * VF_LANES) {
-                const vf x0 = vf_load(xf + c + u), x1 = vf_load(xf + c + u + VF_LANES);
+                const vf even = vf_load(xs + c + u), odd = vf_load(xs + c + u + VF_LANES);
                 for (int i = 0; i < WEIGHT_ROWS; i++) {
-                    const uint16_t *row = w + (first + i) * k + c + u;
-                    acc[i][0] += vf_load_bf16(row) * x0;
-                    acc[i][1] += vf_load_bf16(row + VF_LANES) * x1;
+                    vu pairs;
+                    memcpy(&pairs, w + (first + i) * k + c + u, sizeof pairs);
+                    acc[i][0] += (vf)(pairs << 16) * even;
+                    acc[i][1] += (vf)(pairs & high) * odd;
                 }
             }
         }
@@ -83,6 +109,16 @@ static void single_row(const float *xf, int64_t k, int64_t n_out, const uint16_t
         sum += dot_tail(w + (first + i) * k, xf, done, k) + bias_of(bias, first + i);
         store_value(y, first + i, sum, out_bf16);
     }
+}
+
+/* x's first `body` elements in single_row's order: each block of 2 * VF_LANES, its even
+ * elements then its odd ones. */
+static void split_activations(const float *x, float *xs, int64_t body) {
+    for (int64_t c = 0; c < body; c += 2 * VF_LANES)
+        for (int j = 0; j < VF_LANES; j++) {
+            xs[c + j] = x[c + 2 * j];
+            xs[c + VF_LANES + j] = x[c + 2 * j + 1];
+        }
 }
 
 /* The two weight rows' sums for each activation row: the accumulators' lanes, the tail past
@@ -188,7 +224,7 @@ static void few_rows_any(const uint16_t *x, const float *xf, int64_t k, int64_t 
     }
 }
 
-static void products(const uint16_t *x, const float *xf, int64_t rows, int64_t k, int64_t n_out,
+static int products(const uint16_t *x, const float *xf, int64_t rows, int64_t k, int64_t n_out,
                      const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
                      int threads) {
     const size_t out_size = out_bf16 ? sizeof(uint16_t) : sizeof(float);
@@ -199,8 +235,13 @@ static void products(const uint16_t *x, const float *xf, int64_t rows, int64_t k
         void *ys = (char *)y + (size_t)(start * n_out) * out_size;
         if (count == 1) {
             const int64_t blocks = (n_out + WEIGHT_ROWS - 1) / WEIGHT_ROWS;
-#pragma omp parallel for num_threads(threads) schedule(static)
-            for (int64_t b = 0; b < blocks; b++) single_row(xs, k, n_out, w, bias, ys, out_bf16, b);
+            float *split = malloc(sizeof(float) * (size_t)k);
+            if (split == NULL) return -1;
+            split_activations(xs, split, k - k % STEP);
+            PRAGMA(omp parallel for num_threads(threads) schedule(SINGLE_SCHEDULE))
+            for (int64_t b = 0; b < blocks; b++)
+                single_row(xs, split, k, n_out, w, bias, ys, out_bf16, b);
+            free(split);
         } else {
             const int64_t pairs = (n_out + 1) / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -208,6 +249,7 @@ static void products(const uint16_t *x, const float *xf, int64_t rows, int64_t k
                 few_rows_any(xb, xs, k, n_out, w, bias, ys, out_bf16, p, count);
         }
     }
+    return 0;
 }
 
 /* y[m][n] = sum_k x[m][k] * w[n][k] (+ bias[n]) for m < rows; x, y and bias bfloat16, w (n_out, k)
@@ -217,17 +259,16 @@ int vlbot_bf16_matvec(const uint16_t *x, int64_t rows, int64_t k, int64_t n_out,
     float *xf = malloc(sizeof(float) * (size_t)(rows * k));
     if (xf == NULL) return -1;
     for (int64_t i = 0; i < rows * k; i++) xf[i] = bf16_to_float(x[i]);
-    products(x, xf, rows, k, n_out, w, bias, y, 1, threads);
+    const int status = products(x, xf, rows, k, n_out, w, bias, y, 1, threads);
     free(xf);
-    return 0;
+    return status;
 }
 
 /* The same with float activations in and out (bias bfloat16 or NULL): nothing is rounded but
- * the weights, which are bfloat16. Returns 0. */
+ * the weights, which are bfloat16. Returns 0, or -1 as vlbot_bf16_matvec. */
 int vlbot_bf16_matvec_f32(const float *x, int64_t rows, int64_t k, int64_t n_out,
                           const uint16_t *w, const uint16_t *bias, float *y, int threads) {
-    products(NULL, x, rows, k, n_out, w, bias, y, 0, threads);
-    return 0;
+    return products(NULL, x, rows, k, n_out, w, bias, y, 0, threads);
 }
 
 /* dst[i] = float(src[i]) for i < count (exact): a bf16 weight block widened for torch's float
