@@ -126,7 +126,8 @@ async def test_max_waiting_refuses_while_the_users_jobs_are_queued_or_running(
     await stack.runner.submit(ask("ann"))
     error = await refused(stack, ask("ann", "another"), "quota_waiting")
     assert (error.params["limit"], error.params["used"]) == (1, 1)
-    assert "Requests of yours waiting now: 1, the most at once: 1." in texts.text(error.code, "en", **error.params)
+    waiting = texts.text(error.code, "en", **error.params)
+    assert "Requests of yours waiting now: 1, the most at once: 1." in waiting
     accepted = await stack.runner.submit(ask("bob"))  # another user's job is queued
     assert not accepted.duplicate
     assert await stack.runner.cancel(ConversationId("telegram", "ann")) == 1
