@@ -11,7 +11,7 @@ by other work slows them alike. Printed: each one's median and best pass, its GB
 many rounds each variant beat the first one.
 
     .venv/bin/python -m benchmarks.bf16_matvec_ab --rounds 40 \
-        base= pf4=-DPREFETCH_ROWS=4 'rows8=-DWEIGHT_ROWS=8 -DPREFETCH_ROWS=16'
+        base= pf4=-DPREFETCH_ROWS=4 'rows8=-DWEIGHT_ROWS=8 -DPREFETCH_ROWS=16' old=@/tmp/old.c
 
 A manual tool: never part of the test suite.
 """
@@ -43,10 +43,14 @@ LAYER_SHAPES = (
 )
 
 
-def build(label: str, defines: list[str], directory: Path) -> ctypes.CDLL:
+def build(label: str, options: list[str], directory: Path) -> ctypes.CDLL:
+    """The kernel built with `options` (-D macros, -m flags); an option `@PATH` builds the source
+    at PATH instead (another version of the file, e.g. `git show REV:engine/...c > PATH`)."""
+    sources = [o[1:] for o in options if o.startswith("@")] or [str(KERNELS / "bf16_matvec.c")]
+    defines = [o for o in options if not o.startswith("@")]
     built = directory / f"bf16_matvec_{label}.so"
-    flags = [*COMMON_FLAGS, *active_tier().compile_flags, *defines]
-    subprocess.run(["gcc", *flags, "-o", str(built), str(KERNELS / "bf16_matvec.c")], check=True)
+    flags = [*COMMON_FLAGS, *active_tier().compile_flags, "-I", str(KERNELS), *defines]
+    subprocess.run(["gcc", *flags, "-o", str(built), sources[0]], check=True)
     return ctypes.CDLL(str(built))
 
 
