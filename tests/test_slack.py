@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -571,7 +572,8 @@ async def test_wrong_tokens_stop_start_with_a_message_naming_the_setting(
             "mode": "http", "port": 0, "base_url": fake.api_url} | kw})
         adapter = SlackAdapter(settings)
         with pytest.raises(RuntimeError, match=setting):
-            await adapter.start(cast(Core, None))
+            # a start refused at sign-in never reaches the core's stores
+            await adapter.start(cast(Core, SimpleNamespace(admin=SimpleNamespace(auto_triage=None))))
         await adapter.stop()
     assert fake.calls[-1].method == "apps.connections.open" and fake.calls[-1].error == "invalid_auth"
 

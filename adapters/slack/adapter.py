@@ -100,7 +100,6 @@ class SlackAdapter:
 
     async def start(self, core: Core) -> None:
         self.handlers.core = core
-        self.triage.places = core.admin.auto_triage  # settings' and admins' auto-triage channels
         try:
             me = await self.client.auth_test()
         except SlackApiError as exc:
@@ -110,6 +109,7 @@ class SlackAdapter:
             ) from exc
         log.info("slack: signed in as %s in team %s", me.get("user_id"), me.get("team_id"))
         self.triage.workspace_url = me.get("url")
+        self.triage.places = core.admin.auto_triage  # settings' and admins' auto-triage channels
         if self.slack.mode == "http":
             await self._start_http()
             return
