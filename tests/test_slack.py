@@ -572,7 +572,7 @@ async def test_wrong_tokens_stop_start_with_a_message_naming_the_setting(
             "mode": "http", "port": 0, "base_url": fake.api_url} | kw})
         adapter = SlackAdapter(settings)
         with pytest.raises(RuntimeError, match=setting):
-            # a start refused at sign-in never reaches the core's stores
+            # a refused start reads only the auto-triage places of the core
             await adapter.start(cast(Core, SimpleNamespace(admin=SimpleNamespace(auto_triage=None))))
         await adapter.stop()
     assert fake.calls[-1].method == "apps.connections.open" and fake.calls[-1].error == "invalid_auth"
