@@ -248,7 +248,27 @@ def load_or_quantize(model: Any, mode: Quantize) -> int:
             logger.info(
                 "saved the quantized weights to %s (%.2f GB): later starts load them", path, size / 1e9
             )
+            remove_superseded(path, key)
     return len(layers)
+
+
+def remove_superseded(path: Path, key: dict[str, str]) -> None:
+    """Delete the saved files that `path` replaces: the same model, mode, dtype and torch in an
+    older (or newer) format version, which this code would never load again. Files of other
+    models or another torch stay (another install may share the folder)."""
+    same = ("format", "mode", "dtype", "torch", "source")
+    for other in path.parent.glob(f"{key['mode']}-*.safetensors"):
+        if other == path:
+            continue
+        try:
+            with safe_open(str(other), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # not ours or damaged: left alone (a load would say so)
+            continue
+        if all(meta.get(k) == key[k] for k in same) and meta.get("version") != key["version"]:
+            other.unlink(missing_ok=True)
+            logger.info("removed %s: quantized weights of format version %s, superseded",
+                        other, meta.get("version"))
 
 
 def _kernel_name(kernel: Any) -> str:
