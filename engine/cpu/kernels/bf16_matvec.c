@@ -88,10 +88,12 @@ static void single_row(const float *xf, const float *xs, int64_t k, int64_t n_ou
     vf acc[WEIGHT_ROWS][2];
     for (int i = 0; i < WEIGHT_ROWS; i++) acc[i][0] = acc[i][1] = vf_zero();
     const vu high = (vu){0} + 0xffff0000u;
+    /* the rows PREFETCH_ROWS below, while they exist (the last blocks prefetch their own) */
+    const int64_t ahead = first + PREFETCH_ROWS + WEIGHT_ROWS <= n_out ? PREFETCH_ROWS : 0;
     if (count == WEIGHT_ROWS) {
         for (int64_t c = 0; c < body; c += STEP) {
-            for (int i = 0; i < WEIGHT_ROWS; i++) /* past the matrix's end: no fault, no harm */
-                __builtin_prefetch(w + (first + i + PREFETCH_ROWS) * k + c, 0, PREFETCH_LOCALITY);
+            for (int i = 0; i < WEIGHT_ROWS; i++)
+                __builtin_prefetch(w + (first + i + ahead) * k + c, 0, PREFETCH_LOCALITY);
             for (int u = 0; u < STEP; u += 2 * VF_LANES) {
                 const vf even = vf_load(xs + c + u), odd = vf_load(xs + c + u + VF_LANES);
                 for (int i = 0; i < WEIGHT_ROWS; i++) {
