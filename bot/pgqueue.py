@@ -32,6 +32,7 @@ from bot.db import Database, Row
 from bot.jobqueue import REPLICA_ID
 from bot.jobs import JobStore
 from bot.models import Job
+from bot.tasks import cancel_and_wait
 
 log = logging.getLogger("vlbot.queue")
 
@@ -113,11 +114,8 @@ class SharedJobQueue:
         log.info("shared job queue: replica %s, lease %.0f s", self.replica_id, self.lease_s)
 
     async def stop(self) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
-            self._heartbeat = None
+        await cancel_and_wait(self._heartbeat)
+        self._heartbeat = None
         with contextlib.suppress(Exception):  # leave now: pinned jobs go to the others at once
             async with self.db.transaction() as tx:
                 await tx.execute("DELETE FROM replicas WHERE id = ?", (self.replica_id,))

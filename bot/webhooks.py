@@ -38,6 +38,7 @@ from bot.models import Job
 from bot.outbox import PRESET_EVENT, Outbox, OutboxEvent
 from bot.remote_images import RemoteImageError, RemoteImageFetcher, pinned_request
 from bot.settings import WebhookSettings
+from bot.tasks import cancel_and_wait
 
 log = logging.getLogger("vlbot.webhooks")
 
@@ -145,11 +146,8 @@ class WebhookWorker:
             )
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

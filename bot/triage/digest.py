@@ -13,7 +13,6 @@ A post that fails gives the claim back and is tried again at the next pass.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -21,6 +20,7 @@ from datetime import datetime, timedelta, timezone
 
 from bot import texts
 from bot.db import Row
+from bot.tasks import cancel_and_wait
 from bot.triage.rules import Place
 from bot.triage.store import TriageStore
 from bot.triage.summary import render, summarise, utc
@@ -105,11 +105,8 @@ class DigestScheduler:
             self._task = asyncio.create_task(self._forever(), name="vlbot-triage-digest")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _forever(self) -> None:
         while True:
