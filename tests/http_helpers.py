@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
+import pytest
 from PIL import Image
 
 from adapters.http import HttpAdapter
@@ -143,3 +145,23 @@ async def raw_exchange(port: int, head: str, body: bytes, *, hang_up: bool = Fal
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+
+
+OPEN_CLIENTS: list[openai.AsyncOpenAI] = []
+
+
+def openai_client(url: str, key: str = "unused", timeout: float = 20.0) -> openai.AsyncOpenAI:
+    """The official client for a test server, closed when the test ends (close_openai_clients)."""
+    made = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=timeout)
+    OPEN_CLIENTS.append(made)
+    return made
+
+
+@pytest.fixture(autouse=True)
+async def close_openai_clients() -> AsyncIterator[None]:
+    """Import into a test module that uses openai_client: its clients are closed on the test's
+    own loop (one left to the garbage collector is closed later on a loop that is gone, an error
+    logged in whichever test runs then)."""
+    yield
+    while OPEN_CLIENTS:
+        await OPEN_CLIENTS.pop().close()

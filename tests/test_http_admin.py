@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot.admin import AdminPolicy
 from bot.usage import COLUMNS
 from tests.admin_helpers import until
-from tests.http_helpers import running
+from tests.http_helpers import close_openai_clients, openai_client, running  # noqa: F401
 
 ADMIN = "admin-secret-key-0123456789"
 USER_KEY = "settings-user-key-0123456789"
@@ -35,13 +35,14 @@ def as_admin(key: str = ADMIN) -> dict[str, str]:
 
 
 def client(url: str, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=20)
+    return openai_client(url, key)
 
 
 async def ask(url: str, key: str, question: str = "hello") -> str:
-    reply = await client(url, key).chat.completions.create(
-        model="vlbot", messages=[{"role": "user", "content": question}]
-    )
+    async with client(url, key) as api:  # closed here, not by the garbage collector later
+        reply = await api.chat.completions.create(
+            model="vlbot", messages=[{"role": "user", "content": question}]
+        )
     return reply.choices[0].message.content or ""
 
 

@@ -17,11 +17,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters.http import HttpAdapter
 from bot.models import ConversationId, Role
 from bot.texts import text
-from tests.http_helpers import CheckingEngine, LoadingEngine, data_url, make_settings, png, running
+from tests.http_helpers import (
+    CheckingEngine,
+    LoadingEngine,
+    close_openai_clients,  # noqa: F401 (autouse fixture)
+    data_url,
+    make_settings,
+    openai_client,
+    png,
+    running,
+)
 
 
 def client(url: str, key: str = "unused") -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=20)
+    return openai_client(url, key)
 
 
 def image_message(question: str, *images: bytes) -> Any:

@@ -18,7 +18,15 @@ from bot.admin import AdminPolicy
 from bot.admin_types import Limits, next_reset, reset_text
 from bot.models import GenerationParams, Message, Turn
 from bot.texts import text
-from tests.http_helpers import CheckingEngine, Server, data_url, png, running
+from tests.http_helpers import (  # noqa: F401 (close_openai_clients: autouse fixture)
+    CheckingEngine,
+    Server,
+    close_openai_clients,
+    data_url,
+    openai_client,
+    png,
+    running,
+)
 
 ADMIN = "admin-secret-key-0123456789"
 SETTINGS_KEY = "settings-user-key-0123456789"
@@ -26,17 +34,18 @@ HTTP = {"admin_key": ADMIN, "api_keys": [SETTINGS_KEY]}
 
 
 def client(url: str, key: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=20)
+    return openai_client(url, key)
 
 
 async def ask(server: Server, key: str, question: str = "hello", images: int = 0, **kw: Any) -> str:
     content: list[dict[str, Any]] = [{"type": "text", "text": question}]
     content += [{"type": "image_url", "image_url": {"url": data_url(png(40 + i, 40))}} for i in range(images)]
-    reply = await client(server.url, key).chat.completions.create(
-        model="vlbot", messages=[{"role": "user", "content": content}], **kw  # type: ignore[list-item]
-    )
-    if kw.get("stream"):
-        return "".join([c.choices[0].delta.content or "" async for c in reply if c.choices])  # type: ignore[union-attr]
+    async with client(server.url, key) as api:  # closed here, not by the garbage collector later
+        reply = await api.chat.completions.create(
+            model="vlbot", messages=[{"role": "user", "content": content}], **kw  # type: ignore[list-item]
+        )
+        if kw.get("stream"):
+            return "".join([c.choices[0].delta.content or "" async for c in reply if c.choices])  # type: ignore[union-attr]
     return reply.choices[0].message.content or ""  # type: ignore[union-attr]
 
 

@@ -16,13 +16,19 @@ import pytest
 from bot.engine_port import EngineInfo
 from engine.intake import IntakeLimits
 from engine.qwen.engine import QwenVLEngine
-from tests.http_helpers import CheckingEngine, png, running
+from tests.http_helpers import (  # noqa: F401 (close_openai_clients: autouse fixture)
+    CheckingEngine,
+    close_openai_clients,
+    openai_client,
+    png,
+    running,
+)
 
 USER: Any = [{"role": "user", "content": "count for me"}]
 
 
 def client(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai_client(url, timeout=30)
 
 
 def counting() -> CheckingEngine:

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import openai
 import pytest
 
 from bot.adapter import Failed, Final, Partial
@@ -26,7 +25,7 @@ from engine.remote import OpenAIRemoteEngine, RemotePool
 from tests.conftest import make_core
 from tests.fake_openai import FakeOpenAIServer, Mode
 from tests.fakes import RecordingAdapter, incoming
-from tests.http_helpers import running
+from tests.http_helpers import close_openai_clients, openai_client, running  # noqa: F401
 
 
 @asynccontextmanager
@@ -78,7 +77,7 @@ async def test_three_servers_one_failing_every_request_answered_once(
         else:
             servers[1].mode = "error" if failure == "error" else "hang"
         async with running(tmp_path, pool, runner={"max_concurrency": 6}) as front:  # type: ignore[arg-type]
-            client = openai.AsyncOpenAI(base_url=f"{front.url}/v1", api_key="x", max_retries=0)
+            client = openai_client(front.url, "x", timeout=600)
 
             async def one(question: str) -> str:
                 stream = await client.chat.completions.create(
