@@ -75,6 +75,7 @@ async def test_key_made_at_run_time_works_at_once_survives_a_restart_and_revoked
         assert quota.json()["left"]["requests"] == 49
         records = await server.stack.core.admin.usage_records(0)
         assert [(r.user_id, r.api_key, r.status) for r in records] == [(key_id, key_id, "answered")]
+        assert records[0].user_name == "alice"  # usage reports show the name it was given
 
     async with running(tmp_path, http=settings_http(), admin_policy=AdminPolicy()) as server:
         assert await ask(server.url, secret, "after the restart") == "answer to: after the restart"

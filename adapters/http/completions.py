@@ -118,7 +118,7 @@ class Completions:
             origin["json_only"] = chat.json_only
         incoming = Incoming(
             conversation=conversation,
-            user=User(platform_id=caller.key_id, display_name=caller.key_id, language_code=lang),
+            user=User(platform_id=caller.key_id, display_name=caller.display_name, language_code=lang),
             message=chat.message,
             origin=origin,
         )

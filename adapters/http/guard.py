@@ -56,6 +56,11 @@ class Caller:
 
     key_id: str
     principal: str
+    name: str = ""  # what the caller is called in usage reports: a run-time key's given name
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.key_id
 
 
 def owned_conversation(principal: str, conversation_id: str) -> ConversationId:
@@ -142,7 +147,7 @@ class Authenticator:
         if self.live_keys is not None:
             info = await self.live_keys(given)
             if info is not None and info.active:
-                return Caller(info.id, key_principal(raw))
+                return Caller(info.id, key_principal(raw), info.name)
         return None
 
     async def api_caller(self, request: Request) -> Caller:
