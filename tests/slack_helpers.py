@@ -10,13 +10,14 @@ import io
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import pytest
 from PIL import Image
 
 from adapters.slack import SlackAdapter
@@ -176,3 +177,15 @@ def done(fake: FakeSlack, channel: str, ts: str) -> bool:
 async def answered(fake: FakeSlack, payload: dict[str, Any]) -> None:
     event = payload["event"]
     await fake.wait_for(lambda: done(fake, event["channel"], event["ts"]))
+
+
+async def _serve_fake_slack() -> AsyncIterator[FakeSlack]:
+    server = await FakeSlack(BOT_TOKEN, APP_TOKEN).start()
+    yield server
+    await server.close()
+
+
+# The fake Slack server on port 0, under the two names the test modules use; a module imports
+# the one it asks for (pytest finds fixtures by the module's names).
+fake_slack = pytest.fixture(name="fake")(_serve_fake_slack)
+fake_slack_as_slack = pytest.fixture(name="slack")(_serve_fake_slack)

@@ -14,8 +14,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from adapters.telegram import TelegramAdapter
 from bot import texts
 from bot.admin_types import Subject
@@ -28,9 +26,14 @@ from bot.triage.rules import Place
 from tests.chat_admin_helpers import slack_app, slack_settings, slash, stack_of, telegram_settings
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
-from tests.slack_helpers import APP_TOKEN, BOT_TOKEN, Env, answered, mention
 from tests.slack_helpers import BLUE as SLACK_BLUE
 from tests.slack_helpers import RED as SLACK_RED
+from tests.slack_helpers import (
+    Env,
+    answered,
+    fake_slack_as_slack,  # noqa: F401 (the fixture)
+    mention,
+)
 from tests.telegram_harness import BLUE, GREEN, RED, Harness, fake_server
 from tests.test_slack_triage import posted
 from tests.triage_helpers import TriageScript, triage_json
@@ -217,13 +220,6 @@ async def test_the_digest_covers_a_group_an_admin_turned_on(fake: FakeTelegram, 
 
 
 # --- Slack ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(name="slack")
-async def slack_server() -> AsyncIterator[FakeSlack]:
-    server = await FakeSlack(BOT_TOKEN, APP_TOKEN).start()
-    yield server
-    await server.close()
 
 
 async def slack_triaged(env: Env, data: bytes) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,13 @@ from tests.chat_admin_helpers import (
 )
 from tests.fake_slack import FakeSlack
 from tests.fake_telegram import FakeTelegram
-from tests.slack_helpers import APP_TOKEN, BOT_TOKEN, CHANNEL, RED, answered, mention
+from tests.slack_helpers import (
+    CHANNEL,
+    RED,
+    answered,
+    fake_slack_as_slack,  # noqa: F401 (the fixture)
+    mention,
+)
 from tests.telegram_harness import ANSWER, BLUE, fake_server
 
 __all__ = ["fake_server"]  # the Telegram `fake` fixture
@@ -140,13 +146,6 @@ async def test_telegram_quota_refusal_is_in_the_users_language(fake: FakeTelegra
 
 
 # --- Slack --------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def slack() -> AsyncIterator[FakeSlack]:
-    server = await FakeSlack(BOT_TOKEN, APP_TOKEN).start()
-    yield server
-    await server.close()
 
 
 def bot_texts(fake: FakeSlack, thread: str) -> list[str]:

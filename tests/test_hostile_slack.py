@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,12 +17,11 @@ from bot import texts
 from tests.fake_slack import FakeSlack
 from tests.hostile import CASES, DecodingEngine
 from tests.slack_helpers import (
-    APP_TOKEN,
     BLUE,
-    BOT_TOKEN,
     CHANNEL,
     answered,
     dm,
+    fake_slack,  # noqa: F401 (the fixture)
     mention,
     open_env,
     signed,
@@ -31,13 +29,6 @@ from tests.slack_helpers import (
 )
 
 PLACEHOLDERS = ("queued", "thinking")
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSlack]:
-    server = await FakeSlack(BOT_TOKEN, APP_TOKEN).start()
-    yield server
-    await server.close()
 
 
 async def test_hostile_files_through_slack(fake: FakeSlack, tmp_path: Path) -> None:

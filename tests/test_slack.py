@@ -44,6 +44,7 @@ from tests.slack_helpers import (
     answered,
     describe,
     dm,
+    fake_slack,  # noqa: F401 (the fixture)
     fixture,
     mention,
     open_env,
@@ -54,13 +55,6 @@ from tests.slack_helpers import (
 )
 
 GREEN = png((30, 200, 30))
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSlack]:
-    server = await FakeSlack(BOT_TOKEN, APP_TOKEN).start()
-    yield server
-    await server.close()
 
 
 @pytest.fixture

@@ -6,31 +6,28 @@ refusal of a non-admin, strict arguments, and /vlbot usage's numbers."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from bot import texts
 from bot.admin_types import Limits, Subject
 from bot.settings import Settings
 from tests.chat_admin_helpers import GatedEngine, job_total, slack_app, slack_settings, slash
 from tests.fake_slack import FakeSlack
-from tests.slack_helpers import APP_TOKEN, BOT_TOKEN, CHANNEL, RED, Env, answered, mention
+from tests.slack_helpers import (
+    CHANNEL,
+    RED,
+    Env,
+    answered,
+    fake_slack,  # noqa: F401 (the fixture)
+    mention,
+)
 
 ADMIN, BOB, CAROL = "U0ADMIN", "U0BOB", "U0CAROL"
 TEAM_ROOM = "C0TEAM"  # on the settings' channel allowlist
 NOT_ALLOWED = texts.text("not_allowed")
 WORKING = texts.text("slack_working")
 ANSWER = "The total is 42.50 EUR."
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSlack]:
-    server = await FakeSlack(BOT_TOKEN, APP_TOKEN).start()
-    yield server
-    await server.close()
 
 
 def engine() -> GatedEngine:

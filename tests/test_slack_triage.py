@@ -23,13 +23,12 @@ from bot.settings import TriageSettings
 from tests.chat_admin_helpers import slack_app, slack_settings
 from tests.fake_slack import FakeSlack
 from tests.slack_helpers import (
-    APP_TOKEN,
     BLUE,
-    BOT_TOKEN,
     CHANNEL,
     RED,
     Env,
     answered,
+    fake_slack,  # noqa: F401 (the fixture)
     fixture,
     mention,
     png,
@@ -59,13 +58,6 @@ def posted(fake: FakeSlack, text: str, image: bytes | None = None, channel: str 
         payload["event"]["thread_ts"] = thread_ts
     payload["event_id"] = f"Ev0TRIAGE{next(_event_ids):04d}"
     return payload
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeSlack]:
-    server = await FakeSlack(BOT_TOKEN, APP_TOKEN).start()
-    yield server
-    await server.close()
 
 
 @pytest.fixture
