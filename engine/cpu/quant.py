@@ -1,13 +1,15 @@
 """Opt-in weight-only int8 / int4 quantization of the language model's linear layers (CPU).
 
 Decode on a CPU is bound by reading the weights once per token: 8-bit weights halve the bytes read,
-4-bit weights quarter them. Decode steps (up to `KERNEL_MAX_ROWS` rows) go through vlbot's own
-byte kernels (engine.cpu.kernels.int8_kernel, int4_kernel: one C source for every CPU tier, 8-bit
-activations, products of bytes); a prompt's prefill expands each layer's weights into one reused
-buffer in the activations' dtype and multiplies with torch (oneDNN), so quantizing does not slow
-the first token. Where no kernel builds (no C compiler), torch's packed kernels take every input
-(`_weight_int8pack_mm`: per-output-channel scales; `_weight_int4pack_mm_for_cpu`: groups of up
-to 128 input channels with a scale and a zero point each).
+4-bit weights quarter them. Every input goes through vlbot's own byte kernels
+(engine.cpu.kernels.int8_kernel, int4_kernel: one C source for every CPU tier, 8-bit activations,
+products of bytes): decode steps at the speed of reading the weights, and a prompt's prefill
+several rows per weight load, which is faster than torch's product over weights expanded to the
+activations' dtype on every tier measured (so quantizing makes the first token faster, not
+slower: figures in the kernels' modules). Where no kernel builds (no C compiler), torch's packed
+kernels take every input (`_weight_int8pack_mm`: per-output-channel scales;
+`_weight_int4pack_mm_for_cpu`: groups of up to 128 input channels with a scale and a zero point
+each).
 
 The kernels' figures against torch's (and torchao's) are in their modules' docstrings.
 
@@ -27,7 +29,6 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from engine.cpu.hugepages import file_mappings, release_file_pages
 from engine.cpu.kernels import int4_kernel, int8_kernel
@@ -40,12 +41,6 @@ logger = logging.getLogger("vlbot.engine")
 Quantize = Literal["none", "int8", "int4"]
 QUANTIZE_MODES: tuple[str, ...] = ("none", "int8", "int4")
 _INT4_GROUPS = (128, 64, 32)
-KERNEL_MAX_ROWS = 16  # inputs up to this many rows use the byte kernels, larger ones expanded weights
-EXPAND_MAX_ELEMENTS = 64 * 1024 * 1024  # larger weights (the output head) are never expanded
-# up to this many rows (a short text prompt) the byte kernels run KERNEL_MAX_ROWS rows at a time:
-# expanding every layer costs ~0.5 s a prompt on the full-size model (first piece of a 20-token
-# prompt: 0.80 s against 0.30 s in bf16), a kernel pass ~0.03 s per 16 rows
-CHUNKED_MAX_ROWS = 128
 # what quantization replaces: nn.Linear, or the bf16 kernel's DecodeLinear (engine.cpu.half_weights
 # swaps the language model's linears for it first on tiers without bf16 arithmetic)
 LinearLike = nn.Linear | DecodeLinear
@@ -56,29 +51,6 @@ def check_mode(mode: str) -> Quantize:
     if key not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantize setting {mode!r}: use none, int8 or int4")
     return key  # type: ignore[return-value]
-
-
-class _Expanded:
-    """One buffer per dtype that a prefill expands each quantized layer's weights into in turn
-    (layers run one after another on the engine thread): no per-layer copy stays in memory."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.dtype, torch.Tensor] = {}
-
-    def take(self, rows: int, columns: int, dtype: torch.dtype) -> torch.Tensor:
-        buffer = self._buffers.get(dtype)
-        if buffer is None or buffer.numel() < rows * columns:
-            buffer = torch.empty(rows * columns, dtype=dtype)
-            self._buffers[dtype] = buffer
-        return buffer[: rows * columns].view(rows, columns)
-
-
-_EXPANDED = _Expanded()
-
-
-def _in_chunks(x: torch.Tensor, run: Any) -> torch.Tensor:
-    """`run` over `x` in slices of KERNEL_MAX_ROWS rows (a weight too large to expand)."""
-    return torch.cat([run(x[at : at + KERNEL_MAX_ROWS]) for at in range(0, x.shape[0], KERNEL_MAX_ROWS)])
 
 
 class Int8Linear(nn.Module):
@@ -129,16 +101,8 @@ class Int8Linear(nn.Module):
         if kernel is None:
             scale = self.scale
             y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(flat.to(scale.dtype), self.qweight, scale)
-        elif flat.shape[0] <= KERNEL_MAX_ROWS:
-            y = kernel.matmul(flat, self._weights())
-        elif flat.shape[0] <= CHUNKED_MAX_ROWS or self.out_features * self.in_features > EXPAND_MAX_ELEMENTS:
-            y = _in_chunks(flat, lambda part: kernel.matmul(part, self._weights()))
         else:
-            dtype = flat.dtype if flat.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            weight = kernel.dequantize(
-                self._weights(), _EXPANDED.take(self.out_features, self.in_features, dtype)
-            )
-            y = F.linear(flat.to(dtype), weight)
+            y = kernel.matmul(flat, self._weights())
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
@@ -228,16 +192,10 @@ class Int4Linear(nn.Module):
             y: torch.Tensor = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 flat.to(torch.bfloat16), self.packed, self.group, self.scales_zeros
             )
-        elif flat.shape[0] <= KERNEL_MAX_ROWS:
+        else:
             # the buffers' addresses, not a PackedInt4, for the ~200 calls of a decode step
             pointers = (self.packed.data_ptr(), self.scales.data_ptr(), self.lows.data_ptr())
             y = kernel.matmul_at(flat, pointers, self.out_features, self.in_features, self.group)
-        elif flat.shape[0] <= CHUNKED_MAX_ROWS or self.out_features * self.in_features > EXPAND_MAX_ELEMENTS:
-            y = _in_chunks(flat, lambda part: kernel.matmul(part, self._weights()))
-        else:
-            dtype = flat.dtype if flat.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            out = _EXPANDED.take(self.out_features, self.in_features, dtype)
-            y = F.linear(flat.to(dtype), kernel.dequantize(self._weights(), dtype, out=out))
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         y = y.view(*shape[:-1], self.out_features)

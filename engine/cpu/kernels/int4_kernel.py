@@ -82,10 +82,6 @@ class Int4Kernel:
             POINTER, POINTER, POINTER, POINTER, I32, I32,
         )  # fmt: skip
         self.isa = c_function(library, "vlbot_int4_isa", ctypes.c_char_p)().decode()
-        self._dequantize = c_function(
-            library, "vlbot_int4_dequantize", None, I64, I64, I64,
-            POINTER, POINTER, POINTER, POINTER, I32, I32,
-        )  # fmt: skip
 
     def matmul(self, x: torch.Tensor, weights: PackedInt4) -> torch.Tensor:
         """x (rows, K) -> (rows, N), bfloat16 for bfloat16 input, else float32."""
@@ -108,25 +104,6 @@ class Int4Kernel:
         )  # fmt: skip
         if status != 0:
             raise MemoryError("the int4 kernel could not allocate its scratch memory")
-        return out
-
-    def dequantize(
-        self, weights: PackedInt4, dtype: torch.dtype, out: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """The (N, K) weights as float32 or bfloat16 (into `out` when given: contiguous, that dtype)."""
-        if dtype not in (torch.float32, torch.bfloat16):
-            dtype = torch.float32
-        if out is None:
-            out = torch.empty((weights.out_features, weights.in_features), dtype=dtype)
-        self._dequantize(
-            weights.in_features,
-            weights.out_features,
-            weights.group,
-            *weights.pointers(),
-            out.data_ptr(),
-            int(dtype == torch.bfloat16),
-            torch.get_num_threads(),
-        )
         return out
 
 

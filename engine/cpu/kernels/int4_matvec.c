@@ -28,8 +28,55 @@
 
 const char *vlbot_int4_isa(void) { return QUANT_DOT_ISA; }
 
+/* Rows m0 .. m0 + count - 1 of one block of 16 outputs. Each 64-byte weight chunk is loaded (and
+ * its nibbles split) once for the `count` activation rows (a prompt's rows, or a batch's). A row
+ * alone keeps four partial sums (two chunks, low and high nibbles); in a block of rows each row
+ * adds both nibbles into one sum, the rows being the independent chains. The sums are integers,
+ * so a row gets exactly what it gets alone. */
+static inline __attribute__((always_inline)) void int4_rows(
+    const uint8_t *block, const uint16_t *block_scales, const uint16_t *block_lows,
+    const int8_t *xq, const float *xs, const float *xsum, int64_t k, int64_t group,
+    int64_t n_out, int64_t b, int64_t m0, void *y, int y_bf16, const int count) {
+    const int split = count == 1 ? 2 : 1;
+    const int64_t groups = k / group, chunks = group / 8;
+    v16sf acc[ROW_BLOCK];
+    for (int r = 0; r < count; r++) acc[r] = (v16sf){0};
+    for (int64_t g = 0; g < groups; g++) {
+        const uint8_t *w = block + g * chunks * 64;
+        acc16 sums[ROW_BLOCK > 4 ? ROW_BLOCK : 4];
+        for (int i = 0; i < (count == 1 ? 4 : count); i++) sums[i] = acc_zero();
+        for (int64_t c = 0; c < chunks; c += split) {
+            for (int u = 0; u < split; u++) {
+                __builtin_prefetch(w + (c + u) * 64 + PREFETCH_BYTES);
+                for (int r = 0; r < count; r++) {
+                    const int8_t *xg = xq + (m0 + r) * k + g * group + (c + u) * 8;
+                    int32_t x_lo, x_hi;
+                    memcpy(&x_lo, xg, 4);
+                    memcpy(&x_hi, xg + 4, 4);
+                    if (count == 1)
+                        dot_nibbles(&sums[2 * u], &sums[2 * u + 1], w + (c + u) * 64, x_lo, x_hi);
+                    else
+                        dot_nibbles(&sums[r], &sums[r], w + (c + u) * 64, x_lo, x_hi);
+                }
+            }
+        }
+        const v16sf scale16 = load16h(block_scales + g * 16), low16 = load16h(block_lows + g * 16);
+        for (int r = 0; r < count; r++) {
+            const acc16 total = count == 1 ? acc_add(acc_add(sums[0], sums[2]), acc_add(sums[1], sums[3])) : sums[r];
+            const int64_t at = (m0 + r) * groups + g;
+            acc[r] += acc_float(total) * (scale16 * xs[at]);
+            acc[r] += low16 * xsum[at];
+        }
+    }
+    for (int r = 0; r < count; r++) store16(y, (m0 + r) * n_out + b * 16, acc[r], y_bf16);
+}
+
 /* y[m][n] for m < rows, n < n_out; x and y are float, or bfloat16 where `x_bf16` / `y_bf16`.
- * Returns 0, or -1 when its scratch memory could not be allocated. */
+ * Returns 0, or -1 when its scratch memory could not be allocated.
+ *
+ * A prompt's rows go through here too, ROW_BLOCK at a time per weight block (a 16 x K block
+ * stays in the first cache levels while the rows pass): figures against widening the weights
+ * for torch's product in engine/cpu/kernels/int4_kernel.py. */
 int vlbot_int4_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_t n_out,
                       int64_t group, const uint8_t *packed, const uint16_t *scales, const uint16_t *lows,
                       void *y, int y_bf16, int threads) {
@@ -40,69 +87,27 @@ int vlbot_int4_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
         free(xq), free(xs), free(xsum);
         return -1;
     }
-    quantize_groups(x, x_bf16, rows, k, group, xq, xs, xsum);
+    quantize_groups(x, x_bf16, rows, k, group, xq, xs, xsum, threads);
     const int64_t groups = k / group;
     const int64_t blocks = n_out / 16;
-    const int64_t chunks = group / 8;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const uint8_t *block = packed + b * (k / 8) * 64;
         const uint16_t *block_scales = scales + b * groups * 16;
         const uint16_t *block_lows = lows + b * groups * 16;
-        for (int64_t m = 0; m < rows; m++) {
-            const int8_t *xrow = xq + m * k;
-            v16sf acc = {0};
-            for (int64_t g = 0; g < groups; g++) {
-                const uint8_t *w = block + g * chunks * 64;
-                const int8_t *xg = xrow + g * group;
-                acc16 sums[4] = {acc_zero(), acc_zero(), acc_zero(), acc_zero()};
-                for (int64_t c = 0; c < chunks; c += 2) {
-                    __builtin_prefetch(w + c * 64 + PREFETCH_BYTES);
-                    __builtin_prefetch(w + c * 64 + 64 + PREFETCH_BYTES);
-                    for (int u = 0; u < 2; u++) {
-                        int32_t x_lo, x_hi;
-                        memcpy(&x_lo, xg + (c + u) * 8, 4);
-                        memcpy(&x_hi, xg + (c + u) * 8 + 4, 4);
-                        dot_nibbles(&sums[2 * u], &sums[2 * u + 1], w + (c + u) * 64, x_lo, x_hi);
-                    }
-                }
-                const v16sf dot = acc_float(acc_add(acc_add(sums[0], sums[2]), acc_add(sums[1], sums[3])));
-                const v16sf scale = load16h(block_scales + g * 16) * xs[m * groups + g];
-                acc += dot * scale;
-                acc += load16h(block_lows + g * 16) * xsum[m * groups + g];
+        for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
+            const int64_t left = rows - m0;
+            /* constant row counts: the accumulators stay in registers */
+            switch (left < ROW_BLOCK ? left : ROW_BLOCK) {
+#define ROWS_CASE(n)                                                                               \
+    case n:                                                                                        \
+        int4_rows(block, block_scales, block_lows, xq, xs, xsum, k, group, n_out, b, m0, y, y_bf16, n); \
+        break;
+                ROW_CASES
+#undef ROWS_CASE
             }
-            store16(y, m * n_out + b * 16, acc, y_bf16);
         }
     }
     free(xq), free(xs), free(xsum);
     return 0;
-}
-
-/* The weights w[n][k] row-major, as float (`as_bf16` 0) or bfloat16 (1), for large products
- * (a prompt's prefill expands each layer's weights into a reused buffer, then multiplies with
- * oneDNN). Groups are multiples of 16 channels, so one scale per 16 channels. */
-void vlbot_int4_dequantize(int64_t k, int64_t n_out, int64_t group, const uint8_t *packed,
-                           const uint16_t *scales, const uint16_t *lows, void *w, int as_bf16, int threads) {
-    const int64_t groups = k / group;
-    const int64_t blocks = n_out / 16;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *block = packed + b * (k / 8) * 64;
-        float scale[64], low[64], lo[64], hi[64], values[16];
-        for (int64_t g = 0; g < groups; g++) {
-            halves_to_floats(scales + (b * groups + g) * 16, values);
-            spread4(values, scale);
-            halves_to_floats(lows + (b * groups + g) * 16, values);
-            spread4(values, low);
-            for (int64_t c = g * group / 8; c < (g + 1) * group / 8; c++) {
-                const uint8_t *v = block + c * 64;
-                for (int l = 0; l < 64; l++) {
-                    lo[l] = (float)(v[l] & 0x0f) * scale[l] + low[l];
-                    hi[l] = (float)(v[l] >> 4) * scale[l] + low[l];
-                }
-                store_rows4(w, b * 16, k, c * 8, lo, as_bf16);
-                store_rows4(w, b * 16, k, c * 8 + 4, hi, as_bf16);
-            }
-        }
-    }
 }

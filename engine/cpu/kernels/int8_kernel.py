@@ -86,9 +86,6 @@ class Int8Kernel:
             library, "vlbot_int8_matmul", I32, POINTER, I32, I64, I64, I64, I64,
             POINTER, POINTER, POINTER, I32, I32,
         )  # fmt: skip
-        self._dequantize = c_function(
-            library, "vlbot_int8_dequantize", None, I64, I64, POINTER, POINTER, POINTER, I32, I32
-        )
         self.isa = c_function(library, "vlbot_int8_isa", ctypes.c_char_p)().decode()
 
     def matmul(self, x: torch.Tensor, weights: PackedInt8) -> torch.Tensor:
@@ -106,15 +103,6 @@ class Int8Kernel:
         )  # fmt: skip
         if status != 0:
             raise MemoryError("the int8 kernel could not allocate its scratch memory")
-        return out
-
-    def dequantize(self, weights: PackedInt8, out: torch.Tensor) -> torch.Tensor:
-        """The (N, K) weights written into `out` (float32 or bfloat16, contiguous)."""
-        self._dequantize(
-            weights.in_features, weights.out_features, weights.packed.data_ptr(),
-            weights.scales.data_ptr(), out.data_ptr(), int(out.dtype == torch.bfloat16),
-            torch.get_num_threads(),
-        )  # fmt: skip
         return out
 
 

@@ -25,8 +25,50 @@
 
 const char *vlbot_int8_isa(void) { return QUANT_DOT_ISA; }
 
+/* Rows m0 .. m0 + count - 1 of one block of 16 outputs. Each 64-byte weight chunk is loaded once
+ * for the `count` activation rows (a prompt's rows, or a batch's); each row keeps `split` partial
+ * sums so that at least ACC_CHAINS accumulators are in flight. The sums are integers, so the
+ * result is the same for any count and split: a row gets exactly what it gets alone. */
+static inline __attribute__((always_inline)) void int8_rows(
+    const int8_t *block, const float *row_scales, const int8_t *xq, const float *xs,
+    const int32_t *xq_sum, int64_t k, int64_t group, int64_t n_out, int64_t b, int64_t m0,
+    void *y, int y_bf16, const int count) {
+    const int split = count == 1 ? 4 : (ACC_CHAINS / count > 1 ? ACC_CHAINS / count : 1);
+    const int64_t groups = k / group, chunks = group / 4;
+    const v16sf scale = load16f(row_scales + b * 16);
+    v16sf acc[ROW_BLOCK];
+    for (int r = 0; r < count; r++) acc[r] = (v16sf){0};
+    for (int64_t g = 0; g < groups; g++) {
+        const int8_t *w = block + g * chunks * 64;
+        acc16 sums[ACC_CHAINS > 4 ? ACC_CHAINS : 4];
+        for (int i = 0; i < count * split; i++) sums[i] = acc_zero();
+        for (int64_t c = 0; c < chunks; c += split) {
+            for (int s = 0; s < split; s++) {
+                __builtin_prefetch(w + (c + s) * 64 + PREFETCH_BYTES);
+                for (int r = 0; r < count; r++) {
+                    int32_t x4;
+                    memcpy(&x4, xq + (m0 + r) * k + g * group + (c + s) * 4, 4);
+                    sums[r * split + s] = dot_s8s8(sums[r * split + s], w + (c + s) * 64, x4);
+                }
+            }
+        }
+        for (int r = 0; r < count; r++) {
+            acc16 total = sums[r * split];
+            for (int s = 1; s < split; s++) total = acc_add(total, sums[r * split + s]);
+            const int64_t at = (m0 + r) * groups + g;
+            acc[r] += (acc_float(total) - (float)(DOT_S8_BIAS * xq_sum[at])) * xs[at];
+        }
+    }
+    for (int r = 0; r < count; r++) store16(y, (m0 + r) * n_out + b * 16, acc[r] * scale, y_bf16);
+}
+
 /* y[m][n] for m < rows, n < n_out; x and y are float, or bfloat16 where `x_bf16` / `y_bf16`;
- * activations quantized per `group` channels. Returns 0, or -1 without scratch memory. */
+ * activations quantized per `group` channels. Returns 0, or -1 without scratch memory.
+ *
+ * A prompt's rows go through here too, ROW_BLOCK at a time per weight block (a 16 x K block
+ * stays in the first cache levels while the rows pass): on tiers without bf16 arithmetic it
+ * beats widening the weights for torch's float32 product, and natively it matches oneDNN's bf16
+ * product over the expanded weights (figures in engine/cpu/kernels/int8_kernel.py). */
 int vlbot_int8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_t n_out,
                       int64_t group, const int8_t *packed, const float *row_scales, void *y,
                       int y_bf16, int threads) {
@@ -37,7 +79,7 @@ int vlbot_int8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
         free(xq), free(xs), free(xsum);
         return -1;
     }
-    quantize_groups(x, x_bf16, rows, k, group, xq, xs, xsum);
+    quantize_groups(x, x_bf16, rows, k, group, xq, xs, xsum, threads);
     const int64_t groups = k / group;
     int32_t *xq_sum = (int32_t *)xsum; /* the float sums are not needed here: reuse their space */
     for (int64_t at = 0; at < rows * groups; at++) {
@@ -46,53 +88,20 @@ int vlbot_int8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
         xq_sum[at] = total;
     }
     const int64_t blocks = n_out / 16;
-    const int64_t chunks = group / 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int8_t *block = packed + b * (k / 4) * 64;
-        const v16sf scale = load16f(row_scales + b * 16);
-        for (int64_t m = 0; m < rows; m++) {
-            const int8_t *xrow = xq + m * k;
-            v16sf acc = {0};
-            for (int64_t g = 0; g < groups; g++) {
-                const int8_t *w = block + g * chunks * 64;
-                const int8_t *xg = xrow + g * group;
-                acc16 sums[4] = {acc_zero(), acc_zero(), acc_zero(), acc_zero()};
-                for (int64_t c = 0; c < chunks; c += 4) {
-                    __builtin_prefetch(w + c * 64 + PREFETCH_BYTES);
-                    __builtin_prefetch(w + c * 64 + 64 + PREFETCH_BYTES);
-                    __builtin_prefetch(w + c * 64 + 128 + PREFETCH_BYTES);
-                    __builtin_prefetch(w + c * 64 + 192 + PREFETCH_BYTES);
-                    for (int u = 0; u < 4; u++) {
-                        int32_t x4;
-                        memcpy(&x4, xg + (c + u) * 4, 4);
-                        sums[u] = dot_s8s8(sums[u], w + (c + u) * 64, x4);
-                    }
-                }
-                const v16sf dot = acc_float(acc_add(acc_add(sums[0], sums[1]), acc_add(sums[2], sums[3])));
-                acc += (dot - (float)(DOT_S8_BIAS * xq_sum[m * groups + g])) * xs[m * groups + g];
+        for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
+            const int64_t left = rows - m0;
+            /* constant row counts: the accumulators stay in registers */
+            switch (left < ROW_BLOCK ? left : ROW_BLOCK) {
+#define ROWS_CASE(n)                                                                               \
+    case n: int8_rows(block, row_scales, xq, xs, xq_sum, k, group, n_out, b, m0, y, y_bf16, n); break;
+                ROW_CASES
+#undef ROWS_CASE
             }
-            store16(y, m * n_out + b * 16, acc * scale, y_bf16);
         }
     }
     free(xq), free(xs), free(xsum);
     return 0;
-}
-
-/* The weights w[n][k] = q * scale[n] row-major, as float (`as_bf16` 0) or bfloat16 (1), for large
- * products (a prompt's prefill: expanded per layer into a reused buffer, multiplied by oneDNN). */
-void vlbot_int8_dequantize(int64_t k, int64_t n_out, const int8_t *packed, const float *row_scales,
-                           void *w, int as_bf16, int threads) {
-    const int64_t blocks = n_out / 16;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int8_t *block = packed + b * (k / 4) * 64;
-        float scale[64], f[64];
-        spread4(row_scales + b * 16, scale);
-        for (int64_t c = 0; c < k / 4; c++) {
-            const int8_t *q = block + c * 64;
-            for (int l = 0; l < 64; l++) f[l] = (float)q[l] * scale[l];
-            store_rows4(w, b * 16, k, c * 4, f, as_bf16);
-        }
-    }
 }

@@ -174,6 +174,20 @@ static inline void dot_nibbles(acc16 *lo, acc16 *hi, const uint8_t *w, int32_t x
 #define DOT_S8_BIAS 0 /* dot_s8s8 gives the plain signed dot product */
 #endif
 
+/* Activation rows that share each weight load in the kernels' prompt path (ROW_BLOCK), and the
+ * accumulators (acc16) kept in flight to hide the dot steps' latency (ACC_CHAINS): 32 vector
+ * registers of 16 lanes on AVX-512, 16 of 8 lanes on AVX2 (an acc16 is two), 32 of 4 on NEON
+ * (an acc16 is four). ROW_CASES lists the row counts 1..ROW_BLOCK for a switch. */
+#if defined(__AVX512BW__)
+#define ROW_BLOCK 8
+#define ACC_CHAINS 8
+#define ROW_CASES ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5) ROWS_CASE(6) ROWS_CASE(7) ROWS_CASE(8)
+#else
+#define ROW_BLOCK 4
+#define ACC_CHAINS 4
+#define ROW_CASES ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
+#endif
+
 /* 16 IEEE half-precision values (the int4 kernel's scales and lows) as floats: F16C's VCVTPH2PS on
  * x86 (every x86 tier with a byte kernel has it), FCVTL on aarch64, else exact bit arithmetic. */
 #if defined(__F16C__)
@@ -237,8 +251,9 @@ static inline int8_t round_to_int8(float v) {
  * the integers of its bits (what a vector max of non-negative floats gives), the sum in 16
  * lanes added pairwise at the end. */
 static inline void quantize_groups(const void *x, int x_bf16, int64_t rows, int64_t k, int64_t group,
-                                   int8_t *xq, float *xs, float *xsum) {
+                                   int8_t *xq, float *xs, float *xsum, int threads) {
     const int64_t groups = k / group;
+#pragma omp parallel for if (rows > 1) num_threads(threads) schedule(static)
     for (int64_t m = 0; m < rows; m++) {
         for (int64_t g = 0; g < groups; g++) {
             const int64_t at = m * k + g * group;
@@ -270,31 +285,6 @@ static inline void quantize_groups(const void *x, int x_bf16, int64_t rows, int6
             xs[m * groups + g] = amax / 127.0f;
             xsum[m * groups + g] = lanes[0];
         }
-    }
-}
-
-/* Expanding weights for a prompt (dequantize): one 64-byte chunk's 64 values at a time, lane
- * 4r + i being row r's channel i of the chunk. Plain loops over arrays, which the compiler
- * vectorizes on every tier (its vector conversions of bytes are scalarized by GCC 12). */
-
-/* 16 values repeated 4 times each: out[4r + i] = v[r]. */
-static inline void spread4(const float *v, float *out) {
-    for (int l = 0; l < 64; l++) out[l] = v[l / 4];
-}
-
-/* Row r's 4 values (f[4r .. 4r+3]) to w[(row0 + r) * k + col] for the 16 rows, as float or
- * bfloat16 (rounded to nearest even, as float_to_bf16). */
-static inline void store_rows4(void *w, int64_t row0, int64_t k, int64_t col, const float *f, int as_bf16) {
-    if (as_bf16) {
-        uint16_t h[64];
-        for (int l = 0; l < 64; l++) {
-            uint32_t bits;
-            memcpy(&bits, f + l, 4);
-            h[l] = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-        }
-        for (int r = 0; r < 16; r++) memcpy((uint16_t *)w + (row0 + r) * k + col, h + 4 * r, 8);
-    } else {
-        for (int r = 0; r < 16; r++) memcpy((float *)w + (row0 + r) * k + col, f + 4 * r, 16);
     }
 }
 
