@@ -1,8 +1,11 @@
 """engine.cpu.kernels.decode_attention: one query per conversation attended over its cached keys and values in
-C gives the attention (float64 reference) as closely as torch's kernel does, reading the cache in
+C gives the attention (float64 reference) as closely as torch's kernel does, over bfloat16 and
+float32 caches on every CPU tier this machine runs (forced with VLBOT_CPU), reading the cache in
 place (views with spare room) and honouring each batch row's left padding."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -10,11 +13,13 @@ import torch.nn.functional as F
 
 from engine.cpu.kernels.decode_attention import DecodeAttention, left_padding, load_attention
 from tests.engine_fixtures import built_or_skip
+from tests.tier_helpers import KERNEL_TIERS, forced
 
 
-@pytest.fixture
-def kernel() -> DecodeAttention:
-    return built_or_skip(load_attention(), "decode attention kernel")
+@pytest.fixture(params=KERNEL_TIERS)
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[DecodeAttention]:
+    with forced(monkeypatch, request.param, load_attention):
+        yield built_or_skip(load_attention(), f"decode attention kernel on tier {request.param}")
 
 
 def exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: list[int]) -> torch.Tensor:
@@ -30,6 +35,7 @@ def exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: lis
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "dim", "length", "pads"),
     [
@@ -40,14 +46,21 @@ def exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: lis
     ],
 )
 def test_attention_of_one_query_per_row(
-    kernel: DecodeAttention, batch: int, heads: int, kv_heads: int, dim: int, length: int, pads: list[int]
+    kernel: DecodeAttention,
+    dtype: torch.dtype,
+    batch: int,
+    heads: int,
+    kv_heads: int,
+    dim: int,
+    length: int,
+    pads: list[int],
 ) -> None:
     generator = torch.Generator().manual_seed(length)
     # cache views with spare room after them, as engine.qwen.kvbuffer holds them
     spare = (batch, kv_heads, length + 24, dim)
-    keys = torch.randn(spare, generator=generator).to(torch.bfloat16)[:, :, :length]
-    values = torch.randn(spare, generator=generator).to(torch.bfloat16)[:, :, :length]
-    q = torch.randn(batch, 1, heads, dim, generator=generator).to(torch.bfloat16).transpose(1, 2)
+    keys = torch.randn(spare, generator=generator).to(dtype)[:, :, :length]
+    values = torch.randn(spare, generator=generator).to(dtype)[:, :, :length]
+    q = torch.randn(batch, 1, heads, dim, generator=generator).to(dtype).transpose(1, 2)
     mask = torch.ones(batch, length, dtype=torch.long)
     for row, pad in enumerate(pads):
         mask[row, :pad] = 0
@@ -65,8 +78,11 @@ def test_attention_of_one_query_per_row(
     )
     ours_error = float((got.double() - truth).norm() / truth.norm())
     torch_error = float((theirs.double() - truth).norm() / truth.norm())
-    assert got.shape == theirs.shape and got.dtype == torch.bfloat16
-    assert ours_error < 4e-3 and ours_error <= 2 * torch_error + 1e-4
+    assert got.shape == theirs.shape and got.dtype == dtype
+    if dtype == torch.bfloat16:  # one rounding of the result to bfloat16, as torch's
+        assert ours_error < 4e-3 and ours_error <= 2 * torch_error + 1e-4
+    else:
+        assert ours_error < 1e-5 and ours_error <= 4 * torch_error + 1e-6
 
 
 def test_left_padding_is_recognised_and_anything_else_refused() -> None:
@@ -75,12 +91,14 @@ def test_left_padding_is_recognised_and_anything_else_refused() -> None:
     assert left_padding(torch.tensor([[0, 0, 0]])) is None  # nothing to attend to
 
 
-def test_only_bfloat16_caches_it_can_read_are_taken(kernel: DecodeAttention) -> None:
+def test_only_caches_it_can_read_are_taken(kernel: DecodeAttention) -> None:
     keys = torch.randn(1, 8, 10, 128, dtype=torch.bfloat16)
     q = torch.randn(1, 16, 1, 256, dtype=torch.bfloat16)[..., :128]  # heads not packed together
     assert not kernel.takes(q, keys, keys)
     q = q.contiguous()
     assert kernel.takes(q, keys, keys)
-    assert not kernel.takes(q.float(), keys.float(), keys.float())
+    assert kernel.takes(q.float(), keys.float(), keys.float())
+    assert not kernel.takes(q.float(), keys, keys)  # one dtype for all three
+    assert not kernel.takes(q.half(), keys.half(), keys.half())
     assert not kernel.takes(q, keys, keys.transpose(2, 3).contiguous().transpose(2, 3))
     assert not kernel.takes(q, torch.randn(1, 5, 10, 128, dtype=torch.bfloat16), keys)

@@ -26,7 +26,7 @@ CROSS_CC = "aarch64-linux-gnu-gcc"
 QEMU = "qemu-aarch64"
 SYSROOT = Path("/usr/aarch64-linux-gnu")
 # x86-only kernels: their wrappers offer them only on AVX-512 / AMX tiers, never on aarch64
-X86_ONLY = {"decode_attention", "gelu_tanh", "int8_screen", "prefill_ops", "vision_flash"}
+X86_ONLY = {"gelu_tanh", "int8_screen", "prefill_ops", "vision_flash"}
 ARM_MARCHES = {"neon": "-march=armv8.2-a", "neon+dotprod+i8mm+bf16": "-march=armv8.2-a+dotprod+i8mm+bf16"}
 
 

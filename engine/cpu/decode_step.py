@@ -11,7 +11,7 @@ fewer operators:
   table is the plain one: cos/sin of position x inverse frequency, computed once per step;
 - attention is `scaled_dot_product_attention` over the conversation cache (`cache.update`, so the
   in-place cache of engine.qwen.kvbuffer works unchanged), with a padding mask only when the batch
-  has padding; in bfloat16 engine.cpu.kernels.decode_attention's C loop instead;
+  has padding; engine.cpu.kernels.decode_attention's C loop instead where it builds;
 - the bf16 kernel reads each layer's q, k and v projections in one pass, and its gate and up
   projections in another, once engine.cpu.hugepages has placed their weights back to back
   (engine.cpu.kernels.bf16_kernel.AdjacentLinears); the down projection is called as its module;
@@ -63,10 +63,11 @@ class DecodeStep:
         # float32 keeps torch's operators, whose results are transformers' to the last bit or two
         # (4-bit weights round activations to 8 bits, which turns any difference into tokens)
         self.ops: DecodeOps | None = load_ops() if model.dtype == torch.bfloat16 else None
-        # and their attention in C too, reading each layer's cache once for the query heads that
-        # share it (full-size model, 1,100 tokens of context: ~8 instead of ~12 ms per step)
+        # attention in C, reading each layer's cache once for the query heads that share it, in
+        # bfloat16 and float32 (full-size model: bf16, 1,100 tokens of context, ~8 instead of
+        # ~12 ms per step; float32 int4 with AVX2 forced, ~250 tokens, ~1 instead of ~7 ms)
         bf16 = model.dtype == torch.bfloat16
-        self.attention: DecodeAttention | None = load_attention() if bf16 else None
+        self.attention: DecodeAttention | None = load_attention()
         # q/k/v and gate/up each in one pass of the bf16 kernel once their weights sit back to
         # back (after engine.cpu.hugepages moved them): 112 instead of 196 calls per step
         self.qkv = [

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 
 #include "bf16_matvec.c"
+#include "decode_attention.c"
 #include "decode_ops.c"
 
 static uint64_t state = 88172645463325252ull;
@@ -85,6 +86,51 @@ static void rms_case(int64_t rows, int64_t dim, int bf16) {
     free(x), free(weight), free(out);
 }
 
+/* One query per batch row over a cache of `length` positions with room for more (token stride
+ * dim, head stride (length + 3) * dim), row b attending from starts[b]; against double softmax. */
+static void attention_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t dim, int64_t length,
+                           const int64_t *starts, int bf16) {
+    const size_t size = bf16 ? 2 : 4;
+    const int64_t room = length + 3, group = q_heads / kv_heads;
+    const int64_t cache = batch * kv_heads * room * dim;
+    void *q = malloc(size * batch * q_heads * dim), *out = malloc(size * batch * q_heads * dim);
+    void *k = malloc(size * cache), *v = malloc(size * cache);
+    double *p = malloc(sizeof(double) * length);
+    for (int64_t i = 0; i < batch * q_heads * dim; i++) store_value(q, i, 2.0f * uniform(), bf16);
+    for (int64_t i = 0; i < cache; i++) {
+        store_value(k, i, 2.0f * uniform(), bf16);
+        store_value(v, i, uniform(), bf16);
+    }
+    const float scale = 1.0f / sqrtf((float)dim);
+    const int status = bf16 ? vlbot_decode_attention(q, k, v, kv_heads * room * dim, room * dim, dim, starts,
+                                                     batch, q_heads, kv_heads, length, dim, scale, out, 2)
+                            : vlbot_decode_attention_f32(q, k, v, kv_heads * room * dim, room * dim, dim,
+                                                         starts, batch, q_heads, kv_heads, length, dim,
+                                                         scale, out, 2);
+    if (status != 0) failures++;
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t h = 0; h < q_heads; h++) {
+            const int64_t head = (b * kv_heads + h / group) * room * dim, query = (b * q_heads + h) * dim;
+            double top = -INFINITY, total = 0.0;
+            for (int64_t j = starts[b]; j < length; j++) {
+                double dot = 0.0;
+                for (int64_t d = 0; d < dim; d++)
+                    dot += (double)load_value(q, query + d, bf16) * load_value(k, head + j * dim + d, bf16);
+                p[j] = dot * scale;
+                top = p[j] > top ? p[j] : top;
+            }
+            for (int64_t j = starts[b]; j < length; j++) total += (p[j] = exp(p[j] - top));
+            for (int64_t d = 0; d < dim; d++) {
+                double want = 0.0;
+                for (int64_t j = starts[b]; j < length; j++) want += p[j] * load_value(v, head + j * dim + d, bf16);
+                check(bf16 ? "decode_attention bf16" : "decode_attention f32", load_value(out, query + d, bf16),
+                      want / total, bf16 ? 1e-2 : 1e-5, query + d);
+            }
+        }
+    }
+    free(q), free(out), free(k), free(v), free(p);
+}
+
 int main(void) {
     const int64_t shapes[][3] = {{1, 64, 256}, {1, 37, 100}, {3, 37, 100}, {8, 130, 2048},
                                  {9, 20, 48},  {2, 5, 7},    {1, 1, 1},    {5, 64, 96}};
@@ -96,6 +142,11 @@ int main(void) {
         rms_case(1, 128, bf16);
         rms_case(3, 2048, bf16);
         rms_case(2, 7, bf16);
+    }
+    const int64_t starts[3] = {0, 5, 36};
+    for (int bf16 = 0; bf16 < 2; bf16++) {
+        attention_case(3, 4, 2, 32, 37, starts, bf16);   /* left padding; one row with only its token */
+        attention_case(1, 16, 8, 128, 300, starts, bf16); /* Qwen3-VL-2B's heads */
     }
     printf("%s: %d failure(s), vector of %d floats\n", failures ? "FAILED" : "ok", failures, VF_LANES);
     return failures ? 1 : 0;

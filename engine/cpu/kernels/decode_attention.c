@@ -1,129 +1,114 @@
-/* Attention for one new token per conversation (vlbot's bf16 decode steps), AVX-512.
+/* Attention for one new token per conversation (vlbot's decode steps), one source for every CPU
+ * tier (engine/cpu/kernels/simd.h: AVX-512, AVX2, NEON, plain C), over a bfloat16 or a float32
+ * cache.
  *
- * torch's flash attention spends ~0.45 ms per layer on one query over a 1,100-token conversation
- * (12 ms of a ~160 ms step on the full-size Qwen3-VL-2B here); the work is reading the layer's
- * cached keys and values once (~4.5 MB). This loop does, for each conversation and key/value head,
- * the scores of the query heads that share it (grouped-query attention: the cache is read once
- * for the group), a float softmax, and the weighted sum of the values, in float, rounded to
- * bfloat16 at the end, as torch's kernel rounds its float result.
+ * torch's flash attention spends ~0.26-0.45 ms per layer on one query over a few hundred to
+ * 1,100 cached tokens (7 ms of a 40 ms float32 int4 step with AVX2 forced, 12 ms of a ~160 ms
+ * bf16 step before, on the full-size Qwen3-VL-2B); the work is reading the layer's cached keys
+ * and values once (~4.5 MB at 1,100 tokens in bf16). This loop does, for each conversation and
+ * key/value head, the scores of the query heads that share it (grouped-query attention: the cache
+ * is read once for the group), a float softmax, and the weighted sum of the values, in float,
+ * rounded to bfloat16 at the end for a bf16 cache, as torch's kernel rounds its float result.
  *
  * Keys and values are read in place from the conversation cache: (batch, kv_heads, length, dim)
  * with any batch and head strides and rows of `dim` contiguous values (engine.qwen.kvbuffer's views).
  * A batch row may start after position 0 (left padding): `starts[b]` is its first real position.
  *
  * Built at run time by engine/cpu/native.py and called through ctypes
- * (engine/cpu/kernels/decode_attention.py).
+ * (engine/cpu/kernels/decode_attention.py); engine/cpu/kernels/decode_layer.c calls the bf16 entry
+ * point by address.
  */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "exp_avx512.h"
+#include "bf16.h"
+#include "simd.h"
 
 #define MAX_DIM 256  /* head dims up to this (Qwen3-VL: 128) */
 #define MAX_GROUP 16 /* query heads per key/value head */
+#define MAX_CHUNKS (MAX_DIM / VF_LANES)
 #ifndef AHEAD
 #define AHEAD 16 /* positions read ahead (prefetched) */
 #endif
 
-static inline __m512 widen(const uint16_t *p) {
-    __m256i half = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+/* VF_LANES values of a bfloat16 (`bf16`) or float32 array from element `at`, as floats. */
+static inline __attribute__((always_inline)) vf load_lanes(const void *p, int64_t at, const int bf16) {
+    return bf16 ? vf_load_bf16((const uint16_t *)p + at) : vf_load((const float *)p + at);
 }
 
 /* In place: p[j] = exp(p[j] - max) for j < count; returns their sum. */
 static float softmax_numerators(float *p, int64_t count) {
     float top = -INFINITY;
     for (int64_t j = 0; j < count; j++) top = p[j] > top ? p[j] : top;
-    const __m512 top_v = _mm512_set1_ps(top);
-    __m512 total = _mm512_setzero_ps();
+    vf total = vf_zero();
     int64_t j = 0;
-    for (; j + 16 <= count; j += 16) {
-        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(p + j), top_v));
-        _mm512_storeu_ps(p + j, e);
-        total = _mm512_add_ps(total, e);
+    for (; j + VF_LANES <= count; j += VF_LANES) {
+        const vf e = vf_exp(vf_load(p + j) - top);
+        vf_store(p + j, e);
+        total += e;
     }
-    if (j < count) {
-        const __mmask16 mask = (__mmask16)((1u << (count - j)) - 1u);
-        __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + j), top_v));
-        e = _mm512_maskz_mov_ps(mask, e);
-        _mm512_mask_storeu_ps(p + j, mask, e);
-        total = _mm512_add_ps(total, e);
+    float sum = vf_sum(total);
+    for (; j < count; j++) {
+        p[j] = expf(p[j] - top);
+        sum += p[j];
     }
-    return _mm512_reduce_add_ps(total);
-}
-
-static inline uint16_t to_bf16(float value) {
-    __m128bh packed = _mm_cvtneps_pbh(_mm_set1_ps(value));
-    uint16_t out;
-    __builtin_memcpy(&out, &packed, 2);
-    return out;
+    return sum;
 }
 
 /* One conversation row, one key/value head, its `group` query heads: each key and value row is
- * widened once for all of them. `scores` holds group * (length - start) floats. */
-static void attend(const uint16_t *q, const uint16_t *k, const uint16_t *v, int64_t token_stride,
-                   int64_t start, int64_t length, int64_t dim, int group, float scale,
-                   uint16_t *out, float *scores) {
-    const int chunks = (int)(dim / 16);
+ * read once for all of them. `scores` holds group * (length - start) floats. */
+static inline __attribute__((always_inline)) void attend(
+    const void *q, const void *k, const void *v, int64_t token_stride, int64_t start,
+    int64_t length, int64_t dim, int group, float scale, void *out, float *scores, const int bf16) {
+    const int chunks = (int)(dim / VF_LANES);
     const int64_t count = length - start;
-    __m512 query[MAX_GROUP][MAX_DIM / 16];
+    const int64_t row_bytes = dim * (bf16 ? 2 : 4);
+    vf query[MAX_GROUP][MAX_CHUNKS];
     for (int g = 0; g < group; g++) {
-        for (int c = 0; c < chunks; c++) {
-            query[g][c] = _mm512_mul_ps(widen(q + g * dim + c * 16), _mm512_set1_ps(scale));
-        }
+        for (int c = 0; c < chunks; c++) query[g][c] = load_lanes(q, g * dim + c * VF_LANES, bf16) * scale;
     }
     for (int64_t j = 0; j < count; j++) {
-        const uint16_t *key = k + (start + j) * token_stride;
-        for (int64_t line = 0; line < dim * 2; line += 64) {
-            _mm_prefetch((const char *)(key + AHEAD * token_stride) + line, _MM_HINT_T0);
-        }
-        __m512 acc[MAX_GROUP];
-        for (int g = 0; g < group; g++) acc[g] = _mm512_setzero_ps();
+        const int64_t key = (start + j) * token_stride;
+        const char *ahead = (const char *)k + (key + AHEAD * token_stride) * (bf16 ? 2 : 4);
+        for (int64_t line = 0; line < row_bytes; line += 64) prefetch(ahead + line);
+        vf acc[MAX_GROUP];
+        for (int g = 0; g < group; g++) acc[g] = vf_zero();
         for (int c = 0; c < chunks; c++) {
-            const __m512 part = widen(key + c * 16);
-            for (int g = 0; g < group; g++) acc[g] = _mm512_fmadd_ps(query[g][c], part, acc[g]);
+            const vf part = load_lanes(k, key + c * VF_LANES, bf16);
+            for (int g = 0; g < group; g++) acc[g] += query[g][c] * part;
         }
-        for (int g = 0; g < group; g++) scores[g * count + j] = _mm512_reduce_add_ps(acc[g]);
+        for (int g = 0; g < group; g++) scores[g * count + j] = vf_sum(acc[g]);
     }
     float inverse[MAX_GROUP];
     for (int g = 0; g < group; g++) inverse[g] = 1.0f / softmax_numerators(scores + g * count, count);
-    __m512 acc[MAX_GROUP][MAX_DIM / 16];
+    vf acc[MAX_GROUP][MAX_CHUNKS];
     for (int g = 0; g < group; g++) {
-        for (int c = 0; c < chunks; c++) acc[g][c] = _mm512_setzero_ps();
+        for (int c = 0; c < chunks; c++) acc[g][c] = vf_zero();
     }
     for (int64_t j = 0; j < count; j++) {
-        const uint16_t *value = v + (start + j) * token_stride;
-        for (int64_t line = 0; line < dim * 2; line += 64) {
-            _mm_prefetch((const char *)(value + AHEAD * token_stride) + line, _MM_HINT_T0);
-        }
+        const int64_t value = (start + j) * token_stride;
+        const char *ahead = (const char *)v + (value + AHEAD * token_stride) * (bf16 ? 2 : 4);
+        for (int64_t line = 0; line < row_bytes; line += 64) prefetch(ahead + line);
         for (int c = 0; c < chunks; c++) {
-            const __m512 part = widen(value + c * 16);
-            for (int g = 0; g < group; g++) {
-                acc[g][c] = _mm512_fmadd_ps(_mm512_set1_ps(scores[g * count + j]), part, acc[g][c]);
-            }
+            const vf part = load_lanes(v, value + c * VF_LANES, bf16);
+            for (int g = 0; g < group; g++) acc[g][c] += scores[g * count + j] * part;
         }
     }
     for (int g = 0; g < group; g++) {
         for (int c = 0; c < chunks; c++) {
-            float lanes[16];
-            _mm512_storeu_ps(lanes, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inverse[g])));
-            for (int i = 0; i < 16; i++) out[g * dim + c * 16 + i] = to_bf16(lanes[i]);
+            float lanes[VF_LANES];
+            vf_store(lanes, acc[g][c] * inverse[g]);
+            for (int i = 0; i < VF_LANES; i++) store_value(out, g * dim + c * VF_LANES + i, lanes[i], bf16);
         }
     }
 }
 
-/* out (batch, q_heads, dim) = softmax(q k^T * scale) v for one query per batch row.
- * q (batch, q_heads, dim) contiguous; k and v (batch, kv_heads, length, dim) at the given batch
- * and head strides, `token_stride` between positions (elements); starts[b] (or 0 when NULL) the
- * first position row b attends to. dim a multiple of 16 up to MAX_DIM, q_heads / kv_heads up to
- * MAX_GROUP. Returns 0, or -1 for unsupported shapes or when scratch memory is not available. */
-int vlbot_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
-                           int64_t batch_stride, int64_t head_stride, int64_t token_stride,
-                           const int64_t *starts, int64_t batch, int64_t q_heads, int64_t kv_heads,
-                           int64_t length, int64_t dim, float scale, uint16_t *out, int threads) {
-    if (dim % 16 != 0 || dim > MAX_DIM || kv_heads <= 0 || q_heads % kv_heads != 0) return -1;
+static int decode_attention(const void *q, const void *k, const void *v, int64_t batch_stride,
+                            int64_t head_stride, int64_t token_stride, const int64_t *starts,
+                            int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length,
+                            int64_t dim, float scale, void *out, int threads, const int bf16) {
+    if (dim % VF_LANES != 0 || dim > MAX_DIM || kv_heads <= 0 || q_heads % kv_heads != 0) return -1;
     const int group = (int)(q_heads / kv_heads);
     if (group > MAX_GROUP) return -1;
     for (int64_t b = 0; b < batch; b++) {
@@ -132,15 +117,45 @@ int vlbot_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t 
     float *scratch = malloc(sizeof(float) * (size_t)(group * length) * (size_t)(batch * kv_heads));
     if (scratch == NULL) return -1;
     const int64_t tasks = batch * kv_heads;
+    const size_t size = bf16 ? 2 : 4;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t task = 0; task < tasks; task++) {
         const int64_t b = task / kv_heads, h = task % kv_heads;
         const int64_t start = starts == NULL ? 0 : starts[b];
-        const int64_t at = b * batch_stride + h * head_stride;
-        attend(q + (b * q_heads + h * group) * dim, k + at, v + at, token_stride, start, length,
-               dim, group, scale, out + (b * q_heads + h * group) * dim,
-               scratch + task * group * length);
+        const size_t at = (size_t)(b * batch_stride + h * head_stride) * size;
+        const size_t heads_at = (size_t)((b * q_heads + h * group) * dim) * size;
+        float *own = scratch + task * group * length;
+        if (bf16)
+            attend((const char *)q + heads_at, (const char *)k + at, (const char *)v + at, token_stride,
+                   start, length, dim, group, scale, (char *)out + heads_at, own, 1);
+        else
+            attend((const char *)q + heads_at, (const char *)k + at, (const char *)v + at, token_stride,
+                   start, length, dim, group, scale, (char *)out + heads_at, own, 0);
     }
     free(scratch);
     return 0;
+}
+
+/* out (batch, q_heads, dim) = softmax(q k^T * scale) v for one query per batch row, all bfloat16.
+ * q (batch, q_heads, dim) contiguous; k and v (batch, kv_heads, length, dim) at the given batch
+ * and head strides, `token_stride` between positions (elements); starts[b] (or 0 when NULL) the
+ * first position row b attends to. dim a multiple of the vector width up to MAX_DIM, q_heads /
+ * kv_heads up to MAX_GROUP. Returns 0, or -1 for unsupported shapes or when scratch memory is not
+ * available. */
+int vlbot_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v,
+                           int64_t batch_stride, int64_t head_stride, int64_t token_stride,
+                           const int64_t *starts, int64_t batch, int64_t q_heads, int64_t kv_heads,
+                           int64_t length, int64_t dim, float scale, uint16_t *out, int threads) {
+    return decode_attention(q, k, v, batch_stride, head_stride, token_stride, starts, batch, q_heads,
+                            kv_heads, length, dim, scale, out, threads, 1);
+}
+
+/* The same over a float32 cache, float32 q and out (a float32 model on a tier without bf16
+ * arithmetic). */
+int vlbot_decode_attention_f32(const float *q, const float *k, const float *v, int64_t batch_stride,
+                               int64_t head_stride, int64_t token_stride, const int64_t *starts,
+                               int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length,
+                               int64_t dim, float scale, float *out, int threads) {
+    return decode_attention(q, k, v, batch_stride, head_stride, token_stride, starts, batch, q_heads,
+                            kv_heads, length, dim, scale, out, threads, 0);
 }

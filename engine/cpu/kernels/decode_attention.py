@@ -1,9 +1,9 @@
-"""ctypes bindings of engine/cpu/kernels/decode_attention.c: a bfloat16 decode step's attention (one
-query per conversation over its cached keys and values) in one call per layer.
+"""ctypes bindings of engine/cpu/kernels/decode_attention.c: a decode step's attention (one query
+per conversation over its cached keys and values) in one call per layer, over a bfloat16 or a
+float32 cache, on every tier with vector floats (AVX2 and above on x86, NEON on aarch64).
 
-engine.cpu.decode_step uses it for bfloat16 models where the library builds; anything it does not
-take (float32, another layout, a mask that is not left padding) goes to torch's
-`scaled_dot_product_attention`.
+engine.cpu.decode_step uses it where the library builds; anything it does not take (another
+layout, a mask that is not left padding) goes to torch's `scaled_dot_product_attention`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import functools
 
 import torch
 
-from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
+from engine.cpu.native import F32, I32, I64, POINTER, active_tier, c_function, load_library
 
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+CPU_FLAGS = ("avx2",)  # x86; aarch64 has NEON (`asimd`) on every tier
+ARM_FLAGS = ("asimd",)
 COMPILE_FLAGS: tuple[str, ...] = ()  # the tier gives the -m flags (engine.cpu.tiers)
+DTYPES = (torch.bfloat16, torch.float32)
 MAX_DIM = 256
 MAX_GROUP = 16
 
@@ -52,10 +54,11 @@ class DecodeAttention:
     """The loaded library's function, typed."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        self._attend = c_function(
-            library, "vlbot_decode_attention", I32, POINTER, POINTER, POINTER, I64, I64, I64,
-            POINTER, I64, I64, I64, I64, I64, F32, POINTER, I32,
+        arguments = (
+            POINTER, POINTER, POINTER, I64, I64, I64, POINTER, I64, I64, I64, I64, I64, F32, POINTER, I32,
         )  # fmt: skip
+        self._attend = c_function(library, "vlbot_decode_attention", I32, *arguments)
+        self._attend_f32 = c_function(library, "vlbot_decode_attention_f32", I32, *arguments)
 
     @property
     def function(self) -> object:
@@ -65,8 +68,9 @@ class DecodeAttention:
     @staticmethod
     def takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """q (B, H, 1, D) laid out as (B, 1, H, D); keys/values (B, Hkv, L, D) with rows of D
-        contiguous values and the same strides; bfloat16; a supported head size and grouping."""
-        if not (q.dtype == keys.dtype == values.dtype == torch.bfloat16):
+        contiguous values and the same strides; bfloat16 or float32; a supported head size and
+        grouping."""
+        if not (q.dtype == keys.dtype == values.dtype and q.dtype in DTYPES):
             return False
         if q.dim() != 4 or keys.dim() != 4 or q.shape[2] != 1 or keys.shape != values.shape:
             return False
@@ -78,7 +82,7 @@ class DecodeAttention:
             and keys.stride(3) == 1
             and keys.shape[0] == batch
             and keys.shape[3] == dim
-            and dim % 16 == 0
+            and dim % 16 == 0  # a multiple of every tier's vector width
             and dim <= MAX_DIM
             and heads % kv_heads == 0
             and heads // kv_heads <= MAX_GROUP
@@ -97,7 +101,8 @@ class DecodeAttention:
         batch, heads, _, dim = q.shape
         kv_heads, length = keys.shape[1], keys.shape[2]
         out = q.new_empty((batch, 1, heads * dim))
-        status = self._attend(
+        attend = self._attend if q.dtype == torch.bfloat16 else self._attend_f32
+        status = attend(
             *cache_arguments(q, keys, values, starts),
             batch,
             heads,
@@ -115,5 +120,6 @@ class DecodeAttention:
 
 @functools.lru_cache(maxsize=1)
 def load_attention() -> DecodeAttention | None:
-    library = load_library("decode_attention", COMPILE_FLAGS, CPU_FLAGS)
+    flags = ARM_FLAGS if active_tier().is_arm else CPU_FLAGS
+    library = load_library("decode_attention", COMPILE_FLAGS, flags)
     return None if library is None else DecodeAttention(library)

@@ -92,4 +92,36 @@ static inline float vf_sum(vf value) {
 
 static inline void prefetch(const void *p) { __builtin_prefetch(p, 0, 3); }
 
+typedef int32_t vi __attribute__((vector_size(VF_BYTES)));
+
+/* Lanes of `a` where `pick` (a comparison's all-ones lanes) is set, else of `b`: GCC's vector
+ * `?:` is C++ only, so the blend is spelled with bits (the compiler emits one blend). */
+static inline vf vf_select(vi pick, vf a, vf b) { return (vf)(((vi)a & pick) | ((vi)b & ~pick)); }
+
+/* exp(y) per lane, for any tier: 2^n * e^r with n = y / ln 2 rounded (half away from zero),
+ * r = y - n ln 2 (ln 2 in two parts, |r| <= ~ln 2 / 2) and e^r by its degree-7 Taylor polynomial
+ * (error below float rounding there); 2^n is put into the exponent bits in two halves, so that
+ * n down to -145 stays a normal float each. y is clamped to [-100, 88] (exp(-100) is 0 to float
+ * precision in every use here; exp(88) ~1.6e38 is still a float). */
+static inline vf vf_exp(vf y) {
+    const vf low = vf_splat(-100.0f), high = vf_splat(88.0f);
+    y = vf_select(y < low, low, vf_select(y > high, high, y));
+    const vf t = y * 1.44269504088896341f;
+    const vf half = (vf)(((vi)t & (int32_t)0x80000000) | (vi)vf_splat(0.5f)); /* +-0.5, t's sign */
+    const vi n = __builtin_convertvector(t + half, vi);                     /* truncation */
+    const vf nf = __builtin_convertvector(n, vf);
+    vf r = y - nf * 0.693145751953125f;
+    r = r - nf * 1.428606765330187e-06f;
+    vf p = vf_splat(1.0f / 5040.0f);
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const vi first = n >> 1, second = n - first; /* 2^n = 2^first * 2^second, each normal */
+    return p * (vf)((first + 127) << 23) * (vf)((second + 127) << 23);
+}
+
 #endif
