@@ -60,6 +60,14 @@
 /* single_row prefetches the rows this many rows below the ones it reads, at the same column */
 #define PREFETCH_ROWS 8
 #endif
+#ifndef FEW_AHEAD
+/* few_rows prefetches the weight rows this many rows below, at the same column (as single_row;
+ * it used to prefetch 768 bytes ahead in its own two rows). A 4-chat decode step of the full-size
+ * model, 2 threads, ms (one run each, load ~1.5, this machine's runs vary by ~15 %): same-row
+ * 122.8 natively / 149-163 AVX2 forced; 4 rows below 115 / 107; 8 below 106 / 120; 16 below
+ * 80-107 / 109; 32 below 116-127 / 120-139. */
+#define FEW_AHEAD 16
+#endif
 #ifndef PREFETCH_LOCALITY
 #define PREFETCH_LOCALITY 3 /* __builtin_prefetch's: 3 all cache levels, 0 non-temporal */
 #endif
@@ -151,11 +159,16 @@ static inline __attribute__((always_inline)) void few_rows(const float *xf, int6
     const int64_t first = pair * 2;
     const uint16_t *r0 = w + first * k;
     const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0; /* odd n_out: the last row twice */
+    /* prefetched: the rows FEW_AHEAD below at the same column while they exist, else the
+     * same rows PREFETCH_ELEMENTS ahead */
+    const int below = first + FEW_AHEAD + 1 < n_out;
+    const uint16_t *p0 = below ? r0 + FEW_AHEAD * k : r0 + PREFETCH_ELEMENTS;
+    const uint16_t *p1 = below ? r1 + FEW_AHEAD * k : r1 + PREFETCH_ELEMENTS;
     vf a0[MAX_ROWS], a1[MAX_ROWS];
     for (int m = 0; m < rows; m++) a0[m] = a1[m] = vf_zero();
     for (int64_t c = 0; c < body; c += STEP) {
-        prefetch(r0 + c + PREFETCH_ELEMENTS);
-        prefetch(r1 + c + PREFETCH_ELEMENTS);
+        prefetch(p0 + c);
+        prefetch(p1 + c);
         for (int u = 0; u < STEP; u += VF_LANES) {
             const vf w0 = vf_load_bf16(r0 + c + u), w1 = vf_load_bf16(r1 + c + u);
             for (int m = 0; m < rows; m++) {
@@ -182,11 +195,14 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
     const int64_t first = pair * 2;
     const uint16_t *r0 = w + first * k;
     const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0;
+    const int below = first + FEW_AHEAD + 1 < n_out;
+    const uint16_t *p0 = below ? r0 + FEW_AHEAD * k : r0 + PREFETCH_ELEMENTS;
+    const uint16_t *p1 = below ? r1 + FEW_AHEAD * k : r1 + PREFETCH_ELEMENTS;
     __m512 d0[MAX_ROWS], d1[MAX_ROWS];
     for (int m = 0; m < rows; m++) d0[m] = d1[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < body; c += 32) {
-        prefetch(r0 + c + PREFETCH_ELEMENTS);
-        prefetch(r1 + c + PREFETCH_ELEMENTS);
+        prefetch(p0 + c);
+        prefetch(p1 + c);
         const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(r0 + c));
         const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(r1 + c));
         for (int m = 0; m < rows; m++) {
