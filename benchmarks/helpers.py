@@ -7,6 +7,8 @@ Nothing here loads a model or touches the clock, so the test suite checks it qui
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -73,6 +75,34 @@ def decode_bytes_per_token(model: Any, head_bytes: int | None = None) -> int:
         head = model.lm_head
         head_bytes = tensor_bytes([*head.parameters(), *head.buffers()])
     return held + head_bytes
+
+
+def layer_read_rate(model: Any, passes: int = 7) -> dict[str, float]:
+    """How fast this process reads the language model's layers right now: the median of
+    `passes` plain float32 sums over their memory as held (every tensor whose bytes make whole
+    floats, viewed as floats), in bytes/s, with the bytes read per pass. Taken right after a decode,
+    it is the bandwidth that decode had to share its machine with, measured the same way: on a
+    shared VM the 2 GiB probe before and after the runs can be minutes away from the decode
+    and its figure has swung 25-75 GB/s within one session."""
+    import torch
+
+    layers = model.model.language_model.layers
+    seen: set[int] = set()
+    floats = []
+    for tensor in [*layers.parameters(), *layers.buffers()]:
+        nbytes = tensor.numel() * tensor.element_size()
+        if nbytes == 0 or nbytes % 4 or not tensor.is_contiguous() or tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        floats.append(tensor.detach().view(-1).view(torch.uint8).view(torch.float32))
+    nbytes = sum(t.numel() * 4 for t in floats)
+    times = []
+    for _ in range(passes):
+        started = time.perf_counter()
+        for values in floats:
+            values.sum()
+        times.append(time.perf_counter() - started)
+    return {"bytes": float(nbytes), "bytes_per_s": nbytes / statistics.median(times)}
 
 
 def parse_options(pairs: Sequence[str]) -> dict[str, Any]:

@@ -131,7 +131,13 @@ def evaluate_floors(result: Result) -> list[dict[str, Any]]:
         if r is not None and bot is not None:
             pairs.append((image, r, bot.get("decode_tok_s")))
     low = min(pairs, key=lambda p: p[1]) if pairs else None
-    pct = ", ".join(f"{i}: {100 * v / limit:.0f} % of limit" for i, _, v in pairs if limit and v)
+    bytes_per_token = (result.get("vlbot") or {}).get("bytes_per_token")
+    pct = ", ".join(
+        f"{i}: {100 * v / limit:.0f} % of limit"
+        + read_share(v, get(vlbot_run(result, i), "read_gb_s"), bytes_per_token)
+        for i, _, v in pairs
+        if limit and v
+    )
     add(
         "bf16 decode vs raw generate (same run)",
         "≥ 1.8×",
@@ -148,6 +154,7 @@ def evaluate_floors(result: Result) -> list[dict[str, Any]]:
         r = ratio(quant.get("decode_tok_s"), get(raw, "decode_tok_s"))
         limit = quant.get("decode_limit_tok_s")
         share = f", {100 * quant['decode_tok_s'] / limit:.0f} % of its limit" if limit and r else ""
+        share += read_share(quant.get("decode_tok_s"), quant.get("read_gb_s"), quant.get("bytes_per_token"))
         reached = None if r is None else f"{fmt_rate(quant.get('decode_tok_s'))} = {fmt_ratio(r)}{share}"
         add(
             f"quantized decode ({quant.get('option', 'int4 option')}) vs raw generate",
@@ -195,6 +202,16 @@ def evaluate_floors(result: Result) -> list[dict[str, Any]]:
 
 
 # --- the report --------------------------------------------------------------------------------
+
+
+def read_share(rate: Any, read_gb_s: Any, bytes_per_token: Any) -> str:
+    """", N % of a read right after": decode tok/s against the limit that the memory speed
+    measured right after that decode gives (a plain sum over the layers' memory; see
+    benchmarks.helpers.layer_read_rate), or "" where the run lacks a figure."""
+    if not (rate and read_gb_s and bytes_per_token):
+        return ""
+    limit = float(read_gb_s) * 1e9 / float(bytes_per_token)
+    return f" ({100 * float(rate) / limit:.0f} % of a read right after, {float(read_gb_s):.0f} GB/s)"
 
 
 def quantized_runs(result: Result) -> list[dict[str, Any]]:

@@ -25,6 +25,7 @@ from benchmarks.helpers import (
     decode_rate,
     growth_pct,
     interleaved,
+    layer_read_rate,
     overall_aggregate_rate,
     proc_status_bytes,
     steady_aggregate_rate,
@@ -289,6 +290,9 @@ class Bench:
             entry: dict[str, Any] = {"image": label}
             try:
                 entry.update(await self.turn(f"img-{label}", QUESTION, await read_bytes(path), n))
+                # the memory speed of the moment, for this decode's share of it (a shared VM's
+                # bandwidth swings within minutes)
+                entry["read_gb_s"] = layer_read_rate(self.engine.inner.model)["bytes_per_s"] / 1e9
                 if spec.get("followup", True):
                     entry["followup"] = await self.turn(
                         f"img-{label}", FOLLOW_UP, None, int(spec.get("followup_tokens", n))

@@ -6,6 +6,7 @@ checks only cover the arithmetic and formatting it reports with.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -288,3 +289,31 @@ def test_decode_bytes_count_the_weights_as_held() -> None:
     model = Model(torch.float32)
     model.model.language_model.layers[0].register_buffer("q", torch.zeros(32, 32, dtype=torch.uint8))
     assert decode_bytes_per_token(model, head_bytes=6400) == 64 * 32 * 4 + 32 * 32 + 6400
+
+
+def test_layer_read_rate_reads_every_layer_tensor_once() -> None:
+    """The memory speed probe taken right after a decode sums exactly the layers' bytes (a tied
+    tensor once), so its rate is comparable with the bytes a decode step reads."""
+    import torch
+    from torch import nn
+
+    from benchmarks.helpers import layer_read_rate
+
+    first, second = nn.Linear(64, 32), nn.Linear(32, 16, bias=False)
+    second.weight = nn.Parameter(torch.zeros(16, 32, dtype=torch.bfloat16))  # 1 KiB of bf16
+    third = nn.Linear(32, 16, bias=False)
+    third.weight = second.weight  # tied: read once
+    model = SimpleNamespace(
+        model=SimpleNamespace(language_model=SimpleNamespace(layers=nn.ModuleList([first, second, third])))
+    )
+    probe = layer_read_rate(model, passes=3)
+    assert probe["bytes"] == (64 * 32 + 32) * 4 + 16 * 32 * 2
+    assert probe["bytes_per_s"] > 0
+
+
+def test_read_share_puts_the_decode_against_the_memory_speed_of_the_moment() -> None:
+    from benchmarks.report import read_share
+
+    # 10 tok/s at 2 GB per token is 20 GB/s: half of a 40 GB/s read
+    assert read_share(10.0, 40.0, 2e9) == " (50 % of a read right after, 40 GB/s)"
+    assert read_share(10.0, None, 2e9) == ""
