@@ -8,8 +8,9 @@ is cached outside the repository, in ~/.cache/vlbot-bench/llama.cpp ($VLBOT_BENC
 1. the llama-cpp-python sdist from PyPI (``pip download --no-binary :all:``), whose vendor/llama.cpp
    is the llama.cpp source (a released, pinned snapshot);
 2. ``llama-mtmd-cli`` and ``llama-quantize`` built with cmake, Release, at ``nice -n 19``: a
-   ``native`` build (``-march=native``) and an ``avx2`` one (AVX2+FMA+F16C, no AVX-512), the peer of
-   vlbot's forced AVX2 tier. Both come from one build folder (only ggml's CPU backend differs);
+   ``native`` build (``-march=native``), an ``avx2`` one (AVX2+FMA+F16C, no AVX-512), the peer of
+   vlbot's forced AVX2 tier, and an ``avx512`` one (AVX-512 without VNNI, BF16 or AMX), the peer
+   of its forced `avx512` tier. All come from one build folder (only ggml's CPU backend differs);
    the binaries are static and kept per build;
 3. the full-size random model converted by llama.cpp's ``convert_hf_to_gguf.py``, in a venv of its
    own (torch CPU, transformers, sentencepiece, protobuf; never the project's .venv): the text model
@@ -86,17 +87,20 @@ _NO_AVX512 = tuple(
         "AMX_BF16",
     )
 )
+# x86 without -march=native: AVX2 + FMA + F16C (+ BMI2), each build adding or excluding AVX-512
+_X86_BASE = (
+    "-DGGML_NATIVE=OFF",
+    "-DGGML_AVX=ON",
+    "-DGGML_AVX2=ON",
+    "-DGGML_FMA=ON",
+    "-DGGML_F16C=ON",
+    "-DGGML_BMI2=ON",
+)
 BUILDS: dict[str, tuple[str, ...]] = {
     "native": ("-DGGML_NATIVE=ON",),
-    "avx2": (
-        "-DGGML_NATIVE=OFF",
-        "-DGGML_AVX=ON",
-        "-DGGML_AVX2=ON",
-        "-DGGML_FMA=ON",
-        "-DGGML_F16C=ON",
-        "-DGGML_BMI2=ON",
-        *_NO_AVX512,
-    ),
+    "avx2": (*_X86_BASE, *_NO_AVX512),
+    # AVX-512 F/CD/BW/DQ/VL without VNNI, BF16 or AMX: the peer of vlbot's forced `avx512` tier
+    "avx512": (*_X86_BASE, "-DGGML_AVX512=ON", *(f for f in _NO_AVX512 if f != "-DGGML_AVX512=OFF")),
 }
 QUANTS = ("BF16", "F16", "Q8_0", "Q4_K_M")  # text weights; BF16 is the converter's output
 
