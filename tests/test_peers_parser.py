@@ -184,7 +184,8 @@ def test_plan_names_builds_and_weights_and_refuses_unknown_ones() -> None:
         ("native", "Q8_0"),
         ("avx2", "Q4_K_M"),
     ]
-    with pytest.raises(SystemExit, match="unknown build 'avx512'"):
-        parse_plan("avx512:Q8_0")
+    assert parse_plan("avx512:Q8_0") == [("avx512", "Q8_0")]  # the forced avx512 tier's peer
+    with pytest.raises(SystemExit, match="unknown build 'avx10'"):
+        parse_plan("avx10:Q8_0")
     with pytest.raises(SystemExit, match="unknown weights 'Q5_K'"):
         parse_plan("native:Q5_K")

@@ -7,13 +7,14 @@
 | int8_kernel.py | int8_matvec.c | 8-bit weights x 8-bit activations (every tier: quant_dot.h) |
 | output_head.py | int8_screen.c | the output head screened through an 8-bit copy |
 | decode_ops.py | decode_ops.c | a decode step's RMSNorms and rotary embedding |
-| decode_attention.py | decode_attention.c | a bf16 decode step's attention |
+| decode_attention.py | decode_attention.c | a decode step's attention (bf16 or float32 cache) |
 | decode_layer.py | decode_layer.c | a bf16 decode step's whole layer in two calls |
 | prefill_ops.py | prefill_ops.c | a prompt's RMSNorms, q/k norm + rotary, SiLU gate |
 | vision_attention.py | vision_rotary.c | the vision tower's rotary embedding |
 | vision_flash.py | vision_flash.c | the vision tower's attention on AMX tiles (bf16) |
 | gelu.py | gelu_tanh.c | the vision MLP's tanh GELU (bf16) |
 
-bf16.h, quant_dot.h and exp_avx512.h are shared by the C sources. engine.cpu.native builds them (pyproject
+bf16.h, simd.h (vector floats for every tier, vf_exp), quant_dot.h and exp_avx512.h are shared by
+the C sources. engine.cpu.native builds them (pyproject
 ships *.c and *.h as package data). May import engine.cpu (native, hugepages) and this package.
 """
