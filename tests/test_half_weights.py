@@ -16,6 +16,7 @@ from torch import nn
 from engine.cpu import tiers
 from engine.cpu.half_weights import compute_in_float32
 from engine.cpu.kernels.bf16_kernel import FLOAT_PROMPT_MAX_ROWS, DecodeLinear, load_kernel
+from engine.cpu.onednn_linear import OneDnnLinear, available
 from engine.cpu.swap import swap_modules
 from engine.qwen.loading import load_processor, resolve_dtype
 from tests.engine_fixtures import resident_file_bytes
@@ -90,6 +91,8 @@ def test_logits_match_float32_with_the_weights_in_bf16(
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
     assert isinstance(model.lm_head, DecodeLinear) and model.lm_head.weight.dtype == torch.bfloat16
     assert next(model.model.visual.parameters()).dtype == torch.float32
+    vision_linears = [m for m in model.model.visual.modules() if isinstance(m, (nn.Linear, OneDnnLinear))]
+    assert vision_linears and all(isinstance(m, OneDnnLinear) for m in vision_linears) == available()
     rows = batch["input_ids"].shape[1]
     assert (rows > FLOAT_PROMPT_MAX_ROWS) == with_image
     assert with_image or tokens <= rows or rows > load_kernel().max_rows  # type: ignore[union-attr]

@@ -13,7 +13,8 @@ model's large matrices stay bfloat16 in memory:
   product, about the float32 product's time);
 - the token embedding stays bfloat16 (tied to the output head) and hands out float32 rows;
 - everything else (norms, rotary tables, the vision tower: ~0.4 B parameters whose float32
-  products are the fastest on these tiers) is converted to float32, one tensor at a time, each
+  products are the fastest on these tiers, through oneDNN: engine.cpu.onednn_linear) is
+  converted to float32, one tensor at a time, each
   bf16 original's pages of the safetensors file mapping released as soon as it is converted
   (otherwise the vision tower stays resident twice, 0.8 GB of file pages beside its 1.6 GB float32
   copy, until the mapping closes: Qwen3-VL-2B's peak RSS on forced AVX2 was weights + 1.8 GB).
@@ -30,6 +31,7 @@ from torch import nn
 
 from engine.cpu.hugepages import file_mappings, release_file_pages
 from engine.cpu.kernels.bf16_kernel import load_kernel, use_for_decode
+from engine.cpu.onednn_linear import use_onednn_linears
 from engine.cpu.tiers import active_tier
 
 logger = logging.getLogger("vlbot.engine")
@@ -72,9 +74,13 @@ def compute_in_float32(model: Any) -> bool:
                 setattr(module, name, buffer.float())
     embedding.register_forward_hook(_float_rows)
     swapped = use_for_decode(model)
+    # the rest (the vision tower, its mergers) multiplies float32 through oneDNN, not MKL
+    onednn = use_onednn_linears(model)
     logger.info(
-        "tier %s has no bf16 arithmetic: bf16 weights in memory, float32 compute (%d linears)",
+        "tier %s has no bf16 arithmetic: bf16 weights in memory, float32 compute (%d linears;"
+        " %d float32 linears through oneDNN)",
         active_tier().name,
         swapped,
+        onednn,
     )
     return True

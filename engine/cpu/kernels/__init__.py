@@ -16,5 +16,6 @@
 
 bf16.h, simd.h (vector floats for every tier, vf_exp), quant_dot.h and exp_avx512.h are shared by
 the C sources. engine.cpu.native builds them (pyproject
-ships *.c and *.h as package data). May import engine.cpu (native, hugepages) and this package.
+ships *.c and *.h as package data). May import engine.cpu (native, hugepages, onednn_linear) and this
+package.
 """

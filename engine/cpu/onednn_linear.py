@@ -1,0 +1,81 @@
+"""float32 linear layers through oneDNN's matrix product instead of torch's default BLAS (MKL).
+
+On tiers without bf16 arithmetic the vision tower and the language model's prompt products run in
+float32 (engine.cpu.half_weights). torch sends a float32 `F.linear` to MKL's sgemm, which on this
+AMD CPU runs its AVX2 code whatever the tier: the same ~45 ms for a 330x2048 by 2048x6144 product
+with AVX2 forced, AVX-512 forced or native. oneDNN's float32 product (`mkldnn._linear_pointwise`,
+the op torch's own compiler uses for CPU linears) uses the tier's widest vectors. 2 threads, Zen5,
+ms per call, MKL against oneDNN:
+
+| product | AVX2 forced | AVX-512 forced (no BF16) |
+|---|---|---|
+| 330x2048 by 2048x6144 (a prompt's MLP) | 47.8 / 37.0 | 45.8 / 19.2 |
+| 1200x1024 by 1024x4096 (vision fc1, 640x480) | 51.2 / 44.6 | 53.8 / 24.2 |
+| 1200x4096 by 4096x1024 (vision fc2) | 49.8 / 45.3 | 50.4 / 23.7 |
+| 330x2048 by 2048x2048 (a widened prompt block) | 15.0 / 12.3 | 14.6 / 6.6 |
+
+The results are float32 products with another summation order (a few units in the last place).
+Used on x86 only, where it was measured; torch builds without oneDNN keep `F.linear`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from engine.cpu.tiers import active_tier
+
+logger = logging.getLogger("vlbot.engine")
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether oneDNN's float32 linear runs here (x86, torch built with it): tried once on a
+    small product against F.linear."""
+    if active_tier().is_arm or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        x, weight, bias = torch.randn(3, 32), torch.randn(16, 32), torch.randn(16)
+        got = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    except (AttributeError, RuntimeError) as e:
+        logger.info("oneDNN float32 linear not available (%s): torch's F.linear stays", e)
+        return False
+    return bool(torch.allclose(got, F.linear(x, weight, bias), atol=1e-4))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear for float32 inputs and weights, through oneDNN where `available()`."""
+    if x.dtype == weight.dtype == torch.float32 and available() and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class OneDnnLinear(nn.Module):
+    """A float32 nn.Linear whose product goes through `linear`; same parameters (not copied)."""
+
+    def __init__(self, source: nn.Linear) -> None:
+        super().__init__()
+        self.weight = source.weight
+        self.bias = source.bias
+        self.in_features, self.out_features = source.in_features, source.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(module: nn.Module) -> int:
+    """Replace every float32 nn.Linear inside `module` with a OneDnnLinear (where `available()`);
+    returns how many."""
+    if not available():
+        return 0
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32:
+                setattr(parent, name, OneDnnLinear(child))
+                count += 1
+    return count
