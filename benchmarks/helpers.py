@@ -77,13 +77,16 @@ def decode_bytes_per_token(model: Any, head_bytes: int | None = None) -> int:
     return held + head_bytes
 
 
+READ_MIN_BYTES = 1 << 20
+
+
 def layer_read_rate(model: Any, passes: int = 7) -> dict[str, float]:
     """How fast this process reads the language model's layers right now: the median of
-    `passes` plain float32 sums over their memory as held (every tensor whose bytes make whole
-    floats, viewed as floats), in bytes/s, with the bytes read per pass. Taken right after a decode,
-    it is the bandwidth that decode had to share its machine with, measured the same way: on a
-    shared VM the 2 GiB probe before and after the runs can be minutes away from the decode
-    and its figure has swung 25-75 GB/s within one session."""
+    `passes` plain float32 sums over their memory as held (every tensor of at least 1 MiB whose
+    bytes make whole floats, viewed as floats), in bytes/s, with the bytes read per pass. Taken
+    right after a decode, it is the bandwidth that decode had to share its machine with, measured
+    the same way: on a shared VM the 2 GiB probe before and after the runs can be minutes away
+    from the decode and its figure has swung 25-75 GB/s within one session."""
     import torch
 
     layers = model.model.language_model.layers
@@ -91,7 +94,8 @@ def layer_read_rate(model: Any, passes: int = 7) -> dict[str, float]:
     floats = []
     for tensor in [*layers.parameters(), *layers.buffers()]:
         nbytes = tensor.numel() * tensor.element_size()
-        if nbytes == 0 or nbytes % 4 or not tensor.is_contiguous() or tensor.data_ptr() in seen:
+        small = nbytes < READ_MIN_BYTES  # a call per tiny tensor would time torch, not memory
+        if small or nbytes % 4 or not tensor.is_contiguous() or tensor.data_ptr() in seen:
             continue
         seen.add(tensor.data_ptr())
         floats.append(tensor.detach().view(-1).view(torch.uint8).view(torch.float32))
