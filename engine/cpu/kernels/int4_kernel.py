@@ -13,6 +13,11 @@ ours against torch's: avx512_bf16 0.186 (38.1) vs 0.194 (34.5); avx512 forced 0.
 0.372 (18.0); avx2 forced (ATen forced to AVX2 too) 0.198 (35.7) vs 0.705 (9.5). Where there is
 no byte dot product (x86 without AVX2, ARM without dotprod) or no compiler, `load_kernel()`
 returns None and engine.cpu.quant keeps torch's kernel.
+
+A prompt's rows go through it too, 8 rows per weight load with AVX-512 and 4 elsewhere
+(int4_rows): one 2048->6144 projection over 330 rows, 2 threads, ms, against expanding the
+weights for torch's product: avx512_bf16 5.9 vs 13.6 (oneDNN bf16 on unquantized weights:
+10.1); avx2 forced 19.7 vs 51.6 (MKL float32: 47.2; one row at a time, as before: 27.7).
 """
 
 from __future__ import annotations
