@@ -36,7 +36,7 @@ logger = logging.getLogger("vlbot.engine")
 def available() -> bool:
     """Whether oneDNN's float32 linear runs here (x86, torch built with it): tried once on a
     small product against F.linear."""
-    if active_tier().is_arm or not torch.backends.mkldnn.is_available():
+    if active_tier().is_arm or not torch._C._has_mkldnn:
         return False
     try:
         x, weight, bias = torch.randn(3, 32), torch.randn(16, 32), torch.randn(16)
@@ -50,7 +50,8 @@ def available() -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear for float32 inputs and weights, through oneDNN where `available()`."""
     if x.dtype == weight.dtype == torch.float32 and available() and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return out
     return F.linear(x, weight, bias)
 
 
