@@ -14,10 +14,10 @@ model's large matrices stay bfloat16 in memory:
 - the token embedding stays bfloat16 (tied to the output head) and hands out float32 rows;
 - everything else (norms, rotary tables, the vision tower: ~0.4 B parameters whose float32
   products are the fastest on these tiers, through oneDNN: engine.cpu.onednn_linear) is
-  converted to float32, one tensor at a time, each
-  bf16 original's pages of the safetensors file mapping released as soon as it is converted
-  (otherwise the vision tower stays resident twice, 0.8 GB of file pages beside its 1.6 GB float32
-  copy, until the mapping closes: Qwen3-VL-2B's peak RSS on forced AVX2 was weights + 1.8 GB).
+  converted to float32, one tensor at a time, each bf16 original's pages of the safetensors file
+  mapping released as soon as it is converted (otherwise the vision tower stays resident twice,
+  0.8 GB of file pages beside its 1.6 GB float32 copy, until the mapping closes: Qwen3-VL-2B's
+  peak RSS on forced AVX2 was weights + 1.8 GB).
 Answers then match the float32 model as closely as bf16 rounding of the weights allows.
 """
 
