@@ -148,6 +148,12 @@ static inline __attribute__((always_inline)) void store_pair(
     }
 }
 
+/* Where few_rows prefetches for weight row `row` (of the pair starting at `first`): the row
+ * FEW_AHEAD below at the same column while it exists, else the same row PREFETCH_ELEMENTS ahead. */
+static inline const uint16_t *prefetched(const uint16_t *row, int64_t first, int64_t k, int64_t n_out) {
+    return first + FEW_AHEAD + 1 < n_out ? row + FEW_AHEAD * k : row + PREFETCH_ELEMENTS;
+}
+
 /* `rows` (2..MAX_ROWS) activation rows against two weight rows: each weight vector is loaded
  * once for all of them, so a batch costs about what one row costs (the weights' reading). */
 static inline __attribute__((always_inline)) void few_rows(const float *xf, int64_t k,
@@ -159,11 +165,7 @@ static inline __attribute__((always_inline)) void few_rows(const float *xf, int6
     const int64_t first = pair * 2;
     const uint16_t *r0 = w + first * k;
     const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0; /* odd n_out: the last row twice */
-    /* prefetched: the rows FEW_AHEAD below at the same column while they exist, else the
-     * same rows PREFETCH_ELEMENTS ahead */
-    const int below = first + FEW_AHEAD + 1 < n_out;
-    const uint16_t *p0 = below ? r0 + FEW_AHEAD * k : r0 + PREFETCH_ELEMENTS;
-    const uint16_t *p1 = below ? r1 + FEW_AHEAD * k : r1 + PREFETCH_ELEMENTS;
+    const uint16_t *p0 = prefetched(r0, first, k, n_out), *p1 = prefetched(r1, first, k, n_out);
     vf a0[MAX_ROWS], a1[MAX_ROWS];
     for (int m = 0; m < rows; m++) a0[m] = a1[m] = vf_zero();
     for (int64_t c = 0; c < body; c += STEP) {
@@ -195,9 +197,7 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
     const int64_t first = pair * 2;
     const uint16_t *r0 = w + first * k;
     const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0;
-    const int below = first + FEW_AHEAD + 1 < n_out;
-    const uint16_t *p0 = below ? r0 + FEW_AHEAD * k : r0 + PREFETCH_ELEMENTS;
-    const uint16_t *p1 = below ? r1 + FEW_AHEAD * k : r1 + PREFETCH_ELEMENTS;
+    const uint16_t *p0 = prefetched(r0, first, k, n_out), *p1 = prefetched(r1, first, k, n_out);
     __m512 d0[MAX_ROWS], d1[MAX_ROWS];
     for (int m = 0; m < rows; m++) d0[m] = d1[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < body; c += 32) {

@@ -104,7 +104,7 @@ static inline __attribute__((always_inline)) void attend(
     }
 }
 
-static int decode_attention(const void *q, const void *k, const void *v, int64_t batch_stride,
+static inline __attribute__((always_inline)) int decode_attention(const void *q, const void *k, const void *v, int64_t batch_stride,
                             int64_t head_stride, int64_t token_stride, const int64_t *starts,
                             int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length,
                             int64_t dim, float scale, void *out, int threads, const int bf16) {
@@ -125,12 +125,9 @@ static int decode_attention(const void *q, const void *k, const void *v, int64_t
         const size_t at = (size_t)(b * batch_stride + h * head_stride) * size;
         const size_t heads_at = (size_t)((b * q_heads + h * group) * dim) * size;
         float *own = scratch + task * group * length;
-        if (bf16)
-            attend((const char *)q + heads_at, (const char *)k + at, (const char *)v + at, token_stride,
-                   start, length, dim, group, scale, (char *)out + heads_at, own, 1);
-        else
-            attend((const char *)q + heads_at, (const char *)k + at, (const char *)v + at, token_stride,
-                   start, length, dim, group, scale, (char *)out + heads_at, own, 0);
+        /* bf16 is a constant in each entry point's inlined copy */
+        attend((const char *)q + heads_at, (const char *)k + at, (const char *)v + at, token_stride,
+               start, length, dim, group, scale, (char *)out + heads_at, own, bf16);
     }
     free(scratch);
     return 0;
