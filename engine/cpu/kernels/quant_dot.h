@@ -253,7 +253,10 @@ static inline int8_t round_to_int8(float v) {
 static inline void quantize_groups(const void *x, int x_bf16, int64_t rows, int64_t k, int64_t group,
                                    int8_t *xq, float *xs, float *xsum, int threads) {
     const int64_t groups = k / group;
-#pragma omp parallel for if (rows > 1) num_threads(threads) schedule(static)
+/* a prompt's rows are shared by the threads; a decode step's few rows stay on one thread (a
+ * parallel region per call would cost more than their quantizing, ~200 calls a step) */
+#define QUANTIZE_PARALLEL_ROWS 16
+#pragma omp parallel for if (rows >= QUANTIZE_PARALLEL_ROWS) num_threads(threads) schedule(static)
     for (int64_t m = 0; m < rows; m++) {
         for (int64_t g = 0; g < groups; g++) {
             const int64_t at = m * k + g * group;
