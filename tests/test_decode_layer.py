@@ -1,11 +1,14 @@
 """engine.cpu.kernels.decode_layer: with bfloat16 weights back to back, a decode step runs each layer in two C
 calls and gives the hidden states the operator-by-operator step gives (the same kernels; only
 silu's last bit may differ now and then), for one conversation and a padded batch, and keeps the
-caches the same; batches larger than the bf16 kernel takes keep the operator step."""
+caches the same; batches larger than the bf16 kernel takes keep the operator step. Where the tier
+has no bf16 arithmetic (AVX2 forced) and the model computes in float32 over its bf16 weights, the
+layers run in C as well, within float32 rounding of the operator step."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +17,15 @@ import torch
 from torch import nn
 
 from engine.cpu.decode_step import DecodeStep
-from engine.cpu.kernels.bf16_kernel import use_for_decode
+from engine.cpu.half_weights import compute_in_float32
+from engine.cpu.kernels import decode_layer
+from engine.cpu.kernels.bf16_kernel import load_kernel, use_for_decode
+from engine.cpu.kernels.decode_attention import load_attention
+from engine.cpu.kernels.decode_ops import load_ops
 from engine.qwen.batching import Batch
 from tests.engine_fixtures import built_or_skip
 from tests.test_engine_decode_step import PROMPTS, load, prefilled_batch
+from tests.tier_helpers import forced
 
 pytest_plugins = ["tests.engine_fixtures"]
 
@@ -32,9 +40,12 @@ def back_to_back(linears: list[nn.Module]) -> None:
         start += rows
 
 
-def fast_model(folder: Path) -> tuple[Any, DecodeStep]:
+def fast_model(folder: Path, in_float32: bool = False) -> tuple[Any, DecodeStep]:
     model = load(folder, torch.bfloat16)
-    use_for_decode(model)
+    if in_float32:
+        assert compute_in_float32(model)
+    else:
+        use_for_decode(model)
     for layer in model.model.language_model.layers:
         attention, mlp = layer.self_attn, layer.mlp
         back_to_back([attention.q_proj, attention.k_proj, attention.v_proj])
@@ -45,9 +56,10 @@ def fast_model(folder: Path) -> tuple[Any, DecodeStep]:
     return model, step
 
 
-def run_both(model: Any, step: DecodeStep, batch: Batch, steps: int) -> int:
+def run_both(model: Any, step: DecodeStep, batch: Batch, steps: int, tolerance: float = 2**-6) -> int:
     """Steps through the C layers on `batch` and through the operators on a copy; returns how
-    many ran in C. Hidden states and caches must agree at every step."""
+    many ran in C. Hidden states and caches must agree at every step (within `tolerance` of
+    their largest value; bfloat16 ones bit for bit, mostly)."""
     twin = copy.deepcopy(batch)
     kernel = step.layer_kernel
     before = step.fast_steps
@@ -61,12 +73,14 @@ def run_both(model: Any, step: DecodeStep, batch: Batch, steps: int) -> int:
             finally:
                 step.layer_kernel = kernel
             tokens = model.lm_head(want).argmax(dim=-1).tolist()
+        assert got.dtype == want.dtype
         scale = float(want.float().abs().max())
-        assert float((got.float() - want.float()).abs().max()) <= 2**-6 * scale
-        assert float((got == want).float().mean()) > 0.9  # the same bits, but for silu's rare last bit
+        assert float((got.float() - want.float()).abs().max()) <= tolerance * scale
+        if got.dtype == torch.bfloat16:  # the same bits, but for silu's rare last bit
+            assert float((got == want).float().mean()) > 0.9
         for layer_a, layer_b in zip(batch.cache.layers, twin.cache.layers, strict=True):
             keys_a, keys_b = layer_a.keys.float(), layer_b.keys.float()
-            assert float((keys_a - keys_b).abs().max()) <= 2**-6 * float(keys_b.abs().max())
+            assert float((keys_a - keys_b).abs().max()) <= tolerance * float(keys_b.abs().max())
         for each, inputs in ((batch, a_inputs), (twin, b_inputs)):
             each.advance(inputs["attention_mask"])
             for row, token in zip(each.rows, tokens, strict=True):
@@ -80,6 +94,23 @@ def test_the_c_layers_give_the_operator_steps_hidden_states(
 ) -> None:
     model, step = fast_model(tiny_qwen3)
     assert run_both(model, step, prefilled_batch(model, prompts), steps=5) == 5
+
+
+@pytest.fixture
+def avx2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """AVX2 forced, every kernel the decode step loads built again for it."""
+    with forced(monkeypatch, "avx2", load_kernel, load_ops, load_attention, decode_layer._library):
+        yield
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "padded-batch"])
+def test_float32_activations_over_bf16_weights_run_the_layers_in_c(
+    avx2: None, tiny_qwen3: Path, prompts: list[list[int]]
+) -> None:
+    model, step = fast_model(tiny_qwen3, in_float32=True)
+    batch = prefilled_batch(model, prompts)
+    assert batch.cache.layers[0].keys.dtype == torch.float32
+    assert run_both(model, step, batch, steps=5, tolerance=1e-5) == 5
 
 
 def test_weights_not_back_to_back_keep_the_operator_step(tiny_qwen3: Path) -> None:

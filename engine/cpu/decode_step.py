@@ -66,7 +66,6 @@ class DecodeStep:
         # attention in C, reading each layer's cache once for the query heads that share it, in
         # bfloat16 and float32 (full-size model: bf16, 1,100 tokens of context, ~8 instead of
         # ~12 ms per step; float32 int4 with AVX2 forced, ~250 tokens, ~1 instead of ~7 ms)
-        bf16 = model.dtype == torch.bfloat16
         self.attention: DecodeAttention | None = load_attention()
         # q/k/v and gate/up each in one pass of the bf16 kernel once their weights sit back to
         # back (after engine.cpu.hugepages moved them): 112 instead of 196 calls per step
@@ -76,16 +75,18 @@ class DecodeStep:
         ]
         self.gate_up = [AdjacentLinears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
         # and then the operators between the products in C as well, two calls per layer
-        # (engine.cpu.kernels.decode_layer: ~20 ms less per step on the full-size model)
-        matvec = load_bf16_kernel() if bf16 else None
+        # (engine.cpu.kernels.decode_layer: ~20 ms less per step on the full-size model in
+        # bfloat16; in float32 over bf16 weights, engine.cpu.half_weights, ~10 ms of ~66 with AVX2)
+        matvec = load_bf16_kernel()
+        layer_ops = self.ops or load_ops()
         self.layer_kernel: LayerKernel | None = None
         self.layer_rows = 0  # most rows a step runs in C: what the bf16 kernel takes
-        if matvec is not None and self.ops is not None and self.attention is not None:
-            self.layer_kernel = load_layer(matvec, self.ops, self.attention)
+        if matvec is not None and layer_ops is not None and self.attention is not None:
+            self.layer_kernel = load_layer(matvec, layer_ops, self.attention)
             self.layer_rows = matvec.max_rows
         self.hidden_size = int(config.hidden_size)
         self._layer_weights: list[LayerWeights] = []
-        self._layer_addresses: list[int] = []
+        self._layer_addresses: list[object] = []
         self.fast_steps = 0  # steps that ran their layers in C (for tests and profiles)
 
     @classmethod
@@ -105,29 +106,30 @@ class DecodeStep:
             return None
         return cls(model)
 
-    def _shape(self, rows: int) -> Shape:
+    def _shape(self, rows: int, dtype: torch.dtype) -> Shape:
         inter = int(self.layers[0].mlp.gate_proj.out_features)
         return Shape(
             rows, self.hidden_size, self.heads, self.kv_heads, self.head_dim, inter, self.eps,
-            torch.get_num_threads(),
+            torch.get_num_threads(), dtype == torch.bfloat16,
         )  # fmt: skip
 
     def _fast_layers(self, rows: int, dtype: torch.dtype) -> list[LayerWeights] | None:
         """Every layer's weights for the C layer kernel, or None where it cannot run this step
-        (not bfloat16, more rows than the bf16 kernel takes, weights not back to back yet)."""
-        if self.layer_kernel is None or dtype != torch.bfloat16 or torch.is_grad_enabled():
+        (activations neither bfloat16 nor float32, more rows than the bf16 kernel takes, weights
+        not bfloat16 or not back to back yet)."""
+        if self.layer_kernel is None or torch.is_grad_enabled():
             return None
-        if rows > self.layer_rows:
+        if dtype not in (torch.bfloat16, torch.float32) or rows > self.layer_rows:
             return None
-        addresses = [joined.address for joined in (*self.qkv, *self.gate_up)]
+        addresses: list[object] = [dtype, *(joined.address for joined in (*self.qkv, *self.gate_up))]
         if addresses != self._layer_addresses:  # the weights moved (engine.cpu.hugepages): again
             self._layer_addresses = addresses
-            self._layer_weights = self._collect_layer_weights()
+            self._layer_weights = self._collect_layer_weights(dtype)
         if len(self._layer_weights) != len(self.layers):
             return None
         return self._layer_weights
 
-    def _collect_layer_weights(self) -> list[LayerWeights]:
+    def _collect_layer_weights(self, dtype: torch.dtype) -> list[LayerWeights]:
         found: list[LayerWeights] = []
         for index, layer in enumerate(self.layers):
             qkv, gate_up = self.qkv[index].weight, self.gate_up[index].weight
@@ -139,12 +141,16 @@ class DecodeStep:
                 return []
             if o.bias is not None or down.bias is not None:
                 return []
-            tensors = [
-                layer.input_layernorm.weight, qkv, attention.q_norm.weight, attention.k_norm.weight,
-                o.weight, layer.post_attention_layernorm.weight, gate_up, down.weight,
+            products = [qkv, o.weight, gate_up, down.weight]
+            norms = [
+                layer.input_layernorm.weight, attention.q_norm.weight, attention.k_norm.weight,
+                layer.post_attention_layernorm.weight,
             ]  # fmt: skip
-            if not all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors):
+            if not all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in products):
                 return []
+            if not all(t.dtype == dtype and t.is_contiguous() for t in norms):
+                return []
+            tensors = [norms[0], qkv, norms[1], norms[2], o.weight, norms[3], gate_up, down.weight]
             found.append(LayerWeights(*(t.detach() for t in tensors)))
         return found
 
@@ -221,7 +227,7 @@ class DecodeStep:
         heads, kv_heads, head_dim = self.heads, self.kv_heads, self.head_dim
         fast = self._fast_layers(rows, hidden.dtype)
         layer_kernel = self.layer_kernel if fast is not None else None
-        shape = self._shape(rows)
+        shape = self._shape(rows, hidden.dtype)
         self.fast_steps += fast is not None
         for index, layer in enumerate(self.layers):
             attention = layer.self_attn

@@ -74,6 +74,11 @@ class Bf16Kernel:
         """The C function itself (engine.cpu.kernels.decode_layer calls it by address)."""
         return self._matvec
 
+    @property
+    def function_f32(self) -> object:
+        """Its float32-activation variant, likewise."""
+        return self._matvec_f32
+
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (rows, K) bfloat16 or float32 times weight (N, K) bfloat16, transposed: (rows, N) in
         x's dtype."""

@@ -65,6 +65,11 @@ class DecodeAttention:
         """The C function itself (engine.cpu.kernels.decode_layer calls it by address)."""
         return self._attend
 
+    @property
+    def function_f32(self) -> object:
+        """Its float32 variant, likewise."""
+        return self._attend_f32
+
     @staticmethod
     def takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """q (B, H, 1, D) laid out as (B, 1, H, D); keys/values (B, Hkv, L, D) with rows of D

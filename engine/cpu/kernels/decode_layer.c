@@ -1,4 +1,4 @@
-/* One decoder layer of a bfloat16 decode step in two calls (vlbot, engine/cpu/kernels/decode_layer.py).
+/* One decoder layer of a decode step in two calls (vlbot, engine/cpu/kernels/decode_layer.py).
  *
  * A decode step of Qwen3-VL-2B runs 28 layers of ~15 small operations each between its matrix
  * products; from Python each costs 10-50 microseconds (more once a product has streamed megabytes
@@ -10,10 +10,13 @@
  *   after attention:  a = attention(q, K, V); h += a Wo^T; x = RMSNorm(h);
  *                     g, u = x [Wgate; Wup]^T; h += (silu(g) * u) Wdown^T
  *
- * The products, norms, rotary and attention are the other kernels' own functions (their addresses
- * come from Python, `struct kernels`), so each result is the one the operator-by-operator step
- * gives; the residual additions and silu(g) * u round to bfloat16 as torch does (silu in float,
- * rounded, then the product rounded).
+ * The weights of the products are bfloat16; the activations (h, the norms' weights, cos/sin, the
+ * cache) are bfloat16 or, on tiers without bf16 arithmetic (engine/cpu/half_weights.py), float32:
+ * `struct shape`'s `bf16`. The products, norms, rotary and attention are the other kernels' own
+ * functions for that activation type (their addresses come from Python, `struct kernels`), so each
+ * result is the one the operator-by-operator step's kernels give; the residual additions and
+ * silu(g) * u round to bfloat16 as torch does (silu in float, rounded, then the product rounded),
+ * and in float32 round nowhere.
  */
 #include <math.h>
 #include <stdint.h>
@@ -21,19 +24,20 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "simd.h"
 
-typedef int (*matvec_fn)(const uint16_t *x, int64_t rows, int64_t k, int64_t n, const uint16_t *w,
-                         const uint16_t *bias, uint16_t *y, int threads);
+/* Activations are `void *`: bfloat16 (uint16_t) or float, as `struct shape`'s `bf16` says. */
+typedef int (*matvec_fn)(const void *x, int64_t rows, int64_t k, int64_t n, const uint16_t *w,
+                         const uint16_t *bias, void *y, int threads);
 typedef void (*rms_fn)(const void *x, const void *weight, void *out, int64_t rows, int64_t dim,
                        float eps, int bf16);
 typedef void (*qk_fn)(void *q, const void *q_weight, int64_t q_heads, void *k,
                       const void *k_weight, int64_t k_heads, const void *cos, const void *sin,
                       int64_t batch, int64_t dim, float eps, int bf16);
-typedef int (*attention_fn)(const uint16_t *q, const uint16_t *k, const uint16_t *v,
-                            int64_t batch_stride, int64_t head_stride, int64_t token_stride,
-                            const int64_t *starts, int64_t batch, int64_t q_heads,
-                            int64_t kv_heads, int64_t length, int64_t dim, float scale,
-                            uint16_t *out, int threads);
+typedef int (*attention_fn)(const void *q, const void *k, const void *v, int64_t batch_stride,
+                            int64_t head_stride, int64_t token_stride, const int64_t *starts,
+                            int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length,
+                            int64_t dim, float scale, void *out, int threads);
 
 struct kernels {
     matvec_fn matvec;
@@ -42,30 +46,56 @@ struct kernels {
     attention_fn attention;
 };
 
-/* The layer's sizes and norm epsilon. */
+/* The layer's sizes and norm epsilon, and the activations' type (bfloat16 when `bf16`, else float). */
 struct shape {
     int64_t rows, hidden, q_heads, kv_heads, head_dim, intermediate;
     float eps;
     int threads;
+    int bf16;
 };
 
-static uint16_t *scratch(int64_t elements) {
-    return malloc(sizeof(uint16_t) * (size_t)(elements > 0 ? elements : 1));
+/* Bytes of one activation. */
+static size_t unit(const struct shape *s) { return s->bf16 ? sizeof(uint16_t) : sizeof(float); }
+
+/* Cache-line aligned, as torch's tensors are: the bf16 kernel's few-row loads of unaligned
+ * activations cost AVX2 ~13 ms more per four-row step of the full-size model (85 vs 72 ms). */
+static void *scratch(const struct shape *s, int64_t elements) {
+    const size_t bytes = unit(s) * (size_t)(elements > 0 ? elements : 1);
+    return aligned_alloc(64, (bytes + 63) / 64 * 64);
 }
 
-/* h = bfloat16(h + d), element by element. */
-static void add_into(uint16_t *h, const uint16_t *d, int64_t count) {
-    for (int64_t i = 0; i < count; i++) h[i] = float_to_bf16(bf16_to_float(h[i]) + bf16_to_float(d[i]));
+/* Element `i` of `base`, an array of the step's activations. */
+static void *at(const struct shape *s, void *base, int64_t i) { return (char *)base + unit(s) * (size_t)i; }
+
+/* h = dtype(h + d), element by element. */
+static void add_into(const struct shape *s, void *h, const void *d, int64_t count) {
+    if (s->bf16) {
+        uint16_t *hb = h;
+        const uint16_t *db = d;
+        for (int64_t i = 0; i < count; i++) hb[i] = float_to_bf16(bf16_to_float(hb[i]) + bf16_to_float(db[i]));
+    } else {
+        float *hf = h;
+        const float *df = d;
+        for (int64_t i = 0; i < count; i++) hf[i] += df[i];
+    }
 }
 
-/* act = bfloat16(bfloat16(silu(g)) * u) for each row's gate and up halves of gu. */
-static void silu_times(const uint16_t *gu, int64_t rows, int64_t inter, uint16_t *act) {
+/* act = dtype(dtype(silu(g)) * u) for each row's gate and up halves of gu; silu(g) = g / (1 +
+ * exp(-g)) a vector at a time (simd.h's vf_exp: libm's scalar expf took 1.5 ms of a four-row
+ * step), its rounding and the product lane by lane. */
+static void silu_times(const struct shape *s, const void *gu, int64_t rows, int64_t inter, void *act) {
+    const int bf16 = s->bf16;
+    float g[VF_LANES], silu[VF_LANES];
     for (int64_t r = 0; r < rows; r++) {
-        const uint16_t *gate = gu + r * 2 * inter, *up = gate + inter;
-        for (int64_t i = 0; i < inter; i++) {
-            const float g = bf16_to_float(gate[i]);
-            const float s = bf16_to_float(float_to_bf16(g / (1.0f + expf(-g))));
-            act[r * inter + i] = float_to_bf16(s * bf16_to_float(up[i]));
+        const int64_t gate = r * 2 * inter, up = gate + inter;
+        for (int64_t i = 0; i < inter; i += VF_LANES) {
+            const int64_t n = inter - i < VF_LANES ? inter - i : VF_LANES;
+            for (int64_t j = 0; j < VF_LANES; j++) g[j] = j < n ? load_value(gu, gate + i + j, bf16) : 0.0f;
+            const vf x = vf_load(g);
+            vf_store(silu, x / (1.0f + vf_exp(-x)));
+            for (int64_t j = 0; j < n; j++)
+                store_value(act, r * inter + i + j,
+                            round_to(silu[j], bf16) * load_value(gu, up + i + j, bf16), bf16);
         }
     }
 }
@@ -73,28 +103,27 @@ static void silu_times(const uint16_t *gu, int64_t rows, int64_t inter, uint16_t
 /* q (rows, q_heads, head_dim), k and v (rows, kv_heads, head_dim) for hidden states h
  * (rows, hidden): q and k normed per head and rotated by cos/sin (rows, head_dim). Returns 0,
  * -1 when scratch memory could not be allocated or a product failed. */
-int vlbot_layer_before_attention(const struct kernels *kn, const struct shape *s,
-                                 const uint16_t *h, const uint16_t *norm, const uint16_t *w_qkv,
-                                 const uint16_t *q_norm, const uint16_t *k_norm,
-                                 const uint16_t *cos, const uint16_t *sin, uint16_t *q,
-                                 uint16_t *k, uint16_t *v) {
+int vlbot_layer_before_attention(const struct kernels *kn, const struct shape *s, const void *h,
+                                 const void *norm, const uint16_t *w_qkv, const void *q_norm,
+                                 const void *k_norm, const void *cos, const void *sin, void *q,
+                                 void *k, void *v) {
     const int64_t q_size = s->q_heads * s->head_dim, kv_size = s->kv_heads * s->head_dim;
     const int64_t width = q_size + 2 * kv_size;
-    uint16_t *x = scratch(s->rows * s->hidden), *qkv = scratch(s->rows * width);
+    void *x = scratch(s, s->rows * s->hidden), *qkv = scratch(s, s->rows * width);
     int status = -1;
     if (x != NULL && qkv != NULL) {
-        kn->rms(h, norm, x, s->rows, s->hidden, s->eps, 1);
+        kn->rms(h, norm, x, s->rows, s->hidden, s->eps, s->bf16);
         status = kn->matvec(x, s->rows, s->hidden, width, w_qkv, NULL, qkv, s->threads);
     }
     if (status == 0) {
         for (int64_t r = 0; r < s->rows; r++) {
-            const uint16_t *row = qkv + r * width;
-            memcpy(q + r * q_size, row, sizeof(uint16_t) * (size_t)q_size);
-            memcpy(k + r * kv_size, row + q_size, sizeof(uint16_t) * (size_t)kv_size);
-            memcpy(v + r * kv_size, row + q_size + kv_size, sizeof(uint16_t) * (size_t)kv_size);
+            const int64_t row = r * width;
+            memcpy(at(s, q, r * q_size), at(s, qkv, row), unit(s) * (size_t)q_size);
+            memcpy(at(s, k, r * kv_size), at(s, qkv, row + q_size), unit(s) * (size_t)kv_size);
+            memcpy(at(s, v, r * kv_size), at(s, qkv, row + q_size + kv_size), unit(s) * (size_t)kv_size);
         }
         kn->qk(q, q_norm, s->q_heads, k, k_norm, s->kv_heads, cos, sin, s->rows, s->head_dim,
-               s->eps, 1);
+               s->eps, s->bf16);
     }
     free(x);
     free(qkv);
@@ -105,17 +134,17 @@ int vlbot_layer_before_attention(const struct kernels *kn, const struct shape *s
  * values (strides in elements; row b from position starts[b], all when starts is NULL), the
  * output projection and residual, the MLP and its residual. Returns 0, or -1 when scratch memory
  * could not be allocated, the attention refused its inputs or a product failed. */
-int vlbot_layer_after_attention(const struct kernels *kn, const struct shape *s, uint16_t *h,
-                                const uint16_t *q, const uint16_t *keys, const uint16_t *values,
+int vlbot_layer_after_attention(const struct kernels *kn, const struct shape *s, void *h,
+                                const void *q, const void *keys, const void *values,
                                 int64_t batch_stride, int64_t head_stride, int64_t token_stride,
                                 const int64_t *starts, int64_t length, float scale,
-                                const uint16_t *w_o, const uint16_t *norm,
-                                const uint16_t *w_gate_up, const uint16_t *w_down) {
+                                const uint16_t *w_o, const void *norm, const uint16_t *w_gate_up,
+                                const uint16_t *w_down) {
     const int64_t rows = s->rows, hidden = s->hidden, inter = s->intermediate;
     const int64_t q_size = s->q_heads * s->head_dim;
-    uint16_t *attended = scratch(rows * q_size), *delta = scratch(rows * hidden);
-    uint16_t *x = scratch(rows * hidden), *gu = scratch(rows * 2 * inter);
-    uint16_t *act = scratch(rows * inter);
+    void *attended = scratch(s, rows * q_size), *delta = scratch(s, rows * hidden);
+    void *x = scratch(s, rows * hidden), *gu = scratch(s, rows * 2 * inter);
+    void *act = scratch(s, rows * inter);
     int status = -1;
     if (attended != NULL && delta != NULL && x != NULL && gu != NULL && act != NULL) {
         status = kn->attention(q, keys, values, batch_stride, head_stride, token_stride, starts,
@@ -124,15 +153,15 @@ int vlbot_layer_after_attention(const struct kernels *kn, const struct shape *s,
     }
     if (status == 0) status = kn->matvec(attended, rows, q_size, hidden, w_o, NULL, delta, s->threads);
     if (status == 0) {
-        add_into(h, delta, rows * hidden);
-        kn->rms(h, norm, x, rows, hidden, s->eps, 1);
+        add_into(s, h, delta, rows * hidden);
+        kn->rms(h, norm, x, rows, hidden, s->eps, s->bf16);
         status = kn->matvec(x, rows, hidden, 2 * inter, w_gate_up, NULL, gu, s->threads);
     }
     if (status == 0) {
-        silu_times(gu, rows, inter, act);
+        silu_times(s, gu, rows, inter, act);
         status = kn->matvec(act, rows, inter, hidden, w_down, NULL, delta, s->threads);
     }
-    if (status == 0) add_into(h, delta, rows * hidden);
+    if (status == 0) add_into(s, h, delta, rows * hidden);
     free(attended);
     free(delta);
     free(x);

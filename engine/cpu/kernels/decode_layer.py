@@ -1,4 +1,4 @@
-"""ctypes bindings of engine/cpu/kernels/decode_layer.c: a bfloat16 decode step's layer in two C calls.
+"""ctypes bindings of engine/cpu/kernels/decode_layer.c: a decode step's layer in two C calls.
 
 engine.cpu.decode_step runs a layer as ~15 operators from Python; with bfloat16 weights, the layer's
 products already in C (engine.cpu.kernels.bf16_kernel) and its weights back to back (q/k/v and gate/up, see
@@ -6,6 +6,9 @@ engine.cpu.kernels.bf16_kernel.AdjacentLinears), the operators between the produ
 step on the 2-core machine vlbot is measured on. `LayerKernel.before_attention` and
 `after_attention` do them in C around the KV cache's append; the products, norms, rotary and
 attention are the other kernels' functions, passed by address, so the arithmetic is theirs.
+The activations are bfloat16, or float32 where the tier has no bf16 arithmetic and the model
+computes in float32 over bfloat16 weights (engine.cpu.half_weights): there the operators cost
+~10 ms of a ~66 ms one-row step with AVX2 forced, ~24 of ~107 ms for four rows.
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from typing import Any
 import torch
 
 from engine.cpu.kernels.bf16_kernel import Bf16Kernel
-from engine.cpu.kernels.decode_attention import DecodeAttention, cache_arguments
+from engine.cpu.kernels.decode_attention import ARM_FLAGS, CPU_FLAGS, DecodeAttention, cache_arguments
 from engine.cpu.kernels.decode_ops import DecodeOps
-from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
+from engine.cpu.native import F32, I32, I64, POINTER, active_tier, c_function, load_library
 
 COMPILE_FLAGS = ("-ffp-contract=off",)  # torch's rounding: no fused multiply-adds
 
@@ -32,7 +35,7 @@ class Kernels(ctypes.Structure):
 
 
 class Shape(ctypes.Structure):
-    """`struct shape`: one step's layer sizes."""
+    """`struct shape`: one step's layer sizes, and whether its activations are bfloat16 (else float32)."""
 
     _fields_ = [
         *[
@@ -41,12 +44,14 @@ class Shape(ctypes.Structure):
         ],
         ("eps", ctypes.c_float),
         ("threads", ctypes.c_int),
+        ("bf16", ctypes.c_int),
     ]
 
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer's tensors as the C functions take them (bfloat16, contiguous)."""
+    """One decoder layer's tensors as the C functions take them (contiguous): the products'
+    weights bfloat16, the norms' weights of the activations' dtype."""
 
     input_norm: torch.Tensor
     qkv: torch.Tensor  # q, k and v projections back to back (q + 2 kv rows, hidden)
@@ -65,8 +70,8 @@ def _address(function: Any) -> int:
 class LayerKernel:
     """The loaded library, bound to the other kernels' functions."""
 
-    def __init__(self, library: ctypes.CDLL, kernels: Kernels) -> None:
-        self._kernels = kernels  # kept alive: C reads it on every call
+    def __init__(self, library: ctypes.CDLL, kernels: dict[torch.dtype, Kernels]) -> None:
+        self._kernels = kernels  # per activation dtype; kept alive: C reads them on every call
         self._before = c_function(
             library, "vlbot_layer_before_attention", I32, POINTER, POINTER, POINTER, POINTER,
             POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER,
@@ -88,7 +93,7 @@ class LayerKernel:
         """q, k, v (`out`: (B, 1, heads, D) each, contiguous) for hidden states (B, 1, hidden)."""
         q, k, v = out
         status = self._before(
-            ctypes.byref(self._kernels),
+            ctypes.byref(self._kernels[hidden.dtype]),
             ctypes.byref(shape),
             hidden.data_ptr(),
             weights.input_norm.data_ptr(),
@@ -118,7 +123,7 @@ class LayerKernel:
         """The rest of the layer, in place on `hidden` (B, 1, hidden), contiguous: keys and
         values as engine.cpu.kernels.decode_attention takes them (`DecodeAttention.takes`)."""
         status = self._after(
-            ctypes.byref(self._kernels),
+            ctypes.byref(self._kernels[hidden.dtype]),
             ctypes.byref(shape),
             hidden.data_ptr(),
             *cache_arguments(q, keys, values, starts),
@@ -135,7 +140,7 @@ class LayerKernel:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
-    return load_library("decode_layer", COMPILE_FLAGS, ())
+    return load_library("decode_layer", COMPILE_FLAGS, ARM_FLAGS if active_tier().is_arm else CPU_FLAGS)
 
 
 def load_layer(matvec: Bf16Kernel, ops: DecodeOps, attention: DecodeAttention) -> LayerKernel | None:
@@ -143,8 +148,9 @@ def load_layer(matvec: Bf16Kernel, ops: DecodeOps, attention: DecodeAttention) -
     library = _library()
     if library is None:
         return None
-    kernels = Kernels(
-        _address(matvec.function), _address(ops.norm_function), _address(ops.qk_function),
-        _address(attention.function),
-    )  # fmt: skip
+    norm, qk = _address(ops.norm_function), _address(ops.qk_function)  # both dtypes, by a flag
+    kernels = {
+        torch.bfloat16: Kernels(_address(matvec.function), norm, qk, _address(attention.function)),
+        torch.float32: Kernels(_address(matvec.function_f32), norm, qk, _address(attention.function_f32)),
+    }
     return LayerKernel(library, kernels)
