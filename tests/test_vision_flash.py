@@ -37,17 +37,19 @@ def torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     return out.transpose(0, 1).reshape(q.shape[1], -1)
 
 
-def inputs(rows: int, seed: int, spread: float = 1.0) -> tuple[torch.Tensor, ...]:
+def inputs(
+    rows: int, seed: int, spread: float = 1.0, dtype: torch.dtype = torch.bfloat16
+) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(HEADS, rows, DIM, generator=generator) for _ in range(3))
-    return (q * spread).to(torch.bfloat16), k.to(torch.bfloat16), v.to(torch.bfloat16)
+    return (q * spread).to(dtype), k.to(dtype), v.to(dtype)
 
 
 def assert_as_close_as_torch(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     truth = exact(q, k, v)
     ours = (got.double() - truth).abs()
     theirs = (torch_attention(q, k, v).double() - truth).abs()
-    assert got.dtype == torch.bfloat16 and got.shape == truth.shape
+    assert got.dtype == q.dtype and got.shape == truth.shape
     assert ours.max() <= 1.25 * theirs.max() + 1e-6, (ours.max(), theirs.max())
     assert ours.mean() <= 1.1 * theirs.mean() + 1e-7, (ours.mean(), theirs.mean())
 
@@ -114,6 +116,13 @@ def vision_tower(dtype: torch.dtype) -> Any:
     return model.to(dtype).eval()
 
 
+class Wrapped:
+    """A vision tower where use_fast_vision_attention looks for it (it takes the whole model)."""
+
+    def __init__(self, visual: Any) -> None:
+        self.model = type("Inner", (), {"visual": visual})()
+
+
 def test_vision_tower_with_the_kernel_is_as_close_to_float32_as_transformers(
     kernel: FlashKernel,
 ) -> None:
@@ -123,11 +132,6 @@ def test_vision_tower_with_the_kernel_is_as_close_to_float32_as_transformers(
     model = vision_tower(torch.bfloat16)
     reference = copy.deepcopy(model)
     exact_model = copy.deepcopy(model).float()
-
-    class Wrapped:  # use_fast_vision_attention takes the whole model
-        def __init__(self, visual: Any) -> None:
-            self.model = type("Inner", (), {"visual": visual})()
-
     assert use_fast_vision_attention(Wrapped(model)) == 2
     assert all(isinstance(b.attn, VisionAttention) and b.attn._flash is kernel for b in model.blocks)
     grid = torch.tensor([[1, 24, 30], [1, 10, 14]])

@@ -13,8 +13,8 @@ from engine.cpu.tiers import TierError, active_tier
 LOADERS = (
     ("bf16_kernel", "load_kernel"), ("decode_ops", "load_ops"), ("decode_attention", "load_attention"),
     ("prefill_ops", "load_ops"), ("gelu", "load_kernel"), ("vision_attention", "load_kernel"),
-    ("vision_flash", "load_kernel"), ("output_head", "load_screen"), ("int8_kernel", "load_kernel"),
-    ("int4_kernel", "load_kernel"),
+    ("vision_flash", "load_kernel"), ("vision_flash_portable", "load_kernel"),
+    ("output_head", "load_screen"), ("int8_kernel", "load_kernel"), ("int4_kernel", "load_kernel"),
 )  # fmt: skip
 
 

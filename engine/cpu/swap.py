@@ -52,8 +52,8 @@ MODULE_SWAPS: tuple[ModuleSwap, ...] = (
         lambda model, _: linearize_patch_embedding(model),
     ),
     ModuleSwap(
-        "vision attention: rotary embedding in C, attention on AMX tiles in bf16 "
-        "(kernels/vision_attention, kernels/vision_flash)",
+        "vision attention: rotary embedding in C, attention on AMX tiles in bf16, else in C on"
+        " AVX-512 (kernels/vision_attention, kernels/vision_flash, kernels/vision_flash_portable)",
         lambda model, _: use_fast_vision_attention(model),
     ),
     ModuleSwap(

@@ -13,6 +13,7 @@
 #include "bf16_matvec.c"
 #include "decode_attention.c"
 #include "decode_ops.c"
+#include "vision_flash_portable.c"
 
 static uint64_t state = 88172645463325252ull;
 
@@ -131,6 +132,46 @@ static void attention_case(int64_t batch, int64_t q_heads, int64_t kv_heads, int
     free(q), free(out), free(k), free(v), free(p);
 }
 
+/* The vision attention over `rows` patches of `heads` heads of 64 channels, against a double
+ * softmax: partial register blocks, query blocks and key chunks for rows not a multiple of them. */
+static void vision_case(int64_t heads, int64_t rows, int bf16) {
+    const size_t size = bf16 ? 2 : 4;
+    const int64_t count = heads * rows * DIM;
+    void *q = malloc(size * count), *k = malloc(size * count), *v = malloc(size * count);
+    void *out = malloc(size * count);
+    double *p = malloc(sizeof(double) * rows);
+    for (int64_t i = 0; i < count; i++) {
+        store_value(q, i, 3.0f * uniform(), bf16);
+        store_value(k, i, 3.0f * uniform(), bf16);
+        store_value(v, i, uniform(), bf16);
+    }
+    const float scale = 0.125f;
+    if (vlbot_vision_attention(q, k, v, heads, rows, rows * DIM, scale, out, heads * DIM, bf16, 2) != 0)
+        failures++;
+    for (int64_t h = 0; h < heads; h++) {
+        for (int64_t r = 0; r < rows; r++) {
+            const int64_t query = (h * rows + r) * DIM;
+            double top = -INFINITY, total = 0.0;
+            for (int64_t j = 0; j < rows; j++) {
+                double dot = 0.0;
+                for (int64_t d = 0; d < DIM; d++)
+                    dot += (double)load_value(q, query + d, bf16) * load_value(k, (h * rows + j) * DIM + d, bf16);
+                p[j] = dot * scale;
+                top = p[j] > top ? p[j] : top;
+            }
+            for (int64_t j = 0; j < rows; j++) total += (p[j] = exp(p[j] - top));
+            for (int64_t d = 0; d < DIM; d++) {
+                double want = 0.0;
+                for (int64_t j = 0; j < rows; j++) want += p[j] * load_value(v, (h * rows + j) * DIM + d, bf16);
+                check(bf16 ? "vision_attention bf16" : "vision_attention f32",
+                      load_value(out, r * heads * DIM + h * DIM + d, bf16), want / total,
+                      bf16 ? 1e-2 : 1e-5, r * heads * DIM + h * DIM + d);
+            }
+        }
+    }
+    free(q), free(k), free(v), free(out), free(p);
+}
+
 int main(void) {
     const int64_t shapes[][3] = {{1, 64, 256}, {1, 37, 100}, {3, 37, 100}, {8, 130, 2048},
                                  {9, 20, 48},  {2, 5, 7},    {1, 1, 1},    {5, 64, 96}};
@@ -147,6 +188,8 @@ int main(void) {
     for (int bf16 = 0; bf16 < 2; bf16++) {
         attention_case(3, 4, 2, 32, 37, starts, bf16);   /* left padding; one row with only its token */
         attention_case(1, 16, 8, 128, 300, starts, bf16); /* Qwen3-VL-2B's heads */
+        vision_case(2, 5, bf16);
+        vision_case(3, 301, bf16); /* two key chunks, the second partial */
     }
     printf("%s: %d failure(s), vector of %d floats\n", failures ? "FAILED" : "ok", failures, VF_LANES);
     return failures ? 1 : 0;

@@ -6,10 +6,11 @@ that is ~0.7 s of the encoder's ~4.6 s on 2 cores. `VisionAttention` keeps the l
 projections and attention (`scaled_dot_product_attention` per image, as transformers' "sdpa" path
 does) and does the rotation and layout in one pass with the same arithmetic.
 
-In bfloat16, where the CPU has AMX, the attention itself runs in engine/cpu/kernels/vision_flash.py instead of
-`scaled_dot_product_attention` (about half the time; as close to exact attention as torch's, but
-not bit for bit torch's). Elsewhere (float32, other head sizes, no AMX) the outputs are bit for bit
-those of transformers' module.
+The attention itself runs in a kernel instead of `scaled_dot_product_attention` where one beats it
+(64-channel heads): in bfloat16 where the CPU has AMX, engine/cpu/kernels/vision_flash.py (about
+half the time); else on AVX-512 tiers, float32 or bfloat16, engine/cpu/kernels/vision_flash_portable.py
+(~0.6x the time). Both are as close to exact attention as torch's, but not bit for bit torch's.
+Elsewhere (AVX2, aarch64, other head sizes) the outputs are bit for bit those of transformers' module.
 
 Only the "sdpa" attention of `Qwen3VLVisionAttention` is replaced, and only where the kernel
 builds (engine.cpu.native); anything else keeps transformers' module.
@@ -29,6 +30,8 @@ from torch import nn
 
 from engine.cpu.kernels.vision_flash import FlashKernel
 from engine.cpu.kernels.vision_flash import load_kernel as load_flash_kernel
+from engine.cpu.kernels.vision_flash_portable import PortableFlash
+from engine.cpu.kernels.vision_flash_portable import load_kernel as load_portable_flash
 from engine.cpu.native import I32, I64, POINTER, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
@@ -84,7 +87,7 @@ class VisionAttention(nn.Module):
     """Drop-in for Qwen3VLVisionAttention (sdpa) with the rotary pass in C; same parameters."""
 
     def __init__(
-        self, attention: Any, kernel: RotaryKernel, flash: FlashKernel | None = None
+        self, attention: Any, kernel: RotaryKernel, flash: FlashKernel | PortableFlash | None = None
     ) -> None:
         super().__init__()
         self.qkv: nn.Module = attention.qkv
@@ -145,12 +148,13 @@ def use_fast_vision_attention(model: Any) -> int:
     kernel = load_kernel()
     if kernel is None:
         return 0
-    flash = load_flash_kernel()
+    amx = load_flash_kernel()
+    flash = amx or load_portable_flash()
     for block in blocks:
         block.attn = VisionAttention(block.attn, kernel, flash)
-    logger.info(
-        "vision rotary kernel on %d vision layers%s",
-        len(blocks),
-        "" if flash is None else ", AMX attention for bfloat16 64-channel heads",
-    )
+    attention = {
+        type(None): "", FlashKernel: ", AMX attention for bfloat16 64-channel heads",
+        PortableFlash: ", vector attention for 64-channel heads",
+    }[type(flash)]  # fmt: skip
+    logger.info("vision rotary kernel on %d vision layers%s", len(blocks), attention)
     return len(blocks)

@@ -1,0 +1,107 @@
+"""Qwen3-VL's vision attention in float arithmetic on any tier (engine/cpu/kernels/vision_flash_portable.c).
+
+The vision tower attends over all of an image's patches in every layer (16 heads of 64 channels;
+1,200 patches for a 640x480 photo, 4,032 for a 1080p screenshot). torch's CPU flash attention runs
+at ~175 GFLOPS on the 2-core Zen5 vlbot is measured on, whatever the tier (its products are MKL's
+AVX2 code on AMD). This kernel (flash attention with register-blocked vector multiply-adds, one
+source through simd.h) against it, 16 heads, 2 threads, best of three:
+
+| tier | 1,200 patches | 4,032 patches |
+|---|---|---|
+| avx512_bf16 (bf16 inputs) | 20.3 vs 33.9 ms | 219 vs 377 ms |
+| avx512_bf16 (float32) | 20.7 vs 33.1 ms | 222 vs 368 ms |
+| avx512 forced (float32) | ~21 vs 33 ms | ~225 vs 360 ms |
+| avx2 forced (float32) | 32.9 vs 33.1 ms | 366 vs 373 ms |
+
+So it is offered only on AVX-512 tiers (`load_kernel`: 24 layers, ~0.3 s less of a 640x480
+photo's first token and ~3.5 s less of a 1080p screenshot's); with AVX2 it only draws level and
+torch's attention stays, and on aarch64, where its speed cannot be measured here, too. Where the
+CPU has AMX, engine/cpu/kernels/vision_flash.py's tile kernel comes first. Its probabilities stay
+float (torch's bf16 attention rounds them to bf16): the tests hold its error against exact
+attention to torch's own, on every tier this machine runs and under qemu for aarch64
+(`build_kernel` builds it for any tier, for those tests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Sequence
+
+import torch
+
+from engine.cpu.native import F32, I32, I64, POINTER, active_tier, c_function, load_library
+
+HEAD_DIM = 64  # the kernel's register blocks are laid out for 64-channel heads
+WINS_ON = ("avx512f",)  # the tiers where it beat torch's attention (the table above)
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+class PortableFlash:
+    """The loaded library's attention (it allocates its own working memory: a 1080p
+    screenshot's 16 heads of keys and values as floats, 33 MB, for the call)."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        self._attend = c_function(
+            library, "vlbot_vision_attention", I32, POINTER, POINTER, POINTER, I64, I64, I64, F32,
+            POINTER, I64, I32, I32,
+        )  # fmt: skip
+
+    @staticmethod
+    def supports(q: torch.Tensor) -> bool:
+        return q.dtype in DTYPES and q.dim() == 3 and q.shape[-1] == HEAD_DIM
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        windows: Sequence[tuple[int, int]],
+        scale: float,
+    ) -> torch.Tensor | None:
+        """Attention of q, k, v (heads, seq, 64), float32 or bfloat16, within each (start,
+        length) window of the sequence -> (seq, heads x 64) of their dtype, what the output
+        projection reads; None where the kernel could not get its working memory (the caller
+        then uses torch's)."""
+        if not self.supports(q) or q.shape != k.shape or q.shape != v.shape:
+            raise ValueError("expected float32 or bfloat16 (heads, seq, 64) queries, keys and values alike")
+        if k.dtype != q.dtype or v.dtype != q.dtype:
+            raise ValueError("queries, keys and values must share their dtype")
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        heads, seq, dim = q.shape
+        out = q.new_empty((seq, heads * dim))
+        size = q.element_size()
+        for start, length in windows:
+            if length <= 0:
+                continue
+            offset = start * dim * size
+            failed = self._attend(
+                q.data_ptr() + offset,
+                k.data_ptr() + offset,
+                v.data_ptr() + offset,
+                heads,
+                length,
+                seq * dim,
+                scale,
+                out.data_ptr() + start * heads * dim * size,
+                heads * dim,
+                int(q.dtype == torch.bfloat16),
+                torch.get_num_threads(),
+            )
+            if failed:
+                return None
+        return out
+
+
+def build_kernel() -> PortableFlash | None:
+    """The kernel built for the active tier, wherever it builds (x86 with AVX2, aarch64)."""
+    needs = ("asimd",) if active_tier().is_arm else ("avx2", "fma")
+    library = load_library("vision_flash_portable", (), needs)
+    return None if library is None else PortableFlash(library)
+
+
+@functools.lru_cache(maxsize=1)
+def load_kernel() -> PortableFlash | None:
+    """The kernel where it beats torch's attention (AVX-512 tiers), else None."""
+    library = load_library("vision_flash_portable", (), WINS_ON)
+    return None if library is None else PortableFlash(library)
