@@ -4,18 +4,19 @@ The vision tower attends over all of an image's patches in every layer (16 heads
 1,200 patches for a 640x480 photo, 4,032 for a 1080p screenshot). torch's CPU flash attention runs
 at ~175 GFLOPS on the 2-core Zen5 vlbot is measured on, whatever the tier (its products are MKL's
 AVX2 code on AMD). This kernel (flash attention with register-blocked vector multiply-adds, one
-source through simd.h) against it, 16 heads, 2 threads, best of three:
+source through simd.h; bf16 inputs on a CPU with AVX-512-BF16 multiply bf16 pairs with
+`vdpbf16ps`) against it, 16 heads, 2 threads, best of three:
 
 | tier | 1,200 patches | 4,032 patches |
 |---|---|---|
-| avx512_bf16 (bf16 inputs) | 20.3 vs 33.9 ms | 219 vs 377 ms |
-| avx512_bf16 (float32) | 20.7 vs 33.1 ms | 222 vs 368 ms |
-| avx512 forced (float32) | ~21 vs 33 ms | ~225 vs 360 ms |
-| avx2 forced (float32) | 32.9 vs 33.1 ms | 366 vs 373 ms |
+| avx512_bf16, bf16 inputs (the bf16 model) | 13.7 vs 37.4 ms | 145 vs 402 ms |
+| avx512_bf16, float32 | 20.0 vs 33.5 ms | 214 vs 365 ms |
+| avx512 forced, float32 (the half-size-weights model) | 23.9 vs 32.9 ms | 261 vs 359 ms |
+| avx2 forced, float32 | 32.9 vs 33.1 ms | 366 vs 373 ms |
 
-So it is offered only on AVX-512 tiers (`load_kernel`: 24 layers, ~0.3 s less of a 640x480
-photo's first token and ~3.5 s less of a 1080p screenshot's); with AVX2 it only draws level and
-torch's attention stays, and on aarch64, where its speed cannot be measured here, too. Where the
+So it is offered only on AVX-512 tiers (`load_kernel`: over 24 layers natively ~0.5 s less of a
+640x480 photo's first token and ~6 s less of a 1080p screenshot's); with AVX2 it only draws level
+and torch's attention stays, and on aarch64, where its speed cannot be measured here, too. Where the
 CPU has AMX, engine/cpu/kernels/vision_flash.py's tile kernel comes first. Its probabilities stay
 float (torch's bf16 attention rounds them to bf16): the tests hold its error against exact
 attention to torch's own, on every tier this machine runs and under qemu for aarch64
