@@ -3,7 +3,8 @@ calls and gives the hidden states the operator-by-operator step gives (the same 
 silu's last bit may differ now and then), for one conversation and a padded batch, and keeps the
 caches the same; batches larger than the bf16 kernel takes keep the operator step. Where the tier
 has no bf16 arithmetic (AVX2 forced) and the model computes in float32 over its bf16 weights, the
-layers run in C as well, within float32 rounding of the operator step."""
+layers run in C as well, within float32 rounding of the operator step; and so do layers with
+int8 or int4 weights (engine.cpu.quant), in bfloat16 and in float32."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from engine.cpu.kernels import decode_layer
 from engine.cpu.kernels.bf16_kernel import load_kernel, use_for_decode
 from engine.cpu.kernels.decode_attention import load_attention
 from engine.cpu.kernels.decode_ops import load_ops
+from engine.cpu.kernels.int4_kernel import load_kernel as load_int4_kernel
+from engine.cpu.kernels.int8_kernel import load_kernel as load_int8_kernel
+from engine.cpu.quant import Int4Linear, Int8Linear, load_mode_kernel, quantize_in_place
 from engine.qwen.batching import Batch
 from tests.engine_fixtures import built_or_skip
 from tests.test_engine_decode_step import PROMPTS, load, prefilled_batch
@@ -111,6 +115,43 @@ def test_float32_activations_over_bf16_weights_run_the_layers_in_c(
     batch = prefilled_batch(model, prompts)
     assert batch.cache.layers[0].keys.dtype == torch.float32
     assert run_both(model, step, batch, steps=5, tolerance=1e-5) == 5
+
+
+def quantized_model(folder: Path, mode: str, in_float32: bool) -> tuple[Any, DecodeStep]:
+    model = load(folder, torch.bfloat16)
+    if in_float32:
+        assert compute_in_float32(model)
+    quantize_in_place(model, mode, built_or_skip(load_mode_kernel(mode), f"{mode} kernel"))  # type: ignore[arg-type]
+    use_for_decode(model)
+    kinds = {type(m) for m in model.model.language_model.layers.modules()}
+    assert (Int8Linear if mode == "int8" else Int4Linear) in kinds
+    step = DecodeStep.for_model(model)
+    assert step is not None
+    built_or_skip(step.layer_kernel, "decode layer kernel")
+    return model, step
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_layers_run_in_c(tiny_qwen3: Path, mode: str) -> None:
+    model, step = quantized_model(tiny_qwen3, mode, in_float32=False)
+    assert run_both(model, step, prefilled_batch(model, PROMPTS), steps=4) == 4
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_float32_layers_run_in_c(avx2: None, tiny_qwen3: Path, mode: str) -> None:
+    load_int8_kernel.cache_clear()
+    load_int4_kernel.cache_clear()
+    try:
+        model, step = quantized_model(tiny_qwen3, mode, in_float32=True)
+        # the operator step with the C norms too (float32 steps keep torch's otherwise): their
+        # last bits differ from torch's, and 8-bit activations turn that into larger differences
+        step.ops = load_ops()
+        batch = prefilled_batch(model, PROMPTS)
+        assert batch.cache.layers[0].keys.dtype == torch.float32
+        assert run_both(model, step, batch, steps=4, tolerance=2**-6) == 4
+    finally:
+        load_int8_kernel.cache_clear()
+        load_int4_kernel.cache_clear()
 
 
 def test_weights_not_back_to_back_keep_the_operator_step(tiny_qwen3: Path) -> None:

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from engine.cpu.kernels.bf16_kernel import AdjacentLinears, DecodeLinear
+from engine.cpu.kernels.bf16_kernel import AdjacentLinears
 from engine.cpu.kernels.bf16_kernel import load_kernel as load_bf16_kernel
 from engine.cpu.kernels.decode_attention import DecodeAttention, left_padding, load_attention
 from engine.cpu.kernels.decode_layer import LayerKernel, LayerWeights, Shape, load_layer
 from engine.cpu.kernels.decode_ops import DecodeOps, load_ops
+from engine.cpu.layer_weights import layer_weights, quantized_kernels, weight_addresses
 
 SUPPORTED_LAYER = "Qwen3VLTextDecoderLayer"
 
@@ -60,8 +61,10 @@ class DecodeStep:
         self.rotary_scale = float(rotary.attention_scaling)
         self.scaling = self.head_dim**-0.5
         # bfloat16 steps use the C norms and rotary (~10 ms less per step on the full-size model);
-        # float32 keeps torch's operators, whose results are transformers' to the last bit or two
-        # (4-bit weights round activations to 8 bits, which turns any difference into tokens)
+        # float32 operator steps keep torch's, whose results are transformers' to the last bit or
+        # two (4-bit weights round activations to 8 bits, which turns any difference into
+        # tokens). The C layer below uses the C ones in float32 too: its answers are as close to
+        # exact, not bit for bit transformers'.
         self.ops: DecodeOps | None = load_ops() if model.dtype == torch.bfloat16 else None
         # attention in C, reading each layer's cache once for the query heads that share it, in
         # bfloat16 and float32 (full-size model: bf16, 1,100 tokens of context, ~8 instead of
@@ -76,13 +79,16 @@ class DecodeStep:
         self.gate_up = [AdjacentLinears([layer.mlp.gate_proj, layer.mlp.up_proj]) for layer in self.layers]
         # and then the operators between the products in C as well, two calls per layer
         # (engine.cpu.kernels.decode_layer: ~20 ms less per step on the full-size model in
-        # bfloat16; in float32 over bf16 weights, engine.cpu.half_weights, ~10 ms of ~66 with AVX2)
+        # bfloat16; in float32 over bf16 weights, engine.cpu.half_weights, ~10 ms of ~66 with
+        # AVX2; with int4 weights ~8 of 23.5 ms), over bf16 or int8/int4 weights
+        # (engine.cpu.layer_weights)
         matvec = load_bf16_kernel()
         layer_ops = self.ops or load_ops()
         self.layer_kernel: LayerKernel | None = None
         self.layer_rows = 0  # most rows a step runs in C: what the bf16 kernel takes
         if matvec is not None and layer_ops is not None and self.attention is not None:
-            self.layer_kernel = load_layer(matvec, layer_ops, self.attention)
+            int8, int4 = quantized_kernels(self.layers)
+            self.layer_kernel = load_layer(matvec, layer_ops, self.attention, int8, int4)
             self.layer_rows = matvec.max_rows
         self.hidden_size = int(config.hidden_size)
         self._layer_weights: list[LayerWeights] = []
@@ -115,13 +121,13 @@ class DecodeStep:
 
     def _fast_layers(self, rows: int, dtype: torch.dtype) -> list[LayerWeights] | None:
         """Every layer's weights for the C layer kernel, or None where it cannot run this step
-        (activations neither bfloat16 nor float32, more rows than the bf16 kernel takes, weights
-        not bfloat16 or not back to back yet)."""
+        (activations neither bfloat16 nor float32, more rows than the bf16 kernel takes, a
+        product it cannot call, bf16 weights not back to back yet)."""
         if self.layer_kernel is None or torch.is_grad_enabled():
             return None
         if dtype not in (torch.bfloat16, torch.float32) or rows > self.layer_rows:
             return None
-        addresses: list[object] = [dtype, *(joined.address for joined in (*self.qkv, *self.gate_up))]
+        addresses: list[object] = [dtype, *weight_addresses(self.layers)]
         if addresses != self._layer_addresses:  # the weights moved (engine.cpu.hugepages): again
             self._layer_addresses = addresses
             self._layer_weights = self._collect_layer_weights(dtype)
@@ -132,26 +138,10 @@ class DecodeStep:
     def _collect_layer_weights(self, dtype: torch.dtype) -> list[LayerWeights]:
         found: list[LayerWeights] = []
         for index, layer in enumerate(self.layers):
-            qkv, gate_up = self.qkv[index].weight, self.gate_up[index].weight
-            attention, mlp = layer.self_attn, layer.mlp
-            o, down = attention.o_proj, mlp.down_proj
-            if qkv is None or gate_up is None:
+            weights = layer_weights(layer, self.qkv[index], self.gate_up[index], dtype)
+            if weights is None:
                 return []
-            if not (isinstance(o, DecodeLinear) and isinstance(down, DecodeLinear)):
-                return []
-            if o.bias is not None or down.bias is not None:
-                return []
-            products = [qkv, o.weight, gate_up, down.weight]
-            norms = [
-                layer.input_layernorm.weight, attention.q_norm.weight, attention.k_norm.weight,
-                layer.post_attention_layernorm.weight,
-            ]  # fmt: skip
-            if not all(t.dtype == torch.bfloat16 and t.is_contiguous() for t in products):
-                return []
-            if not all(t.dtype == dtype and t.is_contiguous() for t in norms):
-                return []
-            tensors = [norms[0], qkv, norms[1], norms[2], o.weight, norms[3], gate_up, down.weight]
-            found.append(LayerWeights(*(t.detach() for t in tensors)))
+            found.append(weights)
         return found
 
     def _projections(

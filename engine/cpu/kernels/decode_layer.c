@@ -10,13 +10,15 @@
  *   after attention:  a = attention(q, K, V); h += a Wo^T; x = RMSNorm(h);
  *                     g, u = x [Wgate; Wup]^T; h += (silu(g) * u) Wdown^T
  *
- * The weights of the products are bfloat16; the activations (h, the norms' weights, cos/sin, the
- * cache) are bfloat16 or, on tiers without bf16 arithmetic (engine/cpu/half_weights.py), float32:
- * `struct shape`'s `bf16`. The products, norms, rotary and attention are the other kernels' own
- * functions for that activation type (their addresses come from Python, `struct kernels`), so each
- * result is the one the operator-by-operator step's kernels give; the residual additions and
- * silu(g) * u round to bfloat16 as torch does (silu in float, rounded, then the product rounded),
- * and in float32 round nowhere.
+ * Each product's weights are bfloat16 (q/k/v and gate/up back to back, one product each) or the
+ * int8 / int4 kernels' packed weights (engine/cpu/quant.py; then q, k, v and gate, up are
+ * separate products whose outputs are laid side by side): `struct linear`. The activations (h,
+ * the norms' weights, cos/sin, the cache) are bfloat16 or, on tiers without bf16 arithmetic
+ * (engine/cpu/half_weights.py), float32: `struct shape`'s `bf16`. The products, norms, rotary and
+ * attention are the other kernels' own functions for that activation type (their addresses come
+ * from Python, `struct kernels`), so each result is the one the operator-by-operator step's
+ * kernels give; the residual additions and silu(g) * u round to bfloat16 as torch does (silu in
+ * float, rounded, then the product rounded), and in float32 round nowhere.
  */
 #include <math.h>
 #include <stdint.h>
@@ -39,11 +41,36 @@ typedef int (*attention_fn)(const void *q, const void *k, const void *v, int64_t
                             int64_t batch, int64_t q_heads, int64_t kv_heads, int64_t length,
                             int64_t dim, float scale, void *out, int threads);
 
+/* engine/cpu/kernels/int8_matvec.c and int4_matvec.c (activations bf16 when x_bf16 / y_bf16) */
+typedef int (*int8_fn)(const void *x, int x_bf16, int64_t rows, int64_t k, int64_t n_out,
+                       int64_t group, const void *packed, const void *row_scales, void *y, int y_bf16,
+                       int threads);
+typedef int (*int4_fn)(const void *x, int x_bf16, int64_t rows, int64_t k, int64_t n_out,
+                       int64_t group, const void *packed, const void *scales, const void *lows, void *y,
+                       int y_bf16, int threads);
+
 struct kernels {
     matvec_fn matvec;
     rms_fn rms;
     qk_fn qk;
     attention_fn attention;
+    int8_fn int8; /* NULL where the layers are not int8 */
+    int4_fn int4;
+};
+
+enum weights { BF16 = 0, INT8 = 1, INT4 = 2 };
+
+/* One product's weights: bf16 (n, k) at `w`, or a quantized kernel's packed buffers. */
+struct linear {
+    int64_t kind, n, group;
+    const void *w, *scales, *lows;
+};
+
+/* A decoder layer's weights: q/k/v as 1 (back to back) or 3 products, gate/up as 1 or 2. */
+struct layer {
+    struct linear qkv[3], o, gate_up[2], down;
+    int64_t qkv_count, gate_up_count;
+    const void *input_norm, *q_norm, *k_norm, *post_norm;
 };
 
 /* The layer's sizes and norm epsilon, and the activations' type (bfloat16 when `bf16`, else float). */
@@ -100,20 +127,54 @@ static void silu_times(const struct shape *s, const void *gu, int64_t rows, int6
     }
 }
 
+/* y (rows, n) = x (rows, k) times `l`'s weights transposed. */
+static int product(const struct kernels *kn, const struct shape *s, const void *x, int64_t k,
+                   const struct linear *l, void *y) {
+    switch (l->kind) {
+    case BF16: return kn->matvec(x, s->rows, k, l->n, l->w, NULL, y, s->threads);
+    case INT8:
+        if (kn->int8 == NULL) return -1;
+        return kn->int8(x, s->bf16, s->rows, k, l->n, l->group, l->w, l->scales, y, s->bf16, s->threads);
+    case INT4:
+        if (kn->int4 == NULL) return -1;
+        return kn->int4(x, s->bf16, s->rows, k, l->n, l->group, l->w, l->scales, l->lows, y, s->bf16,
+                        s->threads);
+    default: return -1;
+    }
+}
+
+/* y (rows, n_0 + ... + n_{count-1}) = the products of x with `count` linears, side by side. */
+static int project(const struct kernels *kn, const struct shape *s, const void *x, int64_t k,
+                   const struct linear *ls, int64_t count, void *y) {
+    if (count == 1) return product(kn, s, x, k, &ls[0], y);
+    int64_t width = 0, offset = 0;
+    for (int64_t i = 0; i < count; i++) width += ls[i].n;
+    int status = 0;
+    for (int64_t i = 0; i < count && status == 0; i++) {
+        const int64_t n = ls[i].n;
+        void *part = scratch(s, s->rows * n);
+        status = part == NULL ? -1 : product(kn, s, x, k, &ls[i], part);
+        for (int64_t r = 0; r < s->rows && status == 0; r++)
+            memcpy(at(s, y, r * width + offset), at(s, part, r * n), unit(s) * (size_t)n);
+        free(part);
+        offset += n;
+    }
+    return status;
+}
+
 /* q (rows, q_heads, head_dim), k and v (rows, kv_heads, head_dim) for hidden states h
  * (rows, hidden): q and k normed per head and rotated by cos/sin (rows, head_dim). Returns 0,
  * -1 when scratch memory could not be allocated or a product failed. */
 int vlbot_layer_before_attention(const struct kernels *kn, const struct shape *s, const void *h,
-                                 const void *norm, const uint16_t *w_qkv, const void *q_norm,
-                                 const void *k_norm, const void *cos, const void *sin, void *q,
+                                 const struct layer *layer, const void *cos, const void *sin, void *q,
                                  void *k, void *v) {
     const int64_t q_size = s->q_heads * s->head_dim, kv_size = s->kv_heads * s->head_dim;
     const int64_t width = q_size + 2 * kv_size;
     void *x = scratch(s, s->rows * s->hidden), *qkv = scratch(s, s->rows * width);
     int status = -1;
     if (x != NULL && qkv != NULL) {
-        kn->rms(h, norm, x, s->rows, s->hidden, s->eps, s->bf16);
-        status = kn->matvec(x, s->rows, s->hidden, width, w_qkv, NULL, qkv, s->threads);
+        kn->rms(h, layer->input_norm, x, s->rows, s->hidden, s->eps, s->bf16);
+        status = project(kn, s, x, s->hidden, layer->qkv, layer->qkv_count, qkv);
     }
     if (status == 0) {
         for (int64_t r = 0; r < s->rows; r++) {
@@ -122,8 +183,8 @@ int vlbot_layer_before_attention(const struct kernels *kn, const struct shape *s
             memcpy(at(s, k, r * kv_size), at(s, qkv, row + q_size), unit(s) * (size_t)kv_size);
             memcpy(at(s, v, r * kv_size), at(s, qkv, row + q_size + kv_size), unit(s) * (size_t)kv_size);
         }
-        kn->qk(q, q_norm, s->q_heads, k, k_norm, s->kv_heads, cos, sin, s->rows, s->head_dim,
-               s->eps, s->bf16);
+        kn->qk(q, layer->q_norm, s->q_heads, k, layer->k_norm, s->kv_heads, cos, sin, s->rows,
+               s->head_dim, s->eps, s->bf16);
     }
     free(x);
     free(qkv);
@@ -138,8 +199,7 @@ int vlbot_layer_after_attention(const struct kernels *kn, const struct shape *s,
                                 const void *q, const void *keys, const void *values,
                                 int64_t batch_stride, int64_t head_stride, int64_t token_stride,
                                 const int64_t *starts, int64_t length, float scale,
-                                const uint16_t *w_o, const void *norm, const uint16_t *w_gate_up,
-                                const uint16_t *w_down) {
+                                const struct layer *layer) {
     const int64_t rows = s->rows, hidden = s->hidden, inter = s->intermediate;
     const int64_t q_size = s->q_heads * s->head_dim;
     void *attended = scratch(s, rows * q_size), *delta = scratch(s, rows * hidden);
@@ -151,15 +211,15 @@ int vlbot_layer_after_attention(const struct kernels *kn, const struct shape *s,
                                rows, s->q_heads, s->kv_heads, length, s->head_dim, scale,
                                attended, s->threads);
     }
-    if (status == 0) status = kn->matvec(attended, rows, q_size, hidden, w_o, NULL, delta, s->threads);
+    if (status == 0) status = product(kn, s, attended, q_size, &layer->o, delta);
     if (status == 0) {
         add_into(s, h, delta, rows * hidden);
-        kn->rms(h, norm, x, rows, hidden, s->eps, s->bf16);
-        status = kn->matvec(x, rows, hidden, 2 * inter, w_gate_up, NULL, gu, s->threads);
+        kn->rms(h, layer->post_norm, x, rows, hidden, s->eps, s->bf16);
+        status = project(kn, s, x, hidden, layer->gate_up, layer->gate_up_count, gu);
     }
     if (status == 0) {
         silu_times(s, gu, rows, inter, act);
-        status = kn->matvec(act, rows, inter, hidden, w_down, NULL, delta, s->threads);
+        status = product(kn, s, act, inter, &layer->down, delta);
     }
     if (status == 0) add_into(s, h, delta, rows * hidden);
     free(attended);

@@ -8,14 +8,16 @@ step on the 2-core machine vlbot is measured on. `LayerKernel.before_attention` 
 attention are the other kernels' functions, passed by address, so the arithmetic is theirs.
 The activations are bfloat16, or float32 where the tier has no bf16 arithmetic and the model
 computes in float32 over bfloat16 weights (engine.cpu.half_weights): there the operators cost
-~10 ms of a ~66 ms one-row step with AVX2 forced, ~24 of ~107 ms for four rows.
+~10 ms of a ~66 ms one-row step with AVX2 forced, ~24 of ~107 ms for four rows. The products'
+weights are bfloat16 or the int8 / int4 kernels' (`Product`); with int4 weights the operators
+were a third of a step (~8 of 23.5 ms natively, ~9 of 30 ms with AVX2 forced).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,9 +31,46 @@ COMPILE_FLAGS = ("-ffp-contract=off",)  # torch's rounding: no fused multiply-ad
 
 
 class Kernels(ctypes.Structure):
-    """`struct kernels`: the C functions the layer calls."""
+    """`struct kernels`: the C functions the layer calls (int8, int4: 0 where not used)."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in ("matvec", "rms", "qk", "attention")]
+    _fields_ = [(name, ctypes.c_void_p) for name in ("matvec", "rms", "qk", "attention", "int8", "int4")]
+
+
+BF16, INT8, INT4 = 0, 1, 2  # `enum weights`
+
+
+class Linear(ctypes.Structure):
+    """`struct linear`: one product's weights."""
+
+    _fields_ = [
+        ("kind", ctypes.c_int64), ("n", ctypes.c_int64), ("group", ctypes.c_int64),
+        ("w", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("lows", ctypes.c_void_p),
+    ]  # fmt: skip
+
+
+class Layer(ctypes.Structure):
+    """`struct layer`: a decoder layer's weights."""
+
+    _fields_ = [
+        ("qkv", Linear * 3), ("o", Linear), ("gate_up", Linear * 2), ("down", Linear),
+        ("qkv_count", ctypes.c_int64), ("gate_up_count", ctypes.c_int64),
+        *[(name, ctypes.c_void_p) for name in ("input_norm", "q_norm", "k_norm", "post_norm")],
+    ]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Product:
+    """One product's weights as the C layer takes them: `kind` BF16 (tensors: the (n, k) weight),
+    INT8 (packed, row scales) or INT4 (packed, scales, lows), with `group` the quantized kernels'."""
+
+    kind: int
+    n: int
+    tensors: tuple[torch.Tensor, ...]
+    group: int = 0
+
+    def linear(self) -> Linear:
+        pointers = [t.data_ptr() for t in self.tensors] + [0] * (3 - len(self.tensors))
+        return Linear(self.kind, self.n, self.group, *pointers)
 
 
 class Shape(ctypes.Structure):
@@ -50,17 +89,33 @@ class Shape(ctypes.Structure):
 
 @dataclass(frozen=True)
 class LayerWeights:
-    """One decoder layer's tensors as the C functions take them (contiguous): the products'
-    weights bfloat16, the norms' weights of the activations' dtype."""
+    """One decoder layer's weights as the C functions take them: the products' (`Product`; q/k/v
+    and gate/up as one product each where bf16 back to back, else three and two), the norms'
+    weights of the activations' dtype, contiguous. `layer` is the C struct over them."""
 
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # q, k and v projections back to back (q + 2 kv rows, hidden)
+    qkv: tuple[Product, ...]
     q_norm: torch.Tensor
     k_norm: torch.Tensor
-    o: torch.Tensor
+    o: Product
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # gate and up projections back to back (2 intermediate rows, hidden)
-    down: torch.Tensor
+    gate_up: tuple[Product, ...]
+    down: Product
+    layer: Layer = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.qkv) <= 3 or not 1 <= len(self.gate_up) <= 2:
+            raise ValueError("q/k/v take one to three products, gate/up one or two")
+        layer = Layer()
+        for i, product in enumerate(self.qkv):
+            layer.qkv[i] = product.linear()
+        for i, product in enumerate(self.gate_up):
+            layer.gate_up[i] = product.linear()
+        layer.o, layer.down = self.o.linear(), self.down.linear()
+        layer.qkv_count, layer.gate_up_count = len(self.qkv), len(self.gate_up)
+        norms = (self.input_norm, self.q_norm, self.k_norm, self.post_norm)
+        layer.input_norm, layer.q_norm, layer.k_norm, layer.post_norm = (t.data_ptr() for t in norms)
+        object.__setattr__(self, "layer", layer)
 
 
 def _address(function: Any) -> int:
@@ -74,11 +129,11 @@ class LayerKernel:
         self._kernels = kernels  # per activation dtype; kept alive: C reads them on every call
         self._before = c_function(
             library, "vlbot_layer_before_attention", I32, POINTER, POINTER, POINTER, POINTER,
-            POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER, POINTER,
+            POINTER, POINTER, POINTER, POINTER, POINTER,
         )  # fmt: skip
         self._after = c_function(
             library, "vlbot_layer_after_attention", I32, POINTER, POINTER, POINTER, POINTER,
-            POINTER, POINTER, I64, I64, I64, POINTER, I64, F32, POINTER, POINTER, POINTER, POINTER,
+            POINTER, POINTER, I64, I64, I64, POINTER, I64, F32, POINTER,
         )  # fmt: skip
 
     def before_attention(
@@ -96,10 +151,7 @@ class LayerKernel:
             ctypes.byref(self._kernels[hidden.dtype]),
             ctypes.byref(shape),
             hidden.data_ptr(),
-            weights.input_norm.data_ptr(),
-            weights.qkv.data_ptr(),
-            weights.q_norm.data_ptr(),
-            weights.k_norm.data_ptr(),
+            ctypes.byref(weights.layer),
             cos.data_ptr(),
             sin.data_ptr(),
             q.data_ptr(),
@@ -129,10 +181,7 @@ class LayerKernel:
             *cache_arguments(q, keys, values, starts),
             keys.shape[2],
             scale,
-            weights.o.data_ptr(),
-            weights.post_norm.data_ptr(),
-            weights.gate_up.data_ptr(),
-            weights.down.data_ptr(),
+            ctypes.byref(weights.layer),
         )
         if status != 0:
             raise RuntimeError("the decode layer kernel refused its inputs or ran out of memory")
@@ -143,14 +192,26 @@ def _library() -> ctypes.CDLL | None:
     return load_library("decode_layer", COMPILE_FLAGS, ARM_FLAGS if active_tier().is_arm else CPU_FLAGS)
 
 
-def load_layer(matvec: Bf16Kernel, ops: DecodeOps, attention: DecodeAttention) -> LayerKernel | None:
-    """The layer kernel calling these kernels' functions, or None where it cannot be built."""
+def load_layer(
+    matvec: Bf16Kernel,
+    ops: DecodeOps,
+    attention: DecodeAttention,
+    int8: object | None = None,
+    int4: object | None = None,
+) -> LayerKernel | None:
+    """The layer kernel calling these kernels' functions (`int8`, `int4`: the quantized kernels'
+    C functions, where layers have such weights), or None where it cannot be built."""
     library = _library()
     if library is None:
         return None
     norm, qk = _address(ops.norm_function), _address(ops.qk_function)  # both dtypes, by a flag
+    quantized = (_address(int8) if int8 else 0, _address(int4) if int4 else 0)
     kernels = {
-        torch.bfloat16: Kernels(_address(matvec.function), norm, qk, _address(attention.function)),
-        torch.float32: Kernels(_address(matvec.function_f32), norm, qk, _address(attention.function_f32)),
+        torch.bfloat16: Kernels(
+            _address(matvec.function), norm, qk, _address(attention.function), *quantized
+        ),
+        torch.float32: Kernels(
+            _address(matvec.function_f32), norm, qk, _address(attention.function_f32), *quantized
+        ),
     }
     return LayerKernel(library, kernels)

@@ -88,6 +88,11 @@ class Int4Kernel:
         )  # fmt: skip
         self.isa = c_function(library, "vlbot_int4_isa", ctypes.c_char_p)().decode()
 
+    @property
+    def function(self) -> object:
+        """The C product itself (engine.cpu.kernels.decode_layer calls it by address)."""
+        return self._matmul
+
     def matmul(self, x: torch.Tensor, weights: PackedInt4) -> torch.Tensor:
         """x (rows, K) -> (rows, N), bfloat16 for bfloat16 input, else float32."""
         return self.matmul_at(x, weights.pointers(), weights.out_features, weights.in_features, weights.group)

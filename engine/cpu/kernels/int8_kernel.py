@@ -95,6 +95,11 @@ class Int8Kernel:
         )  # fmt: skip
         self.isa = c_function(library, "vlbot_int8_isa", ctypes.c_char_p)().decode()
 
+    @property
+    def function(self) -> object:
+        """The C product itself (engine.cpu.kernels.decode_layer calls it by address)."""
+        return self._matmul
+
     def matmul(self, x: torch.Tensor, weights: PackedInt8) -> torch.Tensor:
         """x (rows, K) -> (rows, N), bfloat16 for bfloat16 input, else float32."""
         bf16 = x.dtype == torch.bfloat16
