@@ -36,7 +36,7 @@ from engine.cpu.kernels.bf16_kernel import load_kernel as load_bf16_kernel
 from engine.cpu.kernels.decode_attention import DecodeAttention, left_padding, load_attention
 from engine.cpu.kernels.decode_layer import LayerKernel, LayerWeights, Shape, load_layer
 from engine.cpu.kernels.decode_ops import DecodeOps, load_ops
-from engine.cpu.layer_weights import layer_weights, quantized_kernels, weight_addresses
+from engine.cpu.layer_weights import layer_weights, quantized_kernels, weights_key
 
 SUPPORTED_LAYER = "Qwen3VLTextDecoderLayer"
 
@@ -127,7 +127,7 @@ class DecodeStep:
             return None
         if dtype not in (torch.bfloat16, torch.float32) or rows > self.layer_rows:
             return None
-        addresses: list[object] = [dtype, *weight_addresses(self.layers)]
+        addresses: list[object] = [dtype, *weights_key(self.layers)]
         if addresses != self._layer_addresses:  # the weights moved (engine.cpu.hugepages): again
             self._layer_addresses = addresses
             self._layer_weights = self._collect_layer_weights(dtype)

@@ -156,6 +156,15 @@ def _return_free_heap() -> None:
         trim(0)
 
 
+_moved = 0  # tensors moved so far, by any model: pointers taken before a move are stale
+
+
+def moves() -> int:
+    """How many tensors `move_to_huge_pages` has moved in this process (code that keeps weight
+    addresses, engine.cpu.decode_step, takes them again when this changes)."""
+    return _moved
+
+
 def _store(module: nn.Module, name: str) -> dict[str, Any]:
     return module._parameters if name in module._parameters else module._buffers
 
@@ -221,6 +230,7 @@ def move_to_huge_pages(
     arena = HugePageArena(sum(-(-size // ALIGNMENT) * ALIGNMENT for _, _, size in movable))
     model._vlbot_huge_pages = [*_arenas(model), arena]  # they live as long as the model
     mappings = file_mappings()
+    global _moved
     done = 0
     since_trim = 0
     with torch.no_grad():
@@ -235,6 +245,7 @@ def move_to_huge_pages(
             else:
                 store[name] = arena.place(old, mappings)
             del tensor
+            _moved += 1
             _release_file_pages(old, mappings)
             del old
             done += 1

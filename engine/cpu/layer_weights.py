@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.cpu.hugepages import moves
 from engine.cpu.kernels.bf16_kernel import AdjacentLinears, DecodeLinear
 from engine.cpu.kernels.decode_layer import BF16, INT4, INT8, LayerWeights, Product
 from engine.cpu.quant import Int4Linear, Int8Linear
@@ -69,20 +70,19 @@ def layer_weights(
     return LayerWeights(input_norm, projections, q_norm, k_norm, o, post_norm, gate_and_up, down)
 
 
-def weight_addresses(layers: Sequence[Any]) -> list[int]:
-    """Where each layer's product weights are now: they change when engine.cpu.hugepages moves
-    them, and the C layer's pointers must be taken again."""
-    addresses = []
-    for layer in layers:
-        attention, mlp = layer.self_attn, layer.mlp
-        for module in (
-            attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
-            mlp.gate_proj, mlp.up_proj, mlp.down_proj,
-        ):  # fmt: skip
-            tensor = getattr(module, "packed", None)
-            tensor = getattr(module, "weight", None) if tensor is None else tensor
-            addresses.append(tensor.data_ptr() if isinstance(tensor, torch.Tensor) else 0)
-    return addresses
+def weights_key(layers: Sequence[Any]) -> tuple[int, ...]:
+    """Changes when the layers' weights move (engine.cpu.hugepages moves them at idle time, then
+    the C layer's pointers must be taken again): the move count, and where the first and last
+    layers' first weights are (a cheap guard against a move elsewhere; a decode step calls this)."""
+    first, last = layers[0].self_attn.q_proj, layers[-1].mlp.down_proj
+    return (moves(), *(_first_tensor(module).data_ptr() for module in (first, last)))
+
+
+def _first_tensor(module: nn.Module) -> torch.Tensor:
+    tensor = module._buffers.get("packed")
+    if tensor is None:
+        tensor = module._parameters.get("weight")
+    return tensor if tensor is not None else torch.empty(0)
 
 
 def quantized_kernels(layers: Sequence[Any]) -> tuple[object | None, object | None]:
