@@ -9,7 +9,7 @@ does) and does the rotation and layout in one pass with the same arithmetic.
 The attention itself runs in a kernel instead of `scaled_dot_product_attention` where one beats it
 (64-channel heads): in bfloat16 where the CPU has AMX, engine/cpu/kernels/vision_flash.py (about
 half the time); else on AVX-512 tiers, float32 or bfloat16, engine/cpu/kernels/vision_flash_portable.py
-(~0.6x the time). Both are as close to exact attention as torch's, but not bit for bit torch's.
+(0.4-0.6x the time). Both are as close to exact attention as torch's, but not bit for bit torch's.
 Elsewhere (AVX2, aarch64, other head sizes) the outputs are bit for bit those of transformers' module.
 
 Only the "sdpa" attention of `Qwen3VLVisionAttention` is replaced, and only where the kernel

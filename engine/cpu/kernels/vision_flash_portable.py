@@ -11,7 +11,7 @@ source through simd.h; bf16 inputs on a CPU with AVX-512-BF16 multiply bf16 pair
 |---|---|---|
 | avx512_bf16, bf16 inputs (the bf16 model) | 13.7 vs 37.4 ms | 145 vs 402 ms |
 | avx512_bf16, float32 | 20.0 vs 33.5 ms | 214 vs 365 ms |
-| avx512 forced, float32 (the half-size-weights model) | 23.9 vs 32.9 ms | 261 vs 359 ms |
+| avx512 forced, float32 (the half-size-weights model) | 20.6 vs 33.8 ms | 215 vs 364 ms |
 | avx2 forced, float32 | 32.9 vs 33.1 ms | 366 vs 373 ms |
 
 So it is offered only on AVX-512 tiers (`load_kernel`: over 24 layers natively ~0.5 s less of a
