@@ -16,7 +16,15 @@ from engine.cpu.kernels.vision_attention import VisionAttention, use_fast_vision
 from engine.cpu.kernels.vision_flash import load_kernel as load_amx_kernel
 from engine.cpu.kernels.vision_flash_portable import PortableFlash, build_kernel, load_kernel
 from tests.engine_fixtures import built_or_skip
-from tests.test_vision_flash import HEADS, SCALE, Wrapped, assert_as_close_as_torch, inputs, vision_tower
+from tests.test_vision_flash import (
+    HEADS,
+    SCALE,
+    Wrapped,
+    assert_as_close_as_torch,
+    assert_images_see_only_themselves,
+    inputs,
+    vision_tower,
+)  # fmt: skip
 from tests.tier_helpers import forced
 
 TIERS = ["avx2", "avx512", "avx512_bf16"]
@@ -53,18 +61,9 @@ def test_peaked_scores_and_a_maximum_in_a_late_chunk(kernel: PortableFlash) -> N
     assert torch.allclose(top, v[:, -40:], atol=0.05)
 
 
-def test_images_in_one_call_see_only_themselves(kernel: PortableFlash) -> None:
-    q, k, v = inputs(300, seed=2, dtype=torch.float32)
-    windows = [(0, 120), (120, 37), (157, 143)]
-    got = kernel(q, k, v, windows, SCALE)
-    assert got is not None
-    for start, length in windows:
-        part = slice(start, start + length)
-        alone = kernel(
-            q[:, part].contiguous(), k[:, part].contiguous(), v[:, part].contiguous(), [(0, length)], SCALE
-        )
-        assert alone is not None
-        assert torch.equal(got[part], alone)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_images_in_one_call_see_only_themselves(kernel: PortableFlash, dtype: torch.dtype) -> None:
+    assert_images_see_only_themselves(kernel, dtype)
 
 
 def test_only_64_channel_heads_of_one_dtype(kernel: PortableFlash) -> None:

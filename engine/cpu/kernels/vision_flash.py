@@ -18,7 +18,7 @@ import ctypes
 import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -61,33 +61,48 @@ class FlashKernel:
         kernel could not get its working memory (the caller then uses torch's)."""
         if not self.supports(q) or q.shape != k.shape or q.shape != v.shape:
             raise ValueError("expected bfloat16 (heads, seq, 64) queries, keys and values alike")
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        heads, seq, dim = q.shape
-        out = q.new_empty((seq, heads * dim))
-        size = q.element_size()
+
+        def attend(at: WindowAddresses, heads: int, length: int, head_stride: int, out_stride: int) -> bool:
+            needed = int(self._scratch_bytes(heads, length))
+            if self._scratch.numel() < needed:
+                self._scratch = torch.empty(needed, dtype=torch.uint8)
+            scratch, threads = self._scratch.data_ptr(), torch.get_num_threads()
+            q_at, k_at, v_at, out_at = at
+            status = self._attend(
+                q_at, k_at, v_at, heads, length, head_stride, scale, out_at, out_stride, scratch, threads
+            )
+            return bool(status)
+
         with self._lock:
-            for start, length in windows:
-                if length <= 0:
-                    continue
-                needed = int(self._scratch_bytes(heads, length))
-                if self._scratch.numel() < needed:
-                    self._scratch = torch.empty(needed, dtype=torch.uint8)
-                failed = self._attend(
-                    q.data_ptr() + start * dim * size,
-                    k.data_ptr() + start * dim * size,
-                    v.data_ptr() + start * dim * size,
-                    heads,
-                    length,
-                    seq * dim,
-                    scale,
-                    out.data_ptr() + start * heads * dim * size,
-                    heads * dim,
-                    self._scratch.data_ptr(),
-                    torch.get_num_threads(),
-                )
-                if failed:
-                    return None
-        return out
+            return per_window(q, k, v, windows, attend)
+
+
+WindowAddresses = tuple[int, int, int, int]  # a window's q, k, v and output addresses
+
+
+def per_window(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    windows: Sequence[tuple[int, int]],
+    attend: Callable[[WindowAddresses, int, int, int, int], bool],
+) -> torch.Tensor | None:
+    """(seq, heads x dim) from `attend(addresses, heads, length, head_stride, out_stride)` called
+    for each (start, length) window of q, k, v (heads, seq, dim) with the window's addresses;
+    None as soon as one call returns True (failed)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    heads, seq, dim = q.shape
+    out = q.new_empty((seq, heads * dim))
+    size = q.element_size()
+    for start, length in windows:
+        if length <= 0:
+            continue
+        offset = start * dim * size
+        at = (q.data_ptr() + offset, k.data_ptr() + offset, v.data_ptr() + offset,
+              out.data_ptr() + start * heads * dim * size)  # fmt: skip
+        if attend(at, heads, length, seq * dim, heads * dim):
+            return None
+    return out
 
 
 @functools.lru_cache(maxsize=1)

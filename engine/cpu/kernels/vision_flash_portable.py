@@ -31,6 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.cpu.kernels.vision_flash import WindowAddresses, per_window
 from engine.cpu.native import F32, I32, I64, POINTER, active_tier, c_function, load_library
 
 HEAD_DIM = 64  # the kernel's register blocks are laid out for 64-channel heads
@@ -68,30 +69,17 @@ class PortableFlash:
             raise ValueError("expected float32 or bfloat16 (heads, seq, 64) queries, keys and values alike")
         if k.dtype != q.dtype or v.dtype != q.dtype:
             raise ValueError("queries, keys and values must share their dtype")
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        heads, seq, dim = q.shape
-        out = q.new_empty((seq, heads * dim))
-        size = q.element_size()
-        for start, length in windows:
-            if length <= 0:
-                continue
-            offset = start * dim * size
-            failed = self._attend(
-                q.data_ptr() + offset,
-                k.data_ptr() + offset,
-                v.data_ptr() + offset,
-                heads,
-                length,
-                seq * dim,
-                scale,
-                out.data_ptr() + start * heads * dim * size,
-                heads * dim,
-                int(q.dtype == torch.bfloat16),
-                torch.get_num_threads(),
+        bf16 = int(q.dtype == torch.bfloat16)
+
+        def attend(at: WindowAddresses, heads: int, length: int, head_stride: int, out_stride: int) -> bool:
+            threads = torch.get_num_threads()
+            q_at, k_at, v_at, out_at = at
+            status = self._attend(
+                q_at, k_at, v_at, heads, length, head_stride, scale, out_at, out_stride, bf16, threads
             )
-            if failed:
-                return None
-        return out
+            return bool(status)
+
+        return per_window(q, k, v, windows, attend)
 
 
 def build_kernel() -> PortableFlash | None:
