@@ -5,8 +5,10 @@ softmaxes, several images in one call, and inside the vision tower."""
 from __future__ import annotations
 
 import copy
+import ctypes
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,7 @@ from transformers import Qwen3VLVisionConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
 from engine.cpu.kernels.vision_attention import VisionAttention, use_fast_vision_attention
-from engine.cpu.kernels.vision_flash import FlashKernel, load_kernel
+from engine.cpu.kernels.vision_flash import FlashKernel, WindowAddresses, load_kernel, per_window
 from tests.engine_fixtures import built_or_skip
 
 HEADS, DIM, SCALE = 3, 64, 0.125
@@ -98,6 +100,34 @@ def assert_images_see_only_themselves(kernel: Any, dtype: torch.dtype = torch.bf
 
 def test_images_in_one_call_see_only_themselves(kernel: FlashKernel) -> None:
     assert_images_see_only_themselves(kernel)
+
+
+def test_per_window_hands_each_window_its_own_addresses() -> None:
+    """The loop both kernels' wrappers share (it runs on any CPU): each (start, length) window
+    gets its q, k, v and output addresses, the heads' stride over the whole sequence and the
+    output's row stride; an empty window is skipped; a failed call gives None."""
+    base = torch.arange(2 * 10 * 4, dtype=torch.float32).reshape(2, 10, 4)
+    q, k, v = (base + shift for shift in (0, 100, 200))
+    calls: list[tuple[int, ...]] = []
+
+    def attend(at: WindowAddresses, heads: int, length: int, head_stride: int, out_stride: int) -> bool:
+        calls.append((heads, length, head_stride, out_stride))
+        for head in range(heads):  # out[row, head] = k[head, row] (what a real kernel would read)
+            for row in range(length):
+                source = torch.from_numpy(_floats(at[1] + (head * head_stride + row * 4) * 4, 4))
+                _floats(at[3] + (row * out_stride + head * 4) * 4, 4)[:] = source.numpy()
+        return False
+
+    out = per_window(q, k, v, [(0, 3), (3, 0), (3, 7)], attend)
+    assert out is not None and out.shape == (10, 8)
+    assert calls == [(2, 3, 40, 8), (2, 7, 40, 8)]
+    assert torch.equal(out, k.transpose(0, 1).reshape(10, 8))
+    assert per_window(q, k, v, [(0, 10)], lambda *_: True) is None
+
+
+def _floats(address: int, count: int) -> Any:
+    """`count` float32 values at `address`, as a writable numpy view."""
+    return np.ctypeslib.as_array((ctypes.c_float * count).from_address(address))
 
 
 def test_only_bfloat16_64_channel_heads(kernel: FlashKernel) -> None:
