@@ -92,7 +92,7 @@ class DecodeStep:
             self.layer_rows = matvec.max_rows
         self.hidden_size = int(config.hidden_size)
         self._layer_weights: list[LayerWeights] = []
-        self._layer_addresses: list[object] = []
+        self._layer_key: tuple[object, ...] = ()  # what _layer_weights were collected for
         self.fast_steps = 0  # steps that ran their layers in C (for tests and profiles)
 
     @classmethod
@@ -127,9 +127,9 @@ class DecodeStep:
             return None
         if dtype not in (torch.bfloat16, torch.float32) or rows > self.layer_rows:
             return None
-        addresses: list[object] = [dtype, *weights_key(self.layers)]
-        if addresses != self._layer_addresses:  # the weights moved (engine.cpu.hugepages): again
-            self._layer_addresses = addresses
+        key = (dtype, *weights_key(self.layers))
+        if key != self._layer_key:  # another dtype, or the weights moved (engine.cpu.hugepages)
+            self._layer_key = key
             self._layer_weights = self._collect_layer_weights(dtype)
         if len(self._layer_weights) != len(self.layers):
             return None
