@@ -67,9 +67,10 @@ def weights() -> list[torch.Tensor]:
 
 
 class KernelPass:
-    """One activation row through every matrix with one build of the kernel."""
+    """`rows` activation rows (one decode step's conversations) through every matrix with one
+    build of the kernel."""
 
-    def __init__(self, library: ctypes.CDLL, matrices: list[torch.Tensor], threads: int) -> None:
+    def __init__(self, library: ctypes.CDLL, matrices: list[torch.Tensor], threads: int, rows: int) -> None:
         self.bf16 = active_tier().bf16_arithmetic
         dtype = torch.bfloat16 if self.bf16 else torch.float32
         self.function = library.vlbot_bf16_matvec if self.bf16 else library.vlbot_bf16_matvec_f32
@@ -77,14 +78,14 @@ class KernelPass:
         self.calls = []
         generator = torch.Generator().manual_seed(0)  # the same activations for every variant
         for matrix in matrices:
-            rows, columns = matrix.shape
-            x = torch.randn(1, columns, generator=generator).to(dtype)
-            y = torch.empty(1, rows, dtype=dtype)
+            outputs, columns = matrix.shape
+            x = torch.randn(rows, columns, generator=generator).to(dtype)
+            y = torch.empty(rows, outputs, dtype=dtype)
             args = (
                 ctypes.c_void_p(x.data_ptr()),
-                ctypes.c_int64(1),
-                ctypes.c_int64(columns),
                 ctypes.c_int64(rows),
+                ctypes.c_int64(columns),
+                ctypes.c_int64(outputs),
                 ctypes.c_void_p(matrix.data_ptr()),
                 ctypes.c_void_p(None),
                 ctypes.c_void_p(y.data_ptr()),
@@ -107,6 +108,7 @@ def main() -> int:
     )
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rows", type=int, default=1, help="activation rows per product (a batch)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     matrices = weights()
@@ -117,7 +119,7 @@ def main() -> int:
         for spec in args.variants:
             label, _, defines = spec.partition("=")
             library = build(label, defines.split(), Path(directory))
-            kernels[label] = KernelPass(library, matrices, args.threads)
+            kernels[label] = KernelPass(library, matrices, args.threads, args.rows)
 
     def plain_sum() -> None:
         for tensor in as_float:
@@ -139,7 +141,10 @@ def main() -> int:
             runs[label]()
             times[label].append(time.perf_counter() - started)
     tier = active_tier().name
-    print(f"tier {tier}, {args.threads} threads, {args.rounds} rounds, {nbytes / 1e9:.2f} GB per pass")
+    print(
+        f"tier {tier}, {args.threads} threads, {args.rows} row(s), {args.rounds} rounds,"
+        f" {nbytes / 1e9:.2f} GB per pass"
+    )
     base = times[labels[0]]
     for label in labels:
         series = times[label]

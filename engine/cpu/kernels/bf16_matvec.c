@@ -3,14 +3,16 @@
  *
  * A decode step multiplies one activation row per conversation by every weight matrix: the time
  * is the time to stream the weights from memory. oneDNN's bf16 matrix-vector product reads them at
- * ~18-20 GB/s on the 2-core machine vlbot is measured on; this loop reads four weight rows at a
- * time, widens each bfloat16 to float (a 16-bit shift) and accumulates in float, at ~26-28 GB/s
- * (27-28.5 GB/s measured for a plain float sum there at the same time). A single activation row
- * widens pairs of weights with two bit operations (single_row) and prefetches the rows 8 below
- * the ones it reads: over the 28 layers' decode matrices (benchmarks/bf16_matvec_ab.py, 1 thread,
- * paired passes, load ~5) 167 -> 151 ms on avx512_bf16 (12 of 12 faster), 125 -> 103 ms with
- * AVX2 forced (11 of 12); the prefetch is most of it (the pair widening alone, with the former
- * prefetch 768 bytes ahead in the same row: -2 % and -5 %). Weights are used as they
+ * ~18-20 GB/s on the 2-core machine vlbot is measured on; this loop widens each bfloat16 to float
+ * (a 16-bit shift) and accumulates in float. A single activation row (single_row) reads one
+ * weight row at a time as one linear stream, widens pairs of weights with two bit operations,
+ * keeps two independent accumulator pairs (CHAINS) so that the additions' latency never paces
+ * the reading, and prefetches the row 4 below at the same column. Over the 28 layers' decode
+ * matrices (benchmarks/bf16_matvec_ab.py, 2 threads, 30 interleaved rounds, medians), against
+ * the former four rows at a time with one accumulator pair and prefetch 8 rows below:
+ * avx512_bf16 69.3 -> 60.0 ms (a plain float sum over the same bytes: 55.8), forced AVX-512
+ * 52.2 -> 41.8 (sum 38.6), forced AVX2 72.2 -> 59.3 (sum 56.3); reading two or four rows
+ * together lost on every tier (8 rows: 64.6 against one row's 48.3 natively). Weights are used as they
  * are (row-major (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch
  * of up to MAX_ROWS conversations reads each weight vector once for all of its rows; built for
  * the avx512_bf16 tier, a batch multiplies bf16 pairs with `vdpbf16ps` instead of widening them
@@ -41,11 +43,14 @@
 #include "simd.h"
 
 #ifndef WEIGHT_ROWS
-#define WEIGHT_ROWS 4 /* weight rows read together for a single activation row */
+#define WEIGHT_ROWS 1 /* weight rows read together for a single activation row */
 #endif
 /* weights of a row per loop step: one 64-byte cache line (one prefetch each), or two vectors'
  * worth where a vector is wider (AVX-512: 2 x 16) */
 #define STEP (2 * VF_LANES > 32 ? 2 * VF_LANES : 32)
+#ifndef CHAINS
+#define CHAINS 2 /* independent accumulator pairs per weight row in single_row */
+#endif
 #ifndef SINGLE_SCHEDULE
 #define SINGLE_SCHEDULE static /* how single_row's blocks are shared by the threads */
 #endif
@@ -58,7 +63,7 @@
 #endif
 #ifndef PREFETCH_ROWS
 /* single_row prefetches the rows this many rows below the ones it reads, at the same column */
-#define PREFETCH_ROWS 8
+#define PREFETCH_ROWS 4
 #endif
 #ifndef FEW_AHEAD
 /* few_rows prefetches the weight rows this many rows below, at the same column (as single_row;
@@ -90,32 +95,38 @@ static inline float bias_of(const uint16_t *bias, int64_t n) {
  * ones; split_activations), so one accumulator per row gathers the even products, one the odd. */
 static void single_row(const float *xf, const float *xs, int64_t k, int64_t n_out,
                        const uint16_t *w, const uint16_t *bias, void *y, int out_bf16, int64_t b) {
-    const int64_t body = k - k % STEP;
+    const int64_t body = k - k % (STEP * CHAINS);
     const int64_t first = b * WEIGHT_ROWS;
     const int64_t count = n_out - first < WEIGHT_ROWS ? n_out - first : WEIGHT_ROWS;
-    vf acc[WEIGHT_ROWS][2];
-    for (int i = 0; i < WEIGHT_ROWS; i++) acc[i][0] = acc[i][1] = vf_zero();
+    vf acc[WEIGHT_ROWS][CHAINS][2];
+    for (int i = 0; i < WEIGHT_ROWS; i++)
+        for (int h = 0; h < CHAINS; h++) acc[i][h][0] = acc[i][h][1] = vf_zero();
     const vu high = (vu){0} + 0xffff0000u;
     /* the rows PREFETCH_ROWS below, while they exist (the last blocks prefetch their own) */
     const int64_t ahead = first + PREFETCH_ROWS + WEIGHT_ROWS <= n_out ? PREFETCH_ROWS : 0;
     if (count == WEIGHT_ROWS) {
-        for (int64_t c = 0; c < body; c += STEP) {
-            for (int i = 0; i < WEIGHT_ROWS; i++)
-                __builtin_prefetch(w + (first + i + ahead) * k + c, 0, PREFETCH_LOCALITY);
-            for (int u = 0; u < STEP; u += 2 * VF_LANES) {
-                const vf even = vf_load(xs + c + u), odd = vf_load(xs + c + u + VF_LANES);
-                for (int i = 0; i < WEIGHT_ROWS; i++) {
-                    vu pairs;
-                    memcpy(&pairs, w + (first + i) * k + c + u, sizeof pairs);
-                    acc[i][0] += (vf)(pairs << 16) * even;
-                    acc[i][1] += (vf)(pairs & high) * odd;
+        for (int64_t c0 = 0; c0 < body; c0 += STEP * CHAINS) {
+            for (int h = 0; h < CHAINS; h++) {
+                const int64_t c = c0 + h * STEP;
+                for (int i = 0; i < WEIGHT_ROWS; i++)
+                    __builtin_prefetch(w + (first + i + ahead) * k + c, 0, PREFETCH_LOCALITY);
+                for (int u = 0; u < STEP; u += 2 * VF_LANES) {
+                    const vf even = vf_load(xs + c + u), odd = vf_load(xs + c + u + VF_LANES);
+                    for (int i = 0; i < WEIGHT_ROWS; i++) {
+                        vu pairs;
+                        memcpy(&pairs, w + (first + i) * k + c + u, sizeof pairs);
+                        acc[i][h][0] += (vf)(pairs << 16) * even;
+                        acc[i][h][1] += (vf)(pairs & high) * odd;
+                    }
                 }
             }
         }
     }
     const int64_t done = count == WEIGHT_ROWS ? body : 0;
     for (int64_t i = 0; i < count; i++) {
-        float sum = vf_sum(acc[i][0] + acc[i][1]);
+        vf total = acc[i][0][0] + acc[i][0][1];
+        for (int h = 1; h < CHAINS; h++) total += acc[i][h][0] + acc[i][h][1];
+        float sum = vf_sum(total);
         sum += dot_tail(w + (first + i) * k, xf, done, k) + bias_of(bias, first + i);
         store_value(y, first + i, sum, out_bf16);
     }
