@@ -65,7 +65,7 @@ def check_top(head: OutputHead, kernel: Bf16Kernel, hidden: torch.Tensor, top: i
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11])
 @pytest.mark.parametrize("top", [1, 20])
 def test_the_screen_gives_the_kernels_top_logits(rows: int, top: int) -> None:
-    # 4,099 rows (a last, partial block of three) of 200 channels (not a multiple of 64)
+    # 4,099 rows (odd, not a multiple of any block) of 200 channels (not a multiple of 64)
     head, kernel = built_head(random_weight(4099, 200, seed=rows))
     generator = torch.Generator().manual_seed(100 + rows)
     for _ in range(4):
@@ -123,7 +123,7 @@ def test_a_logit_that_rounds_to_the_maximum_is_kept() -> None:
     check_top(head, kernel, hidden, 1)
 
 
-def test_outlier_channels_and_a_last_partial_block_stay_exact() -> None:
+def test_outlier_channels_and_an_odd_row_count_stay_exact() -> None:
     # final hidden states of real models have a few channels far larger than the rest
     weight = random_weight(1027, 256, seed=3)
     head, kernel = built_head(weight)

@@ -218,17 +218,8 @@ class OutputHead:
 
     def _exact(self, hidden: torch.Tensor, picked: torch.Tensor, kernel: Bf16Kernel) -> torch.Tensor:
         """The bf16 kernel's logits for rows `picked` of the head, bit for bit what it gives
-        over the whole head: it sums rows in blocks of four, and the rows of a last, partial
-        block one by one, so each kind is computed in a block of its own kind."""
-        weight = self.weight.detach()
-        full_blocks = weight.shape[0] - weight.shape[0] % 4
-        parts = []
-        for chosen in (picked[picked < full_blocks], picked[picked >= full_blocks]):
-            if chosen.numel() == 0:
-                continue
-            gathered = weight[chosen]
-            if int(chosen[0]) < full_blocks:  # pad to whole blocks with copies of the last row
-                pad = -chosen.numel() % 4
-                gathered = torch.cat([gathered, gathered[-1:].expand(pad, -1)]).contiguous()
-            parts.append(kernel.matmul(hidden, gathered, None)[:, : chosen.numel()])
-        return torch.cat(parts, dim=1)
+        over the whole head: it sums each weight row on its own, the same way wherever the row
+        sits."""
+        gathered = self.weight.detach()[picked].contiguous()
+        logits: torch.Tensor = kernel.matmul(hidden, gathered, None)
+        return logits
