@@ -15,8 +15,10 @@
  * together lost on every tier (8 rows: 64.6 against one row's 48.3 natively). Weights are used as they
  * are (row-major (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch
  * of up to MAX_ROWS conversations reads each weight vector once for all of its rows; built for
- * the avx512_bf16 tier, a batch multiplies bf16 pairs with `vdpbf16ps` instead of widening them
- * (4 rows 149 -> 141 ms, 6 rows 211 -> 157 ms over the 28 layers' weights).
+ * the avx512_bf16 tier, a batch of 5 rows or more multiplies bf16 pairs with `vdpbf16ps` instead
+ * of widening them (2 threads, interleaved medians over the 28 layers' weights: 6 rows 121 ->
+ * 78 ms, 8 rows 160 -> 61), while 2-4 rows widen them as the other tiers do (4 rows 78 -> 69 ms,
+ * 2 rows 53 -> 44 against `vdpbf16ps`).
  *
  * Measured against torch on each tier (Zen5, 2048->6144 weights, 24 matrices cycled, 1 thread,
  * a machine loaded by other work (load ~6-7), so the 2-thread figures were noise): avx512_bf16:
@@ -72,6 +74,11 @@
  * 122.8 natively / 149-163 AVX2 forced; 4 rows below 115 / 107; 8 below 106 / 120; 16 below
  * 80-107 / 109; 32 below 116-127 / 120-139. */
 #define FEW_AHEAD 16
+#endif
+#ifndef DP_MIN_ROWS
+/* batches of at least this many rows multiply bf16 pairs with `vdpbf16ps` (avx512_bf16 tier);
+ * smaller ones widen the weights to float, as the other tiers do (see few_rows_dp) */
+#define DP_MIN_ROWS 5
 #endif
 #ifndef PREFETCH_LOCALITY
 #define PREFETCH_LOCALITY 3 /* __builtin_prefetch's: 3 all cache levels, 0 non-temporal */
@@ -241,7 +248,7 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
 static void few_rows_any(const uint16_t *x, const float *xf, int64_t k, int64_t n_out,
                          const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
                          int64_t pair, int rows) {
-    (void)x;
+    if (rows < DP_MIN_ROWS) x = NULL; /* few rows: widened weights and float products are faster */
     switch (rows) { /* constant row counts: the accumulators stay in registers */
     case 2: FEW_ROWS(2); break;
     case 3: FEW_ROWS(3); break;
