@@ -16,6 +16,7 @@ from benchmarks.helpers import (
     markdown_table,
     ratio,
 )
+from benchmarks.tier_floors import tier_floors_section
 
 FOLLOW_UP_IMAGE = "1920x1080"  # the floor is stated for a 1080p screenshot
 
@@ -328,6 +329,7 @@ def render_report(result: Result) -> str:
     )
     parts += ["", markdown_table(["figure", "value"], summary_rows(result))]
     parts += llama_cpp_section(result)
+    parts += tier_floors_section(result)
     parts += ["", "Floors", ""]
     parts.append(
         markdown_table(

@@ -345,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ttft_s": run.get("ttft_s"),
                 "decode_tok_s": run.get("decode_tok_s"),
                 "read_gb_s": run.get("read_gb_s"),
+                "read_before_gb_s": run.get("read_before_gb_s"),
                 "peak_rss_bytes": part.get("peak_rss_bytes"),
                 "weights_bytes": part.get("weights_bytes"),
                 "bytes_per_token": part.get("bytes_per_token"),

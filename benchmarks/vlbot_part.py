@@ -289,10 +289,12 @@ class Bench:
         for label, path in spec["images"].items():
             entry: dict[str, Any] = {"image": label}
             try:
+                # the memory speed of the moment, right before and right after, for this decode's
+                # share of it (a shared VM's bandwidth swings within minutes)
+                before = layer_read_rate(self.engine.inner.model)["bytes_per_s"] / 1e9
                 entry.update(await self.turn(f"img-{label}", QUESTION, await read_bytes(path), n))
-                # the memory speed of the moment, for this decode's share of it (a shared VM's
-                # bandwidth swings within minutes)
                 entry["read_gb_s"] = layer_read_rate(self.engine.inner.model)["bytes_per_s"] / 1e9
+                entry["read_before_gb_s"] = before
                 if spec.get("followup", True):
                     entry["followup"] = await self.turn(
                         f"img-{label}", FOLLOW_UP, None, int(spec.get("followup_tokens", n))
