@@ -25,7 +25,7 @@ from benchmarks.helpers import (
     decode_rate,
     growth_pct,
     interleaved,
-    layer_read_rate,
+    layer_read_rate_apart,
     overall_aggregate_rate,
     proc_status_bytes,
     steady_aggregate_rate,
@@ -291,9 +291,9 @@ class Bench:
             try:
                 # the memory speed of the moment, right before and right after, for this decode's
                 # share of it (a shared VM's bandwidth swings within minutes)
-                before = layer_read_rate(self.engine.inner.model)["bytes_per_s"] / 1e9
+                before = layer_read_rate_apart(self.engine.inner.model)["bytes_per_s"] / 1e9
                 entry.update(await self.turn(f"img-{label}", QUESTION, await read_bytes(path), n))
-                entry["read_gb_s"] = layer_read_rate(self.engine.inner.model)["bytes_per_s"] / 1e9
+                entry["read_gb_s"] = layer_read_rate_apart(self.engine.inner.model)["bytes_per_s"] / 1e9
                 entry["read_before_gb_s"] = before
                 if spec.get("followup", True):
                     entry["followup"] = await self.turn(

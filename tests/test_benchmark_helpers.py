@@ -312,6 +312,24 @@ def test_layer_read_rate_reads_every_large_layer_tensor_once() -> None:
     assert probe["bytes_per_s"] > 0
 
 
+def test_the_read_runs_apart_from_the_calling_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmark's main thread must not run torch's parallel sums: their OpenMP workers
+    would stay beside the engine's and slow every later decode step."""
+    import threading
+
+    from benchmarks import helpers
+
+    seen: list[threading.Thread] = []
+
+    def recording(model: Any, passes: int = 7) -> dict[str, float]:
+        seen.append(threading.current_thread())
+        return {"bytes": 8.0, "bytes_per_s": 4.0}
+
+    monkeypatch.setattr(helpers, "layer_read_rate", recording)
+    assert helpers.layer_read_rate_apart(object()) == {"bytes": 8.0, "bytes_per_s": 4.0}
+    assert len(seen) == 1 and seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+
 def test_read_share_puts_the_decode_against_the_memory_speed_of_the_moment() -> None:
     from benchmarks.report import read_share
 
