@@ -16,7 +16,6 @@ from benchmarks.helpers import (
     markdown_table,
     ratio,
 )
-from benchmarks.tier_floors import tier_floors_section
 
 FOLLOW_UP_IMAGE = "1920x1080"  # the floor is stated for a 1080p screenshot
 
@@ -329,6 +328,8 @@ def render_report(result: Result) -> str:
     )
     parts += ["", markdown_table(["figure", "value"], summary_rows(result))]
     parts += llama_cpp_section(result)
+    from benchmarks.tier_floors import tier_floors_section  # it reads results with this module's helpers
+
     parts += tier_floors_section(result)
     parts += ["", "Floors", ""]
     parts.append(

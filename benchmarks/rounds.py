@@ -33,7 +33,6 @@ from typing import Any
 from benchmarks.helpers import fmt_rate, fmt_s, markdown_table
 from benchmarks.tier_floors import (
     MARKS,
-    Floor,
     default_run,
     peer_run,
     quantized_run,
@@ -90,7 +89,7 @@ def floors_table(rounds: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[l
         median = _median(values)
         held = sum(f.ok is True for f in floors)
         # the median judged like one round's figure (ratios; seconds for the load; bytes over)
-        median_ok = None if median is None else _holds(first, median)
+        median_ok = None if median is None else first.holds(median)
         verdict = "" if median_ok is None else f", median {'met' if median_ok else 'missed'}"
         rows.append(
             [
@@ -114,19 +113,6 @@ def floors_table(rounds: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[l
             }
         )
     return headers, rows, records
-
-
-def _holds(floor: Floor, value: float) -> bool:
-    target = floor.target
-    if target.startswith("≤ +"):  # bytes over the weights
-        return value <= float(target.removeprefix("≤ +").removesuffix(" GB")) * 1e9
-    if target.startswith("≥"):
-        number = target.removeprefix("≥ ").removesuffix("×").strip()
-        if number.endswith("%"):
-            return value >= float(number.removesuffix("%").strip()) / 100
-        return value >= float(number)
-    number = target.removeprefix("≤ ").removesuffix("×").removesuffix(" s").strip()
-    return value <= float(number)
 
 
 ENGINES = ("raw", "default", "int8", "int4", "llama.cpp BF16", "llama.cpp Q8_0", "llama.cpp Q4_K_M")

@@ -19,28 +19,43 @@ A floor whose figures are missing is None (not measured), never met.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from benchmarks.helpers import GB, fmt_rate, fmt_ratio, fmt_s, markdown_table, ratio
+from benchmarks.report import BUDGET, quantized_runs, vlbot_run
+from benchmarks.report import raw_run as report_raw_run
 
 Result = Mapping[str, Any]
 
 IMAGE = "640x480"  # the image the quantized runs and llama.cpp's rows share
-BUDGET = ("budget", "defaults=budget")  # raw transformers' runs at vlbot's pixel budget
 PEER_OF = {"quantize=int8": "Q8_0", "quantize=int4": "Q4_K_M"}
 
 
 @dataclass(frozen=True)
 class Floor:
-    """One floor of one result: its figure (a ratio or seconds), whether it holds, in words."""
+    """One floor of one result: its figure (a ratio, a share, seconds or bytes), the limit it is
+    held to (`at_least` it, or at most), whether it holds, in words."""
 
     key: str
     name: str
     target: str
+    limit: float
+    at_least: bool
     value: float | None
     ok: bool | None
     reached: str
+
+    def holds(self, value: float) -> bool:
+        """Whether `value` (this floor's figure, e.g. a median over rounds) meets the floor."""
+        return value >= self.limit if self.at_least else value <= self.limit
+
+
+def _floor(
+    key: str, name: str, target: str, limit: float, at_least: bool, value: float | None, reached: str
+) -> Floor:
+    floor = Floor(key, name, target, limit, at_least, value, None, reached)
+    return floor if value is None else replace(floor, ok=floor.holds(value))
 
 
 def _first(runs: Any, **match: Any) -> Mapping[str, Any] | None:
@@ -51,14 +66,11 @@ def _first(runs: Any, **match: Any) -> Mapping[str, Any] | None:
 
 
 def default_run(result: Result) -> Mapping[str, Any] | None:
-    return _first((result.get("vlbot") or {}).get("runs"), image=IMAGE)
+    return vlbot_run(result, IMAGE)
 
 
 def raw_run(result: Result) -> Mapping[str, Any] | None:
-    for run in (result.get("raw") or {}).get("runs") or []:
-        if run.get("image") == IMAGE and run.get("variant") in BUDGET and not run.get("error"):
-            return run  # type: ignore[no-any-return]
-    return None
+    return report_raw_run(result, IMAGE, *BUDGET)
 
 
 def peer_run(result: Result, quant: str) -> Mapping[str, Any] | None:
@@ -66,7 +78,7 @@ def peer_run(result: Result, quant: str) -> Mapping[str, Any] | None:
 
 
 def quantized_run(result: Result, option: str) -> Mapping[str, Any] | None:
-    return _first(result.get("quantized"), option=option)
+    return _first(quantized_runs(result), option=option)
 
 
 def _num(run: Mapping[str, Any] | None, key: str) -> float | None:
@@ -76,16 +88,14 @@ def _num(run: Mapping[str, Any] | None, key: str) -> float | None:
 
 def _at_most(key: str, name: str, value: float | None, limit: float | None, text: str) -> Floor:
     r = ratio(value, limit)
-    ok = None if r is None else r <= 1.0
     shown = "not measured" if r is None else f"{text} = {fmt_ratio(r)}"
-    return Floor(key, name, "≤ 1.0×", r, ok, shown)
+    return _floor(key, name, "≤ 1.0×", 1.0, False, r, shown)
 
 
 def _at_least(key: str, name: str, floor: float, value: float | None, base: float | None, text: str) -> Floor:
     r = ratio(value, base)
-    ok = None if r is None else r >= floor
     shown = "not measured" if r is None else f"{text} = {fmt_ratio(r)}"
-    return Floor(key, name, f"≥ {floor:g}×", r, ok, shown)
+    return _floor(key, name, f"≥ {floor:g}×", floor, True, r, shown)
 
 
 def bandwidth_share(result: Result) -> tuple[float | None, float | None]:
@@ -117,12 +127,13 @@ def tier_floors(result: Result) -> list[Floor]:
     around, probe = bandwidth_share(result)
     of_probe = "" if probe is None else f" ({100 * probe:.0f} % of the probe's)"
     floors.append(
-        Floor(
+        _floor(
             "decode_share",
             "default decode vs the memory's limit (reads around it; 2 GiB probe)",
             "≥ 80 %",
+            0.8,
+            True,
             around,
-            None if around is None else around >= 0.8,
             "not measured"
             if around is None
             else f"{100 * around:.0f} %{of_probe}",
@@ -176,7 +187,7 @@ def tier_floors(result: Result) -> list[Floor]:
 def _parts(result: Result) -> list[tuple[str, Mapping[str, Any]]]:
     vl = result.get("vlbot")
     parts: list[tuple[str, Mapping[str, Any]]] = [("default", vl)] if vl else []
-    parts += [(str(q.get("option")), q) for q in result.get("quantized") or []]
+    parts += [(str(q.get("option")), q) for q in quantized_runs(result)]
     return parts
 
 
@@ -184,12 +195,13 @@ def _loads(result: Result) -> Floor:
     loads = [(label, _num(part, "load_s")) for label, part in _parts(result)]
     known = [(label, s) for label, s in loads if s is not None]
     worst = max((s for _, s in known), default=None)
-    return Floor(
+    return _floor(
         "load",
         "load-to-ready, every mode",
         "≤ 5 s",
-        worst,
-        None if worst is None or len(known) != len(loads) else worst <= 5.0,
+        5.0,
+        False,
+        None if len(known) != len(loads) else worst,
         ", ".join(f"{label} {fmt_s(s)}" for label, s in known) or "not measured",
     )
 
@@ -201,12 +213,13 @@ def _memory(result: Result) -> Floor:
         overs.append((label, None if peak is None or weights is None else peak - weights))
     known = [(label, o) for label, o in overs if o is not None]
     worst = max((o for _, o in known), default=None)
-    return Floor(
+    return _floor(
         "memory",
         "peak RSS over weights as held, every mode",
         "≤ +1.5 GB",
-        worst,
-        None if worst is None or len(known) != len(overs) else worst <= 1.5 * GB,
+        1.5 * GB,
+        False,
+        None if len(known) != len(overs) else worst,
         ", ".join(f"{label} {o / GB:+.2f} GB" for label, o in known) or "not measured",
     )
 
