@@ -192,7 +192,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = None if args.no_peers else (args.peers or default_plan(os.environ))
         for index in range(1, args.rounds + 1):
             print(f"=== round {index} of {args.rounds}", flush=True)
-            run_round(index, out, run_args, plan)
+            try:
+                run_round(index, out, run_args, plan)
+            except subprocess.CalledProcessError as e:
+                raise SystemExit(
+                    f"round {index}: `{' '.join(map(str, e.cmd))}` exited with {e.returncode};"
+                    f" the rounds before it are in {out} (--summarize sums them up)"
+                ) from None
     text, record = summary(load_rounds(out))
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.md").write_text(text, encoding="utf-8")
