@@ -1,11 +1,16 @@
 """engine.cpu.kernels.prefill_ops: the prompt-wide RMSNorm, query/key norm + rotary and SiLU gate
 in C round as transformers' bfloat16 operators do (the same value almost everywhere, one bfloat16
-step at most elsewhere), and the swapped modules keep the language model's outputs: bit for bit in
-float32, as close as that in bfloat16, with the cache and the decode step reading the same parameters."""
+step at most elsewhere) and in float32 stay within a few units in the last place, built for every
+x86 tier this machine runs (forced ones too). The swapped modules keep the language model's
+outputs: as close as that in bfloat16, with the cache and the decode step reading the same
+parameters; a float32 model keeps transformers' arithmetic bit for bit where the tier has bf16
+arithmetic and takes the kernels (within float32 rounding) where it has not (the half-size-weights
+model computes in float32 there)."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +29,14 @@ from engine.cpu.kernels.prefill_ops import (
     use_fast_prefill_ops,
 )
 from tests.engine_fixtures import built_or_skip
+from tests.tier_helpers import forced
 
 
-@pytest.fixture
-def ops() -> PrefillOps:
-    return built_or_skip(load_ops(), "prefill kernels")
+@pytest.fixture(params=["avx2", "avx512", "avx512_bf16"])
+def ops(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrefillOps]:
+    """The kernels built for each x86 tier (forced where the CPU has more)."""
+    with forced(monkeypatch, request.param, load_ops):
+        yield built_or_skip(load_ops(), f"prefill kernels ({request.param})")
 
 
 def random(*shape: int, seed: int, spread: float = 1.0) -> torch.Tensor:
@@ -77,6 +85,33 @@ def test_norm_and_rotary_as_transformers(ops: PrefillOps) -> None:
     assert_rounds_as_torch(got_k, want_k)
 
 
+def float32(*shape: int, seed: int, spread: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * spread
+
+
+def test_float32_within_float_rounding_of_transformers(ops: PrefillOps) -> None:
+    """The float32 forms of the three kernels against transformers' float32 modules: a few units
+    in the last place (another summation order, another exponential), never more."""
+    norm = qwen3_vl.Qwen3VLTextRMSNorm(2048, eps=1e-6)
+    norm.weight.data = float32(2048, seed=1, spread=2.0)
+    x = float32(1, 37, 2048, seed=2, spread=3.0)
+    gate, up = float32(33, 4, 96, seed=3, spread=6.0), float32(33, 4, 96, seed=4)
+    gate[0, 0, :4] = torch.tensor([-200.0, 200.0, 0.0, -0.0])
+    head = qwen3_vl.Qwen3VLTextRMSNorm(128, eps=1e-6)
+    head.weight.data = float32(128, seed=5, spread=2.0)
+    q = float32(2, 45, 8, 128, seed=6, spread=3.0)
+    cos, sin = float32(2, 45, 128, seed=8), float32(2, 45, 128, seed=9)
+    with torch.inference_mode():
+        torch.testing.assert_close(ops.rms_norm(x, norm.weight, 1e-6), norm(x), rtol=4e-6, atol=1e-6)
+        torch.testing.assert_close(ops.silu_gate(gate, up), F.silu(gate) * up, rtol=4e-6, atol=1e-6)
+        want, _ = qwen3_vl.apply_rotary_pos_emb(head(q).transpose(1, 2), head(q).transpose(1, 2), cos, sin)
+        got = ops.norm_rotate(q, head.weight, cos, sin, 1e-6)
+    assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (2, 8, 45, 128)
+    torch.testing.assert_close(got, want, rtol=4e-6, atol=1e-6)
+    with pytest.raises(ValueError):  # one dtype for all
+        ops.rms_norm(x, norm.weight.to(torch.bfloat16), 1e-6)
+
+
 def text_model(dtype: torch.dtype) -> Any:
     """A small text model with 64-channel heads (the fused rotary takes multiples of 32)."""
     config = Qwen3VLTextConfig(
@@ -97,6 +132,7 @@ class Wrapped:  # use_fast_prefill_ops takes the whole model (model.model.langua
 
 
 def swapped(model: Any) -> Any:
+    """A copy of `model` with the modules swapped (for the active tier)."""
     copied = copy.deepcopy(model)
     assert (
         use_fast_prefill_ops(Wrapped(copied)) == 2 * (2 + 2 + 1 + 1) + 1
@@ -107,22 +143,8 @@ def swapped(model: Any) -> Any:
     return copied
 
 
-def test_float32_model_is_unchanged(ops: PrefillOps) -> None:
-    model = text_model(torch.float32)
-    fast = swapped(model)
-    ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        want = model(input_ids=ids).last_hidden_state
-        got = fast(input_ids=ids).last_hidden_state
-    assert torch.equal(got, want)
-
-
-def test_bfloat16_model_is_as_close_to_float32_as_transformers(
-    ops: PrefillOps, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Prefill of a prompt and then of a follow-up through the cache: the swapped model runs the
-    kernels, and its hidden states are as close to the float32 model's as transformers'
-    bfloat16 ones."""
+def counted_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """How often each kernel is called from now on (filled in as they are)."""
     calls: dict[str, int] = {}
     for name in ("rms_norm", "norm_rotate", "silu_gate"):
         original = getattr(PrefillOps, name)
@@ -132,6 +154,52 @@ def test_bfloat16_model_is_as_close_to_float32_as_transformers(
             return _original(self, *args)
 
         monkeypatch.setattr(PrefillOps, name, counted)
+    return calls
+
+
+def float32_outputs(
+    monkeypatch: pytest.MonkeyPatch, tier: str
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+    """transformers' and the swapped float32 model's hidden states with `tier` active, and how
+    often the swapped one called each kernel."""
+    calls = counted_calls(monkeypatch)
+    with forced(monkeypatch, tier, load_ops):
+        built_or_skip(load_ops(), f"prefill kernels ({tier})")
+        model = text_model(torch.float32)
+        fast = swapped(model)
+        ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            want = model(input_ids=ids).last_hidden_state
+            got = fast(input_ids=ids).last_hidden_state
+    return got, want, calls
+
+
+def test_float32_model_is_unchanged_where_the_tier_has_bf16_arithmetic(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    got, want, calls = float32_outputs(monkeypatch, "avx512_bf16")
+    assert calls == {}
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("tier", ["avx2", "avx512"])
+def test_float32_model_takes_the_kernels_without_bf16_arithmetic(
+    monkeypatch: pytest.MonkeyPatch, tier: str
+) -> None:
+    """The half-size-weights model computes in float32 on these tiers: its prefill goes through
+    the kernels, and its hidden states stay within float32 rounding of transformers'."""
+    got, want, calls = float32_outputs(monkeypatch, tier)
+    assert calls == {"rms_norm": 2 * 2 + 1, "norm_rotate": 2 * 2, "silu_gate": 2}
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_model_is_as_close_to_float32_as_transformers(
+    ops: PrefillOps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefill of a prompt and then of a follow-up through the cache: the swapped model runs the
+    kernels, and its hidden states are as close to the float32 model's as transformers'
+    bfloat16 ones."""
+    calls = counted_calls(monkeypatch)
     model = text_model(torch.bfloat16)
     fast = swapped(model)
     exact = copy.deepcopy(model).float()

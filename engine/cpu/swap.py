@@ -67,7 +67,7 @@ MODULE_SWAPS: tuple[ModuleSwap, ...] = (
     ),
     ModuleSwap(
         "language model RMSNorms, query/key norm + rotary, SiLU gate over a prompt: one C pass each, "
-        "bf16 only (kernels/prefill_ops)",
+        "bf16, and float32 on tiers without bf16 arithmetic (kernels/prefill_ops)",
         lambda model, _: use_fast_prefill_ops(model),
     ),
     ModuleSwap(

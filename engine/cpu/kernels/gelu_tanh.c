@@ -23,15 +23,6 @@ static inline vf gelu_tanh(vf x) {
     return x / (1.0f + vf_exp(inner * -2.0f));
 }
 
-/* VF_LANES floats rounded to bfloat16, to nearest even (bf16.h's float_to_bf16, a vector at a time). */
-static inline void store_bf16(uint16_t *y, vf value) {
-    vu bits;
-    memcpy(&bits, &value, sizeof bits);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    const vh half = __builtin_convertvector(bits >> 16, vh);
-    memcpy(y, &half, sizeof half);
-}
-
 /* y = gelu_tanh(x) for n values, bfloat16 when `bf16` else float (x and y may be the same array). */
 static void gelu(const void *x, void *y, int64_t n, int bf16, int threads) {
     const int64_t blocks = n / VF_LANES;
@@ -39,7 +30,7 @@ static void gelu(const void *x, void *y, int64_t n, int bf16, int threads) {
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t at = b * VF_LANES;
         if (bf16) {
-            store_bf16((uint16_t *)y + at, gelu_tanh(vf_load_bf16((const uint16_t *)x + at)));
+            vf_store_bf16((uint16_t *)y + at, gelu_tanh(vf_load_bf16((const uint16_t *)x + at)));
         } else {
             vf_store((float *)y + at, gelu_tanh(vf_load((const float *)x + at)));
         }

@@ -7,8 +7,16 @@ matrix products. `use_fast_prefill_ops` swaps the language model's `Qwen3VLTextR
 (the layer norms, the per-head query and key norms, the final norm) and `Qwen3VLTextMLP` modules
 for ones that keep the same parameters and submodules (what engine.cpu.decode_step and the
 quantization read) and call the kernel for bfloat16 inputs: same rounding as transformers', with
-the last bit now and then different (another summation order; another exponential). Other
-dtypes, and CPUs without AVX-512, keep transformers' arithmetic exactly.
+the last bit now and then different (another summation order; another exponential).
+
+On a tier without bf16 arithmetic the bf16 model computes in float32 (engine.cpu.half_weights), and
+the kernels take its float32 inputs too (a few units in the last place from torch's result).
+A 330-token prompt's 28 layers (2 norms, q and k norm + rotary, the SiLU gate each) on the
+2-core Zen5, medians of 40 alternations: forced AVX-512 190 ms with transformers' float32
+operators against 77 ms with the kernels, forced AVX2 215 against 51 ms (bfloat16 natively: the
+kernels 35-38 ms, transformers' operators 52-108). A float32 model on a tier with bf16 arithmetic
+is a choice of precision: it keeps transformers' arithmetic exactly, as does any other dtype. x86
+only (AVX2 and up), where it was measured.
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.cpu.native import F32, I32, I64, POINTER, c_function, load_library
+from engine.cpu.native import F32, I32, I64, POINTER, active_tier, c_function, load_library
 
 logger = logging.getLogger("vlbot.engine")
 
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512dq")
+CPU_FLAGS = ("avx2", "fma")  # x86 tiers (simd.h); not offered on aarch64, where it is unmeasured
 COMPILE_FLAGS = ("-ffp-contract=off",)  # and the tier's -m flags (engine.cpu.tiers)
+DTYPES = (torch.bfloat16, torch.float32)  # what the kernels take
+BF16_ONLY = frozenset({torch.bfloat16})  # what the swapped modules give them where the tier has bf16
 NORM_CLASS, MLP_CLASS, ATTENTION_CLASS = "Qwen3VLTextRMSNorm", "Qwen3VLTextMLP", "Qwen3VLTextAttention"
 LANES = 16  # the kernels take rows whose length is a multiple of this
 
@@ -36,41 +46,48 @@ class PrefillOps:
 
     def __init__(self, library: ctypes.CDLL) -> None:
         self._norm = c_function(
-            library, "vlbot_prefill_rms_norm", None, POINTER, POINTER, POINTER, I64, I64, F32, I32
+            library, "vlbot_prefill_rms_norm", None, POINTER, POINTER, POINTER, I64, I64, F32, I32, I32
         )
         self._silu_gate = c_function(
-            library, "vlbot_prefill_silu_gate", None, POINTER, POINTER, I64, POINTER, I64, I64, I32
+            library, "vlbot_prefill_silu_gate", None, POINTER, POINTER, I64, POINTER, I64, I64, I32, I32
         )
         self._norm_rotate = c_function(
             library, "vlbot_prefill_norm_rotate", None, POINTER, POINTER, POINTER, POINTER, POINTER,
-            I64, I64, I64, I64, F32, I32,
+            I64, I64, I64, I64, F32, I32, I32,
         )  # fmt: skip
 
     @staticmethod
     def takes(*tensors: torch.Tensor) -> bool:
-        return all(
-            t.dtype == torch.bfloat16 and t.is_contiguous() and t.shape[-1] % LANES == 0 for t in tensors
+        """Whether the kernels take these tensors: contiguous, all bfloat16 or all float32, rows
+        of a multiple of LANES."""
+        dtype = tensors[0].dtype
+        return dtype in DTYPES and all(
+            t.dtype == dtype and t.is_contiguous() and t.shape[-1] % LANES == 0 for t in tensors
         )
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """transformers' Qwen3VLTextRMSNorm of bfloat16 x (..., dim) with a bfloat16 weight."""
+        """transformers' Qwen3VLTextRMSNorm of x (..., dim) with a weight of x's dtype (bfloat16
+        or float32)."""
+        if not self.takes(x, weight):
+            raise ValueError("expected contiguous bfloat16 or float32 x and weight of one dtype")
         out = torch.empty_like(x)
         dim = x.shape[-1]
         self._norm(
             x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // dim, dim, eps,
-            torch.get_num_threads(),
+            int(x.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         return out
 
     def silu_gate(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """bfloat16(bfloat16(silu(gate)) * up) for bfloat16 gate and up of one shape."""
+        """silu(gate) * up for gate and up of one shape and dtype; in bfloat16 rounded as
+        transformers' operators round: bfloat16(bfloat16(silu(gate)) * up)."""
         if gate.shape != up.shape or not self.takes(gate, up):
-            raise ValueError("expected contiguous bfloat16 gate and up of one shape")
+            raise ValueError("expected contiguous gate and up of one shape and dtype")
         out = torch.empty_like(gate)
         columns = gate.shape[-1]
         self._silu_gate(
             gate.data_ptr(), up.data_ptr(), columns, out.data_ptr(), gate.numel() // columns,
-            columns, torch.get_num_threads(),
+            columns, int(gate.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         return out
 
@@ -78,12 +95,15 @@ class PrefillOps:
         self, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float
     ) -> torch.Tensor:
         """x (B, S, H, D) -> (B, H, S, D): each head's RMSNorm, then the rotary embedding with
-        cos/sin (B, S, D), rounded as transformers' q_norm and apply_rotary_pos_emb round."""
+        cos/sin (B, S, D), all of x's dtype, rounded (bfloat16) as transformers' q_norm and
+        apply_rotary_pos_emb round."""
+        if not self.takes(x, weight, cos, sin):
+            raise ValueError("expected contiguous bfloat16 or float32 tensors of one dtype")
         batch, seq, heads, dim = x.shape
         out = x.new_empty((batch, heads, seq, dim))
         self._norm_rotate(
             x.data_ptr(), weight.data_ptr(), cos.data_ptr(), sin.data_ptr(), out.data_ptr(),
-            batch, seq, heads, dim, eps, torch.get_num_threads(),
+            batch, seq, heads, dim, eps, int(x.dtype == torch.bfloat16), torch.get_num_threads(),
         )  # fmt: skip
         return out
 
@@ -97,14 +117,19 @@ def load_ops() -> PrefillOps | None:
 class FastRMSNorm(nn.Module):
     """Qwen3VLTextRMSNorm with the same weight; bfloat16 inputs go through the kernel."""
 
-    def __init__(self, norm: Any, ops: PrefillOps) -> None:
+    def __init__(self, norm: Any, ops: PrefillOps, dtypes: frozenset[torch.dtype] = BF16_ONLY) -> None:
         super().__init__()
         self.weight: nn.Parameter = norm.weight
         self.variance_epsilon = float(norm.variance_epsilon)
         self._ops = ops
+        self._dtypes = dtypes
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if self._ops.takes(hidden_states, self.weight) and not torch.is_grad_enabled():
+        if (
+            hidden_states.dtype in self._dtypes
+            and self._ops.takes(hidden_states, self.weight)
+            and not torch.is_grad_enabled()
+        ):
             return self._ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
         input_dtype = hidden_states.dtype
         x = hidden_states.to(torch.float32)
@@ -116,17 +141,18 @@ class FastMLP(nn.Module):
     """Qwen3VLTextMLP with the same projections: down(silu(gate(x)) * up(x)), the middle in C for
     bfloat16."""
 
-    def __init__(self, mlp: Any, ops: PrefillOps) -> None:
+    def __init__(self, mlp: Any, ops: PrefillOps, dtypes: frozenset[torch.dtype] = BF16_ONLY) -> None:
         super().__init__()
         self.gate_proj: nn.Module = mlp.gate_proj
         self.up_proj: nn.Module = mlp.up_proj
         self.down_proj: nn.Module = mlp.down_proj
         self.act_fn: nn.Module = mlp.act_fn
         self._ops = ops
+        self._dtypes = dtypes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if self._ops.takes(gate, up) and not torch.is_grad_enabled():
+        if gate.dtype in self._dtypes and self._ops.takes(gate, up) and not torch.is_grad_enabled():
             middle = self._ops.silu_gate(gate, up)
         else:
             middle = self.act_fn(gate) * up
@@ -140,7 +166,7 @@ class FastTextAttention(nn.Module):
     embedding are one C pass each (transformers: a norm of six operators, then ten for the
     rotation), whose output is already laid out (batch, heads, seq, dim)."""
 
-    def __init__(self, attention: Any, ops: PrefillOps) -> None:
+    def __init__(self, attention: Any, ops: PrefillOps, dtypes: frozenset[torch.dtype] = BF16_ONLY) -> None:
         super().__init__()
         self.q_proj: Any = attention.q_proj
         self.k_proj: Any = attention.k_proj
@@ -165,6 +191,7 @@ class FastTextAttention(nn.Module):
         self._eager: Any = modeling_qwen3_vl.eager_attention_forward
         self._attention_function: Any = ALL_ATTENTION_FUNCTIONS.get_interface
         self._ops = ops
+        self._dtypes = dtypes
 
     def forward(
         self,
@@ -203,6 +230,7 @@ class FastTextAttention(nn.Module):
         weights = (self.q_norm.weight, self.k_norm.weight)
         return (
             not torch.is_grad_enabled()
+            and q.dtype in self._dtypes
             and q.dim() == 4
             and q.shape[-1] % 32 == 0
             and q.shape[-1] <= 256
@@ -229,9 +257,15 @@ def use_fast_prefill_ops(model: Any) -> int:
     ops = load_ops()
     if ops is None:
         return 0
+    # float32 too where the tier has no bf16 arithmetic: the bf16 model computes in float32 there
+    dtypes = BF16_ONLY if active_tier().bf16_arithmetic else frozenset(DTYPES)
     swaps: dict[str, Any] = {NORM_CLASS: FastRMSNorm, MLP_CLASS: FastMLP, ATTENTION_CLASS: FastTextAttention}
     # the attention modules last: their swaps take the head norms as they are by then (swapped)
     for parent, name, child in sorted(found, key=lambda f: type(f[2]).__name__ == ATTENTION_CLASS):
-        setattr(parent, name, swaps[type(child).__name__](child, ops))
-    logger.info("prefill kernels on %d RMSNorm, MLP and attention modules", len(found))
+        setattr(parent, name, swaps[type(child).__name__](child, ops, dtypes))
+    logger.info(
+        "prefill kernels on %d RMSNorm, MLP and attention modules (%s)",
+        len(found),
+        ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes)),
+    )
     return len(found)

@@ -68,6 +68,58 @@ static inline vf vf_load_bf16(const uint16_t *p) {
 #endif
 }
 
+/* value rounded to bfloat16 precision, to nearest even (bf16.h's float_to_bf16 a vector at a
+ * time), still as floats: the low 16 bits of every lane are 0. */
+static inline vf vf_round_bf16(vf value) {
+    vu bits;
+    memcpy(&bits, &value, sizeof bits);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    memcpy(&value, &bits, sizeof bits);
+    return value;
+}
+
+/* VF_LANES floats stored at p as bfloat16, rounded to nearest even. The narrowing of the 32-bit
+ * lanes to 16 is one instruction per ISA where GCC's generic conversion is not. */
+static inline void vf_store_bf16(uint16_t *p, vf value) {
+    vu bits;
+    memcpy(&bits, &value, sizeof bits);
+    bits = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+#if defined(__AVX512F__)
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16((__m512i)bits));
+#elif defined(__AVX2__)
+    const __m256i wide = (__m256i)bits;
+    _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(wide), _mm256_extracti128_si256(wide, 1)));
+#elif defined(__ARM_NEON)
+    uint32x4_t wide;
+    memcpy(&wide, &bits, sizeof wide);
+    vst1_u16(p, vmovn_u32(wide));
+#else
+    const vh half = __builtin_convertvector(bits, vh);
+    memcpy(p, &half, sizeof half);
+#endif
+}
+
+/* a * b + c rounded once where the tier has fused multiply-adds (as the compiler contracts
+ * `a * b + c` by default), so that a kernel built with -ffp-contract=off for its own rounding
+ * still gets them in shared helpers such as vf_exp. */
+static inline vf vf_fma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX2__) && defined(__FMA__)
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#elif defined(__ARM_NEON)
+    float32x4_t x, y, z;
+    memcpy(&x, &a, 16);
+    memcpy(&y, &b, 16);
+    memcpy(&z, &c, 16);
+    x = vfmaq_f32(z, x, y);
+    memcpy(&a, &x, 16);
+    return a;
+#else
+    return a * b + c;
+#endif
+}
+
 static inline float vf_sum(vf value) {
     /* halving adds: log2(lanes) steps, each one the compiler's shuffle + add */
 #if VF_LANES == 16
@@ -98,30 +150,43 @@ typedef int32_t vi __attribute__((vector_size(VF_BYTES)));
  * `?:` is C++ only, so the blend is spelled with bits (the compiler emits one blend). */
 static inline vf vf_select(vi pick, vf a, vf b) { return (vf)(((vi)a & pick) | ((vi)b & ~pick)); }
 
-/* exp(y) per lane, for any tier: 2^n * e^r with n = y / ln 2 rounded (half away from zero),
- * r = y - n ln 2 (ln 2 in two parts, |r| <= ~ln 2 / 2) and e^r by its degree-7 Taylor polynomial
- * (error below float rounding there); 2^n is put into the exponent bits in two halves, so that
- * n down to -145 stays a normal float each. y is clamped to [-100, 88] (exp(-100) is 0 to float
- * precision in every use here; exp(88) ~1.6e38 is still a float). */
+/* exp(y) per lane, for any tier: 2^n * e^r with n = y / ln 2 rounded to an integer, r = y - n ln 2
+ * (ln 2 in two parts, |r| <= ~ln 2 / 2) and e^r by its degree-7 Taylor polynomial (error below
+ * float rounding there). y is clamped to [-100, 88] (exp(-100) is 0 to float precision in every
+ * use here; exp(88) ~1.6e38 is still a float). With AVX-512, n is rounded (to nearest even) and
+ * 2^n applied by one instruction each (VRNDSCALEPS, VSCALEFPS); elsewhere n is rounded half away
+ * from zero by truncation and 2^n is put into the exponent bits in two halves, so that n down to
+ * -145 stays a normal float each. Both give the same value but where y / ln 2 is exactly half
+ * way, and there e^r's polynomial covers either n. */
 static inline vf vf_exp(vf y) {
+#if defined(__AVX512F__)
+    y = (vf)_mm512_min_ps(_mm512_max_ps((__m512)y, _mm512_set1_ps(-100.0f)), _mm512_set1_ps(88.0f));
+    const vf nf = (vf)_mm512_roundscale_ps((__m512)(y * 1.44269504088896341f),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
     const vf low = vf_splat(-100.0f), high = vf_splat(88.0f);
     y = vf_select(y < low, low, vf_select(y > high, high, y));
     const vf t = y * 1.44269504088896341f;
     const vf half = (vf)(((vi)t & (int32_t)0x80000000) | (vi)vf_splat(0.5f)); /* +-0.5, t's sign */
     const vi n = __builtin_convertvector(t + half, vi);                     /* truncation */
     const vf nf = __builtin_convertvector(n, vf);
-    vf r = y - nf * 0.693145751953125f;
-    r = r - nf * 1.428606765330187e-06f;
+#endif
+    vf r = vf_fma(nf, vf_splat(-0.693145751953125f), y);
+    r = vf_fma(nf, vf_splat(-1.428606765330187e-06f), r);
     vf p = vf_splat(1.0f / 5040.0f);
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+    p = vf_fma(p, r, vf_splat(1.0f / 720.0f));
+    p = vf_fma(p, r, vf_splat(1.0f / 120.0f));
+    p = vf_fma(p, r, vf_splat(1.0f / 24.0f));
+    p = vf_fma(p, r, vf_splat(1.0f / 6.0f));
+    p = vf_fma(p, r, vf_splat(0.5f));
+    p = vf_fma(p, r, vf_splat(1.0f));
+    p = vf_fma(p, r, vf_splat(1.0f));
+#if defined(__AVX512F__)
+    return (vf)_mm512_scalef_ps((__m512)p, (__m512)nf);
+#else
     const vi first = n >> 1, second = n - first; /* 2^n = 2^first * 2^second, each normal */
     return p * (vf)((first + 127) << 23) * (vf)((second + 127) << 23);
+#endif
 }
 
 #endif
