@@ -158,16 +158,16 @@ def counted_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
 
 def float32_outputs(
-    monkeypatch: pytest.MonkeyPatch, tier: str
+    monkeypatch: pytest.MonkeyPatch, tier: str, positions: int = 40
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-    """transformers' and the swapped float32 model's hidden states with `tier` active, and how
-    often the swapped one called each kernel."""
+    """transformers' and the swapped float32 model's hidden states for two sequences of
+    `positions` tokens with `tier` active, and how often the swapped one called each kernel."""
     calls = counted_calls(monkeypatch)
     with forced(monkeypatch, tier, load_ops):
         built_or_skip(load_ops(), f"prefill kernels ({tier})")
         model = text_model(torch.float32)
         fast = swapped(model)
-        ids = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(0, 300, (2, positions), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             want = model(input_ids=ids).last_hidden_state
             got = fast(input_ids=ids).last_hidden_state
@@ -191,6 +191,15 @@ def test_float32_model_takes_the_kernels_without_bf16_arithmetic(
     got, want, calls = float32_outputs(monkeypatch, tier)
     assert calls == {"rms_norm": 2 * 2 + 1, "norm_rotate": 2 * 2, "silu_gate": 2}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_float32_decode_steps_keep_transformers_arithmetic(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One new position per sequence is a decode step (transformers' generate runs them through
+    these modules): transformers' arithmetic, which the engine's own decode steps reproduce, so
+    that the two agree token for token."""
+    got, want, calls = float32_outputs(monkeypatch, "avx2", positions=1)
+    assert calls == {}
+    assert torch.equal(got, want)
 
 
 def test_bfloat16_model_is_as_close_to_float32_as_transformers(

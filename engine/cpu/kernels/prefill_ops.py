@@ -37,6 +37,23 @@ CPU_FLAGS = ("avx2", "fma")  # x86 tiers (simd.h); not offered on aarch64, where
 COMPILE_FLAGS = ("-ffp-contract=off",)  # and the tier's -m flags (engine.cpu.tiers)
 DTYPES = (torch.bfloat16, torch.float32)  # what the kernels take
 BF16_ONLY = frozenset({torch.bfloat16})  # what the swapped modules give them where the tier has bf16
+# Float32 inputs go to the kernels from this many positions per sequence on: one position is a
+# decode step run through the modules (transformers' generate; the engine's own steps go through
+# engine.cpu.decode_step), which keeps transformers' arithmetic, as the engine's decode steps do
+# (kernels/decode_ops.c), so that the two agree token for token.
+FLOAT32_MIN_POSITIONS = 2
+
+
+def positions(x: torch.Tensor) -> int:
+    """The new token positions per sequence of a language-model activation: (batch, seq,
+    features) or, per head, (batch, seq, heads, dim)."""
+    return x.shape[1] if x.dim() >= 3 else x.shape[0]
+
+
+def served(x: torch.Tensor, dtypes: frozenset[torch.dtype]) -> bool:
+    """Whether a swapped module hands `x` to the kernels: its dtype is one of `dtypes`, and a
+    float32 one has at least FLOAT32_MIN_POSITIONS positions (a prompt, not a decode step)."""
+    return x.dtype in dtypes and (x.dtype != torch.float32 or positions(x) >= FLOAT32_MIN_POSITIONS)
 NORM_CLASS, MLP_CLASS, ATTENTION_CLASS = "Qwen3VLTextRMSNorm", "Qwen3VLTextMLP", "Qwen3VLTextAttention"
 LANES = 16  # the kernels take rows whose length is a multiple of this
 
@@ -126,7 +143,7 @@ class FastRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if (
-            hidden_states.dtype in self._dtypes
+            served(hidden_states, self._dtypes)
             and self._ops.takes(hidden_states, self.weight)
             and not torch.is_grad_enabled()
         ):
@@ -152,7 +169,7 @@ class FastMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
-        if gate.dtype in self._dtypes and self._ops.takes(gate, up) and not torch.is_grad_enabled():
+        if served(gate, self._dtypes) and self._ops.takes(gate, up) and not torch.is_grad_enabled():
             middle = self._ops.silu_gate(gate, up)
         else:
             middle = self.act_fn(gate) * up
@@ -230,8 +247,8 @@ class FastTextAttention(nn.Module):
         weights = (self.q_norm.weight, self.k_norm.weight)
         return (
             not torch.is_grad_enabled()
-            and q.dtype in self._dtypes
             and q.dim() == 4
+            and served(q, self._dtypes)
             and q.shape[-1] % 32 == 0
             and q.shape[-1] <= 256
             and cos.shape == sin.shape == (q.shape[0], q.shape[1], q.shape[3])
