@@ -54,13 +54,16 @@ def decode_limit_tok_s(
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes of `tensors` (torch tensors), each storage counted once (tied weights are one)."""
+    """Bytes of `tensors` (torch tensors), each storage counted once (tied weights are one); an
+    opaque oneDNN tensor (engine.cpu.onednn_linear's reordered weights: no storage to point at)
+    counts its elements."""
     seen: set[int] = set()
     total = 0
     for tensor in tensors:
-        if tensor.numel() == 0 or tensor.data_ptr() in seen:
+        key = id(tensor) if tensor.is_mkldnn else tensor.data_ptr()
+        if tensor.numel() == 0 or key in seen:
             continue
-        seen.add(tensor.data_ptr())
+        seen.add(key)
         total += tensor.numel() * tensor.element_size()
     return total
 
