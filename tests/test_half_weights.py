@@ -4,8 +4,6 @@ kept bf16, and its logits match a float32 model holding the same (bf16-rounded) 
 
 from __future__ import annotations
 
-import gc
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torch.nn import functional as F
 
 from engine.cpu import tiers
 from engine.cpu.half_weights import compute_in_float32
@@ -126,26 +123,3 @@ def test_the_bf16_originals_of_converted_weights_leave_memory(avx2: None, wide_q
     assert next(model.model.visual.parameters()).dtype == torch.float32
     assert resident_file_bytes(wide_qwen3 / "model.safetensors") < vision_bf16 / 10
 
-
-def test_vision_linears_hold_onednn_reordered_weights_with_the_same_results(avx2: None) -> None:
-    """A float32 linear swapped for OneDnnLinear keeps oneDNN's reordered copy of its weight (the
-    plain one released: the same bytes held) and gives F.linear's result, with and without
-    autograd."""
-    if not available():
-        pytest.skip("this torch has no oneDNN float32 linear")
-    generator = torch.Generator().manual_seed(0)
-    source = nn.Linear(96, 40)
-    x = torch.randn(7, 96, generator=generator)
-    with torch.no_grad():
-        want = F.linear(x, source.weight, source.bias)
-    plain = weakref.ref(source.weight)
-    swapped = OneDnnLinear(source)
-    del source
-    gc.collect()
-    assert plain() is None  # only the reordered copy is held
-    assert swapped.weight.is_mkldnn and tuple(swapped.weight.shape) == (40, 96)
-    assert dict(swapped.named_buffers()).keys() == {"weight"}
-    with torch.inference_mode():
-        torch.testing.assert_close(swapped(x), want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(swapped(x[None]), want[None], rtol=1e-5, atol=1e-5)  # any leading dims
-    torch.testing.assert_close(swapped(x), want, rtol=1e-5, atol=1e-5)

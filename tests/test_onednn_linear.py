@@ -1,8 +1,11 @@
 """engine.cpu.onednn_linear: float32 linears through oneDNN on the x86 tiers this machine runs
-(forced with VLBOT_CPU), close to F.linear; bf16 layers and training are left to torch."""
+(forced with VLBOT_CPU), close to F.linear; the swapped linears hold their weights reordered into
+oneDNN's layout instead of the plain ones; bf16 layers are left to torch."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -34,20 +37,32 @@ def test_products_match_torchs_linear(tier: str, shape: tuple[int, ...]) -> None
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
-def test_only_float32_linears_are_swapped_and_keep_their_parameters(tier: str) -> None:
+def test_only_float32_linears_are_swapped_and_hold_reordered_weights(tier: str) -> None:
+    """The swapped linear holds oneDNN's reordered copy of its weight, the plain one released
+    (the same bytes held), the same bias, and gives F.linear's result for inputs of any leading
+    dimensions."""
     model = nn.Sequential(nn.Linear(16, 8), nn.Sequential(nn.Linear(8, 4).to(torch.bfloat16)), nn.ReLU())
-    first = model[0]
+    weight, bias = model[0].weight.detach().clone(), model[0].bias
+    plain = weakref.ref(model[0].weight)
     assert use_onednn_linears(model) == 1
+    gc.collect()
     swapped = model[0]
-    assert isinstance(swapped, OneDnnLinear) and swapped.weight is first.weight  # shared, not copied
+    assert isinstance(swapped, OneDnnLinear) and swapped.bias is bias
+    assert plain() is None and swapped.weight.is_mkldnn and tuple(swapped.weight.shape) == (8, 16)
+    assert dict(swapped.named_buffers()).keys() == {"weight"}
     assert type(model[1][0]) is nn.Linear  # bf16: torch's own
     x = torch.randn(5, 16)
     with torch.inference_mode():
-        torch.testing.assert_close(model[0](x), F.linear(x, first.weight, first.bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(swapped(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(swapped(x[None]), F.linear(x, weight, bias)[None], rtol=1e-5, atol=1e-5)
 
 
 def test_with_gradients_torchs_linear_is_used() -> None:
-    layer = OneDnnLinear(nn.Linear(4, 2))
-    out = layer(torch.randn(3, 4))
-    out.sum().backward()  # F.linear's graph: the weights get their gradients
-    assert layer.weight.grad is not None
+    source = nn.Linear(4, 2)
+    weight = source.weight.detach().clone()
+    layer = OneDnnLinear(source)
+    x = torch.randn(3, 4)
+    out = layer(x)
+    out.sum().backward()  # F.linear's graph over the dense weight: the bias gets its gradient
+    assert layer.bias is not None and layer.bias.grad is not None
+    torch.testing.assert_close(out.detach(), F.linear(x, weight, layer.bias.detach()))

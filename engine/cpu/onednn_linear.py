@@ -70,7 +70,8 @@ ROWS_HINT = 1200
 class OneDnnLinear(nn.Module):
     """A float32 nn.Linear whose product goes through oneDNN with its weight reordered once into
     oneDNN's layout: a buffer `weight` (an opaque mkldnn tensor, the source's parameter released),
-    the same bias parameter."""
+    the same bias parameter. For inference: with autograd on, F.linear runs over a dense copy and
+    the weight, a buffer now, gets no gradient."""
 
     weight: torch.Tensor
 
