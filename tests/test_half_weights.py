@@ -17,7 +17,7 @@ from engine.cpu import tiers
 from engine.cpu.half_weights import compute_in_float32
 from engine.cpu.kernels.bf16_kernel import FLOAT_PROMPT_MAX_ROWS, DecodeLinear, load_kernel
 from engine.cpu.onednn_linear import OneDnnLinear, available
-from engine.cpu.swap import swap_modules
+from engine.cpu.swap import decode_parts, swap_modules
 from engine.qwen.loading import load_processor, resolve_dtype
 from tests.engine_fixtures import resident_file_bytes
 from tests.tier_helpers import forced
@@ -123,3 +123,22 @@ def test_the_bf16_originals_of_converted_weights_leave_memory(avx2: None, wide_q
     assert next(model.model.visual.parameters()).dtype == torch.float32
     assert resident_file_bytes(wide_qwen3 / "model.safetensors") < vision_bf16 / 10
 
+
+
+def test_idle_preparation_reorders_the_vision_linears_with_the_same_logits(
+    avx2: None, tiny_qwen3: Path
+) -> None:
+    """The engine's idle-time preparation (engine.cpu.swap.decode_parts) puts the float32 vision
+    linears' weights into oneDNN's layout; an image prompt's logits stay the same bits."""
+    if not available():
+        pytest.skip("this torch has no oneDNN float32 linear")
+    batch = inputs(tiny_qwen3, with_image=True)
+    model = load(tiny_qwen3, torch.bfloat16)
+    swap_modules(model, "none")
+    vision_linears = [m for m in model.model.visual.modules() if isinstance(m, OneDnnLinear)]
+    assert vision_linears and not any(m.reordered for m in vision_linears)  # load-to-ready pays nothing
+    with torch.inference_mode():
+        before = model(**batch).logits
+        assert decode_parts(model).prepare(lambda: False) is True
+        assert all(m.reordered for m in vision_linears)
+        assert torch.equal(model(**batch).logits, before)

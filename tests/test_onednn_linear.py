@@ -1,6 +1,6 @@
 """engine.cpu.onednn_linear: float32 linears through oneDNN on the x86 tiers this machine runs
-(forced with VLBOT_CPU), close to F.linear; the swapped linears hold their weights reordered into
-oneDNN's layout instead of the plain ones; bf16 layers are left to torch."""
+(forced with VLBOT_CPU), close to F.linear; the swapped linears' weights are reordered into
+oneDNN's layout in the engine's idle time (the plain ones released); bf16 layers are left to torch."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.cpu import onednn_linear
-from engine.cpu.onednn_linear import OneDnnLinear, available, use_onednn_linears
+from engine.cpu.onednn_linear import OneDnnLinear, available, reorder_weights, use_onednn_linears
 from tests.tier_helpers import forced
 
 
@@ -37,32 +37,44 @@ def test_products_match_torchs_linear(tier: str, shape: tuple[int, ...]) -> None
     torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
-def test_only_float32_linears_are_swapped_and_hold_reordered_weights(tier: str) -> None:
-    """The swapped linear holds oneDNN's reordered copy of its weight, the plain one released
-    (the same bytes held), the same bias, and gives F.linear's result for inputs of any leading
-    dimensions."""
+def test_only_float32_linears_are_swapped_and_their_weights_reordered_later(tier: str) -> None:
+    """The swapped linear keeps its parameters until `reorder_weights` (the engine's idle-time
+    preparation) replaces the weight with oneDNN's reordered copy, the plain one released (the
+    same bytes held); before and after, F.linear's result for inputs of any leading dimensions."""
     model = nn.Sequential(nn.Linear(16, 8), nn.Sequential(nn.Linear(8, 4).to(torch.bfloat16)), nn.ReLU())
-    weight, bias = model[0].weight.detach().clone(), model[0].bias
-    plain = weakref.ref(model[0].weight)
+    first = model[0]
+    weight, bias = first.weight.detach().clone(), first.bias
     assert use_onednn_linears(model) == 1
-    gc.collect()
     swapped = model[0]
-    assert isinstance(swapped, OneDnnLinear) and swapped.bias is bias
-    assert plain() is None and swapped.weight.is_mkldnn and tuple(swapped.weight.shape) == (8, 16)
-    assert dict(swapped.named_buffers()).keys() == {"weight"}
+    assert isinstance(swapped, OneDnnLinear) and swapped.weight is first.weight and swapped.bias is bias
     assert type(model[1][0]) is nn.Linear  # bf16: torch's own
     x = torch.randn(5, 16)
     with torch.inference_mode():
-        torch.testing.assert_close(swapped(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(swapped(x[None]), F.linear(x, weight, bias)[None], rtol=1e-5, atol=1e-5)
+        before = swapped(x)
+    torch.testing.assert_close(before, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    plain = weakref.ref(first.weight)
+    del first
+    assert reorder_weights(model, should_stop=lambda: True) is False  # a request came: later
+    assert not swapped.reordered
+    assert reorder_weights(model) is True and swapped.reordered
+    gc.collect()
+    assert plain() is None and swapped.weight.is_mkldnn and tuple(swapped.weight.shape) == (8, 16)
+    assert dict(swapped.named_buffers()).keys() == {"weight"} and swapped.bias is bias
+    with torch.inference_mode():
+        assert torch.equal(swapped(x), before)  # the same bits
+        assert torch.equal(swapped(x[None]), before[None])
+    assert reorder_weights(model) is True  # nothing left to do
 
 
 def test_with_gradients_torchs_linear_is_used() -> None:
-    source = nn.Linear(4, 2)
-    weight = source.weight.detach().clone()
-    layer = OneDnnLinear(source)
+    layer = OneDnnLinear(nn.Linear(4, 2))
     x = torch.randn(3, 4)
     out = layer(x)
-    out.sum().backward()  # F.linear's graph over the dense weight: the bias gets its gradient
+    out.sum().backward()  # F.linear's graph: the weights get their gradients
+    assert layer.weight.grad is not None
+    weight = layer.weight.detach().clone()
+    layer.reorder()
+    out = layer(x)  # over a dense copy of the reordered weight: the bias still gets its gradient
+    out.sum().backward()
     assert layer.bias is not None and layer.bias.grad is not None
     torch.testing.assert_close(out.detach(), F.linear(x, weight, layer.bias.detach()))

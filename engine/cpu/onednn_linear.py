@@ -17,18 +17,21 @@ ms per call, MKL against oneDNN:
 The results are float32 products with another summation order (a few units in the last place).
 Used on x86 only, where it was measured; torch builds without oneDNN keep `F.linear`.
 
-`OneDnnLinear` (the vision tower's linears) holds its weight reordered once, at load, into the
-blocked layout oneDNN's product reads (`mkldnn._reorder_linear_weight`, what torch's compiler does
-when it freezes a CPU model) instead of reordering it inside every call; the plain float32 copy is
-released, so the bytes held are the same. The results are the same bits. The whole vision tower of
-Qwen3-VL-2B, 2 threads, Zen5, alternating in one process: 640x480 forced AVX-512 2.63 -> 2.45 s,
-forced AVX2 4.68 -> 4.46 s; 1920x1080 forced AVX-512 13.0 -> 12.1 s.
+`OneDnnLinear` (the vision tower's linears) has its weight reordered once into the blocked layout
+oneDNN's product reads (`mkldnn._reorder_linear_weight`, what torch's compiler does when it freezes
+a CPU model) instead of inside every call; the plain float32 copy is released, so the bytes held
+are the same, and the results are the same bits. The whole vision tower of Qwen3-VL-2B, 2 threads,
+Zen5, alternating in one process: 640x480 forced AVX-512 2.63 -> 2.45 s, forced AVX2 4.68 ->
+4.46 s; 1920x1080 forced AVX-512 13.0 -> 12.1 s. The reordering takes ~1 s for the 104 linears,
+so it is part of the engine's idle-time preparation after load (`reorder_weights`, from
+engine.cpu.swap), not of load-to-ready; until then the plain weights serve.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -68,31 +71,52 @@ ROWS_HINT = 1200
 
 
 class OneDnnLinear(nn.Module):
-    """A float32 nn.Linear whose product goes through oneDNN with its weight reordered once into
-    oneDNN's layout: a buffer `weight` (an opaque mkldnn tensor, the source's parameter released),
-    the same bias parameter. For inference: with autograd on, F.linear runs over a dense copy and
-    the weight, a buffer now, gets no gradient."""
-
-    weight: torch.Tensor
+    """A float32 nn.Linear whose product goes through oneDNN; the same parameters until
+    `reorder()` replaces the weight with oneDNN's reordered copy (a buffer `weight`, an opaque
+    mkldnn tensor; the plain parameter released). For inference: with autograd on, F.linear runs
+    over the plain weight (a dense copy of a reordered one, which gets no gradient)."""
 
     def __init__(self, source: nn.Linear) -> None:
         super().__init__()
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(source.weight.detach(), ROWS_HINT)
-        self.register_buffer("weight", packed)
+        self.weight: torch.Tensor = source.weight
         self.bias = source.bias
         self.in_features, self.out_features = source.in_features, source.out_features
+
+    @property
+    def reordered(self) -> bool:
+        return bool(self.weight.is_mkldnn)
+
+    def reorder(self) -> None:
+        """Hold the weight in oneDNN's layout from now on (same bytes, same results)."""
+        if self.reordered:
+            return
+        with torch.no_grad():
+            reordered = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), ROWS_HINT)
+        del self.weight  # the parameter, released
+        self.register_buffer("weight", reordered)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not torch.is_grad_enabled():
             out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
             return out
-        return F.linear(x, self.weight.to_dense().to(x.dtype), self.bias)
+        weight = self.weight.to_dense() if self.reordered else self.weight
+        return F.linear(x, weight.to(x.dtype), self.bias)
+
+
+def reorder_weights(model: nn.Module, should_stop: Callable[[], bool] = lambda: False) -> bool:
+    """Reorder every OneDnnLinear's weight inside `model` (`OneDnnLinear.reorder`), checking
+    `should_stop` between linears; returns whether all are done (False: stopped, call again)."""
+    for module in model.modules():
+        if isinstance(module, OneDnnLinear) and not module.reordered:
+            if should_stop():
+                return False
+            module.reorder()
+    return True
 
 
 def use_onednn_linears(module: nn.Module) -> int:
-    """Replace every float32 nn.Linear inside `module` with a OneDnnLinear (where `available()`),
-    each linear's plain weight released as it goes; returns how many."""
+    """Replace every float32 nn.Linear inside `module` with a OneDnnLinear (where `available()`;
+    same parameters, reordered later by `reorder_weights`); returns how many."""
     if not available():
         return 0
     count = 0

@@ -10,8 +10,9 @@ replaces).
 After the swaps, `decode_parts` gives the scheduler what replaces transformers' code at decode
 time: the written-out decode step (engine.cpu.decode_step; None for a model it does not know),
 the output head screened through an 8-bit copy (engine.cpu.kernels.output_head), and the
-idle-time preparation that makes that copy and then moves the language model's weights onto huge
-pages (engine.cpu.hugepages).
+idle-time preparation that makes that copy, reorders the float32 vision linears' weights for
+oneDNN (engine.cpu.onednn_linear) and then moves the language model's weights onto huge pages
+(engine.cpu.hugepages).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from engine.cpu.kernels.gelu import use_fast_gelu
 from engine.cpu.kernels.output_head import OutputHead
 from engine.cpu.kernels.prefill_ops import use_fast_prefill_ops
 from engine.cpu.kernels.vision_attention import use_fast_vision_attention
+from engine.cpu.onednn_linear import reorder_weights
 from engine.cpu.patch_embed import linearize_patch_embedding
 from engine.cpu.quant_store import quantize_language_model
 
@@ -101,6 +103,9 @@ def decode_parts(model: Any) -> DecodeParts:
     def prepare(should_stop: Callable[[], bool]) -> bool:
         # the head's 8-bit copy first: once it exists, the bf16 head stays in its file
         if not head.prepare(should_stop):
+            return False
+        # then the float32 vision linears' weights into oneDNN's layout (tiers without bf16)
+        if not reorder_weights(model, should_stop):
             return False
         return move_to_huge_pages(model, should_stop, keep=head.kept_in_file())
 
