@@ -40,20 +40,21 @@ static inline void store_row(void *p, int64_t at, vf value, int bf16) {
 /* value rounded to bfloat16 precision (to nearest even) where `bf16`, else unchanged */
 static inline vf rounded(vf value, int bf16) { return bf16 ? vf_round_bf16(value) : value; }
 
-/* 1 / sqrt(mean(row^2) + eps) over `dim` values (a multiple of VF_LANES) */
-static inline float inverse_rms(const void *row, int64_t dim, float eps, int bf16) {
+/* 1 / sqrt(mean(row^2) + eps) over the `dim` values of x from element `at` (dim a multiple of
+ * VF_LANES) */
+static inline float inverse_rms(const void *x, int64_t at, int64_t dim, float eps, int bf16) {
     vf s0 = vf_zero(), s1 = s0, s2 = s0, s3 = s0;
     int64_t d = 0;
     for (; d + 4 * VF_LANES <= dim; d += 4 * VF_LANES) {
-        const vf a = load_row(row, d, bf16), b = load_row(row, d + VF_LANES, bf16);
-        const vf c = load_row(row, d + 2 * VF_LANES, bf16), e = load_row(row, d + 3 * VF_LANES, bf16);
+        const vf a = load_row(x, at + d, bf16), b = load_row(x, at + d + VF_LANES, bf16);
+        const vf c = load_row(x, at + d + 2 * VF_LANES, bf16), e = load_row(x, at + d + 3 * VF_LANES, bf16);
         s0 = vf_fma(a, a, s0);
         s1 = vf_fma(b, b, s1);
         s2 = vf_fma(c, c, s2);
         s3 = vf_fma(e, e, s3);
     }
     for (; d < dim; d += VF_LANES) {
-        const vf a = load_row(row, d, bf16);
+        const vf a = load_row(x, at + d, bf16);
         s0 = vf_fma(a, a, s0);
     }
     const float squares = vf_sum((s0 + s1) + (s2 + s3));
@@ -66,8 +67,7 @@ static inline __attribute__((always_inline)) void rms_norm(const void *x, const 
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const int64_t at = r * dim;
-        const char *row = (const char *)x + at * (bf16 ? 2 : 4);
-        const vf scale = vf_splat(inverse_rms(row, dim, eps, bf16));
+        const vf scale = vf_splat(inverse_rms(x, at, dim, eps, bf16));
         for (int64_t d = 0; d < dim; d += VF_LANES) {
             const vf normed = rounded(load_row(x, at + d, bf16) * scale, bf16);
             store_row(out, at + d, load_row(weight, d, bf16) * normed, bf16);
@@ -120,9 +120,8 @@ static inline __attribute__((always_inline)) void norm_rotate(
         const int64_t b = position / seq, s = position % seq;
         for (int64_t h = 0; h < heads; h++) {
             const int64_t at = (position * heads + h) * dim;
-            const char *row = (const char *)x + at * (bf16 ? 2 : 4);
             vf normed[MAX_HEAD_VECTORS];
-            const vf scale = vf_splat(inverse_rms(row, dim, eps, bf16));
+            const vf scale = vf_splat(inverse_rms(x, at, dim, eps, bf16));
             for (int64_t d = 0; d < dim; d += VF_LANES) {
                 const vf v = rounded(load_row(x, at + d, bf16) * scale, bf16);
                 normed[d / VF_LANES] = rounded(load_row(weight, d, bf16) * v, bf16);
