@@ -92,6 +92,11 @@ def _at_most(key: str, name: str, value: float | None, limit: float | None, text
     return _floor(key, name, "≤ 1.0×", 1.0, False, r, shown)
 
 
+def _first_token(key: str, name: str, first: float | None, limit: float | None) -> Floor:
+    """A first token no slower than `limit`'s (seconds)."""
+    return _at_most(key, name, first, limit, f"{fmt_s(first)} vs {fmt_s(limit)}")
+
+
 def _at_least(key: str, name: str, floor: float, value: float | None, base: float | None, text: str) -> Floor:
     r = ratio(value, base)
     shown = "not measured" if r is None else f"{text} = {fmt_ratio(r)}"
@@ -150,27 +155,14 @@ def tier_floors(result: Result) -> list[Floor]:
             )
         )  # fmt: skip
         first = _num(quant, "ttft_s")
-        floors.append(
-            _at_most(
-                f"{label}_first_token", f"{label} first token vs the default's", first, bot_first,
-                f"{fmt_s(first)} vs {fmt_s(bot_first)}",
-            )
-        )  # fmt: skip
+        name = f"{label} first token vs the default's"
+        floors.append(_first_token(f"{label}_first_token", name, first, bot_first))
     raw_first = _num(raw, "ttft_s")
-    floors.append(
-        _at_most(
-            "first_vs_raw", "default first token vs raw transformers (same input)", bot_first, raw_first,
-            f"{fmt_s(bot_first)} vs {fmt_s(raw_first)}",
-        )
-    )  # fmt: skip
-    bf16 = peer_run(result, "BF16")
-    peer_first = _num(bf16, "first_token_s")
-    floors.append(
-        _at_most(
-            "first_vs_BF16", "default first token vs llama.cpp BF16", bot_first, peer_first,
-            f"{fmt_s(bot_first)} vs {fmt_s(peer_first)}",
-        )
-    )  # fmt: skip
+    name = "default first token vs raw transformers (same input)"
+    floors.append(_first_token("first_vs_raw", name, bot_first, raw_first))
+    peer_first = _num(peer_run(result, "BF16"), "first_token_s")
+    name = "default first token vs llama.cpp BF16"
+    floors.append(_first_token("first_vs_BF16", name, bot_first, peer_first))
     conc = (result.get("vlbot") or {}).get("concurrent") or {}
     steady, single = conc.get("steady_tok_s"), conc.get("single_tok_s")
     floors.append(
