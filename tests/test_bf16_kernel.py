@@ -27,7 +27,10 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
         yield built_or_skip(load_kernel(), f"bf16 kernel on tier {request.param}")
 
 
-@pytest.mark.parametrize(("rows", "n", "k"), [(1, 64, 256), (1, 38, 100), (3, 37, 100), (8, 130, 2048)])
+@pytest.mark.parametrize(
+    ("rows", "n", "k"),
+    [(1, 64, 256), (1, 38, 100), (2, 33, 200), (3, 37, 100), (4, 70, 2088), (8, 130, 2048)],
+)
 @pytest.mark.parametrize("bias", [False, True])
 def test_products_match_float64(kernel: Bf16Kernel, rows: int, n: int, k: int, bias: bool) -> None:
     """Whole blocks and the tails (outputs not a multiple of 4, inputs not of 32), with a bias;
@@ -98,14 +101,15 @@ def test_a_short_float32_prompt_goes_through_the_kernel(
     assert widened == ([] if rows <= FLOAT_PROMPT_MAX_ROWS else [rows])
 
 
-def test_rows_are_independent(kernel: Bf16Kernel) -> None:
+@pytest.mark.parametrize("rows", [3, 5])
+def test_rows_are_independent(kernel: Bf16Kernel, rows: int) -> None:
     """A row's result never depends on the other rows of its batch (bit for bit); alone it goes
     through the single-row loop, whose summation order differs: equal up to rounding."""
-    x = torch.randn(5, 96).to(torch.bfloat16)
+    x = torch.randn(rows, 96).to(torch.bfloat16)
     weight = torch.randn(40, 96).to(torch.bfloat16)
     together = kernel.matmul(x, weight, None)
-    for row in range(5):
-        others = torch.randn(5, 96).to(torch.bfloat16)
+    for row in range(rows):
+        others = torch.randn(rows, 96).to(torch.bfloat16)
         others[row] = x[row]
         assert torch.equal(together[row], kernel.matmul(others, weight, None)[row])
         alone = kernel.matmul(x[row : row + 1], weight, None)[0]

@@ -15,10 +15,12 @@
  * together lost on every tier (8 rows: 64.6 against one row's 48.3 natively). Weights are used as they
  * are (row-major (N, K) bfloat16, the model's own tensor): nothing is repacked or copied. A batch
  * of up to MAX_ROWS conversations reads each weight vector once for all of its rows; built for
- * the avx512_bf16 tier, a batch of 5 rows or more multiplies bf16 pairs with `vdpbf16ps` instead
- * of widening them (2 threads, interleaved medians over the 28 layers' weights: 6 rows 121 ->
- * 78 ms, 8 rows 160 -> 61), while 2-4 rows widen them as the other tiers do (4 rows 78 -> 69 ms,
- * 2 rows 53 -> 44 against `vdpbf16ps`).
+ * the avx512_bf16 tier, a batch multiplies bf16 pairs with `vdpbf16ps` instead of widening them:
+ * 5 rows or more two weight rows at a time (2 threads, interleaved medians over the 28 layers'
+ * weights: 6 rows 121 -> 78 ms, 8 rows 160 -> 61), 2-4 rows one weight row at a time as one
+ * stream, as single_row reads them (stream_dp; against widening the weights and two rows at a
+ * time, 16 interleaved rounds: 4 rows 77.9 -> 75.8 ms, 3 rows 64.5 -> 58.3; 12 rounds: 2 rows
+ * 77.3 -> 69.4; the two-row `vdpbf16ps` loop lost at 2-4 rows: 81.0, 56.6, 82.5 ms).
  *
  * Measured against torch on each tier (Zen5, 2048->6144 weights, 24 matrices cycled, 1 thread,
  * a machine loaded by other work (load ~6-7), so the 2-thread figures were noise): avx512_bf16:
@@ -76,8 +78,8 @@
 #define FEW_AHEAD 16
 #endif
 #ifndef DP_MIN_ROWS
-/* batches of at least this many rows multiply bf16 pairs with `vdpbf16ps` (avx512_bf16 tier);
- * smaller ones widen the weights to float, as the other tiers do (see few_rows_dp) */
+/* batches of at least this many rows multiply bf16 pairs with `vdpbf16ps` two weight rows at a
+ * time (few_rows_dp); smaller ones one weight row at a time (stream_dp) (avx512_bf16 tier) */
 #define DP_MIN_ROWS 5
 #endif
 #ifndef PREFETCH_LOCALITY
@@ -236,6 +238,49 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
     }
     store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, out_bf16, first);
 }
+/* 2..DP_MIN_ROWS-1 bf16 activation rows against one weight row, read as one linear stream and
+ * prefetched PREFETCH_ROWS rows below (as single_row), its 64-weight blocks multiplied by
+ * `vdpbf16ps` into two accumulators per activation row. */
+static inline __attribute__((always_inline)) void stream_dp(const uint16_t *x, const float *xf,
+                                                           int64_t k, int64_t n_out,
+                                                           const uint16_t *w,
+                                                           const uint16_t *bias, void *y,
+                                                           int out_bf16, int64_t n,
+                                                           const int rows) {
+    const int64_t body = k - k % 64;
+    const uint16_t *r = w + n * k;
+    const uint16_t *p = n + PREFETCH_ROWS < n_out ? r + PREFETCH_ROWS * k : r + PREFETCH_ELEMENTS;
+    __m512 d0[DP_MIN_ROWS], d1[DP_MIN_ROWS];
+    for (int m = 0; m < rows; m++) d0[m] = d1[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < body; c += 64) {
+        __builtin_prefetch(p + c, 0, PREFETCH_LOCALITY);
+        __builtin_prefetch(p + c + 32, 0, PREFETCH_LOCALITY);
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(r + c));
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(r + c + 32));
+        for (int m = 0; m < rows; m++) {
+            const uint16_t *xm = x + m * k + c;
+            d0[m] = _mm512_dpbf16_ps(d0[m], w0, (__m512bh)_mm512_loadu_si512((const void *)xm));
+            d1[m] = _mm512_dpbf16_ps(d1[m], w1, (__m512bh)_mm512_loadu_si512((const void *)(xm + 32)));
+        }
+    }
+    for (int m = 0; m < rows; m++) {
+        const __m512 both = _mm512_add_ps(d0[m], d1[m]);
+        vf total;
+        memcpy(&total, &both, sizeof total);
+        const float sum = vf_sum(total) + dot_tail(r, xf + m * k, body, k);
+        store_value(y, m * n_out + n, sum + bias_of(bias, n), out_bf16);
+    }
+}
+
+static void stream_dp_any(const uint16_t *x, const float *xf, int64_t k, int64_t n_out,
+                          const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
+                          int64_t n, int rows) {
+    switch (rows) { /* constant row counts: the accumulators stay in registers */
+    case 2: stream_dp(x, xf, k, n_out, w, bias, y, out_bf16, n, 2); break;
+    case 3: stream_dp(x, xf, k, n_out, w, bias, y, out_bf16, n, 3); break;
+    default: stream_dp(x, xf, k, n_out, w, bias, y, out_bf16, n, DP_MIN_ROWS - 1); break;
+    }
+}
 #define FEW_ROWS(rows)                                                                         \
     (x != NULL ? few_rows_dp(x, xf, k, n_out, w, bias, y, out_bf16, pair, rows)                \
                : few_rows(xf, k, n_out, w, bias, y, out_bf16, pair, rows))
@@ -248,7 +293,6 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
 static void few_rows_any(const uint16_t *x, const float *xf, int64_t k, int64_t n_out,
                          const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
                          int64_t pair, int rows) {
-    if (rows < DP_MIN_ROWS) x = NULL; /* few rows: widened weights and float products are faster */
     switch (rows) { /* constant row counts: the accumulators stay in registers */
     case 2: FEW_ROWS(2); break;
     case 3: FEW_ROWS(3); break;
@@ -278,7 +322,15 @@ static int products(const uint16_t *x, const float *xf, int64_t rows, int64_t k,
             for (int64_t b = 0; b < blocks; b++)
                 single_row(xs, split, k, n_out, w, bias, ys, out_bf16, b);
             free(split);
-        } else {
+        }
+#ifdef __AVX512BF16__
+        else if (xb != NULL && count < DP_MIN_ROWS) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+            for (int64_t n = 0; n < n_out; n++)
+                stream_dp_any(xb, xs, k, n_out, w, bias, ys, out_bf16, n, count);
+        }
+#endif
+        else {
             const int64_t pairs = (n_out + 1) / 2;
 #pragma omp parallel for num_threads(threads) schedule(static)
             for (int64_t p = 0; p < pairs; p++)
