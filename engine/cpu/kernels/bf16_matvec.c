@@ -194,7 +194,7 @@ static inline __attribute__((always_inline)) void few_rows(const float *xf, int6
         for (int u = 0; u < STEP; u += VF_LANES) {
             const vf w0 = vf_load_bf16(r0 + c + u), w1 = vf_load_bf16(r1 + c + u);
             for (int m = 0; m < rows; m++) {
-                const vf xv = vf_load(xf + m * k + c + u);
+                const vf xv = vf_held(vf_load(xf + m * k + c + u));
                 a0[m] += w0 * xv;
                 a1[m] += w1 * xv;
             }
