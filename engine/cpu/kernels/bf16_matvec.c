@@ -250,7 +250,7 @@ static inline __attribute__((always_inline)) void stream_dp(const uint16_t *x, c
     const int64_t body = k - k % 64;
     const uint16_t *r = w + n * k;
     const uint16_t *p = n + PREFETCH_ROWS < n_out ? r + PREFETCH_ROWS * k : r + PREFETCH_ELEMENTS;
-    __m512 d0[DP_MIN_ROWS], d1[DP_MIN_ROWS];
+    __m512 d0[MAX_ROWS], d1[MAX_ROWS];
     for (int m = 0; m < rows; m++) d0[m] = d1[m] = _mm512_setzero_ps();
     for (int64_t c = 0; c < body; c += 64) {
         __builtin_prefetch(p + c, 0, PREFETCH_LOCALITY);
