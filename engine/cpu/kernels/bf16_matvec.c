@@ -77,6 +77,18 @@
  * 80-107 / 109; 32 below 116-127 / 120-139. */
 #define FEW_AHEAD 16
 #endif
+#ifndef FEW_WEIGHT_ROWS
+/* weight rows few_rows reads together (2 or 4): 4 where there are 32 vector registers for the
+ * accumulators (AVX-512; NEON has them too but is unmeasured), else 2. 28 layers' weights, float
+ * activations, 2 threads, 10 interleaved rounds: AVX-512 forced 4 rows 69.3 -> 58.0 ms (10 of
+ * 10), 8 rows 149.5 -> 112.1 (10/10), 2 rows 75.4 -> 74.0 (8/10); AVX2 forced 4 rows 70.7 ->
+ * 89.5 ms and 2 rows 71.5 -> 76.0 with 4 (16 registers: the accumulators spill). */
+#if defined(__AVX512F__)
+#define FEW_WEIGHT_ROWS 4
+#else
+#define FEW_WEIGHT_ROWS 2
+#endif
+#endif
 #ifndef DP_MIN_ROWS
 /* batches of at least this many rows multiply bf16 pairs with `vdpbf16ps` two weight rows at a
  * time (few_rows_dp); smaller ones one weight row at a time (stream_dp) (avx512_bf16 tier) */
@@ -174,33 +186,37 @@ static inline const uint16_t *prefetched(const uint16_t *row, int64_t first, int
     return first + FEW_AHEAD + 1 < n_out ? row + FEW_AHEAD * k : row + PREFETCH_ELEMENTS;
 }
 
-/* `rows` (2..MAX_ROWS) activation rows against two weight rows: each weight vector is loaded
- * once for all of them, so a batch costs about what one row costs (the weights' reading). */
+/* `rows` (2..MAX_ROWS) activation rows against FEW_WEIGHT_ROWS weight rows: each weight vector is
+ * loaded once for all of them, so a batch costs about what one row costs (the weights' reading),
+ * and each activation vector once for all the weight rows. */
 static inline __attribute__((always_inline)) void few_rows(const float *xf, int64_t k,
                                                           int64_t n_out, const uint16_t *w,
                                                           const uint16_t *bias, void *y,
-                                                          int out_bf16, int64_t pair,
+                                                          int out_bf16, int64_t block,
                                                           const int rows) {
     const int64_t body = k - k % STEP;
-    const int64_t first = pair * 2;
-    const uint16_t *r0 = w + first * k;
-    const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0; /* odd n_out: the last row twice */
-    const uint16_t *p0 = prefetched(r0, first, k, n_out), *p1 = prefetched(r1, first, k, n_out);
-    vf a0[MAX_ROWS], a1[MAX_ROWS];
-    for (int m = 0; m < rows; m++) a0[m] = a1[m] = vf_zero();
+    const int64_t first = block * FEW_WEIGHT_ROWS;
+    const uint16_t *r[FEW_WEIGHT_ROWS], *p[FEW_WEIGHT_ROWS];
+    for (int i = 0; i < FEW_WEIGHT_ROWS; i++) {
+        r[i] = w + (first + i < n_out ? first + i : n_out - 1) * k; /* past the end: the last row */
+        p[i] = prefetched(r[i], first, k, n_out);
+    }
+    vf a[FEW_WEIGHT_ROWS][MAX_ROWS];
+    for (int i = 0; i < FEW_WEIGHT_ROWS; i++)
+        for (int m = 0; m < rows; m++) a[i][m] = vf_zero();
     for (int64_t c = 0; c < body; c += STEP) {
-        prefetch(p0 + c);
-        prefetch(p1 + c);
+        for (int i = 0; i < FEW_WEIGHT_ROWS; i++) prefetch(p[i] + c);
         for (int u = 0; u < STEP; u += VF_LANES) {
-            const vf w0 = vf_load_bf16(r0 + c + u), w1 = vf_load_bf16(r1 + c + u);
+            vf wv[FEW_WEIGHT_ROWS];
+            for (int i = 0; i < FEW_WEIGHT_ROWS; i++) wv[i] = vf_load_bf16(r[i] + c + u);
             for (int m = 0; m < rows; m++) {
                 const vf xv = vf_held(vf_load(xf + m * k + c + u));
-                a0[m] += w0 * xv;
-                a1[m] += w1 * xv;
+                for (int i = 0; i < FEW_WEIGHT_ROWS; i++) a[i][m] += wv[i] * xv;
             }
         }
     }
-    store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, out_bf16, first);
+    for (int i = 0; i < FEW_WEIGHT_ROWS && first + i < n_out; i += 2)
+        store_pair(a[i], a[i + 1], rows, xf, k, n_out, r[i], r[i + 1], body, bias, y, out_bf16, first + i);
 }
 
 #ifdef __AVX512BF16__
@@ -282,17 +298,17 @@ static void stream_dp_any(const uint16_t *x, const float *xf, int64_t k, int64_t
     }
 }
 #define FEW_ROWS(rows)                                                                         \
-    (x != NULL ? few_rows_dp(x, xf, k, n_out, w, bias, y, out_bf16, pair, rows)                \
-               : few_rows(xf, k, n_out, w, bias, y, out_bf16, pair, rows))
+    (x != NULL ? few_rows_dp(x, xf, k, n_out, w, bias, y, out_bf16, block, rows)                \
+               : few_rows(xf, k, n_out, w, bias, y, out_bf16, block, rows))
 #else
-#define FEW_ROWS(rows) few_rows(xf, k, n_out, w, bias, y, out_bf16, pair, rows)
+#define FEW_ROWS(rows) few_rows(xf, k, n_out, w, bias, y, out_bf16, block, rows)
 #endif
 
 /* x: the bf16 activations where there are any (the avx512_bf16 tier multiplies them directly),
  * else NULL; xf: the same as floats. */
 static void few_rows_any(const uint16_t *x, const float *xf, int64_t k, int64_t n_out,
                          const uint16_t *w, const uint16_t *bias, void *y, int out_bf16,
-                         int64_t pair, int rows) {
+                         int64_t block, int rows) {
     switch (rows) { /* constant row counts: the accumulators stay in registers */
     case 2: FEW_ROWS(2); break;
     case 3: FEW_ROWS(3); break;
@@ -331,10 +347,12 @@ static int products(const uint16_t *x, const float *xf, int64_t rows, int64_t k,
         }
 #endif
         else {
-            const int64_t pairs = (n_out + 1) / 2;
+            /* few_rows_dp (bf16 activations, DP_MIN_ROWS or more) takes two weight rows */
+            const int64_t per_block = xb != NULL ? 2 : FEW_WEIGHT_ROWS;
+            const int64_t blocks = (n_out + per_block - 1) / per_block;
 #pragma omp parallel for num_threads(threads) schedule(static)
-            for (int64_t p = 0; p < pairs; p++)
-                few_rows_any(xb, xs, k, n_out, w, bias, ys, out_bf16, p, count);
+            for (int64_t b = 0; b < blocks; b++)
+                few_rows_any(xb, xs, k, n_out, w, bias, ys, out_bf16, b, count);
         }
     }
     return 0;
