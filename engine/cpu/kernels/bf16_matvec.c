@@ -20,7 +20,9 @@
  * weights: 6 rows 121 -> 78 ms, 8 rows 160 -> 61), 2-4 rows one weight row at a time as one
  * stream, as single_row reads them (stream_dp; against widening the weights and two rows at a
  * time, 16 interleaved rounds: 4 rows 77.9 -> 75.8 ms, 3 rows 64.5 -> 58.3; 12 rounds: 2 rows
- * 77.3 -> 69.4; the two-row `vdpbf16ps` loop lost at 2-4 rows: 81.0, 56.6, 82.5 ms).
+ * 77.3 -> 69.4; the two-row `vdpbf16ps` loop lost at 2-4 rows: 81.0, 56.6, 82.5 ms); a whole
+ * 4-chat decode step of the full-size model with its output head, 129.4 -> 118.6 ms (7 of 8
+ * alternations in one process; one chat's step unchanged, 90.9 / 89.4 ms).
  *
  * Measured against torch on each tier (Zen5, 2048->6144 weights, 24 matrices cycled, 1 thread,
  * a machine loaded by other work (load ~6-7), so the 2-thread figures were noise): avx512_bf16:
