@@ -222,9 +222,34 @@ static inline __attribute__((always_inline)) void few_rows(const float *xf, int6
 }
 
 #ifdef __AVX512BF16__
-/* As few_rows, with the bf16 pairs multiplied and summed by `vdpbf16ps` (32 weights of a row
- * against 32 activations per instruction, no widening): products of two bf16 values are exact
- * in float, each pair's sum is rounded once. Only where the activations are bf16. */
+/* The `vdpbf16ps` loop of few_rows_dp and stream_dp: 32 weights at `a` and 32 at `b` per step
+ * (`step` elements apart from the previous ones), each against `rows` bf16 activation rows
+ * (row m at x + m * k; b's activations `b_shift` elements after a's), summed into d0 and d1.
+ * Products of two bf16 values are exact in float, each pair's sum is rounded once. */
+static inline __attribute__((always_inline)) void dp_loop(const uint16_t *x, int64_t k,
+                                                         int64_t body, const uint16_t *a,
+                                                         const uint16_t *b, int64_t b_shift,
+                                                         const uint16_t *pa, const uint16_t *pb,
+                                                         const int step, const int rows,
+                                                         __m512 *d0, __m512 *d1) {
+    for (int m = 0; m < rows; m++) d0[m] = d1[m] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < body; c += step) {
+        __builtin_prefetch(pa + c, 0, PREFETCH_LOCALITY);
+        __builtin_prefetch(pb + c, 0, PREFETCH_LOCALITY);
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(a + c));
+        const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(b + c));
+        for (int m = 0; m < rows; m++) {
+            const uint16_t *xm = x + m * k + c;
+            d0[m] = _mm512_dpbf16_ps(d0[m], w0, (__m512bh)_mm512_loadu_si512((const void *)xm));
+            d1[m] = _mm512_dpbf16_ps(d1[m], w1,
+                                     (__m512bh)_mm512_loadu_si512((const void *)(xm + b_shift)));
+        }
+    }
+}
+
+/* As few_rows, with the bf16 pairs multiplied and summed by `vdpbf16ps` (32 weights of each of
+ * two weight rows against 32 activations per instruction, no widening). Only where the
+ * activations are bf16. */
 static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x, const float *xf,
                                                              int64_t k, int64_t n_out,
                                                              const uint16_t *w,
@@ -235,20 +260,9 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
     const int64_t first = pair * 2;
     const uint16_t *r0 = w + first * k;
     const uint16_t *r1 = first + 1 < n_out ? r0 + k : r0;
-    const uint16_t *p0 = prefetched(r0, first, k, n_out), *p1 = prefetched(r1, first, k, n_out);
     __m512 d0[MAX_ROWS], d1[MAX_ROWS];
-    for (int m = 0; m < rows; m++) d0[m] = d1[m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < body; c += 32) {
-        prefetch(p0 + c);
-        prefetch(p1 + c);
-        const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(r0 + c));
-        const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(r1 + c));
-        for (int m = 0; m < rows; m++) {
-            const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void *)(x + m * k + c));
-            d0[m] = _mm512_dpbf16_ps(d0[m], w0, xv);
-            d1[m] = _mm512_dpbf16_ps(d1[m], w1, xv);
-        }
-    }
+    dp_loop(x, k, body, r0, r1, 0, prefetched(r0, first, k, n_out), prefetched(r1, first, k, n_out),
+            32, rows, d0, d1);
     vf a0[MAX_ROWS], a1[MAX_ROWS];
     for (int m = 0; m < rows; m++) {
         memcpy(&a0[m], &d0[m], sizeof(vf));
@@ -256,6 +270,7 @@ static inline __attribute__((always_inline)) void few_rows_dp(const uint16_t *x,
     }
     store_pair(a0, a1, rows, xf, k, n_out, r0, r1, body, bias, y, out_bf16, first);
 }
+
 /* 2..DP_MIN_ROWS-1 bf16 activation rows against one weight row, read as one linear stream and
  * prefetched PREFETCH_ROWS rows below (as single_row), its 64-weight blocks multiplied by
  * `vdpbf16ps` into two accumulators per activation row. */
@@ -269,18 +284,7 @@ static inline __attribute__((always_inline)) void stream_dp(const uint16_t *x, c
     const uint16_t *r = w + n * k;
     const uint16_t *p = n + PREFETCH_ROWS < n_out ? r + PREFETCH_ROWS * k : r + PREFETCH_ELEMENTS;
     __m512 d0[MAX_ROWS], d1[MAX_ROWS];
-    for (int m = 0; m < rows; m++) d0[m] = d1[m] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < body; c += 64) {
-        __builtin_prefetch(p + c, 0, PREFETCH_LOCALITY);
-        __builtin_prefetch(p + c + 32, 0, PREFETCH_LOCALITY);
-        const __m512bh w0 = (__m512bh)_mm512_loadu_si512((const void *)(r + c));
-        const __m512bh w1 = (__m512bh)_mm512_loadu_si512((const void *)(r + c + 32));
-        for (int m = 0; m < rows; m++) {
-            const uint16_t *xm = x + m * k + c;
-            d0[m] = _mm512_dpbf16_ps(d0[m], w0, (__m512bh)_mm512_loadu_si512((const void *)xm));
-            d1[m] = _mm512_dpbf16_ps(d1[m], w1, (__m512bh)_mm512_loadu_si512((const void *)(xm + 32)));
-        }
-    }
+    dp_loop(x, k, body, r, r + 32, 32, p, p + 32, 64, rows, d0, d1);
     for (int m = 0; m < rows; m++) {
         const __m512 both = _mm512_add_ps(d0[m], d1[m]);
         vf total;
