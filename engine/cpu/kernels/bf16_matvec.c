@@ -306,8 +306,10 @@ static void stream_dp_any(const uint16_t *x, const float *xf, int64_t k, int64_t
 #define FEW_ROWS(rows)                                                                         \
     (x != NULL ? few_rows_dp(x, xf, k, n_out, w, bias, y, out_bf16, block, rows)                \
                : few_rows(xf, k, n_out, w, bias, y, out_bf16, block, rows))
+#define BLOCK_ROWS(x) ((x) != NULL ? 2 : FEW_WEIGHT_ROWS) /* weight rows per FEW_ROWS call */
 #else
 #define FEW_ROWS(rows) few_rows(xf, k, n_out, w, bias, y, out_bf16, block, rows)
+#define BLOCK_ROWS(x) FEW_WEIGHT_ROWS
 #endif
 
 /* x: the bf16 activations where there are any (the avx512_bf16 tier multiplies them directly),
@@ -353,9 +355,7 @@ static int products(const uint16_t *x, const float *xf, int64_t rows, int64_t k,
         }
 #endif
         else {
-            /* few_rows_dp (bf16 activations, DP_MIN_ROWS or more) takes two weight rows */
-            const int64_t per_block = xb != NULL ? 2 : FEW_WEIGHT_ROWS;
-            const int64_t blocks = (n_out + per_block - 1) / per_block;
+            const int64_t blocks = (n_out + BLOCK_ROWS(xb) - 1) / BLOCK_ROWS(xb);
 #pragma omp parallel for num_threads(threads) schedule(static)
             for (int64_t b = 0; b < blocks; b++)
                 few_rows_any(xb, xs, k, n_out, w, bias, ys, out_bf16, b, count);
