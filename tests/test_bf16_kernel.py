@@ -17,6 +17,7 @@ from engine.cpu.kernels.bf16_kernel import (
     load_kernel,
     use_for_decode,
 )
+from engine.cpu.onednn_linear import EVEN_ROWS_FROM
 from tests.engine_fixtures import built_or_skip
 from tests.tier_helpers import KERNEL_TIERS, forced
 
@@ -101,6 +102,37 @@ def test_a_short_float32_prompt_goes_through_the_kernel(
     want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert widened == ([] if rows <= FLOAT_PROMPT_MAX_ROWS else [rows])
+
+
+@pytest.mark.parametrize("rows", [EVEN_ROWS_FROM - 1, EVEN_ROWS_FROM, EVEN_ROWS_FROM + 73])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_long_prompt_is_multiplied_over_an_even_number_of_rows(
+    kernel: Bf16Kernel, monkeypatch: pytest.MonkeyPatch, rows: int, dtype: torch.dtype
+) -> None:
+    """oneDNN is slow over some odd row counts (engine.cpu.onednn_linear): a prompt of an odd
+    number of rows from EVEN_ROWS_FROM on gets one zero row more for the product, which is
+    dropped again; every row's result is the product of its own input."""
+    seen: list[int] = []
+    product = F.linear
+
+    def counted(x: torch.Tensor, *args: torch.Tensor | None) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return product(x, *args)
+
+    monkeypatch.setattr(F, "linear", counted)
+    monkeypatch.setattr("engine.cpu.onednn_linear.available", lambda: False)  # every product seen
+    generator = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(96, 40, bias=True).to(torch.bfloat16)
+    layer = DecodeLinear(linear, kernel)
+    x = torch.randn(1, rows, 96, generator=generator).to(dtype)
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == (1, rows, 40) and got.dtype == dtype
+    want = x.double() @ linear.weight.double().T + linear.bias.double()
+    rtol, atol = (1e-2, 5e-2) if dtype == torch.bfloat16 else (1e-5, 1e-4)
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol)
+    padded = rows + 1 if rows % 2 and rows >= EVEN_ROWS_FROM else rows  # 255, 256, 330
+    assert seen and set(seen) == {padded}
 
 
 @pytest.mark.parametrize("rows", [3, 5])
