@@ -14,7 +14,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from engine.cpu import onednn_linear
-from engine.cpu.onednn_linear import OneDnnLinear, available, reorder_weights, use_onednn_linears
+from engine.cpu.onednn_linear import (
+    EVEN_ROWS_FROM,
+    OneDnnLinear,
+    available,
+    reorder_weights,
+    use_onednn_linears,
+)
 from tests.tier_helpers import forced
 
 
@@ -78,3 +84,28 @@ def test_with_gradients_torchs_linear_is_used() -> None:
     out.sum().backward()
     assert layer.bias is not None and layer.bias.grad is not None
     torch.testing.assert_close(out.detach(), F.linear(x, weight, layer.bias.detach()))
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("rows", [EVEN_ROWS_FROM + 1, EVEN_ROWS_FROM + 2])
+def test_an_odd_count_of_many_rows_is_multiplied_with_one_row_more(
+    tier: str, monkeypatch: pytest.MonkeyPatch, rows: int
+) -> None:
+    """oneDNN is slow over some odd row counts: the layer multiplies one zero row more and
+    drops its result; the rows' products are those of F.linear (reordered weight or not)."""
+    seen: list[int] = []
+    product = OneDnnLinear._product
+
+    def counted(self: OneDnnLinear, x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return product(self, x)
+
+    monkeypatch.setattr(OneDnnLinear, "_product", counted)
+    layer = OneDnnLinear(nn.Linear(32, 24))
+    weight, bias = layer.weight.detach().clone(), layer.bias
+    x = torch.randn(1, rows, 32)
+    want = F.linear(x, weight, bias)
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+    layer.reorder()
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+    assert seen == [rows + rows % 2] * 2

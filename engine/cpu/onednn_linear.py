@@ -132,10 +132,14 @@ class OneDnnLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not torch.is_grad_enabled():
-            out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-            return out
+            flat = x.reshape(-1, x.shape[-1])  # (a merger's rows can be an odd count: 21x15)
+            return on_even_rows(flat, self._product).reshape(*x.shape[:-1], self.out_features)
         weight = self.weight.to_dense() if self.reordered else self.weight
         return F.linear(x, weight.to(x.dtype), self.bias)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return out
 
 
 def reorder_weights(model: nn.Module, should_stop: Callable[[], bool] = lambda: False) -> bool:
