@@ -36,6 +36,7 @@ from engine.qwen.kvcache import (
     prompt_keys,
     reusable_prefix,
 )
+from engine.qwen.last_position import LastPositionPrefill
 from engine.qwen.loading import onednn_decodes_faster
 from engine.qwen.streaming import Aborted, TokenPipe
 
@@ -127,6 +128,8 @@ class Scheduler:
         prepare: Callable[[Callable[[], bool]], bool] | None = None,
     ) -> None:
         self.model = model
+        # a prefill's last layer computes its projection and MLP for the last position only
+        self._last_position = LastPositionPrefill(model)
         # the last hidden states (B, H) for a step's inputs; None: the model's own forward
         self.decode_step = decode_step
         # logits (B, V) from last hidden states, exact at least for each row's `top` largest
@@ -363,7 +366,9 @@ class Scheduler:
             kwargs["pixel_values"] = inputs["pixel_values"][first:]
             kwargs["image_grid_thw"] = grid[shown[0] :]
         with torch.inference_mode():
-            return self.head(self._last_hidden(**kwargs), self._top([request]))[0]
+            with self._last_position.active():
+                hidden = self._last_hidden(**kwargs)
+            return self.head(hidden, self._top([request]))[0]
 
     def _last_hidden(self, **inputs: Any) -> torch.Tensor:
         """The model's forward without its output head: the last position's hidden states."""
