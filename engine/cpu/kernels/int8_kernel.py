@@ -16,12 +16,14 @@ ours against `_weight_int8pack_mm`: avx512_bf16 0.316 (39.8) vs 0.447 (28.2); av
 (21.3). Where there is no byte dot product or no compiler, `load_kernel()` returns None and
 engine.cpu.quant keeps torch's kernel.
 
-A prompt's rows go through it too, 8 rows per weight load with AVX-512 and 4 elsewhere
-(int8_rows): one 2048->6144 projection over 330 rows, 2 threads, ms, against expanding the
-weights for torch's product: avx512_bf16 7.9 vs 13.9 (oneDNN bf16 on unquantized weights:
-10.1; oneDNN's int8 `_int_mm` with per-row activation scales, which would need another copy of
-the weights: 5.0); avx2 forced 25.1 vs 51.8 (MKL float32: 47.2; `_int_mm`: 17.5; one row at a
-time, as before: 30.8).
+A prompt's rows go through it too, 4 rows per weight load on AVX2 and NEON; on AVX-512 5 rows
+against two blocks of 16 outputs, each activation load serving both (quant_dot.h's PROMPT_BLOCKS:
+a 330-row layer's seven products 40.8 -> 32.6 ms natively, 65.7 -> 59.9 forced, against 8 rows
+and one block). Before that, 8 rows per weight load (int8_rows): one 2048->6144 projection
+over 330 rows, 2 threads, ms, against expanding the weights for torch's product: avx512_bf16
+7.9 vs 13.9 (oneDNN bf16 on unquantized weights: 10.1; oneDNN's int8 `_int_mm` with per-row
+activation scales, which would need another copy of the weights: 5.0); avx2 forced 25.1 vs
+51.8 (MKL float32: 47.2; `_int_mm`: 17.5; one row at a time, as before: 30.8).
 """
 
 from __future__ import annotations

@@ -25,41 +25,51 @@
 
 const char *vlbot_int8_isa(void) { return QUANT_DOT_ISA; }
 
-/* Rows m0 .. m0 + count - 1 of one block of 16 outputs. Each 64-byte weight chunk is loaded once
- * for the `count` activation rows (a prompt's rows, or a batch's); each row keeps `split` partial
- * sums so that at least ACC_CHAINS accumulators are in flight. The sums are integers, so the
- * result is the same for any count and split: a row gets exactly what it gets alone. */
+/* Rows m0 .. m0 + count - 1 of `blocks` consecutive blocks of 16 outputs (from block b). Each
+ * 64-byte weight chunk is loaded once for the `count` activation rows (a prompt's rows, or a
+ * batch's), and each activation load serves the `blocks` blocks; with one block each row keeps
+ * `split` partial sums so that at least ACC_CHAINS accumulators are in flight. The sums are
+ * integers, so the result is the same for any count, blocks and split: a row gets exactly what it
+ * gets alone. */
 static inline __attribute__((always_inline)) void int8_rows(
-    const int8_t *block, const float *row_scales, const int8_t *xq, const float *xs,
+    const int8_t *first, const float *row_scales, const int8_t *xq, const float *xs,
     const int32_t *xq_sum, int64_t k, int64_t group, int64_t n_out, int64_t b, int64_t m0,
-    void *y, int y_bf16, const int count) {
-    const int split = count == 1 ? 4 : (ACC_CHAINS / count > 1 ? ACC_CHAINS / count : 1);
-    const int64_t groups = k / group, chunks = group / 4;
-    const v16sf scale = load16f(row_scales + b * 16);
-    v16sf acc[ROW_BLOCK];
-    for (int r = 0; r < count; r++) acc[r] = (v16sf){0};
+    void *y, int y_bf16, const int count, const int blocks) {
+    const int split = blocks > 1 ? 1 : count == 1 ? 4 : (ACC_CHAINS / count > 1 ? ACC_CHAINS / count : 1);
+    const int64_t groups = k / group, chunks = group / 4, stride = (k / 4) * 64;
+    v16sf acc[PROMPT_BLOCKS][ROW_BLOCK];
+    for (int j = 0; j < blocks; j++)
+        for (int r = 0; r < count; r++) acc[j][r] = (v16sf){0};
     for (int64_t g = 0; g < groups; g++) {
-        const int8_t *w = block + g * chunks * 64;
-        acc16 sums[ACC_CHAINS > 4 ? ACC_CHAINS : 4];
-        for (int i = 0; i < count * split; i++) sums[i] = acc_zero();
+        const int8_t *w = first + g * chunks * 64;
+        acc16 sums[PROMPT_BLOCKS][ACC_CHAINS > 4 ? ACC_CHAINS : 4];
+        for (int j = 0; j < blocks; j++)
+            for (int i = 0; i < count * split; i++) sums[j][i] = acc_zero();
         for (int64_t c = 0; c < chunks; c += split) {
             for (int s = 0; s < split; s++) {
-                __builtin_prefetch(w + (c + s) * 64 + PREFETCH_BYTES);
+                for (int j = 0; j < blocks; j++) __builtin_prefetch(w + j * stride + (c + s) * 64 + PREFETCH_BYTES);
                 for (int r = 0; r < count; r++) {
                     int32_t x4;
                     memcpy(&x4, xq + (m0 + r) * k + g * group + (c + s) * 4, 4);
-                    sums[r * split + s] = dot_s8s8(sums[r * split + s], w + (c + s) * 64, x4);
+                    for (int j = 0; j < blocks; j++)
+                        sums[j][r * split + s] = dot_s8s8(sums[j][r * split + s], w + j * stride + (c + s) * 64, x4);
                 }
             }
         }
         for (int r = 0; r < count; r++) {
-            acc16 total = sums[r * split];
-            for (int s = 1; s < split; s++) total = acc_add(total, sums[r * split + s]);
             const int64_t at = (m0 + r) * groups + g;
-            acc[r] += (acc_float(total) - (float)(DOT_S8_BIAS * xq_sum[at])) * xs[at];
+            const float bias = (float)(DOT_S8_BIAS * xq_sum[at]);
+            for (int j = 0; j < blocks; j++) {
+                acc16 total = sums[j][r * split];
+                for (int s = 1; s < split; s++) total = acc_add(total, sums[j][r * split + s]);
+                acc[j][r] += (acc_float(total) - bias) * xs[at];
+            }
         }
     }
-    for (int r = 0; r < count; r++) store16(y, (m0 + r) * n_out + b * 16, acc[r] * scale, y_bf16);
+    for (int j = 0; j < blocks; j++) {
+        const v16sf scale = load16f(row_scales + (b + j) * 16);
+        for (int r = 0; r < count; r++) store16(y, (m0 + r) * n_out + (b + j) * 16, acc[j][r] * scale, y_bf16);
+    }
 }
 
 /* y[m][n] for m < rows, n < n_out; x and y are float, or bfloat16 where `x_bf16` / `y_bf16`;
@@ -88,15 +98,28 @@ int vlbot_int8_matmul(const void *x, int x_bf16, int64_t rows, int64_t k, int64_
         xq_sum[at] = total;
     }
     const int64_t blocks = n_out / 16;
+    /* a prompt (more rows than a decode batch): PROMPT_BLOCKS blocks share each activation load */
+    const int64_t together = rows > ROW_BLOCK && blocks % PROMPT_BLOCKS == 0 ? PROMPT_BLOCKS : 1;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int8_t *block = packed + b * (k / 4) * 64;
-        for (int64_t m0 = 0; m0 < rows; m0 += ROW_BLOCK) {
+    for (int64_t p = 0; p < blocks / together; p++) {
+        const int64_t b = p * together;
+        const int8_t *first = packed + b * (k / 4) * 64;
+        const int64_t step = together > 1 ? PROMPT_ROWS : ROW_BLOCK;
+        for (int64_t m0 = 0; m0 < rows; m0 += step) {
             const int64_t left = rows - m0;
-            /* constant row counts: the accumulators stay in registers */
+            /* constant row and block counts: the accumulators stay in registers */
+            if (together > 1) {
+                switch (left < PROMPT_ROWS ? left : PROMPT_ROWS) {
+#define ROWS_CASE(n)                                                                               \
+    case n: int8_rows(first, row_scales, xq, xs, xq_sum, k, group, n_out, b, m0, y, y_bf16, n, PROMPT_BLOCKS); break;
+                    PROMPT_ROW_CASES
+#undef ROWS_CASE
+                }
+                continue;
+            }
             switch (left < ROW_BLOCK ? left : ROW_BLOCK) {
 #define ROWS_CASE(n)                                                                               \
-    case n: int8_rows(block, row_scales, xq, xs, xq_sum, k, group, n_out, b, m0, y, y_bf16, n); break;
+    case n: int8_rows(first, row_scales, xq, xs, xq_sum, k, group, n_out, b, m0, y, y_bf16, n, 1); break;
                 ROW_CASES
 #undef ROWS_CASE
             }

@@ -187,6 +187,21 @@ static inline void dot_nibbles(acc16 *lo, acc16 *hi, const uint8_t *w, int32_t x
 #define ACC_CHAINS 4
 #define ROW_CASES ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4)
 #endif
+/* A prompt's rows on AVX-512 (int8_matvec.c): PROMPT_ROWS rows against PROMPT_BLOCKS blocks of 16
+ * outputs at a time, each activation load serving both blocks (10 accumulators). One 330-row
+ * layer of Qwen3-VL-2B (7 products, 2 threads, Zen5, alternating, median ms): avx512_bf16 40.8 ->
+ * 32.6 (14 rounds; 2 blocks of 6 rows 36.1, of 7 37.0, of 8 44.6; 4 blocks of 4 rows 45.8, 3 of 5
+ * 48.3), AVX-512 forced (no VNNI) 65.7 -> 59.9. With AVX2's 16 registers two blocks spill
+ * (2 of 2 rows 165 ms against 122): one block there. */
+#if defined(__AVX512BW__)
+#define PROMPT_BLOCKS 2
+#define PROMPT_ROWS 5
+#define PROMPT_ROW_CASES ROWS_CASE(1) ROWS_CASE(2) ROWS_CASE(3) ROWS_CASE(4) ROWS_CASE(5)
+#else
+#define PROMPT_BLOCKS 1
+#define PROMPT_ROWS ROW_BLOCK
+#define PROMPT_ROW_CASES ROW_CASES
+#endif
 
 /* 16 IEEE half-precision values (the int4 kernel's scales and lows) as floats: F16C's VCVTPH2PS on
  * x86 (every x86 tier with a byte kernel has it), FCVTL on aarch64, else exact bit arithmetic. */
