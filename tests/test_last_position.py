@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 
-from bot.models import Message
+from bot.models import GenerationParams, Message
 from engine.qwen.engine import QwenVLEngine
 from engine.qwen.last_position import LastPositionPrefill
 from engine.qwen.prompt import build_prompt
-from tests.test_engine_qwen import png_image
+from tests.test_engine_qwen import answer, png_image
 
 
 async def test_the_last_layer_reads_one_row_and_the_last_logits_are_unchanged(tiny_qwen3: Path) -> None:
@@ -20,6 +20,8 @@ async def test_the_last_layer_reads_one_row_and_the_last_logits_are_unchanged(ti
     assert engine._loaded is not None
     model = engine.model
     message = Message.of("What is in this picture?", png_image())
+    # a first answer: the compute thread's warm-up forward after loading is over (or gave way)
+    await answer(engine, message, params=GenerationParams(max_new_tokens=2, temperature=0.0))
     inputs = engine._encode(engine._loaded, build_prompt((), message, limits=engine.limits, max_images=8))
     positions = int(inputs["input_ids"].shape[1])
     last_layer = model.model.language_model.layers[-1]
