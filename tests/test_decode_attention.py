@@ -1,7 +1,8 @@
 """engine.cpu.kernels.decode_attention: one query per conversation attended over its cached keys and values in
 C gives the attention (float64 reference) as closely as torch's kernel does, over bfloat16 and
-float32 caches on every CPU tier this machine runs (forced with VLBOT_CPU), reading the cache in
-place (views with spare room) and honouring each batch row's left padding."""
+float32 caches on every CPU tier this machine runs (forced with VLBOT_CPU), float32 queries over a
+bfloat16 cache too (engine.cpu.half_weights), reading the cache in place (views with spare room)
+and honouring each batch row's left padding."""
 
 from __future__ import annotations
 
@@ -35,7 +36,11 @@ def exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: lis
     return torch.stack(rows)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32), (torch.float32, torch.bfloat16)],
+    ids=["bf16", "float32", "float32-over-bf16-cache"],
+)
 @pytest.mark.parametrize(
     ("batch", "heads", "kv_heads", "dim", "length", "pads"),
     [
@@ -48,6 +53,7 @@ def exact(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: lis
 def test_attention_of_one_query_per_row(
     kernel: DecodeAttention,
     dtype: torch.dtype,
+    cache_dtype: torch.dtype,
     batch: int,
     heads: int,
     kv_heads: int,
@@ -58,8 +64,8 @@ def test_attention_of_one_query_per_row(
     generator = torch.Generator().manual_seed(length)
     # cache views with spare room after them, as engine.qwen.kvbuffer holds them
     spare = (batch, kv_heads, length + 24, dim)
-    keys = torch.randn(spare, generator=generator).to(dtype)[:, :, :length]
-    values = torch.randn(spare, generator=generator).to(dtype)[:, :, :length]
+    keys = torch.randn(spare, generator=generator).to(cache_dtype)[:, :, :length]
+    values = torch.randn(spare, generator=generator).to(cache_dtype)[:, :, :length]
     q = torch.randn(batch, 1, heads, dim, generator=generator).to(dtype).transpose(1, 2)
     mask = torch.ones(batch, length, dtype=torch.long)
     for row, pad in enumerate(pads):
@@ -71,7 +77,12 @@ def test_attention_of_one_query_per_row(
     truth = exact(q, keys, values, pads)
     theirs = (
         F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask.bool()[:, None, None, :], scale=dim**-0.5, enable_gqa=True
+            q,
+            keys.to(dtype),
+            values.to(dtype),
+            attn_mask=mask.bool()[:, None, None, :],
+            scale=dim**-0.5,
+            enable_gqa=True,
         )
         .transpose(1, 2)
         .reshape(batch, 1, heads * dim)
@@ -98,7 +109,9 @@ def test_only_caches_it_can_read_are_taken(kernel: DecodeAttention) -> None:
     q = q.contiguous()
     assert kernel.takes(q, keys, keys)
     assert kernel.takes(q.float(), keys.float(), keys.float())
-    assert not kernel.takes(q.float(), keys, keys)  # one dtype for all three
+    assert kernel.takes(q.float(), keys, keys)  # float32 queries over a bf16 cache
+    assert not kernel.takes(q, keys.float(), keys.float())  # but not bf16 ones over a float32 cache
+    assert not kernel.takes(q.float(), keys, keys.float())  # keys and values of one dtype
     assert not kernel.takes(q.half(), keys.half(), keys.half())
     assert not kernel.takes(q, keys, keys.transpose(2, 3).contiguous().transpose(2, 3))
     assert not kernel.takes(q, torch.randn(1, 5, 10, 128, dtype=torch.bfloat16), keys)

@@ -108,12 +108,14 @@ def avx2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "padded-batch"])
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16], ids=["float32-cache", "bf16-cache"])
 def test_float32_activations_over_bf16_weights_run_the_layers_in_c(
-    avx2: None, tiny_qwen3: Path, prompts: list[list[int]]
+    avx2: None, tiny_qwen3: Path, prompts: list[list[int]], storage: torch.dtype
 ) -> None:
+    """Over a float32 cache, and over the bf16 one the engine keeps for such a model."""
     model, step = fast_model(tiny_qwen3, in_float32=True)
-    batch = prefilled_batch(model, prompts)
-    assert batch.cache.layers[0].keys.dtype == torch.float32
+    batch = prefilled_batch(model, prompts, storage)
+    assert batch.cache.layers[0].keys.dtype == storage
     assert run_both(model, step, batch, steps=5, tolerance=1e-5) == 5
 
 

@@ -26,22 +26,27 @@ def load(folder: Path, dtype: torch.dtype) -> Any:
     return model.eval()
 
 
-def prefilled_batch(model: Any, prompts: list[list[int]]) -> Batch:
-    batch = Batch(lambda: appending_cache(model.config))
+def prefilled_batch(model: Any, prompts: list[list[int]], storage: torch.dtype | None = None) -> Batch:
+    """The prompts prefilled by the model, joined in a batch whose caches keep `storage` (None:
+    the model's dtype)."""
+    batch = Batch(lambda: appending_cache(model.config, storage))
     for n, ids in enumerate(prompts):
-        cache = appending_cache(model.config)
+        cache = appending_cache(model.config, storage)
         with torch.inference_mode():
             out = model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
         batch.join(Row(n, 0, len(ids), int(out.logits[0, -1].argmax())), cache)
     return batch
 
 
-def compare_steps(model: Any, prompts: list[list[int]], steps: int, tolerance: float) -> None:
+def compare_steps(
+    model: Any, prompts: list[list[int]], steps: int, tolerance: float, storage: torch.dtype | None = None
+) -> None:
     """Run the same decode steps through DecodeStep and the model's forward on two copies of a
-    batch; both must give the same logits, step after step (the caches stay in step too)."""
+    batch (caches kept in `storage`); both must give the same logits, step after step (the caches
+    stay in step too)."""
     step = DecodeStep.for_model(model)
     assert step is not None
-    ours, theirs = prefilled_batch(model, prompts), None
+    ours, theirs = prefilled_batch(model, prompts, storage), None
     theirs = copy.deepcopy(ours)
     for _ in range(steps):
         with torch.inference_mode():
@@ -58,8 +63,13 @@ def compare_steps(model: Any, prompts: list[list[int]], steps: int, tolerance: f
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "padded-batch"])
-def test_float32_step_equals_the_forward(tiny_qwen3: Path, prompts: list[list[int]]) -> None:
-    compare_steps(load(tiny_qwen3, torch.float32), prompts, steps=6, tolerance=1e-5)
+@pytest.mark.parametrize("storage", [None, torch.bfloat16], ids=["float32-cache", "bf16-cache"])
+def test_float32_step_equals_the_forward(
+    tiny_qwen3: Path, prompts: list[list[int]], storage: torch.dtype | None
+) -> None:
+    """Also over a cache kept in bfloat16 (engine.cpu.half_weights): the step reads it as stored,
+    the forward gets float32 copies of it."""
+    compare_steps(load(tiny_qwen3, torch.float32), prompts, steps=6, tolerance=1e-5, storage=storage)
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["one", "padded-batch"])

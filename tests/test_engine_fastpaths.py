@@ -2,7 +2,8 @@
 
 - engine.qwen.kvbuffer: KV-cache layers that append in place (no whole-cache copy per token) hold
   exactly what transformers' concatenating DynamicLayer holds, also across reallocations and after
-  outside code replaced their tensors (batch join / crop / split);
+  outside code replaced their tensors (batch join / crop / split), and may keep them in bfloat16
+  for a float32 model (half the bytes);
 - engine.cpu.patch_embed: the vision patch embedding as a matrix product equals the Conv3d.
 """
 
@@ -59,6 +60,32 @@ def test_appending_layer_adopts_tensors_replaced_from_outside() -> None:
     assert torch.equal(values, torch.cat([v[1:, :, :6], v2], dim=2))
     layer.reset()
     assert layer.get_seq_length() == 0 and layer.capacity == 0
+
+
+def test_appending_layer_can_keep_float32_keys_in_bf16() -> None:
+    """A float32 model over bf16 weights keeps its cache in bf16: transformers' update still hands
+    out float32 (the bf16-rounded values), `append` the stored bf16 views, across reallocations
+    and tensors replaced from outside; the cache counts 2 bytes a value."""
+    torch.manual_seed(3)
+    layer, plain = AppendingLayer(spare=8, storage=torch.bfloat16), AppendingLayer(spare=8)
+    added: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for tokens in [9] + [1] * 20:
+        k, v = kv(tokens)
+        added.append((k, v))
+        keys, values = layer.update(k, v)
+        plain.update(k, v)
+        assert keys.dtype == values.dtype == torch.float32
+        assert torch.equal(keys, torch.cat([a for a, _ in added], dim=2).bfloat16().float())
+        assert torch.equal(values, torch.cat([b for _, b in added], dim=2).bfloat16().float())
+    assert layer.keys is not None and layer.keys.dtype == torch.bfloat16
+    assert layer.keys.untyped_storage().nbytes() * 2 == plain.keys.untyped_storage().nbytes()  # type: ignore[union-attr]
+    stored_keys, stored_values = layer.append(*kv(1))
+    assert stored_keys.dtype == stored_values.dtype == torch.bfloat16
+    assert stored_keys.data_ptr() == layer.keys.data_ptr()  # the buffer itself, no copy
+    layer.keys, layer.values = layer.keys[:, :, :5].clone(), layer.values[:, :, :5].clone()
+    keys, _ = layer.update(*kv(1))  # adopted into a fresh bf16 buffer
+    assert keys.shape[2] == 6 and layer.keys.dtype == torch.bfloat16
+    assert torch.equal(keys[:, :, :5], torch.cat([a for a, _ in added], dim=2)[:, :, :5].bfloat16().float())
 
 
 def test_appending_layer_holds_no_buffer_but_its_views() -> None:

@@ -1,6 +1,8 @@
 """Half-size weights on a tier without bf16 arithmetic (engine.cpu.half_weights): the tiny model
 loaded in bf16 under VLBOT_CPU=avx2 computes in float32 with its language model's linear weights
-kept bf16, and its logits match a float32 model holding the same (bf16-rounded) weights."""
+kept bf16, and its logits match a float32 model holding the same (bf16-rounded) weights; its KV
+cache keeps bf16 as well (half the bytes), its decode steps' logits within bf16 rounding of a
+float32 cache's."""
 
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from engine.cpu.half_weights import compute_in_float32
 from engine.cpu.kernels.bf16_kernel import FLOAT_PROMPT_MAX_ROWS, DecodeLinear, load_kernel
 from engine.cpu.onednn_linear import OneDnnLinear, available
 from engine.cpu.swap import decode_parts, swap_modules
+from engine.qwen.kvbuffer import appending_cache
+from engine.qwen.kvcache import cache_nbytes
 from engine.qwen.loading import load_processor, resolve_dtype
 from tests.engine_fixtures import resident_file_bytes
 from tests.tier_helpers import forced
@@ -124,7 +128,6 @@ def test_the_bf16_originals_of_converted_weights_leave_memory(avx2: None, wide_q
     assert resident_file_bytes(wide_qwen3 / "model.safetensors") < vision_bf16 / 10
 
 
-
 def test_idle_preparation_reorders_the_vision_linears_with_the_same_logits(
     avx2: None, tiny_qwen3: Path
 ) -> None:
@@ -142,3 +145,39 @@ def test_idle_preparation_reorders_the_vision_linears_with_the_same_logits(
         assert decode_parts(model).prepare(lambda: False) is True
         assert all(m.reordered for m in vision_linears)
         assert torch.equal(model(**batch).logits, before)
+
+
+@torch.inference_mode()
+def test_the_kv_cache_is_kept_in_bf16_with_the_same_answer(avx2: None, tiny_qwen3: Path) -> None:
+    """The engine's caches (engine.cpu.swap.decode_parts' `cache_dtype`) keep bf16 for a model
+    computing in float32 over bf16 weights: half the bytes per token, and a prompt's and the decode
+    steps' logits within bf16 rounding of the keys and values of a float32 cache's, the same
+    greedy tokens. A float32 model keeps its float32 cache."""
+    assert decode_parts(load(tiny_qwen3, torch.float32)).cache_dtype is None
+    model = load(tiny_qwen3, torch.bfloat16)
+    swap_modules(model, "none")
+    parts = decode_parts(model)
+    assert parts.cache_dtype is torch.bfloat16 and parts.decode_step is not None
+    ids = torch.tensor([list(range(7, 47))])
+    logits, caches = [], []
+    for storage in (torch.bfloat16, None):
+        cache = appending_cache(model.config, storage)
+        first = model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        steps, token, length = [first], int(first.argmax()), ids.shape[1]
+        for _ in range(8):
+            hidden = parts.decode_step(
+                input_ids=torch.tensor([[token]]),
+                attention_mask=torch.ones((1, length + 1), dtype=torch.long),
+                position_ids=torch.full((3, 1, 1), length),
+                cache=cache,
+            )
+            steps.append(model.lm_head(hidden))
+            token, length = int(steps[-1].argmax()), length + 1
+        logits.append(torch.cat(steps))
+        caches.append(cache)
+    assert caches[0].layers[0].keys.dtype == torch.bfloat16
+    assert caches[1].layers[0].keys.dtype == torch.float32
+    assert 2 * cache_nbytes(caches[0]) == cache_nbytes(caches[1])
+    ours, theirs = logits
+    assert float((ours - theirs).abs().max()) <= 2e-2 * float(theirs.abs().max())
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))

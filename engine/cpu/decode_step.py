@@ -11,7 +11,8 @@ fewer operators:
   table is the plain one: cos/sin of position x inverse frequency, computed once per step;
 - attention is `scaled_dot_product_attention` over the conversation cache (`cache.update`, so the
   in-place cache of engine.qwen.kvbuffer works unchanged), with a padding mask only when the batch
-  has padding; engine.cpu.kernels.decode_attention's C loop instead where it builds;
+  has padding; engine.cpu.kernels.decode_attention's C loop instead where it builds, reading the
+  keys and values as the cache stores them (`append`: bfloat16 under float32 activations);
 - the bf16 kernel reads each layer's q, k and v projections in one pass, and its gate and up
   projections in another, once engine.cpu.hugepages has placed their weights back to back
   (engine.cpu.kernels.bf16_kernel.AdjacentLinears); the down projection is called as its module;
@@ -26,7 +27,7 @@ and bfloat16, one row and a padded batch) and the engine's answers against `gene
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.nn import functional as F
@@ -39,6 +40,25 @@ from engine.cpu.kernels.decode_ops import DecodeOps, load_ops
 from engine.cpu.layer_weights import layer_weights, quantized_kernels, weights_key
 
 SUPPORTED_LAYER = "Qwen3VLTextDecoderLayer"
+
+
+@runtime_checkable
+class StoringLayer(Protocol):
+    """A cache layer that hands out its keys and values as it stores them (engine.qwen.kvbuffer's
+    AppendingLayer), where transformers' `update` returns them in the incoming dtype."""
+
+    def append(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _append(cache: Any, k: torch.Tensor, v: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer `index`'s keys and values with k, v appended, as stored where the layer says."""
+    layer = cache.layers[index]
+    if isinstance(layer, StoringLayer):
+        return layer.append(k, v)
+    keys, values = cache.update(k, v, index)
+    return keys, values
 
 
 class DecodeStep:
@@ -232,7 +252,7 @@ class DecodeStep:
                 k = k.view(rows, 1, kv_heads, head_dim)
                 v = v.view(rows, 1, kv_heads, head_dim).transpose(1, 2)
                 q, k = self._query_key(attention, q, k, cos, sin)
-            keys, values = cache.update(k, v, index)
+            keys, values = _append(cache, k, v, index)
             in_c = kernel is not None and kernel.takes(q, keys, values)
             if in_c and layer_kernel is not None and fast is not None:
                 weights = fast[index]
@@ -243,7 +263,12 @@ class DecodeStep:
             else:
                 out = (
                     F.scaled_dot_product_attention(
-                        q, keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=True
+                        q,
+                        keys.to(q.dtype),  # a cache kept in another dtype (engine.qwen.kvbuffer)
+                        values.to(q.dtype),
+                        attn_mask=mask,
+                        scale=self.scaling,
+                        enable_gqa=True,
                     )
                     .transpose(1, 2)
                     .reshape(rows, 1, heads * head_dim)

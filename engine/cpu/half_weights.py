@@ -18,7 +18,10 @@ model's large matrices stay bfloat16 in memory:
   mapping released as soon as it is converted (otherwise the vision tower stays resident twice,
   0.8 GB of file pages beside its 1.6 GB float32 copy, until the mapping closes: Qwen3-VL-2B's
   peak RSS on forced AVX2 was weights + 1.8 GB).
-Answers then match the float32 model as closely as bf16 rounding of the weights allows.
+Answers then match the float32 model as closely as bf16 rounding of the weights allows. The KV
+cache is kept in bfloat16 too (`cache_dtype`, engine.qwen.kvbuffer), as the bf16 model keeps it:
+a decode step reads half the bytes from it (4 conversations at 400 tokens: 184 instead of 367 MB
+a step).
 """
 
 from __future__ import annotations
@@ -84,3 +87,16 @@ def compute_in_float32(model: Any) -> bool:
         onednn,
     )
     return True
+
+
+def cache_dtype(model: Any) -> torch.dtype | None:
+    """The dtype the KV cache keeps keys and values in: bfloat16 for a model `compute_in_float32`
+    made compute in float32 over bf16 weights (its embedding still bf16, its norms float32), else
+    None (the model's own)."""
+    try:
+        language_model = model.model.language_model
+        embedding = language_model.embed_tokens.weight.dtype
+        norm = language_model.norm.weight.dtype
+    except AttributeError:
+        return None
+    return torch.bfloat16 if embedding == torch.bfloat16 and norm == torch.float32 else None

@@ -12,7 +12,8 @@ time: the written-out decode step (engine.cpu.decode_step; None for a model it d
 the output head screened through an 8-bit copy (engine.cpu.kernels.output_head), and the
 idle-time preparation that makes that copy, reorders the float32 vision linears' weights for
 oneDNN (engine.cpu.onednn_linear) and then moves the language model's weights onto huge pages
-(engine.cpu.hugepages).
+(engine.cpu.hugepages); and the dtype the KV cache keeps (bfloat16 under float32 activations over
+bf16 weights, engine.cpu.half_weights).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from engine.cpu.decode_step import DecodeStep
-from engine.cpu.half_weights import compute_in_float32
+from engine.cpu.half_weights import cache_dtype, compute_in_float32
 from engine.cpu.hugepages import move_to_huge_pages
 from engine.cpu.kernels.bf16_kernel import use_for_decode
 from engine.cpu.kernels.gelu import use_fast_gelu
@@ -93,6 +96,7 @@ class DecodeParts:
     decode_step: DecodeStep | None
     head: OutputHead
     prepare: Callable[[Callable[[], bool]], bool]
+    cache_dtype: torch.dtype | None  # what the KV cache keeps (None: the model's dtype)
 
 
 def decode_parts(model: Any) -> DecodeParts:
@@ -109,4 +113,4 @@ def decode_parts(model: Any) -> DecodeParts:
             return False
         return move_to_huge_pages(model, should_stop, keep=head.kept_in_file())
 
-    return DecodeParts(DecodeStep.for_model(model), head, prepare)
+    return DecodeParts(DecodeStep.for_model(model), head, prepare, cache_dtype(model))

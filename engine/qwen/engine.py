@@ -323,11 +323,11 @@ class QwenVLEngine:
         from engine.qwen.kvbuffer import appending_cache  # imports transformers: only once loading
 
         config = model.config
+        parts = decode_parts(model)
 
         def new_cache() -> Any:
-            return appending_cache(config)
+            return appending_cache(config, parts.cache_dtype)
 
-        parts = decode_parts(model)
         generation = model.generation_config
         eos = generation.eos_token_id
         eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
@@ -346,6 +346,7 @@ class QwenVLEngine:
             decode_step=parts.decode_step,
             head=parts.head,
             prepare=parts.prepare,
+            cache_dtype=parts.cache_dtype,
         )
 
     # --- generation ------------------------------------------------------------------------------

@@ -13,6 +13,12 @@ and `SPARE_TOKENS` (one copy per up to 64 tokens instead of one per token), so a
 between turns carries little unused room: 8 tokens on a short text chat, 64 (~7 MB, 6 %) after a
 1000-token image.
 
+A layer may keep its keys and values in another dtype than the model computes in (`storage`):
+a float32 model over bfloat16 weights (engine.cpu.half_weights) keeps them in bfloat16, half the
+bytes its decode steps read, as the bf16 model does. `append` returns them as stored (the decode
+attention kernel reads a bf16 cache with float32 queries); transformers' `update` gets copies in
+the incoming dtype (a prompt's attention, torch's).
+
 Code outside may also assign `layer.keys` / `layer.values` directly (engine.qwen.batching does when it
 joins, crops or splits caches); the layer notices that the tensors are no longer its own views and
 adopts them into a fresh buffer on the next update. It holds no reference of its own to a buffer,
@@ -41,15 +47,27 @@ class AppendingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
     hold its memory, so a cache whose tensors are replaced from outside lets the old buffer go at
     once. It remembers its views weakly, and the capacity, to find the buffer again."""
 
-    def __init__(self, spare: int = SPARE_TOKENS) -> None:
+    def __init__(self, spare: int = SPARE_TOKENS, storage: torch.dtype | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.spare = spare
+        self.storage = storage  # the dtype keys and values are kept in; None: the incoming ones'
         self._capacity = 0
         self._views: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]] | None = None
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' update: the whole keys and values, in the dtype of the incoming ones
+        (a copy where they are stored in another)."""
+        keys, values = self.append(key_states, value_states)
+        if keys.dtype != key_states.dtype:
+            return keys.to(key_states.dtype), values.to(value_states.dtype)
+        return keys, values
+
+    def append(
+        self, key_states: torch.Tensor, value_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions; returns the whole keys and values as stored (views)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         length = self.get_seq_length()
@@ -86,7 +104,7 @@ class AppendingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
             return None
         keys, values = self.keys, self.values
         assert keys is not None and values is not None
-        if keys.shape[:2] != key_states.shape[:2]:
+        if keys.shape[:2] != key_states.shape[:2] or keys.dtype != self._dtype_for(key_states):
             return None
 
         def whole(view: torch.Tensor) -> torch.Tensor:
@@ -99,7 +117,7 @@ class AppendingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self, key_states: torch.Tensor, value_states: torch.Tensor, length: int, capacity: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         def buffer(like: torch.Tensor) -> torch.Tensor:
-            return like.new_empty((*like.shape[:2], capacity, like.shape[-1]))
+            return like.new_empty((*like.shape[:2], capacity, like.shape[-1]), dtype=self._dtype_for(like))
 
         keys, values = buffer(key_states), buffer(value_states)
         if length:
@@ -109,17 +127,21 @@ class AppendingLayer(DynamicLayer):  # type: ignore[no-untyped-call]
         self._capacity = capacity
         return keys, values
 
+    def _dtype_for(self, incoming: torch.Tensor) -> torch.dtype:
+        return incoming.dtype if self.storage is None else self.storage
+
     def reset(self) -> None:
         self._views = None
         self._capacity = 0
         super().reset()
 
 
-def appending_cache(config: Any) -> DynamicCache:
-    """A DynamicCache for `config`'s text model whose layers append in place."""
+def appending_cache(config: Any, storage: torch.dtype | None = None) -> DynamicCache:
+    """A DynamicCache for `config`'s text model whose layers append in place, keeping keys and
+    values in `storage` (None: the model's own dtype)."""
     cache = DynamicCache(config=config)
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return cache  # sliding-window or other special layers: keep transformers' own
-    cache.layers = [AppendingLayer() for _ in cache.layers]
+    cache.layers = [AppendingLayer(storage=storage) for _ in cache.layers]
     return cache
 

@@ -126,6 +126,7 @@ class Scheduler:
         decode_step: Callable[..., torch.Tensor] | None = None,
         head: Callable[[torch.Tensor, int | None], torch.Tensor] | None = None,
         prepare: Callable[[Callable[[], bool]], bool] | None = None,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         # a prefill's last layer computes its projection and MLP for the last position only
@@ -139,7 +140,9 @@ class Scheduler:
         self.prepared = prepare is None  # True once `prepare` reported it is done
         self.store = store
         # what one more token of context costs in KV memory (to make room before a prefill)
-        self.kv_per_token = kv_bytes_per_token(model.config, getattr(model, "dtype", torch.float32))
+        # (in the dtype the cache keeps, `new_cache`'s: `cache_dtype`, or else the model's)
+        stored = cache_dtype if cache_dtype is not None else getattr(model, "dtype", torch.float32)
+        self.kv_per_token = kv_bytes_per_token(model.config, stored)
         self.sampling = sampling
         self.positions = positions
         self.max_batch = max(1, max_batch)

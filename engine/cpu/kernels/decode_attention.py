@@ -1,6 +1,7 @@
 """ctypes bindings of engine/cpu/kernels/decode_attention.c: a decode step's attention (one query
 per conversation over its cached keys and values) in one call per layer, over a bfloat16 or a
-float32 cache, on every tier with vector floats (AVX2 and above on x86, NEON on aarch64).
+float32 cache (float32 queries may read a bfloat16 one), on every tier with vector floats (AVX2
+and above on x86, NEON on aarch64).
 
 engine.cpu.decode_step uses it where the library builds; anything it does not take (another
 layout, a mask that is not left padding) goes to torch's `scaled_dot_product_attention`.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from typing import Any
 
 import torch
 
@@ -18,7 +20,12 @@ from engine.cpu.native import F32, I32, I64, POINTER, active_tier, c_function, l
 CPU_FLAGS = ("avx2",)  # x86; aarch64 has NEON (`asimd`) on every tier
 ARM_FLAGS = ("asimd",)
 COMPILE_FLAGS: tuple[str, ...] = ()  # the tier gives the -m flags (engine.cpu.tiers)
-DTYPES = (torch.bfloat16, torch.float32)
+# (queries, cache): a bf16 model; a float32 one; a float32 one over bf16 weights (engine.cpu.half_weights)
+DTYPE_PAIRS = (
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+)
 MAX_DIM = 256
 MAX_GROUP = 16
 
@@ -59,23 +66,21 @@ class DecodeAttention:
         )  # fmt: skip
         self._attend = c_function(library, "vlbot_decode_attention", I32, *arguments)
         self._attend_f32 = c_function(library, "vlbot_decode_attention_f32", I32, *arguments)
+        self._attend_f32_bf16 = c_function(library, "vlbot_decode_attention_f32_bf16", I32, *arguments)
 
-    @property
-    def function(self) -> object:
-        """The C function itself (engine.cpu.kernels.decode_layer calls it by address)."""
-        return self._attend
-
-    @property
-    def function_f32(self) -> object:
-        """Its float32 variant, likewise."""
-        return self._attend_f32
+    def function_for(self, activations: torch.dtype, cache: torch.dtype) -> object:
+        """The C function for queries of dtype `activations` over a cache of dtype `cache` (a
+        pair `takes` accepts); engine.cpu.kernels.decode_layer calls it by address."""
+        if activations == torch.bfloat16:
+            return self._attend
+        return self._attend_f32_bf16 if cache == torch.bfloat16 else self._attend_f32
 
     @staticmethod
     def takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
         """q (B, H, 1, D) laid out as (B, 1, H, D); keys/values (B, Hkv, L, D) with rows of D
-        contiguous values and the same strides; bfloat16 or float32; a supported head size and
-        grouping."""
-        if not (q.dtype == keys.dtype == values.dtype and q.dtype in DTYPES):
+        contiguous values and the same strides; all three bfloat16 or float32, or float32 queries
+        over a bfloat16 cache; a supported head size and grouping."""
+        if not (keys.dtype == values.dtype and (q.dtype, keys.dtype) in DTYPE_PAIRS):
             return False
         if q.dim() != 4 or keys.dim() != 4 or q.shape[2] != 1 or keys.shape != values.shape:
             return False
@@ -106,7 +111,7 @@ class DecodeAttention:
         batch, heads, _, dim = q.shape
         kv_heads, length = keys.shape[1], keys.shape[2]
         out = q.new_empty((batch, 1, heads * dim))
-        attend = self._attend if q.dtype == torch.bfloat16 else self._attend_f32
+        attend: Any = self.function_for(q.dtype, keys.dtype)
         status = attend(
             *cache_arguments(q, keys, values, starts),
             batch,

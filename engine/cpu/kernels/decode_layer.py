@@ -23,7 +23,13 @@ from typing import Any
 import torch
 
 from engine.cpu.kernels.bf16_kernel import Bf16Kernel
-from engine.cpu.kernels.decode_attention import ARM_FLAGS, CPU_FLAGS, DecodeAttention, cache_arguments
+from engine.cpu.kernels.decode_attention import (
+    ARM_FLAGS,
+    CPU_FLAGS,
+    DTYPE_PAIRS,
+    DecodeAttention,
+    cache_arguments,
+)
 from engine.cpu.kernels.decode_ops import DecodeOps
 from engine.cpu.native import F32, I32, I64, POINTER, active_tier, c_function, load_library
 
@@ -125,8 +131,9 @@ def _address(function: Any) -> int:
 class LayerKernel:
     """The loaded library, bound to the other kernels' functions."""
 
-    def __init__(self, library: ctypes.CDLL, kernels: dict[torch.dtype, Kernels]) -> None:
-        self._kernels = kernels  # per activation dtype; kept alive: C reads them on every call
+    def __init__(self, library: ctypes.CDLL, kernels: dict[tuple[torch.dtype, torch.dtype], Kernels]) -> None:
+        # per (activation, cache) dtype; kept alive: C reads them on every call
+        self._kernels = kernels
         self._before = c_function(
             library, "vlbot_layer_before_attention", I32, POINTER, POINTER, POINTER, POINTER,
             POINTER, POINTER, POINTER, POINTER, POINTER,
@@ -148,7 +155,7 @@ class LayerKernel:
         """q, k, v (`out`: (B, 1, heads, D) each, contiguous) for hidden states (B, 1, hidden)."""
         q, k, v = out
         status = self._before(
-            ctypes.byref(self._kernels[hidden.dtype]),
+            ctypes.byref(self._kernels[hidden.dtype, hidden.dtype]),  # the cache is not read here
             ctypes.byref(shape),
             hidden.data_ptr(),
             ctypes.byref(weights.layer),
@@ -175,7 +182,7 @@ class LayerKernel:
         """The rest of the layer, in place on `hidden` (B, 1, hidden), contiguous: keys and
         values as engine.cpu.kernels.decode_attention takes them (`DecodeAttention.takes`)."""
         status = self._after(
-            ctypes.byref(self._kernels[hidden.dtype]),
+            ctypes.byref(self._kernels[hidden.dtype, keys.dtype]),
             ctypes.byref(shape),
             hidden.data_ptr(),
             *cache_arguments(q, keys, values, starts),
@@ -207,11 +214,13 @@ def load_layer(
     norm, qk = _address(ops.norm_function), _address(ops.qk_function)  # both dtypes, by a flag
     quantized = (_address(int8) if int8 else 0, _address(int4) if int4 else 0)
     kernels = {
-        torch.bfloat16: Kernels(
-            _address(matvec.function), norm, qk, _address(attention.function), *quantized
-        ),
-        torch.float32: Kernels(
-            _address(matvec.function_f32), norm, qk, _address(attention.function_f32), *quantized
-        ),
+        (activations, cache): Kernels(
+            _address(matvec.function if activations == torch.bfloat16 else matvec.function_f32),
+            norm,
+            qk,
+            _address(attention.function_for(activations, cache)),
+            *quantized,
+        )
+        for activations, cache in DTYPE_PAIRS
     }
     return LayerKernel(library, kernels)
