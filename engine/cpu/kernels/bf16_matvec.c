@@ -79,18 +79,29 @@
  * 80-107 / 109; 32 below 116-127 / 120-139. */
 #define FEW_AHEAD 16
 #endif
-#ifndef FEW_WEIGHT_ROWS
-/* weight rows few_rows reads together (2 or 4): 4 where there are 32 vector registers for the
- * accumulators (AVX-512; NEON has them too but is unmeasured), else 2. 28 layers' weights, float
- * activations, 2 threads, 10 interleaved rounds: AVX-512 forced 4 rows 69.3 -> 58.0 ms (10 of
- * 10), 8 rows 149.5 -> 112.1 (10/10), 2 rows 75.4 -> 74.0 (8/10); AVX2 forced 4 rows 70.7 ->
- * 89.5 ms and 2 rows 71.5 -> 76.0 with 4 (16 registers: the accumulators spill). */
-#if defined(__AVX512F__)
-#define FEW_WEIGHT_ROWS 4
+/* Weight rows few_rows reads together for `rows` activation rows: as many as keep rows x weight
+ * rows accumulators in registers without spilling, about 12 of them where there are 16 vector
+ * registers (AVX2): their additions then wait on each other less. 28 layers' weights, float
+ * activations, 2 threads, 10 interleaved rounds: AVX-512 forced 4 weight rows instead of 2: 4
+ * rows 69.3 -> 58.0 ms (10 of 10), 8 rows 149.5 -> 112.1 (10/10), 2 rows 75.4 -> 74.0 (8/10);
+ * AVX2 forced 4 rows 70.7 -> 89.5 ms and 2 rows 71.5 -> 76.0 with 4 (16 accumulators spill).
+ * AVX2 forced, 3 instead of 2 for 2-4 rows, a 1024 x 2048 matrix in cache (the arithmetic
+ * alone: a 4-row decode step's products are compute-bound there when memory is fast), 12
+ * alternations, GFLOPS: 2 rows 105 -> 120, 3 rows 124 -> 142, 4 rows 153 -> 166; 6 rows 184 ->
+ * 149 (18 accumulators), so 2 from 5 rows. NEON has 32 registers too but is unmeasured. A
+ * -DFEW_WEIGHT_ROWS=n build uses n for every batch. */
+static inline int weight_rows_for(const int rows) {
+#if defined(FEW_WEIGHT_ROWS)
+    (void)rows;
+    return FEW_WEIGHT_ROWS;
+#elif defined(__AVX512F__)
+    (void)rows;
+    return 4;
 #else
-#define FEW_WEIGHT_ROWS 2
+    return rows <= 4 ? 3 : 2;
 #endif
-#endif
+}
+#define MAX_WEIGHT_ROWS 4
 #ifndef DP_MIN_ROWS
 /* batches of at least this many rows multiply bf16 pairs with `vdpbf16ps` two weight rows at a
  * time (few_rows_dp); smaller ones one weight row at a time (stream_dp) (avx512_bf16 tier) */
@@ -188,37 +199,42 @@ static inline const uint16_t *prefetched(const uint16_t *row, int64_t first, int
     return first + FEW_AHEAD + 1 < n_out ? row + FEW_AHEAD * k : row + PREFETCH_ELEMENTS;
 }
 
-/* `rows` (2..MAX_ROWS) activation rows against FEW_WEIGHT_ROWS weight rows: each weight vector is
- * loaded once for all of them, so a batch costs about what one row costs (the weights' reading),
- * and each activation vector once for all the weight rows. */
+/* `rows` (2..MAX_ROWS) activation rows against weight_rows_for(rows) weight rows: each weight
+ * vector is loaded once for all of them, so a batch costs about what one row costs (the weights'
+ * reading), and each activation vector once for all the weight rows. */
 static inline __attribute__((always_inline)) void few_rows(const float *xf, int64_t k,
                                                           int64_t n_out, const uint16_t *w,
                                                           const uint16_t *bias, void *y,
                                                           int out_bf16, int64_t block,
                                                           const int rows) {
+    const int weight_rows = weight_rows_for(rows);
     const int64_t body = k - k % STEP;
-    const int64_t first = block * FEW_WEIGHT_ROWS;
-    const uint16_t *r[FEW_WEIGHT_ROWS], *p[FEW_WEIGHT_ROWS];
-    for (int i = 0; i < FEW_WEIGHT_ROWS; i++) {
+    const int64_t first = block * weight_rows;
+    const uint16_t *r[MAX_WEIGHT_ROWS], *p[MAX_WEIGHT_ROWS];
+    for (int i = 0; i < weight_rows; i++) {
         r[i] = w + (first + i < n_out ? first + i : n_out - 1) * k; /* past the end: the last row */
         p[i] = prefetched(r[i], first, k, n_out);
     }
-    vf a[FEW_WEIGHT_ROWS][MAX_ROWS];
-    for (int i = 0; i < FEW_WEIGHT_ROWS; i++)
+    vf a[MAX_WEIGHT_ROWS][MAX_ROWS];
+    for (int i = 0; i < weight_rows; i++)
         for (int m = 0; m < rows; m++) a[i][m] = vf_zero();
     for (int64_t c = 0; c < body; c += STEP) {
-        for (int i = 0; i < FEW_WEIGHT_ROWS; i++) prefetch(p[i] + c);
+        for (int i = 0; i < weight_rows; i++) prefetch(p[i] + c);
         for (int u = 0; u < STEP; u += VF_LANES) {
-            vf wv[FEW_WEIGHT_ROWS];
-            for (int i = 0; i < FEW_WEIGHT_ROWS; i++) wv[i] = vf_load_bf16(r[i] + c + u);
+            vf wv[MAX_WEIGHT_ROWS];
+            for (int i = 0; i < weight_rows; i++) wv[i] = vf_load_bf16(r[i] + c + u);
             for (int m = 0; m < rows; m++) {
                 const vf xv = vf_held(vf_load(xf + m * k + c + u));
-                for (int i = 0; i < FEW_WEIGHT_ROWS; i++) a[i][m] += wv[i] * xv;
+                for (int i = 0; i < weight_rows; i++) a[i][m] += wv[i] * xv;
             }
         }
     }
-    for (int i = 0; i < FEW_WEIGHT_ROWS && first + i < n_out; i += 2)
-        store_pair(a[i], a[i + 1], rows, xf, k, n_out, r[i], r[i + 1], body, bias, y, out_bf16, first + i);
+    for (int i = 0; i < weight_rows && first + i < n_out; i++) {
+        for (int m = 0; m < rows; m++) {
+            const float sum = vf_sum(a[i][m]) + dot_tail(r[i], xf + m * k, body, k);
+            store_value(y, m * n_out + first + i, sum + bias_of(bias, first + i), out_bf16);
+        }
+    }
 }
 
 #ifdef __AVX512BF16__
@@ -306,10 +322,11 @@ static void stream_dp_any(const uint16_t *x, const float *xf, int64_t k, int64_t
 #define FEW_ROWS(rows)                                                                         \
     (x != NULL ? few_rows_dp(x, xf, k, n_out, w, bias, y, out_bf16, block, rows)                \
                : few_rows(xf, k, n_out, w, bias, y, out_bf16, block, rows))
-#define BLOCK_ROWS(x) ((x) != NULL ? 2 : FEW_WEIGHT_ROWS) /* weight rows per FEW_ROWS call */
+/* weight rows per FEW_ROWS call */
+#define BLOCK_ROWS(x, rows) ((x) != NULL ? 2 : weight_rows_for(rows))
 #else
 #define FEW_ROWS(rows) few_rows(xf, k, n_out, w, bias, y, out_bf16, block, rows)
-#define BLOCK_ROWS(x) FEW_WEIGHT_ROWS
+#define BLOCK_ROWS(x, rows) weight_rows_for(rows)
 #endif
 
 /* x: the bf16 activations where there are any (the avx512_bf16 tier multiplies them directly),
@@ -355,7 +372,7 @@ static int products(const uint16_t *x, const float *xf, int64_t rows, int64_t k,
         }
 #endif
         else {
-            const int64_t blocks = (n_out + BLOCK_ROWS(xb) - 1) / BLOCK_ROWS(xb);
+            const int64_t blocks = (n_out + BLOCK_ROWS(xb, count) - 1) / BLOCK_ROWS(xb, count);
 #pragma omp parallel for num_threads(threads) schedule(static)
             for (int64_t b = 0; b < blocks; b++)
                 few_rows_any(xb, xs, k, n_out, w, bias, ys, out_bf16, b, count);
