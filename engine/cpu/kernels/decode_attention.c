@@ -42,11 +42,6 @@
 #define AHEAD 16 /* positions read ahead (prefetched) */
 #endif
 
-/* VF_LANES values of a bfloat16 (`bf16`) or float32 array from element `at`, as floats. */
-static inline __attribute__((always_inline)) vf load_lanes(const void *p, int64_t at, const int bf16) {
-    return bf16 ? vf_load_bf16((const uint16_t *)p + at) : vf_load((const float *)p + at);
-}
-
 /* In place: p[j] = exp(p[j] - max) for j < count; returns their sum. */
 static float softmax_numerators(float *p, int64_t count) {
     float top = -INFINITY;
@@ -85,8 +80,7 @@ static inline __attribute__((always_inline)) void score_keys(
     int64_t count, int64_t dim, const int group, float *scores, const int kv_bf16) {
     const int chunks = (int)(dim / VF_LANES);
     const int64_t row_bytes = dim * (kv_bf16 ? 2 : 4);
-    int64_t j = 0;
-    for (; j < count; j += KEY_BLOCK) {
+    for (int64_t j = 0; j < count; j += KEY_BLOCK) {
         const int keys = count - j < KEY_BLOCK ? (int)(count - j) : KEY_BLOCK;
         int64_t at[KEY_BLOCK];
         for (int b = 0; b < KEY_BLOCK; b++) at[b] = (start + j + (b < keys ? b : 0)) * token_stride;
@@ -99,7 +93,7 @@ static inline __attribute__((always_inline)) void score_keys(
             for (int b = 0; b < KEY_BLOCK; b++) acc[g][b] = vf_zero();
         for (int c = 0; c < chunks; c++) {
             for (int b = 0; b < KEY_BLOCK; b++) {
-                const vf part = load_lanes(k, at[b] + c * VF_LANES, kv_bf16);
+                const vf part = vf_load_as(k, at[b] + c * VF_LANES, kv_bf16);
                 for (int g = 0; g < group; g++) acc[g][b] += query[g][c] * part;
             }
         }
@@ -127,7 +121,7 @@ static inline __attribute__((always_inline)) void weigh_values(
         vf weight[MAX_GROUP];
         for (int g = 0; g < group; g++) weight[g] = vf_splat(scores[g * count + j]);
         for (int c = 0; c < width; c++) {
-            const vf part = load_lanes(v, value + (from + c) * VF_LANES, kv_bf16);
+            const vf part = vf_load_as(v, value + (from + c) * VF_LANES, kv_bf16);
             for (int g = 0; g < group; g++) acc[g][c] += weight[g] * part;
         }
     }
@@ -151,7 +145,7 @@ static inline __attribute__((always_inline)) void attend(
     const int64_t count = length - start;
     vf query[MAX_GROUP][MAX_CHUNKS];
     for (int g = 0; g < group; g++) {
-        for (int c = 0; c < chunks; c++) query[g][c] = load_lanes(q, g * dim + c * VF_LANES, q_bf16) * scale;
+        for (int c = 0; c < chunks; c++) query[g][c] = vf_load_as(q, g * dim + c * VF_LANES, q_bf16) * scale;
     }
     score_keys(query, k, token_stride, start, count, dim, group, scores, kv_bf16);
     float inverse[MAX_GROUP];

@@ -107,28 +107,10 @@ static void add_into(const struct shape *s, void *h, const void *d, int64_t coun
     }
 }
 
-/* act = dtype(dtype(silu(g)) * u) for each row's gate and up halves of gu; silu(g) = g / (1 +
- * exp(-g)) a vector at a time (simd.h's vf_exp: libm's scalar expf took 1.5 ms of a four-row
- * step), on the step's threads. Loading, rounding and storing a lane at a time took 2.9 ms of a
+/* act = dtype(dtype(silu(g)) * u) for each row's gate and up halves of gu (simd.h's
+ * vf_silu_times, as prefill_ops.c's prompt pass) a vector at a time (vf_exp: libm's scalar expf
+ * took 1.5 ms of a four-row step), on the step's threads. Loading, rounding and storing a lane at a time took 2.9 ms of a
  * four-row step with AVX2 forced (28 layers x 4 x 6144 values), 0.7 ms of a one-row step. */
-static inline __attribute__((always_inline)) vf lanes_at(const void *base, int64_t at, const int bf16) {
-    return bf16 ? vf_load_bf16((const uint16_t *)base + at) : vf_load((const float *)base + at);
-}
-
-/* VF_LANES outputs of silu_times from gate element `gate`, up element `up`, into act[out...]. */
-static inline __attribute__((always_inline)) void silu_lanes(const void *gu, int64_t gate, int64_t up,
-                                                            void *act, int64_t out, const int bf16) {
-    const vf x = lanes_at(gu, gate, bf16);
-    vf silu = x / (1.0f + vf_exp(-x));
-    if (bf16) silu = vf_round_bf16(silu);
-    const vf y = silu * lanes_at(gu, up, bf16);
-    if (bf16) {
-        vf_store_bf16((uint16_t *)act + out, y);
-    } else {
-        vf_store((float *)act + out, y);
-    }
-}
-
 static void silu_times(const struct shape *s, const void *gu, int64_t rows, int64_t inter, void *act) {
     const int bf16 = s->bf16;
     const int64_t per_row = inter / VF_LANES, body = per_row * VF_LANES;
@@ -136,20 +118,22 @@ static void silu_times(const struct shape *s, const void *gu, int64_t rows, int6
     for (int64_t b = 0; b < rows * per_row; b++) {
         const int64_t r = b / per_row, i = b % per_row * VF_LANES, gate = r * 2 * inter + i;
         if (bf16) { /* a constant in each inlined copy */
-            silu_lanes(gu, gate, gate + inter, act, r * inter + i, 1);
+            const vf g = vf_load_as(gu, gate, 1), u = vf_load_as(gu, gate + inter, 1);
+            vf_store_as(act, r * inter + i, vf_silu_times(g, u, 1), 1);
         } else {
-            silu_lanes(gu, gate, gate + inter, act, r * inter + i, 0);
+            const vf g = vf_load_as(gu, gate, 0), u = vf_load_as(gu, gate + inter, 0);
+            vf_store_as(act, r * inter + i, vf_silu_times(g, u, 0), 0);
         }
     }
     for (int64_t r = 0; r < rows && body < inter; r++) { /* each row's last inter % VF_LANES */
         const int64_t n = inter - body, gate = r * 2 * inter + body;
-        float g[VF_LANES] = {0}, silu[VF_LANES];
-        for (int64_t j = 0; j < n; j++) g[j] = load_value(gu, gate + j, bf16);
-        const vf x = vf_load(g);
-        vf_store(silu, x / (1.0f + vf_exp(-x)));
-        for (int64_t j = 0; j < n; j++)
-            store_value(act, r * inter + body + j, round_to(silu[j], bf16) * load_value(gu, gate + inter + j, bf16),
-                        bf16);
+        float g[VF_LANES] = {0}, u[VF_LANES] = {0}, out[VF_LANES];
+        for (int64_t j = 0; j < n; j++) {
+            g[j] = load_value(gu, gate + j, bf16);
+            u[j] = load_value(gu, gate + inter + j, bf16);
+        }
+        vf_store(out, vf_silu_times(vf_load(g), vf_load(u), bf16));
+        for (int64_t j = 0; j < n; j++) store_value(act, r * inter + body + j, out[j], bf16);
     }
 }
 

@@ -25,36 +25,19 @@
 
 #define MAX_HEAD_VECTORS (256 / VF_LANES) /* norm_rotate takes heads of up to 256 channels */
 
-static inline vf load_row(const void *p, int64_t at, int bf16) {
-    return bf16 ? vf_load_bf16((const uint16_t *)p + at) : vf_load((const float *)p + at);
-}
-
-static inline void store_row(void *p, int64_t at, vf value, int bf16) {
-    if (bf16) {
-        vf_store_bf16((uint16_t *)p + at, value);
-    } else {
-        vf_store((float *)p + at, value);
-    }
-}
-
-/* value rounded to bfloat16 precision (to nearest even) where `bf16`, else unchanged */
-static inline vf rounded(vf value, int bf16) { return bf16 ? vf_round_bf16(value) : value; }
-
-/* 1 / sqrt(mean(row^2) + eps) over the `dim` values of x from element `at` (dim a multiple of
- * VF_LANES) */
 static inline float inverse_rms(const void *x, int64_t at, int64_t dim, float eps, int bf16) {
     vf s0 = vf_zero(), s1 = s0, s2 = s0, s3 = s0;
     int64_t d = 0;
     for (; d + 4 * VF_LANES <= dim; d += 4 * VF_LANES) {
-        const vf a = load_row(x, at + d, bf16), b = load_row(x, at + d + VF_LANES, bf16);
-        const vf c = load_row(x, at + d + 2 * VF_LANES, bf16), e = load_row(x, at + d + 3 * VF_LANES, bf16);
+        const vf a = vf_load_as(x, at + d, bf16), b = vf_load_as(x, at + d + VF_LANES, bf16);
+        const vf c = vf_load_as(x, at + d + 2 * VF_LANES, bf16), e = vf_load_as(x, at + d + 3 * VF_LANES, bf16);
         s0 = vf_fma(a, a, s0);
         s1 = vf_fma(b, b, s1);
         s2 = vf_fma(c, c, s2);
         s3 = vf_fma(e, e, s3);
     }
     for (; d < dim; d += VF_LANES) {
-        const vf a = load_row(x, at + d, bf16);
+        const vf a = vf_load_as(x, at + d, bf16);
         s0 = vf_fma(a, a, s0);
     }
     const float squares = vf_sum((s0 + s1) + (s2 + s3));
@@ -69,8 +52,8 @@ static inline __attribute__((always_inline)) void rms_norm(const void *x, const 
         const int64_t at = r * dim;
         const vf scale = vf_splat(inverse_rms(x, at, dim, eps, bf16));
         for (int64_t d = 0; d < dim; d += VF_LANES) {
-            const vf normed = rounded(load_row(x, at + d, bf16) * scale, bf16);
-            store_row(out, at + d, load_row(weight, d, bf16) * normed, bf16);
+            const vf normed = vf_rounded_as(vf_load_as(x, at + d, bf16) * scale, bf16);
+            vf_store_as(out, at + d, vf_load_as(weight, d, bf16) * normed, bf16);
         }
     }
 }
@@ -93,9 +76,8 @@ static inline __attribute__((always_inline)) void silu_gate(const void *gate, co
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         for (int64_t c = 0; c < columns; c += VF_LANES) {
-            const vf g = load_row(gate, r * stride + c, bf16);
-            const vf silu = rounded(g / (1.0f + vf_exp(-g)), bf16);
-            store_row(out, r * columns + c, silu * load_row(up, r * stride + c, bf16), bf16);
+            const vf g = vf_load_as(gate, r * stride + c, bf16), u = vf_load_as(up, r * stride + c, bf16);
+            vf_store_as(out, r * columns + c, vf_silu_times(g, u, bf16), bf16);
         }
     }
 }
@@ -123,15 +105,15 @@ static inline __attribute__((always_inline)) void norm_rotate(
             vf normed[MAX_HEAD_VECTORS];
             const vf scale = vf_splat(inverse_rms(x, at, dim, eps, bf16));
             for (int64_t d = 0; d < dim; d += VF_LANES) {
-                const vf v = rounded(load_row(x, at + d, bf16) * scale, bf16);
-                normed[d / VF_LANES] = rounded(load_row(weight, d, bf16) * v, bf16);
+                const vf v = vf_rounded_as(vf_load_as(x, at + d, bf16) * scale, bf16);
+                normed[d / VF_LANES] = vf_rounded_as(vf_load_as(weight, d, bf16) * v, bf16);
             }
             const int64_t target = ((b * heads + h) * seq + s) * dim;
             for (int64_t d = 0; d < dim; d += VF_LANES) {
                 const vf turned = d < half ? -normed[(d + half) / VF_LANES] : normed[(d - half) / VF_LANES];
-                const vf a = rounded(normed[d / VF_LANES] * load_row(cos, position * dim + d, bf16), bf16);
-                const vf e = rounded(turned * load_row(sin, position * dim + d, bf16), bf16);
-                store_row(out, target + d, a + e, bf16);
+                const vf a = vf_rounded_as(normed[d / VF_LANES] * vf_load_as(cos, position * dim + d, bf16), bf16);
+                const vf e = vf_rounded_as(turned * vf_load_as(sin, position * dim + d, bf16), bf16);
+                vf_store_as(out, target + d, a + e, bf16);
             }
         }
     }

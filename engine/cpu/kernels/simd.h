@@ -202,4 +202,28 @@ static inline vf vf_exp(vf y) {
 #endif
 }
 
+/* VF_LANES values of a bfloat16 (`bf16`) or float32 array from element `at`, as floats; and
+ * stored there (rounded to bfloat16, to nearest even, where `bf16`). Kernels that take either
+ * activation type call them with `bf16` a constant in each inlined copy. */
+static inline __attribute__((always_inline)) vf vf_load_as(const void *p, int64_t at, const int bf16) {
+    return bf16 ? vf_load_bf16((const uint16_t *)p + at) : vf_load((const float *)p + at);
+}
+
+static inline __attribute__((always_inline)) void vf_store_as(void *p, int64_t at, vf value, const int bf16) {
+    if (bf16) {
+        vf_store_bf16((uint16_t *)p + at, value);
+    } else {
+        vf_store((float *)p + at, value);
+    }
+}
+
+/* value rounded to bfloat16 precision (to nearest even) where `bf16`, else unchanged */
+static inline vf vf_rounded_as(vf value, const int bf16) { return bf16 ? vf_round_bf16(value) : value; }
+
+/* The middle of a SwiGLU MLP, silu(g) * u with silu(g) = g / (1 + e^-g) in float, rounded to
+ * bfloat16 before the product where `bf16` (as transformers' bfloat16 operators round). */
+static inline __attribute__((always_inline)) vf vf_silu_times(vf g, vf u, const int bf16) {
+    return vf_rounded_as(g / (1.0f + vf_exp(-g)), bf16) * u;
+}
+
 #endif
