@@ -49,7 +49,8 @@ def test_products_match_float64(kernel: Bf16Kernel, rows: int, n: int, k: int, b
 
 
 @pytest.mark.parametrize(
-    ("rows", "n", "k"), [(1, 64, 256), (1, 39, 300), (2, 33, 200), (3, 37, 100), (4, 71, 2088), (8, 130, 2048)]
+    ("rows", "n", "k"),
+    [(1, 64, 256), (1, 39, 300), (2, 33, 200), (3, 37, 100), (4, 71, 2088), (8, 130, 2048)],
 )
 def test_float32_activations_against_bf16_weights(kernel: Bf16Kernel, rows: int, n: int, k: int) -> None:
     """The half-size-weights path: float32 in and out, only the weights are bf16 (so the
