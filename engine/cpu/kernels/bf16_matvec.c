@@ -133,49 +133,61 @@ static inline float bias_of(const uint16_t *bias, int64_t n) {
     return bias == NULL ? 0.0f : bf16_to_float(bias[n]);
 }
 
-/* One activation row: WEIGHT_ROWS weight rows at a time. Each vector load takes 2 * VF_LANES
- * bf16 weights as VF_LANES 32-bit lanes; a lane's low half is an even-numbered weight, its high
- * half the odd one after it. `lane << 16` is the even weight as a float, `lane & 0xffff0000` the
- * odd one: two plain bit operations instead of a cross-lane widening per half vector. `xs` holds
- * the activations in the same order (each 2 * VF_LANES block: its even elements, then its odd
- * ones; split_activations), so one accumulator per row gathers the even products, one the odd. */
-static void single_row(const float *xf, const float *xs, int64_t k, int64_t n_out,
-                       const uint16_t *w, const uint16_t *bias, void *y, int out_bf16, int64_t b) {
+/* One activation row times `wr` weight rows from `first` (wr = WEIGHT_ROWS, or 1 for the rows
+ * past the last whole block). Each vector load takes 2 * VF_LANES bf16 weights as VF_LANES
+ * 32-bit lanes; a lane's low half is an even-numbered weight, its high half the odd one after it.
+ * `lane << 16` is the even weight as a float, `lane & 0xffff0000` the odd one: two plain bit
+ * operations instead of a cross-lane widening per half vector. `xs` holds the activations in the
+ * same order (each 2 * VF_LANES block: its even elements, then its odd ones; split_activations),
+ * so one accumulator per row gathers the even products, one the odd. Each weight row has its own
+ * accumulators and the same order of additions whatever `wr` is: a row's sum has the same bits
+ * wherever it sits in the matrix (engine/cpu/kernels/output_head.py relies on it). */
+static inline __attribute__((always_inline)) void row_block(
+    const float *xf, const float *xs, int64_t k, int64_t n_out, const uint16_t *w,
+    const uint16_t *bias, void *y, int out_bf16, int64_t first, const int wr) {
     const int64_t body = k - k % (STEP * CHAINS);
-    const int64_t first = b * WEIGHT_ROWS;
-    const int64_t count = n_out - first < WEIGHT_ROWS ? n_out - first : WEIGHT_ROWS;
     vf acc[WEIGHT_ROWS][CHAINS][2];
-    for (int i = 0; i < WEIGHT_ROWS; i++)
+    for (int i = 0; i < wr; i++)
         for (int h = 0; h < CHAINS; h++) acc[i][h][0] = acc[i][h][1] = vf_zero();
     const vu high = (vu){0} + 0xffff0000u;
     /* the rows PREFETCH_ROWS below, while they exist (the last blocks prefetch their own) */
-    const int64_t ahead = first + PREFETCH_ROWS + WEIGHT_ROWS <= n_out ? PREFETCH_ROWS : 0;
-    if (count == WEIGHT_ROWS) {
-        for (int64_t c0 = 0; c0 < body; c0 += STEP * CHAINS) {
-            for (int h = 0; h < CHAINS; h++) {
-                const int64_t c = c0 + h * STEP;
-                for (int i = 0; i < WEIGHT_ROWS; i++)
-                    __builtin_prefetch(w + (first + i + ahead) * k + c, 0, PREFETCH_LOCALITY);
-                for (int u = 0; u < STEP; u += 2 * VF_LANES) {
-                    const vf even = vf_load(xs + c + u), odd = vf_load(xs + c + u + VF_LANES);
-                    for (int i = 0; i < WEIGHT_ROWS; i++) {
-                        vu pairs;
-                        memcpy(&pairs, w + (first + i) * k + c + u, sizeof pairs);
-                        acc[i][h][0] += (vf)(pairs << 16) * even;
-                        acc[i][h][1] += (vf)(pairs & high) * odd;
-                    }
+    const int64_t ahead = first + PREFETCH_ROWS + wr <= n_out ? PREFETCH_ROWS : 0;
+    for (int64_t c0 = 0; c0 < body; c0 += STEP * CHAINS) {
+        for (int h = 0; h < CHAINS; h++) {
+            const int64_t c = c0 + h * STEP;
+            for (int i = 0; i < wr; i++)
+                __builtin_prefetch(w + (first + i + ahead) * k + c, 0, PREFETCH_LOCALITY);
+            for (int u = 0; u < STEP; u += 2 * VF_LANES) {
+                const vf even = vf_load(xs + c + u), odd = vf_load(xs + c + u + VF_LANES);
+                for (int i = 0; i < wr; i++) {
+                    vu pairs;
+                    memcpy(&pairs, w + (first + i) * k + c + u, sizeof pairs);
+                    acc[i][h][0] += (vf)(pairs << 16) * even;
+                    acc[i][h][1] += (vf)(pairs & high) * odd;
                 }
             }
         }
     }
-    const int64_t done = count == WEIGHT_ROWS ? body : 0;
-    for (int64_t i = 0; i < count; i++) {
+    for (int i = 0; i < wr; i++) {
         vf total = acc[i][0][0] + acc[i][0][1];
         for (int h = 1; h < CHAINS; h++) total += acc[i][h][0] + acc[i][h][1];
         float sum = vf_sum(total);
-        sum += dot_tail(w + (first + i) * k, xf, done, k) + bias_of(bias, first + i);
+        sum += dot_tail(w + (first + i) * k, xf, body, k) + bias_of(bias, first + i);
         store_value(y, first + i, sum, out_bf16);
     }
+}
+
+/* Block b of one activation row's products: WEIGHT_ROWS weight rows, the last block's rows one
+ * at a time. */
+static void single_row(const float *xf, const float *xs, int64_t k, int64_t n_out,
+                       const uint16_t *w, const uint16_t *bias, void *y, int out_bf16, int64_t b) {
+    const int64_t first = b * WEIGHT_ROWS;
+    if (n_out - first >= WEIGHT_ROWS) {
+        row_block(xf, xs, k, n_out, w, bias, y, out_bf16, first, WEIGHT_ROWS);
+        return;
+    }
+    for (int64_t row = first; row < n_out; row++)
+        row_block(xf, xs, k, n_out, w, bias, y, out_bf16, row, 1);
 }
 
 /* x's first `body` elements in single_row's order: each block of 2 * VF_LANES, its even
