@@ -19,8 +19,10 @@ from engine.cpu.hugepages import on_huge_pages
 from engine.cpu.kernels.bf16_kernel import Bf16Kernel, DecodeLinear
 from engine.cpu.kernels.bf16_kernel import load_kernel as load_bf16_kernel
 from engine.cpu.kernels.output_head import MAX_TOP, OutputHead, load_screen
+from engine.cpu.tiers import active_tier
 from tests.engine_fixtures import built_or_skip
 from tests.test_engine_qwen import answer, png_image
+from tests.tier_helpers import forced
 
 pytest_plugins = ["tests.engine_fixtures"]
 
@@ -72,6 +74,25 @@ def test_the_screen_gives_the_kernels_top_logits(rows: int, top: int) -> None:
         hidden = torch.randn(rows, 200, generator=generator).to(torch.bfloat16)
         check_top(head, kernel, hidden, top)
     assert head.screened_steps == 4
+
+
+@pytest.mark.parametrize("tier", ["avx2", "avx512", "avx512_bf16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_every_x86_tier_screens_bf16_and_float32_activations(
+    tier: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The copy's dot products (VNNI's, or vpmaddubsw's on AVX2 and AVX-512 without VNNI) over
+    bfloat16 activations and float32 ones (a half-size-weights model computing in float32):
+    every returned logit is the bf16 kernel's, the top ones all there, with outlier channels."""
+    with forced(monkeypatch, tier, load_screen, load_bf16_kernel):
+        head, kernel = built_head(random_weight(4099, 200, seed=7))
+        generator = torch.Generator().manual_seed(8)
+        for rows in (1, 2, 4, 9):
+            hidden = torch.randn(rows, 200, generator=generator)
+            hidden[:, 17] = 40.0 * (1 + rows)
+            for top in (1, 20):
+                check_top(head, kernel, hidden.to(dtype), top)
+        assert head.screened_steps == 8
 
 
 def test_ties_and_near_ties_pick_the_first_row_as_the_full_head_does() -> None:
@@ -169,12 +190,15 @@ async def answers(tiny_engine: engine.qwen.engine.QwenVLEngine, messages: list[M
     return [await answer(tiny_engine, message) for message in messages]
 
 
-async def test_the_engine_answers_the_same_with_the_screened_head(
-    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+async def same_answers_screened_or_not(
+    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, computes_in: torch.dtype
 ) -> None:
+    """The engine (its final norm, hence the head's activations, in `computes_in`) screens once
+    its copy is built, keeps the bf16 head in its file and answers as an engine without the
+    screen does."""
     kernels()
     messages = [Message.of("What is in this picture?", png_image()), Message.of("Say something.")]
-    screened = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype="bfloat16", threads=2)
+    screened = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype=dtype, threads=2)
     await screened.load()
     scheduler = screened.scheduler
     assert scheduler is not None
@@ -183,16 +207,34 @@ async def test_the_engine_answers_the_same_with_the_screened_head(
             break
         await asyncio.sleep(0.01)
     head = scheduler.head
-    assert isinstance(head, OutputHead) and head.screens
+    assert isinstance(head, OutputHead) and head.screens and head.weight.dtype == torch.bfloat16
+    assert screened.model.model.language_model.norm.weight.dtype == computes_in
     assert not on_huge_pages(screened.model, head.weight)  # the bf16 head stays in its file
     got = await answers(screened, messages)
     assert head.screened_steps > 0
     await screened.close()
 
-    monkeypatch.setattr(engine.cpu.kernels.output_head, "load_screen", lambda: None)
-    full = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype="bfloat16", threads=2)
-    await full.load()
-    assert full.scheduler is not None and not full.scheduler.head.screens  # type: ignore[attr-defined]
-    assert got == await answers(full, messages)
-    assert all(text.strip() for text in got)
-    await full.close()
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.cpu.kernels.output_head, "load_screen", lambda: None)
+        full = engine.qwen.engine.QwenVLEngine(str(tiny_qwen3), dtype=dtype, threads=2)
+        await full.load()
+        assert full.scheduler is not None and not full.scheduler.head.screens  # type: ignore[attr-defined]
+        assert got == await answers(full, messages)
+        assert all(text.strip() for text in got)
+        await full.close()
+
+
+async def test_the_engine_answers_the_same_with_the_screened_head(
+    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    computes_in = torch.bfloat16 if active_tier().bf16_arithmetic else torch.float32  # half_weights
+    await same_answers_screened_or_not(tiny_qwen3, monkeypatch, "bfloat16", computes_in)
+
+
+async def test_a_float32_engine_over_bf16_weights_screens_too(
+    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AVX2 forced: the bf16 model computes in float32 (engine/cpu/half_weights.py) and its
+    float32 decode steps are screened, with the same answers."""
+    with forced(monkeypatch, "avx2", load_screen, load_bf16_kernel):
+        await same_answers_screened_or_not(tiny_qwen3, monkeypatch, "auto", torch.float32)

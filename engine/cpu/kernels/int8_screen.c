@@ -15,10 +15,16 @@
  * engine/cpu/kernels/output_head.py); every other row is below them by more than one bfloat16 step, so
  * rounding cannot tie it with them either.
  *
- * p.q_v is computed with AVX-512 VNNI (`vpdpbusd`: unsigned x signed bytes): p + 128 is the
- * unsigned operand and 128 sum(q_v) is taken off again. The copy is read once for all pieces
- * and rows: the reading, not the arithmetic, takes the time. Rows are padded to a multiple of 64
- * channels (zeros).
+ * p.q_v is computed with AVX-512 VNNI (`vpdpbusd`: unsigned x signed bytes), where p + 128 is the
+ * unsigned operand and 128 sum(q_v) is taken off again; elsewhere (AVX2, AVX-512 without VNNI)
+ * with ggml's `vpmaddubsw` trick: |q| x (p with q's sign), whose pair sums stay within 16 bits
+ * (|p|, |q| <= 127), then `vpmaddwd` to 32 bits. Both are exact. The copy is read once for all
+ * pieces and rows: the reading, not the arithmetic, takes the time. Rows are padded to a
+ * multiple of 64 channels (zeros).
+ *
+ * The activations come as bfloat16 (a bf16 model) or float32 (a bf16 model computing in float32
+ * where the CPU has no bf16 arithmetic, engine/cpu/half_weights.py); the bound holds for either:
+ * the bf16 kernel sums in float32 both ways.
  *
  * Built at run time by engine/cpu/native.py and called through ctypes (engine/cpu/kernels/output_head.py).
  */
@@ -32,6 +38,11 @@
 #include "bf16.h"
 
 #define MAX_ROWS 8       /* activation rows that share one reading of the copy */
+#if defined(__AVX512VNNI__)
+#define ACT_BIAS 128 /* the activation pieces are stored as p + 128 (vpdpbusd's unsigned operand) */
+#else
+#define ACT_BIAS 0 /* stored as p, a signed byte */
+#endif
 #define MAX_TOP 64       /* largest k of a top-k screen */
 #ifndef PREFETCH_BYTES
 /* how far ahead the copy is prefetched (one stream per thread): the full-size head, 2 cores,
@@ -85,33 +96,38 @@ int vlbot_int8_screen_build(const uint16_t *w, int64_t n, int64_t k, int64_t kp,
     return 0;
 }
 
+/* Activation c of a bfloat16 (x_f32 = 0) or float32 row. */
+static inline float activation(const void *x, int x_f32, int64_t c) {
+    return x_f32 ? ((const float *)x)[c] : bf16_to_float(((const uint16_t *)x)[c]);
+}
+
 /* One activation row in two 8-bit pieces, x = t1 p1 + t2 p2 + d (p2 quantizes what p1 leaves,
  * so |d| is ~1/127 of a single piece's and the activations add next to nothing to the bound):
- * u1 = p1 + 128 and u2 = p2 + 128 (kp bytes each, padding p = 0), t1, t2, |d| and |x|. */
-static void quantize_row(const uint16_t *x, int64_t k, int64_t kp, uint8_t *u1, uint8_t *u2,
+ * u1 = p1 + ACT_BIAS and u2 = p2 + ACT_BIAS (kp bytes each, padding p = 0), t1, t2, |d| and |x|. */
+static void quantize_row(const void *x, int x_f32, int64_t k, int64_t kp, uint8_t *u1, uint8_t *u2,
                          double *t1_out, double *t2_out, double *dnorm, double *xnorm) {
     float amax = 0.0f, rmax = 0.0f;
-    for (int64_t c = 0; c < k; c++) amax = fmaxf(amax, fabsf(bf16_to_float(x[c])));
+    for (int64_t c = 0; c < k; c++) amax = fmaxf(amax, fabsf(activation(x, x_f32, c)));
     const float t1 = scale_of(amax);
     for (int64_t c = 0; c < k; c++) {
-        const float xf = bf16_to_float(x[c]);
+        const float xf = activation(x, x_f32, c);
         rmax = fmaxf(rmax, fabsf((float)((double)xf - (double)t1 * to_int8(xf, t1))));
     }
     const float t2 = scale_of(rmax);
     double d2 = 0.0, x2 = 0.0;
     for (int64_t c = 0; c < k; c++) {
-        const float xf = bf16_to_float(x[c]);
+        const float xf = activation(x, x_f32, c);
         const float p1 = to_int8(xf, t1);
         const double r = (double)xf - (double)t1 * p1;
         const float p2 = to_int8((float)r, t2);
-        u1[c] = (uint8_t)((int)p1 + 128);
-        u2[c] = (uint8_t)((int)p2 + 128);
+        u1[c] = (uint8_t)((int)p1 + ACT_BIAS);
+        u2[c] = (uint8_t)((int)p2 + ACT_BIAS);
         const double d = r - (double)t2 * p2;
         d2 += d * d;
         x2 += (double)xf * xf;
     }
-    memset(u1 + k, 128, (size_t)(kp - k));
-    memset(u2 + k, 128, (size_t)(kp - k));
+    memset(u1 + k, ACT_BIAS, (size_t)(kp - k));
+    memset(u2 + k, ACT_BIAS, (size_t)(kp - k));
     *t1_out = t1;
     *t2_out = t2;
     *dnorm = padded(sqrt(d2));
@@ -120,6 +136,7 @@ static void quantize_row(const uint16_t *x, int64_t k, int64_t kp, uint8_t *u1, 
 
 /* Integer dot products of `rows` activation rows (two pieces each: u holds 2 * rows rows of kp
  * bytes, piece 1 of row m at 2m, piece 2 at 2m + 1) with weight row v of the copy. */
+#if defined(__AVX512VNNI__)
 static inline __attribute__((always_inline)) void dots(const uint8_t *u, int64_t kp,
                                                       const int8_t *qv, int32_t *out,
                                                       const int rows) {
@@ -134,6 +151,32 @@ static inline __attribute__((always_inline)) void dots(const uint8_t *u, int64_t
     }
     for (int m = 0; m < 2 * rows; m++) out[m] = _mm512_reduce_add_epi32(acc[m]);
 }
+#else
+static inline __attribute__((always_inline)) void dots(const uint8_t *u, int64_t kp,
+                                                      const int8_t *qv, int32_t *out,
+                                                      const int rows) {
+    __m256i acc[2 * MAX_ROWS];
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int m = 0; m < 2 * rows; m++) acc[m] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < kp; c += 64) {
+        _mm_prefetch((const char *)(qv + c + PREFETCH_BYTES), _MM_HINT_T0);
+        for (int64_t h = c; h < c + 64; h += 32) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(qv + h));
+            const __m256i magnitude = _mm256_sign_epi8(wv, wv);
+            for (int m = 0; m < 2 * rows; m++) {
+                const __m256i p = _mm256_loadu_si256((const __m256i *)(u + m * kp + h));
+                const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(p, wv));
+                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+    }
+    for (int m = 0; m < 2 * rows; m++) {
+        const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc[m]), _mm256_extracti128_si256(acc[m], 1));
+        const __m128i quarter = _mm_add_epi32(half, _mm_shuffle_epi32(half, 0x4e));
+        out[m] = _mm_cvtsi128_si32(_mm_add_epi32(quarter, _mm_shuffle_epi32(quarter, 0xb1)));
+    }
+}
+#endif
 
 static void dots_any(const uint8_t *u, int64_t kp, const int8_t *qv, int32_t *out, int rows) {
     switch (rows) { /* constant row counts: the accumulators stay in registers */
@@ -165,13 +208,13 @@ static float kth_largest(const float *values, int64_t n, int64_t top) {
     return best[top - 1];
 }
 
-/* For each of `rows` bfloat16 activation rows x (rows, k): the rows v of the head whose bf16
+/* For each of `rows` activation rows x (rows, k; bfloat16, or float32 where x_f32): the rows v of the head whose bf16
  * logit can be among the row's `top` largest (ties included), ascending, in found[m * cap ...];
  * counts[m] is how many there are (when more than cap, only the first cap are written).
  * bounds: scratch of 2 * MAX_ROWS * n floats, kept by the caller between calls. Returns 0, -1
  * when scratch memory could not be allocated, -2 for a top outside 1..MAX_TOP or n, -3 when a
  * bound is not finite. */
-int vlbot_int8_screen(const uint16_t *x, int64_t rows, int64_t k, int64_t kp, int64_t n,
+int vlbot_int8_screen(const void *x, int x_f32, int64_t rows, int64_t k, int64_t kp, int64_t n,
                       const int8_t *q, const float *scale, const float *qnorm, const float *resid,
                       const int32_t *rowsum, int64_t top, int64_t cap, int64_t *found,
                       int64_t *counts, float *bounds, int threads) {
@@ -184,13 +227,13 @@ int vlbot_int8_screen(const uint16_t *x, int64_t rows, int64_t k, int64_t kp, in
         const int count = rows - start < MAX_ROWS ? (int)(rows - start) : MAX_ROWS;
         double t1[MAX_ROWS], t2[MAX_ROWS], dnorm[MAX_ROWS], xnorm[MAX_ROWS];
         for (int m = 0; m < count; m++)
-            quantize_row(x + (start + m) * k, k, kp, u + 2 * m * kp, u + (2 * m + 1) * kp, &t1[m],
-                         &t2[m], &dnorm[m], &xnorm[m]);
+            quantize_row((const char *)x + (start + m) * k * (x_f32 ? 4 : 2), x_f32, k, kp,
+                         u + 2 * m * kp, u + (2 * m + 1) * kp, &t1[m], &t2[m], &dnorm[m], &xnorm[m]);
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t v = 0; v < n; v++) {
             int32_t dot[2 * MAX_ROWS];
             dots_any(u, kp, q + v * kp, dot, count);
-            const int32_t offset = 128 * rowsum[v];
+            const int32_t offset = ACT_BIAS * rowsum[v];
             for (int m = 0; m < count; m++) {
                 const double pq = (double)(dot[2 * m] - offset) * t1[m] +
                                   (double)(dot[2 * m + 1] - offset) * t2[m];
@@ -210,7 +253,8 @@ int vlbot_int8_screen(const uint16_t *x, int64_t rows, int64_t k, int64_t kp, in
                 status = -3;
                 break;
             }
-            /* two values more than one bfloat16 step apart cannot round to the same one */
+            /* two values more than one bfloat16 step apart cannot round to the same one (float32
+             * logits are not rounded: for them the margin is wider than it needs to be) */
             const float step = 0x1p-7f * fmaxf(fabsf(floor_k), fabsf(high)) * 1.01f + FLT_MIN;
             const float threshold = floor_k - step;
             int64_t held = 0;
