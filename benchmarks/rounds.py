@@ -41,7 +41,7 @@ from benchmarks.tier_floors import (
     tier_floors,
 )
 
-PEER_QUANTS = "BF16,Q8_0,Q4_K_M"
+PEER_QUANTS = "BF16,F16,Q8_0,Q4_K_M"
 
 
 def default_plan(environ: Mapping[str, str]) -> str:
@@ -115,7 +115,9 @@ def floors_table(rounds: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[l
     return headers, rows, records
 
 
-ENGINES = ("raw", "default", "int8", "int4", "llama.cpp BF16", "llama.cpp Q8_0", "llama.cpp Q4_K_M")
+ENGINES = (
+    "raw", "default", "int8", "int4", "llama.cpp BF16", "llama.cpp F16", "llama.cpp Q8_0", "llama.cpp Q4_K_M",
+)  # fmt: skip
 
 
 def engine_runs(result: Mapping[str, Any]) -> dict[str, Mapping[str, Any] | None]:
@@ -179,7 +181,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     p = argparse.ArgumentParser(prog="python -m benchmarks.rounds", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--out", default="bench-out/rounds", help="folder of the rounds and the summary")
-    p.add_argument("--peers", help="llama.cpp plan (default: this tier's build with BF16, Q8_0, Q4_K_M)")
+    p.add_argument("--peers", help="llama.cpp plan (default: this tier's build with BF16, F16, Q8_0, Q4_K_M)")
     p.add_argument("--no-peers", action="store_true", help="no llama.cpp rows")
     p.add_argument("--summarize", action="store_true", help="only rewrite the summary of OUT's rounds")
     return p.parse_args(argv), run_args

@@ -60,6 +60,7 @@ def result(
         out["llama_cpp"] = {
             "runs": [
                 {"image": "640x480", "quant": "BF16", "first_token_s": 6.5, "decode_tok_s": 11.0},
+                {"image": "640x480", "quant": "F16", "first_token_s": 6.25, "decode_tok_s": 12.0},
                 {"image": "640x480", "quant": "Q8_0", "first_token_s": 7.0, "decode_tok_s": 19.0},
                 {"image": "640x480", "quant": "Q4_K_M", "first_token_s": 6.0, "decode_tok_s": q4_rate},
             ]
@@ -75,7 +76,8 @@ def test_each_floor_is_judged_against_its_peer_in_the_same_result() -> None:
     floors = by_key(tier_floors(result()))
     assert floors["decode_vs_raw"].value == 4.0 and floors["decode_vs_raw"].ok
     assert floors["int8_vs_Q8_0"].ok and floors["int4_vs_Q4_K_M"].ok
-    assert floors["first_vs_raw"].ok and floors["first_vs_BF16"].ok
+    assert floors["first_vs_raw"].ok and floors["first_vs_BF16"].ok and floors["first_vs_F16"].ok
+    assert floors["first_vs_F16"].value == 6.0 / 6.25
     assert floors["int4_first_token"].value == 3.9 / 6.0
     assert floors["four_chats"].value == 33.0 / 12.0 and floors["four_chats"].ok
     # int4 loaded in 6.5 s: the load floor covers every mode, not only the default
@@ -87,7 +89,11 @@ def test_a_slower_peer_or_a_slower_first_token_fails_its_floor() -> None:
     floors = by_key(tier_floors(result(int4_rate=28.0, q4_rate=30.0, default_first=7.5, steady=24.0)))
     assert floors["int4_vs_Q4_K_M"].ok is False
     assert floors["first_vs_raw"].ok is False and floors["first_vs_BF16"].ok is False
+    assert floors["first_vs_F16"].ok is False
     assert floors["four_chats"].ok is False
+    # between llama.cpp's F16 (6.25 s) and BF16 (6.5 s): only the faster peer's floor fails
+    between = by_key(tier_floors(result(default_first=6.3)))
+    assert between["first_vs_BF16"].ok and between["first_vs_F16"].ok is False
     assert "NO" in "\n".join(tier_floors_section(result(int4_rate=28.0)))
 
 
@@ -104,6 +110,7 @@ def test_missing_peers_are_not_measured_and_the_report_leaves_the_section_out() 
     bare = result(with_peers=False)
     floors = by_key(tier_floors(bare))
     assert floors["int8_vs_Q8_0"].ok is None and floors["first_vs_BF16"].ok is None
+    assert "first_vs_F16" not in floors  # a plan without F16 (older results): no such floor
     assert tier_floors_section(bare) == []
     assert "CPU tier floors" not in render_report(bare)
     assert "CPU tier floors (avx2, 640x480" in render_report(result())
@@ -128,6 +135,6 @@ def test_rounds_summary_counts_the_rounds_and_judges_the_median(tmp_path: Path) 
 
 
 def test_llama_cpp_build_follows_the_forced_tier() -> None:
-    assert default_plan({}) == "native:BF16,Q8_0,Q4_K_M"
-    assert default_plan({"VLBOT_CPU": "avx2"}) == "avx2:BF16,Q8_0,Q4_K_M"
-    assert default_plan({"VLBOT_CPU": "AVX512"}) == "avx512:BF16,Q8_0,Q4_K_M"
+    assert default_plan({}) == "native:BF16,F16,Q8_0,Q4_K_M"
+    assert default_plan({"VLBOT_CPU": "avx2"}) == "avx2:BF16,F16,Q8_0,Q4_K_M"
+    assert default_plan({"VLBOT_CPU": "AVX512"}) == "avx512:BF16,F16,Q8_0,Q4_K_M"
