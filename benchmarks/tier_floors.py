@@ -11,7 +11,7 @@ peer in the same result:
 - int8 decode >= llama.cpp Q8_0's, int4 >= Q4_K_M's; their first token <= the default's;
 - the default's first token <= raw transformers' at the same input and <= llama.cpp BF16's, and
   <= its F16's where the result has it (on a CPU without bf16 arithmetic llama.cpp's F16, F16C
-  conversions, is the faster of the two: on an AVX2-only Zen3 18.6 s against 21.6 s);
+  conversions, is the faster of the two: on an AVX2-only Zen3 19.0 s against 22.0 s);
 - 4 concurrent chats: aggregate decode >= 2.5x one chat;
 - load-to-ready <= 5 s and peak RSS <= weights as held + 1.5 GB, quantized too.
 
