@@ -36,13 +36,9 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "quant_dot.h" /* DOT_S8_BIAS, dot_s8s8_32 */
 
 #define MAX_ROWS 8       /* activation rows that share one reading of the copy */
-#if defined(__AVX512VNNI__)
-#define ACT_BIAS 128 /* the activation pieces are stored as p + 128 (vpdpbusd's unsigned operand) */
-#else
-#define ACT_BIAS 0 /* stored as p, a signed byte */
-#endif
 #define MAX_TOP 64       /* largest k of a top-k screen */
 #ifndef PREFETCH_BYTES
 /* how far ahead the copy is prefetched (one stream per thread): the full-size head, 2 cores,
@@ -103,7 +99,8 @@ static inline float activation(const void *x, int x_f32, int64_t c) {
 
 /* One activation row in two 8-bit pieces, x = t1 p1 + t2 p2 + d (p2 quantizes what p1 leaves,
  * so |d| is ~1/127 of a single piece's and the activations add next to nothing to the bound):
- * u1 = p1 + ACT_BIAS and u2 = p2 + ACT_BIAS (kp bytes each, padding p = 0), t1, t2, |d| and |x|. */
+ * u1 = p1 + DOT_S8_BIAS and u2 = p2 + DOT_S8_BIAS (kp bytes each, padding p = 0; the bias is
+ * 128 with VNNI, vpdpbusd's unsigned operand, 0 elsewhere), t1, t2, |d| and |x|. */
 static void quantize_row(const void *x, int x_f32, int64_t k, int64_t kp, uint8_t *u1, uint8_t *u2,
                          double *t1_out, double *t2_out, double *dnorm, double *xnorm) {
     float amax = 0.0f, rmax = 0.0f;
@@ -120,14 +117,14 @@ static void quantize_row(const void *x, int x_f32, int64_t k, int64_t kp, uint8_
         const float p1 = to_int8(xf, t1);
         const double r = (double)xf - (double)t1 * p1;
         const float p2 = to_int8((float)r, t2);
-        u1[c] = (uint8_t)((int)p1 + ACT_BIAS);
-        u2[c] = (uint8_t)((int)p2 + ACT_BIAS);
+        u1[c] = (uint8_t)((int)p1 + DOT_S8_BIAS);
+        u2[c] = (uint8_t)((int)p2 + DOT_S8_BIAS);
         const double d = r - (double)t2 * p2;
         d2 += d * d;
         x2 += (double)xf * xf;
     }
-    memset(u1 + k, ACT_BIAS, (size_t)(kp - k));
-    memset(u2 + k, ACT_BIAS, (size_t)(kp - k));
+    memset(u1 + k, DOT_S8_BIAS, (size_t)(kp - k));
+    memset(u2 + k, DOT_S8_BIAS, (size_t)(kp - k));
     *t1_out = t1;
     *t2_out = t2;
     *dnorm = padded(sqrt(d2));
@@ -156,18 +153,13 @@ static inline __attribute__((always_inline)) void dots(const uint8_t *u, int64_t
                                                       const int8_t *qv, int32_t *out,
                                                       const int rows) {
     __m256i acc[2 * MAX_ROWS];
-    const __m256i ones = _mm256_set1_epi16(1);
     for (int m = 0; m < 2 * rows; m++) acc[m] = _mm256_setzero_si256();
     for (int64_t c = 0; c < kp; c += 64) {
         _mm_prefetch((const char *)(qv + c + PREFETCH_BYTES), _MM_HINT_T0);
         for (int64_t h = c; h < c + 64; h += 32) {
             const __m256i wv = _mm256_loadu_si256((const __m256i *)(qv + h));
-            const __m256i magnitude = _mm256_sign_epi8(wv, wv);
-            for (int m = 0; m < 2 * rows; m++) {
-                const __m256i p = _mm256_loadu_si256((const __m256i *)(u + m * kp + h));
-                const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(p, wv));
-                acc[m] = _mm256_add_epi32(acc[m], _mm256_madd_epi16(pairs, ones));
-            }
+            for (int m = 0; m < 2 * rows; m++)
+                acc[m] = dot_s8s8_32(acc[m], wv, _mm256_loadu_si256((const __m256i *)(u + m * kp + h)));
         }
     }
     for (int m = 0; m < 2 * rows; m++) {
@@ -233,7 +225,7 @@ int vlbot_int8_screen(const void *x, int x_f32, int64_t rows, int64_t k, int64_t
         for (int64_t v = 0; v < n; v++) {
             int32_t dot[2 * MAX_ROWS];
             dots_any(u, kp, q + v * kp, dot, count);
-            const int32_t offset = ACT_BIAS * rowsum[v];
+            const int32_t offset = DOT_S8_BIAS * rowsum[v];
             for (int m = 0; m < count; m++) {
                 const double pq = (double)(dot[2 * m] - offset) * t1[m] +
                                   (double)(dot[2 * m + 1] - offset) * t2[m];
