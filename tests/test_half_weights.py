@@ -97,6 +97,8 @@ def test_logits_match_float32_with_the_weights_in_bf16(
     assert next(model.model.visual.parameters()).dtype == torch.float32
     vision_linears = [m for m in model.model.visual.modules() if isinstance(m, (nn.Linear, OneDnnLinear))]
     assert vision_linears and all(isinstance(m, OneDnnLinear) for m in vision_linears) == available()
+    # through oneDNN, the vision linears' weights are widened at their first product, not at load
+    assert all(m.weight.dtype == (torch.bfloat16 if available() else torch.float32) for m in vision_linears)
     rows = batch["input_ids"].shape[1]
     assert (rows > FLOAT_PROMPT_MAX_ROWS) == with_image
     assert with_image or tokens <= rows or rows > load_kernel().max_rows  # type: ignore[union-attr]
@@ -118,13 +120,24 @@ def test_a_tier_with_bf16_arithmetic_keeps_the_bf16_model(monkeypatch: pytest.Mo
         tiers.active_tier.cache_clear()
 
 
-def test_the_bf16_originals_of_converted_weights_leave_memory(avx2: None, wide_qwen3: Path) -> None:
-    """The vision tower is converted to float32: its bf16 pages in the safetensors file mapping
-    are released as it goes, so it is not resident twice (Qwen3-VL-2B: 0.8 GB more peak memory)."""
+@pytest.mark.parametrize("widened_by", ["idle-time preparation", "first image"])
+def test_the_bf16_originals_of_converted_weights_leave_memory(
+    avx2: None, tiny_qwen3: Path, wide_qwen3: Path, widened_by: str
+) -> None:
+    """The vision tower is converted to float32 (its linears after load, by the engine's idle-time
+    preparation or at their first product): its bf16 pages in the safetensors file mapping are
+    released as it goes, so it is not resident twice (Qwen3-VL-2B: 0.8 GB more peak memory)."""
     model = load(wide_qwen3, torch.bfloat16)
     vision_bf16 = sum(p.numel() * 2 for p in model.model.visual.parameters())
     assert compute_in_float32(model) is True
-    assert next(model.model.visual.parameters()).dtype == torch.float32
+    if widened_by == "first image":
+        with torch.inference_mode():
+            batch = inputs(tiny_qwen3, with_image=True)  # (the wide model has no processor)
+            model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    else:
+        assert decode_parts(model).prepare(lambda: False) is True
+    assert all(p.dtype == torch.float32 for p in model.model.visual.parameters())
+    assert all(b.dtype == torch.float32 for b in model.model.visual.buffers())
     assert resident_file_bytes(wide_qwen3 / "model.safetensors") < vision_bf16 / 10
 
 

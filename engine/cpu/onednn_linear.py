@@ -26,6 +26,11 @@ Zen5, alternating in one process: 640x480 forced AVX-512 2.63 -> 2.45 s, forced 
 so it is part of the engine's idle-time preparation after load (`reorder_weights`, from
 engine.cpu.swap), not of load-to-ready; until then the plain weights serve.
 
+A bf16 model's vision linears (engine.cpu.half_weights) come here with their bf16 weights: the
+float32 copy is made in the same idle-time preparation, or at a layer's first product if a request
+comes first (`widen`), not at load. Converting Qwen3-VL-2B's vision linears takes ~0.95 s on a
+2.45 GHz Zen3 (a third of what vlbot adds to load-to-ready there).
+
 Prompt products run over an even number of rows (`on_even_rows`): oneDNN's matrix product
 (torch 2.13's, `brg_matmul`) over some odd row counts runs at 0.6-0.8x its speed over one row
 more — 287, 301, 305, 329 (a 640x480 photo's prompt), 343, 365, 371, 1073 rows among those
@@ -55,6 +60,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.cpu.hugepages import file_mappings, release_file_pages
 from engine.cpu.tiers import active_tier
 
 logger = logging.getLogger("vlbot.engine")
@@ -109,7 +115,10 @@ class OneDnnLinear(nn.Module):
     """A float32 nn.Linear whose product goes through oneDNN; the same parameters until
     `reorder()` replaces the weight with oneDNN's reordered copy (a buffer `weight`, an opaque
     mkldnn tensor; the plain parameter released). For inference: with autograd on, F.linear runs
-    over the plain weight (a dense copy of a reordered one, which gets no gradient)."""
+    over the plain weight (a dense copy of a reordered one, which gets no gradient).
+
+    The source's weight may be bf16 (its bias float32): it is converted to float32 by `widen()`,
+    at the first product or by the idle-time preparation, whichever comes first."""
 
     def __init__(self, source: nn.Linear) -> None:
         super().__init__()
@@ -121,16 +130,33 @@ class OneDnnLinear(nn.Module):
     def reordered(self) -> bool:
         return bool(self.weight.is_mkldnn)
 
-    def reorder(self) -> None:
+    @property
+    def widened(self) -> bool:
+        return self.weight.dtype == torch.float32
+
+    def widen(self, mappings: list[tuple[int, int]] | None = None) -> None:
+        """Hold the weight in float32 from now on; a bf16 original's pages in a safetensors file
+        mapping (`mappings`, else read now) are released, so it is not resident twice."""
+        if self.widened:
+            return
+        half = self.weight.data
+        # a normal tensor even when the first product runs under inference mode
+        with torch.inference_mode(False), torch.no_grad():
+            self.weight.data = half.float()
+        release_file_pages([half], mappings)  # nothing reads the bf16 original again
+
+    def reorder(self, mappings: list[tuple[int, int]] | None = None) -> None:
         """Hold the weight in oneDNN's layout from now on (same bytes, same results)."""
         if self.reordered:
             return
+        self.widen(mappings)
         with torch.no_grad():
             reordered = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), ROWS_HINT)
         del self.weight  # the parameter, released
         self.register_buffer("weight", reordered)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.widen()
         if x.dtype == torch.float32 and not torch.is_grad_enabled():
             flat = x.reshape(-1, x.shape[-1])  # (a merger's rows can be an odd count: 21x15)
             return on_even_rows(flat, self._product).reshape(*x.shape[:-1], self.out_features)
@@ -143,25 +169,31 @@ class OneDnnLinear(nn.Module):
 
 
 def reorder_weights(model: nn.Module, should_stop: Callable[[], bool] = lambda: False) -> bool:
-    """Reorder every OneDnnLinear's weight inside `model` (`OneDnnLinear.reorder`), checking
-    `should_stop` between linears; returns whether all are done (False: stopped, call again)."""
+    """Reorder every OneDnnLinear's weight inside `model` (`OneDnnLinear.reorder`, widening a bf16
+    one first), checking `should_stop` between linears; returns whether all are done (False:
+    stopped, call again)."""
+    mappings: list[tuple[int, int]] | None = None
     for module in model.modules():
         if isinstance(module, OneDnnLinear) and not module.reordered:
             if should_stop():
                 return False
-            module.reorder()
+            if mappings is None:
+                mappings = file_mappings()
+            module.reorder(mappings)
     return True
 
 
-def use_onednn_linears(module: nn.Module) -> int:
+def use_onednn_linears(module: nn.Module, widen_later: bool = False) -> int:
     """Replace every float32 nn.Linear inside `module` with a OneDnnLinear (where `available()`;
-    same parameters, reordered later by `reorder_weights`); returns how many."""
+    same parameters, reordered later by `reorder_weights`); returns how many. `widen_later`: bf16
+    ones too (with float32 biases, if any), converted to float32 later (`OneDnnLinear.widen`)."""
     if not available():
         return 0
+    dtypes = (torch.float32, torch.bfloat16) if widen_later else (torch.float32,)
     count = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.float32:
+            if type(child) is nn.Linear and child.weight.dtype in dtypes:
                 setattr(parent, name, OneDnnLinear(child))
                 count += 1
     return count
