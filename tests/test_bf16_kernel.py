@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.cpu.kernels import bf16_gemm
 from engine.cpu.kernels.bf16_kernel import (
     FLOAT_PROMPT_MAX_ROWS,
     Bf16Kernel,
@@ -26,6 +27,13 @@ from tests.tier_helpers import KERNEL_TIERS, forced
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Bf16Kernel]:
     with forced(monkeypatch, request.param, load_kernel):
         yield built_or_skip(load_kernel(), f"bf16 kernel on tier {request.param}")
+
+
+@pytest.fixture
+def widening(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prompts' weights widened for oneDNN, also where engine.cpu.kernels.bf16_gemm's product
+    would take them (tested in tests/test_bf16_gemm.py)."""
+    monkeypatch.setattr(bf16_gemm, "load_kernel", lambda: None)
 
 
 @pytest.mark.parametrize(
@@ -52,7 +60,9 @@ def test_products_match_float64(kernel: Bf16Kernel, rows: int, n: int, k: int, b
     ("rows", "n", "k"),
     [(1, 64, 256), (1, 39, 300), (2, 33, 200), (3, 37, 100), (4, 71, 2088), (8, 130, 2048)],
 )
-def test_float32_activations_against_bf16_weights(kernel: Bf16Kernel, rows: int, n: int, k: int) -> None:
+def test_float32_activations_against_bf16_weights(
+    kernel: Bf16Kernel, widening: None, rows: int, n: int, k: int
+) -> None:
     """The half-size-weights path: float32 in and out, only the weights are bf16 (so the
     result is torch's float32 product with those weights, to float32 summation order)."""
     generator = torch.Generator().manual_seed(rows + n)
@@ -68,7 +78,7 @@ def test_float32_activations_against_bf16_weights(kernel: Bf16Kernel, rows: int,
 
 
 def test_a_prompt_widens_the_weights_block_by_block(
-    kernel: Bf16Kernel, monkeypatch: pytest.MonkeyPatch
+    kernel: Bf16Kernel, widening: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("engine.cpu.kernels.bf16_kernel.WIDEN_BLOCK", 3 * 64)  # 3 rows a block
     x = torch.randn(FLOAT_PROMPT_MAX_ROWS + 5, 64)
@@ -109,7 +119,7 @@ def test_a_short_float32_prompt_goes_through_the_kernel(
 @pytest.mark.parametrize("rows", [EVEN_ROWS_FROM - 1, EVEN_ROWS_FROM, EVEN_ROWS_FROM + 73])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_long_prompt_is_multiplied_over_an_even_number_of_rows(
-    kernel: Bf16Kernel, monkeypatch: pytest.MonkeyPatch, rows: int, dtype: torch.dtype
+    kernel: Bf16Kernel, widening: None, monkeypatch: pytest.MonkeyPatch, rows: int, dtype: torch.dtype
 ) -> None:
     """oneDNN is slow over some odd row counts (engine.cpu.onednn_linear): a prompt of an odd
     number of rows from EVEN_ROWS_FROM on gets one zero row more for the product, which is

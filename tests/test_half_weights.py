@@ -17,6 +17,7 @@ from torch import nn
 
 from engine.cpu import tiers
 from engine.cpu.half_weights import compute_in_float32
+from engine.cpu.kernels import bf16_gemm
 from engine.cpu.kernels.bf16_kernel import FLOAT_PROMPT_MAX_ROWS, DecodeLinear, load_kernel
 from engine.cpu.onednn_linear import OneDnnLinear, available
 from engine.cpu.swap import decode_parts, swap_modules
@@ -33,6 +34,12 @@ def avx2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         if load_kernel() is None:
             pytest.skip("no C compiler: the bf16 kernel cannot be built")
         yield
+
+
+@pytest.fixture
+def without_prompt_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As on a tier where engine.cpu.kernels.bf16_gemm is not used."""
+    monkeypatch.setattr(bf16_gemm, "load_kernel", lambda: None)
 
 
 def load(folder: Path, dtype: torch.dtype) -> Any:
@@ -95,10 +102,16 @@ def test_logits_match_float32_with_the_weights_in_bf16(
     assert linears and all(m.weight.dtype == torch.bfloat16 for m in linears)
     assert isinstance(model.lm_head, DecodeLinear) and model.lm_head.weight.dtype == torch.bfloat16
     assert next(model.model.visual.parameters()).dtype == torch.float32
-    vision_linears = [m for m in model.model.visual.modules() if isinstance(m, (nn.Linear, OneDnnLinear))]
-    assert vision_linears and all(isinstance(m, OneDnnLinear) for m in vision_linears) == available()
-    # through oneDNN, the vision linears' weights are widened at their first product, not at load
-    assert all(m.weight.dtype == (torch.bfloat16 if available() else torch.float32) for m in vision_linears)
+    vision_linears = [
+        m for m in model.model.visual.modules() if isinstance(m, (nn.Linear, OneDnnLinear, DecodeLinear))
+    ]
+    if bf16_gemm.load_kernel() is not None:  # the AVX2 tier: bf16 weights, the C prompt product
+        assert vision_linears and all(isinstance(m, DecodeLinear) for m in vision_linears)
+        assert all(m.weight.dtype == torch.bfloat16 for m in vision_linears)
+    else:  # through oneDNN, the vision linears' weights are widened at their first product
+        assert vision_linears and all(isinstance(m, OneDnnLinear) for m in vision_linears) == available()
+        widened_later = torch.bfloat16 if available() else torch.float32
+        assert all(m.weight.dtype == widened_later for m in vision_linears)
     rows = batch["input_ids"].shape[1]
     assert (rows > FLOAT_PROMPT_MAX_ROWS) == with_image
     assert with_image or tokens <= rows or rows > load_kernel().max_rows  # type: ignore[union-attr]
@@ -120,13 +133,30 @@ def test_a_tier_with_bf16_arithmetic_keeps_the_bf16_model(monkeypatch: pytest.Mo
         tiers.active_tier.cache_clear()
 
 
+@torch.inference_mode()
+def test_vision_linears_through_onednn_match_float32_too(
+    avx2: None, without_prompt_product: None, tiny_qwen3: Path
+) -> None:
+    """Where the C prompt product is not used (AVX-512 tiers without bf16, aarch64), the vision
+    linears are float32 through oneDNN (widened at their first product): the same logits."""
+    batch = inputs(tiny_qwen3, with_image=True)
+    want = float32_reference(tiny_qwen3)(**batch).logits
+    model = load(tiny_qwen3, torch.bfloat16)
+    swap_modules(model, "none")
+    assert not any(isinstance(m, DecodeLinear) for m in model.model.visual.modules())
+    got = model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
 @pytest.mark.parametrize("widened_by", ["idle-time preparation", "first image"])
 def test_the_bf16_originals_of_converted_weights_leave_memory(
-    avx2: None, tiny_qwen3: Path, wide_qwen3: Path, widened_by: str
+    avx2: None, without_prompt_product: None, tiny_qwen3: Path, wide_qwen3: Path, widened_by: str
 ) -> None:
-    """The vision tower is converted to float32 (its linears after load, by the engine's idle-time
-    preparation or at their first product): its bf16 pages in the safetensors file mapping are
-    released as it goes, so it is not resident twice (Qwen3-VL-2B: 0.8 GB more peak memory)."""
+    """Without the C prompt product the vision tower is converted to float32 (its linears after
+    load, by the engine's idle-time preparation or at their first product): its bf16 pages in the
+    safetensors file mapping are released as it goes, so it is not resident twice (Qwen3-VL-2B:
+    0.8 GB more peak memory)."""
     model = load(wide_qwen3, torch.bfloat16)
     vision_bf16 = sum(p.numel() * 2 for p in model.model.visual.parameters())
     assert compute_in_float32(model) is True
@@ -142,7 +172,7 @@ def test_the_bf16_originals_of_converted_weights_leave_memory(
 
 
 def test_idle_preparation_reorders_the_vision_linears_with_the_same_logits(
-    avx2: None, tiny_qwen3: Path
+    avx2: None, without_prompt_product: None, tiny_qwen3: Path
 ) -> None:
     """The engine's idle-time preparation (engine.cpu.swap.decode_parts) puts the float32 vision
     linears' weights into oneDNN's layout; an image prompt's logits stay the same bits."""

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "bf16_gemm.c"
 #include "bf16_matvec.c"
 #include "decode_attention.c"
 #include "decode_ops.c"
@@ -37,7 +38,8 @@ static void matvec_case(int64_t rows, int64_t k, int64_t n, int with_bias) {
     uint16_t *x = malloc(sizeof(uint16_t) * rows * k), *w = malloc(sizeof(uint16_t) * n * k);
     uint16_t *bias = malloc(sizeof(uint16_t) * n), *y = malloc(sizeof(uint16_t) * rows * n);
     float *xf = malloc(sizeof(float) * rows * k), *yf = malloc(sizeof(float) * rows * n);
-    float *wide = malloc(sizeof(float) * n * k);
+    float *wide = malloc(sizeof(float) * n * k), *bias_f = malloc(sizeof(float) * n);
+    float *yg = malloc(sizeof(float) * rows * n);
     for (int64_t i = 0; i < rows * k; i++) {
         x[i] = float_to_bf16(uniform());
         xf[i] = uniform();
@@ -48,6 +50,8 @@ static void matvec_case(int64_t rows, int64_t k, int64_t n, int with_bias) {
     if (vlbot_bf16_matvec(x, rows, k, n, w, b, y, 2) != 0) failures++;
     vlbot_bf16_matvec_f32(xf, rows, k, n, w, b, yf, 2);
     vlbot_bf16_widen(w, wide, n * k, 2);
+    for (int64_t j = 0; j < n; j++) bias_f[j] = bf16_to_float(bias[j]);
+    if (vlbot_bf16_gemm(xf, rows, k, w, n, with_bias ? bias_f : NULL, yg, 2) != 0) failures++;
     for (int64_t m = 0; m < rows; m++) {
         for (int64_t j = 0; j < n; j++) {
             double want = with_bias ? bf16_to_float(bias[j]) : 0.0, want_f = want;
@@ -58,10 +62,11 @@ static void matvec_case(int64_t rows, int64_t k, int64_t n, int with_bias) {
             /* bf16 output: one rounding (2^-8 relative) of a sum of k terms of size ~1 */
             check("bf16_matvec", bf16_to_float(y[m * n + j]), want, 1e-2 + 1e-6 * (double)k, m * n + j);
             check("bf16_matvec_f32", yf[m * n + j], want_f, 1e-5 * (double)k, m * n + j);
+            check("bf16_gemm", yg[m * n + j], want_f, 1e-5 * (double)k, m * n + j);
         }
     }
     for (int64_t i = 0; i < n * k; i++) check("bf16_widen", wide[i], bf16_to_float(w[i]), 0.0, i);
-    free(x), free(w), free(bias), free(y), free(xf), free(yf), free(wide);
+    free(x), free(w), free(bias), free(y), free(xf), free(yf), free(wide), free(bias_f), free(yg);
 }
 
 static void rms_case(int64_t rows, int64_t dim, int bf16) {
@@ -174,7 +179,7 @@ static void vision_case(int64_t heads, int64_t rows, int bf16) {
 
 int main(void) {
     const int64_t shapes[][3] = {{1, 64, 256}, {1, 37, 100}, {3, 37, 100}, {8, 130, 2048},
-                                 {9, 20, 48},  {2, 5, 7},    {1, 1, 1},    {5, 64, 96}};
+                                 {9, 20, 48},  {2, 5, 7},    {1, 1, 1},    {5, 64, 96}, {14, 300, 520}};
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         matvec_case(shapes[i][0], shapes[i][2], shapes[i][1], 0);
         matvec_case(shapes[i][0], shapes[i][2], shapes[i][1], 1);

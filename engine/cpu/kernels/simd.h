@@ -39,6 +39,21 @@ static inline vf vf_zero(void) { return (vf){0}; }
 
 static inline vf vf_splat(float value) { return (vf){0} + value; }
 
+/* VF_LANES copies of *p: one broadcast load (vf_splat's addition to 0, which keeps -0 from
+ * reaching the lanes, costs an instruction more in an inner loop; GCC 12 builds a generic
+ * lane-by-lane copy from inserts) */
+static inline vf vf_load_splat(const float *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_set1_ps(*p);
+#elif defined(__AVX2__)
+    return (vf)_mm256_broadcast_ss(p);
+#elif defined(__ARM_NEON)
+    return (vf)vld1q_dup_f32(p);
+#else
+    return vf_splat(*p);
+#endif
+}
+
 static inline vf vf_load(const float *p) {
     vf out;
     memcpy(&out, p, sizeof out);
