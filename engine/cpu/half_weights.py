@@ -40,7 +40,7 @@ from torch import nn
 from engine.cpu import onednn_linear
 from engine.cpu.hugepages import file_mappings, release_file_pages
 from engine.cpu.kernels import bf16_gemm
-from engine.cpu.kernels.bf16_kernel import DecodeLinear, load_kernel, use_for_decode
+from engine.cpu.kernels.bf16_kernel import load_kernel, swap_bf16_linears, use_for_decode
 from engine.cpu.tiers import active_tier
 
 logger = logging.getLogger("vlbot.engine")
@@ -63,7 +63,8 @@ def compute_in_float32(model: Any) -> bool:
         return False
     if not isinstance(embedding, nn.Embedding) or embedding.weight.dtype != torch.bfloat16:
         return False
-    if load_kernel() is None:
+    kernel = load_kernel()
+    if kernel is None:
         logger.info("no bf16 kernel on tier %s: the bf16 model keeps torch's operators", active_tier().name)
         return False
     keep = {id(embedding.weight)}
@@ -73,10 +74,9 @@ def compute_in_float32(model: Any) -> bool:
         keep.add(id(head.weight))
     # the other linears (the vision tower's): bf16 through the prompt product where it wins
     # (kernels/bf16_gemm), else widened after load for oneDNN (OneDnnLinear)
-    others = [m for m in model.modules() if type(m) is nn.Linear and id(m.weight) not in keep]
     prompt_product = bf16_gemm.load_kernel() is not None
     if prompt_product or onednn_linear.available():
-        keep.update(id(m.weight) for m in others)
+        keep.update(id(m.weight) for m in model.modules() if type(m) is nn.Linear)
     mappings = file_mappings()
     for module in model.modules():
         for parameter in list(module.parameters(recurse=False)):
@@ -90,7 +90,7 @@ def compute_in_float32(model: Any) -> bool:
     embedding.register_forward_hook(_float_rows)
     swapped = use_for_decode(model)
     if prompt_product:
-        bf16_rest = _keep_bf16(model, {id(m) for m in others})
+        bf16_rest = swap_bf16_linears(model, kernel)  # those outside the language model
         swapped += bf16_rest
         logger.info(
             "tier %s has no bf16 arithmetic: bf16 weights in memory, float32 compute (%d linears,"
@@ -110,20 +110,6 @@ def compute_in_float32(model: Any) -> bool:
         onednn,
     )
     return True
-
-
-def _keep_bf16(model: nn.Module, linears: set[int]) -> int:
-    """Swap the nn.Linear modules whose ids are in `linears` for DecodeLinear (their bf16 weights
-    kept, float32 products: kernels/bf16_gemm over many rows); returns how many."""
-    kernel = load_kernel()
-    assert kernel is not None  # compute_in_float32 checked
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if id(child) in linears and isinstance(child, nn.Linear):
-                setattr(parent, name, DecodeLinear(child, kernel))
-                count += 1
-    return count
 
 
 def cache_dtype(model: Any) -> torch.dtype | None:

@@ -196,21 +196,26 @@ def use_for_decode(model: Any) -> int:
     kernel = load_kernel()
     if kernel is None:
         return 0
-    count = 0
-    parents: list[tuple[nn.Module, str, nn.Linear]] = [
-        (parent, name, child)
-        for parent in language_model.modules()
-        for name, child in parent.named_children()
-        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
-    ]
+    count = swap_bf16_linears(language_model, kernel)
     head = getattr(model, "lm_head", None)
     if isinstance(head, nn.Linear) and head.weight.dtype == torch.bfloat16:
-        parents.append((model, "lm_head", head))
-    for parent, name, child in parents:
-        setattr(parent, name, DecodeLinear(child, kernel))
+        model.lm_head = DecodeLinear(head, kernel)
         count += 1
     logger.info("bf16 decode kernel on %d language-model layers", count)
     return count
+
+
+def swap_bf16_linears(root: nn.Module, kernel: Bf16Kernel) -> int:
+    """Swap every bfloat16 nn.Linear inside `root` for a DecodeLinear; returns how many."""
+    parents: list[tuple[nn.Module, str, nn.Linear]] = [
+        (parent, name, child)
+        for parent in root.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and child.weight.dtype == torch.bfloat16
+    ]
+    for parent, name, child in parents:
+        setattr(parent, name, DecodeLinear(child, kernel))
+    return len(parents)
 
 
 class AdjacentLinears:
