@@ -75,31 +75,17 @@ static void pack_weights(const uint16_t *w, int64_t n, int64_t k, int64_t j0, in
  * (MR x NR floats) */
 static inline __attribute__((always_inline)) void micro_kernel(const float *a, const float *b, int64_t kc,
                                                                float *tile) {
-    vf c00 = vf_zero(), c01 = vf_zero(), c10 = vf_zero(), c11 = vf_zero(), c20 = vf_zero(), c21 = vf_zero();
-    vf c30 = vf_zero(), c31 = vf_zero(), c40 = vf_zero(), c41 = vf_zero(), c50 = vf_zero(), c51 = vf_zero();
+    vf sums[MR][2];
+    for (int i = 0; i < MR; i++) sums[i][0] = sums[i][1] = vf_zero();
     for (int64_t p = 0; p < kc; p++) {
         const vf b0 = vf_load(b + p * NR), b1 = vf_load(b + p * NR + VF_LANES);
-        const float *ap = a + p * MR;
-        vf av = vf_load_splat(ap + 0);
-        c00 = vf_fma(av, b0, c00);
-        c01 = vf_fma(av, b1, c01);
-        av = vf_load_splat(ap + 1);
-        c10 = vf_fma(av, b0, c10);
-        c11 = vf_fma(av, b1, c11);
-        av = vf_load_splat(ap + 2);
-        c20 = vf_fma(av, b0, c20);
-        c21 = vf_fma(av, b1, c21);
-        av = vf_load_splat(ap + 3);
-        c30 = vf_fma(av, b0, c30);
-        c31 = vf_fma(av, b1, c31);
-        av = vf_load_splat(ap + 4);
-        c40 = vf_fma(av, b0, c40);
-        c41 = vf_fma(av, b1, c41);
-        av = vf_load_splat(ap + 5);
-        c50 = vf_fma(av, b0, c50);
-        c51 = vf_fma(av, b1, c51);
+#pragma GCC unroll 6 /* MR: the sums stay in registers */
+        for (int i = 0; i < MR; i++) {
+            const vf av = vf_load_splat(a + p * MR + i);
+            sums[i][0] = vf_fma(av, b0, sums[i][0]);
+            sums[i][1] = vf_fma(av, b1, sums[i][1]);
+        }
     }
-    const vf sums[MR][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
     for (int i = 0; i < MR; i++) {
         vf_store(tile + i * NR, sums[i][0]);
         vf_store(tile + i * NR + VF_LANES, sums[i][1]);
