@@ -15,6 +15,7 @@ LOADERS = (
     ("prefill_ops", "load_ops"), ("gelu", "load_kernel"), ("vision_attention", "load_kernel"),
     ("vision_flash", "load_kernel"), ("vision_flash_portable", "load_kernel"),
     ("output_head", "load_screen"), ("int8_kernel", "load_kernel"), ("int4_kernel", "load_kernel"),
+    ("bf16_gemm", "load_kernel"),
 )  # fmt: skip
 
 
