@@ -10,10 +10,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from engine.cpu import tiers
 from engine.cpu.kernels import bf16_gemm
 from engine.cpu.kernels.bf16_gemm import Bf16Gemm
 from engine.cpu.kernels.bf16_kernel import FLOAT_PROMPT_MAX_ROWS, DecodeLinear
 from engine.cpu.kernels.bf16_kernel import load_kernel as load_bf16_kernel
+from engine.cpu.native import kernel_status
 from tests.engine_fixtures import built_or_skip
 from tests.tier_helpers import KERNEL_TIERS, forced
 
@@ -92,3 +94,26 @@ def test_a_long_float32_prompt_goes_through_it_on_the_avx2_tier_only(
     want = F.linear(x.double(), linear.weight.double(), linear.bias.double())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
     assert used == ([rows] if tier == "avx2" else [])
+
+
+@pytest.mark.parametrize(
+    ("flags", "machine", "tier_name", "why"),
+    [
+        (frozenset({"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"}), "x86_64",
+         "avx512", "oneDNN's float32 product is unmeasured against it"),
+        (frozenset({"asimd"}), "aarch64", "aarch64", "speed not measurable here"),
+    ],
+)  # fmt: skip
+def test_doctor_says_why_it_is_not_used_on_avx512_and_aarch64(
+    flags: frozenset[str], machine: str, tier_name: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the product is kept off (a policy, not a missing instruction), the kernel summary that
+    `vlbot doctor`, /health and the benchmark report print names the tier and the reason. Nothing
+    of that tier is built or run: the decision comes first."""
+    monkeypatch.setattr(bf16_gemm, "active_tier", lambda: tiers.detect(flags, machine))
+    bf16_gemm._kernel_for.cache_clear()
+    try:
+        assert bf16_gemm.load_kernel() is None
+        assert kernel_status()["bf16_gemm"] == f"not used on tier {tier_name}: {why}"
+    finally:
+        bf16_gemm._kernel_for.cache_clear()

@@ -32,7 +32,7 @@ from engine.cpu.tiers import Tier, active_tier, cpu_flags
 
 __all__ = [
     "F32", "I32", "I64", "POINTER", "Tier", "active_tier", "c_function", "cpu_flags",
-    "kernel_status", "load_library",
+    "kernel_status", "load_library", "note_not_used",
 ]
 
 logger = logging.getLogger("vlbot.engine")
@@ -50,6 +50,12 @@ _STATUS: dict[str, str] = {}
 def kernel_status() -> dict[str, str]:
     """Each kernel loaded so far in this process: "<tier>" where it runs, else why not."""
     return dict(_STATUS)
+
+
+def note_not_used(name: str, reason: str) -> None:
+    """Record why kernel `name` is not used on the active tier though it could be built there (it
+    lost to a library's operator there, or is unmeasured against it), for `kernel_status`."""
+    _STATUS[name] = reason
 
 
 def cache_dir() -> Path:

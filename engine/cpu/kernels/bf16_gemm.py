@@ -44,11 +44,12 @@ import functools
 
 import torch
 
-from engine.cpu.native import I32, I64, POINTER, active_tier, c_function, load_library
+from engine.cpu.native import I32, I64, POINTER, active_tier, c_function, load_library, note_not_used
 
 CPU_FLAGS = ("avx2", "fma")
 # where it beat the widened oneDNN product (above): not on tiers with these
 LOSES_OR_UNMEASURED_ON = ("avx512f",)
+UNMEASURED = "oneDNN's float32 product is unmeasured against it"
 
 
 class Bf16Gemm:
@@ -98,5 +99,7 @@ def load_kernel() -> Bf16Gemm | None:
 def _kernel_for(tier_name: str) -> Bf16Gemm | None:  # the active tier's name: one entry per tier
     tier = active_tier()
     if tier.is_arm or tier.has(*LOSES_OR_UNMEASURED_ON):
+        why = "speed not measurable here" if tier.is_arm else UNMEASURED
+        note_not_used("bf16_gemm", f"not used on tier {tier.name}: {why}")
         return None
     return build_kernel()
