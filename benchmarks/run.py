@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -115,15 +116,40 @@ def is_full_model(folder: Path) -> bool:
     return text.get("hidden_size") == FULL_HIDDEN_SIZE and any(folder.glob("*.safetensors"))
 
 
+def tokenizer_tokens(folder: Path) -> int:
+    """How many tokens the folder's tokenizer.json holds (0 where it has none)."""
+    try:
+        data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return 0
+    added = {token["content"] for token in data.get("added_tokens", [])}
+    return len(set(data.get("model", {}).get("vocab", {})) | added)
+
+
 def ensure_model(path: str | None, any_model: bool = False) -> Path:
+    from engine.devmodel import FULL_VOCAB
+
     folder = Path(path).expanduser() if path else CACHE / "qwen3-vl-2b-random"
+    stale = False
     if is_full_model(folder) or (any_model and (folder / "config.json").is_file()):
-        print(f"model: reusing {folder}", flush=True)
-        return folder
+        tokens = tokenizer_tokens(folder)
+        if tokens >= FULL_VOCAB or any_model:
+            print(f"model: reusing {folder}", flush=True)
+            return folder
+        # made before the full-size model's tokenizer had the published size: its loads would
+        # leave out what reading that tokenizer costs
+        if path:
+            print(f"model: {folder} has a {tokens}-token tokenizer, not the published size"
+                  f" ({FULL_VOCAB}): its load-to-ready leaves out reading a real one", flush=True)
+            return folder
+        print(f"model: {folder} has a {tokens}-token tokenizer: making it again", flush=True)
+        stale = True
     building = folder.with_name(folder.name + ".building")
     print(f"model: building the full-size random Qwen3-VL-2B into {folder} (~1 min, 4.3 GB)", flush=True)
     started = time.monotonic()
     subprocess.run([sys.executable, "-m", "engine.devmodel", "--size", "full", str(building)], check=True)
+    if stale:
+        shutil.rmtree(folder)
     if folder.exists():
         raise SystemExit(f"{folder} exists but is not a full-size model: remove it or pass --model")
     building.rename(folder)

@@ -1,8 +1,9 @@
 """Build random-weight Qwen-VL models that load through the engine's normal path.
 
 Tests and benchmarks cannot download weights, so this module makes them locally: the real
-architecture class, the real processor class and image processor, a small byte-level BPE tokenizer
-trained here with every Qwen special token, and a Qwen-style chat template. The model, tokenizer
+architecture class, the real processor class and image processor, a byte-level BPE tokenizer
+made here with every Qwen special token (small, or of the published size for the full-size
+model), and a Qwen-style chat template. The model, tokenizer
 and image processor are saved with ``save_pretrained`` in the published checkpoints' file layout, so
 ``QwenVLEngine(model=<folder>)`` loads it exactly like a downloaded model.
 
@@ -93,10 +94,18 @@ def main(): return 0  # code, punctuation: () [] {} <> = + - * / % & | ^ ~ ! ? .
 """
 
 _TINY_VOCAB = 1024
+# the full-size model's tokenizer: the published Qwen2/Qwen3 tokenizers' 151,643 regular tokens
+# (ids below their special tokens') plus the special tokens above
+FULL_VOCAB = 151_643 + len(SPECIAL_TOKENS)
+_LONGEST_TOKEN = 16  # characters: the published vocabulary's tokens are mostly far shorter
 
 
-def build_tokenizer(vocab_size: int = _TINY_VOCAB) -> Any:
-    """Train a byte-level BPE on a built-in corpus and wrap it as a Qwen2 tokenizer."""
+def build_tokenizer(vocab_size: int = _TINY_VOCAB, seed: int = 0) -> Any:
+    """Train a byte-level BPE on a built-in corpus and wrap it as a Qwen2 tokenizer. A vocabulary
+    larger than the corpus yields (the full-size model's: the published one's size) is filled up
+    with merges of tokens drawn at random (`_grow_merges`): loading it costs what loading the
+    published tokenizer costs (its tokenizer.json is of the same size), which the tiny
+    vocabulary's would not."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -114,6 +123,7 @@ def build_tokenizer(vocab_size: int = _TINY_VOCAB) -> Any:
     spec = json.loads(raw.to_str())["model"]
     vocab: dict[str, int] = spec["vocab"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    _grow_merges(vocab, merges, vocab_size, seed)
     tokenizer_class: Any = Qwen2Tokenizer  # its stubs type merges as strings; tuples are right
     tokenizer = tokenizer_class(
         vocab=vocab,
@@ -127,6 +137,28 @@ def build_tokenizer(vocab_size: int = _TINY_VOCAB) -> Any:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
+
+
+def _grow_merges(vocab: dict[str, int], merges: list[tuple[str, ...]], size: int, seed: int) -> None:
+    """Add merges of two tokens already in `vocab` (the first short, as most of a real BPE's are)
+    until it holds `size` tokens, each merge a new token: a valid byte-level BPE, ranked after
+    the trained merges."""
+    import random
+
+    rng = random.Random(seed)
+    tokens = list(vocab)
+    short = [t for t in tokens if len(t) <= 5 and t not in SPECIAL_TOKENS]
+    while len(vocab) < size:
+        first = rng.choice(short)
+        second = rng.choice(short if rng.random() < 0.7 else tokens)
+        token = first + second
+        if token in vocab or len(token) > _LONGEST_TOKEN or second in SPECIAL_TOKENS:
+            continue
+        vocab[token] = len(vocab)
+        merges.append((first, second))
+        tokens.append(token)
+        if len(token) <= 5:
+            short.append(token)
 
 
 def _token_ids(tokenizer: Any) -> dict[str, int]:
@@ -216,6 +248,7 @@ def _save_processor_files(out: Path, family: Family, tokenizer: Any) -> None:
     )
 
     tokenizer.save_pretrained(out)
+    _publish_added_tokens(out, tokenizer)
     if family == "qwen3":
         processor_class = "Qwen3VLProcessor"
         image_processor = Qwen2VLImageProcessorPil(
@@ -250,6 +283,26 @@ def _save_processor_files(out: Path, family: Family, tokenizer: Any) -> None:
     preprocessor["processor_class"] = processor_class
     _write_json(out / "preprocessor_config.json", preprocessor)
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+
+
+def _publish_added_tokens(out: Path, tokenizer: Any) -> None:
+    """tokenizer_config.json as published: with its special tokens listed ("added_tokens_decoder",
+    written by the transformers that saved the published files, not by transformers 5), which
+    spares a loader reading them out of the whole tokenizer.json."""
+    path = out / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["added_tokens_decoder"] = {
+        str(index): {
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
+        }
+        for index, token in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    _write_json(path, config)
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -297,7 +350,7 @@ def make_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(FULL_VOCAB if size == "full" else _TINY_VOCAB, seed)
     ids = _token_ids(tokenizer)
     if size == "tiny":
         vocab = len(tokenizer)
@@ -384,8 +437,9 @@ def _full_config(ids: dict[str, int]) -> Any:
 
 
 def _silence_unused_rows(model: Any, used: int) -> None:
-    """Zero the (tied) embedding rows past the small tokenizer's vocabulary, so the full-size
-    model generates tokens that decode to text; compute stays that of the 151,936-row matrix."""
+    """Zero the (tied) embedding rows past the tokenizer's vocabulary (the published model's
+    151,936 rows hold padding past its tokens too), so the full-size model generates tokens that
+    decode to text; compute stays that of the 151,936-row matrix."""
     with torch.no_grad():
         model.get_input_embeddings().weight[used:].zero_()
 

@@ -189,3 +189,23 @@ def test_plan_names_builds_and_weights_and_refuses_unknown_ones() -> None:
         parse_plan("avx10:Q8_0")
     with pytest.raises(SystemExit, match="unknown weights 'Q5_K'"):
         parse_plan("native:Q5_K")
+
+
+def test_a_model_made_again_gets_its_own_gguf_folder(tmp_path: Path) -> None:
+    """The converted GGUFs are kept per model as it is: a new tokenizer (or weights) means a new
+    conversion, never the old model's files under the same folder name."""
+    from benchmarks.peers.llama_cpp import gguf_dir
+
+    model = tmp_path / "qwen3-vl-2b-random"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen3_vl"}', encoding="utf-8")
+    (model / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}', encoding="utf-8")
+    (model / "model.safetensors").write_bytes(b"\0" * 64)
+    first = gguf_dir(model, "0.3.36")
+    assert gguf_dir(model, "0.3.36") == first
+    assert gguf_dir(model, "0.3.37") != first
+    (model / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0, "b": 1}}}', encoding="utf-8")
+    second = gguf_dir(model, "0.3.36")
+    assert second != first
+    (model / "model.safetensors").write_bytes(b"\1" * 65)
+    assert gguf_dir(model, "0.3.36") not in (first, second)

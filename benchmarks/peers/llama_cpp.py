@@ -30,6 +30,7 @@ The JSON goes to --out; with --merge-into it is also stored under ``llama_cpp`` 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -191,7 +192,16 @@ def tokenizer_hash(model: Path, llama: Path) -> str:
 
 
 def gguf_dir(model: Path, version: str) -> Path:
-    return WORK / "gguf" / f"{model.name}-{version}"
+    """Where `model`'s GGUFs are kept: per folder as it is now (its config and tokenizer files'
+    bytes, its weight files' sizes and times), so a model made again is converted again."""
+    digest = hashlib.sha256()
+    for path in sorted(model.iterdir()):
+        if path.suffix == ".json" or path.name.endswith(".jinja"):
+            digest.update(path.name.encode() + path.read_bytes())
+        elif path.suffix == ".safetensors":
+            stat = path.stat()
+            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return WORK / "gguf" / f"{model.name}-{version}-{digest.hexdigest()[:12]}"
 
 
 def ensure_gguf(
