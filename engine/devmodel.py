@@ -106,6 +106,12 @@ def build_tokenizer(vocab_size: int = _TINY_VOCAB, seed: int = 0) -> Any:
     with merges of tokens drawn at random (`_grow_merges`): loading it costs what loading the
     published tokenizer costs (its tokenizer.json is of the same size), which the tiny
     vocabulary's would not."""
+    return _made_tokenizer(vocab_size, seed)[0]
+
+
+def _made_tokenizer(vocab_size: int, seed: int) -> tuple[Any, int]:
+    """`build_tokenizer`'s tokenizer and how many of its tokens were trained (ids below that;
+    the grown merges' ids are above)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -123,6 +129,7 @@ def build_tokenizer(vocab_size: int = _TINY_VOCAB, seed: int = 0) -> Any:
     spec = json.loads(raw.to_str())["model"]
     vocab: dict[str, int] = spec["vocab"]
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in spec["merges"]]
+    trained = len(vocab)
     _grow_merges(vocab, merges, vocab_size, seed)
     tokenizer_class: Any = Qwen2Tokenizer  # its stubs type merges as strings; tuples are right
     tokenizer = tokenizer_class(
@@ -136,7 +143,7 @@ def build_tokenizer(vocab_size: int = _TINY_VOCAB, seed: int = 0) -> Any:
         model_max_length=262144,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
+    return tokenizer, trained
 
 
 def _grow_merges(vocab: dict[str, int], merges: list[tuple[str, ...]], size: int, seed: int) -> None:
@@ -350,7 +357,7 @@ def make_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    tokenizer = build_tokenizer(FULL_VOCAB if size == "full" else _TINY_VOCAB, seed)
+    tokenizer, trained = _made_tokenizer(FULL_VOCAB if size == "full" else _TINY_VOCAB, seed)
     ids = _token_ids(tokenizer)
     if size == "tiny":
         vocab = len(tokenizer)
@@ -363,7 +370,7 @@ def make_model(
     if size == "tiny":
         _spread_weights(model, seed=seed)
     else:
-        _silence_unused_rows(model, len(tokenizer))
+        _silence_unused_rows(model, trained)
     model.generation_config = generation_config(
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
@@ -437,9 +444,11 @@ def _full_config(ids: dict[str, int]) -> Any:
 
 
 def _silence_unused_rows(model: Any, used: int) -> None:
-    """Zero the (tied) embedding rows past the tokenizer's vocabulary (the published model's
-    151,936 rows hold padding past its tokens too), so the full-size model generates tokens that
-    decode to text; compute stays that of the 151,936-row matrix."""
+    """Zero the (tied) embedding rows from the first grown merge on (`_made_tokenizer`), so the
+    full-size model generates only trained tokens: its answers decode to text that encodes back
+    to about as many tokens, as a real model's do (answers of the grown merges' random byte
+    strings do not: 16 tokens came back as 180, and a follow-up's prompt with them). Compute
+    stays that of the 151,936-row matrix."""
     with torch.no_grad():
         model.get_input_embeddings().weight[used:].zero_()
 
