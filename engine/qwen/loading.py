@@ -259,7 +259,8 @@ def load_tokenizer(location: str) -> Any | None:
     and rebuilds the byte-level BPE from its vocabulary and merges. With a tokenizer of the
     published size (`vlbot dev make-model --size full`: 151,665 tokens, 12.7 MB) on the Zen3,
     the processor's load took 1.00 s of CPU that way against 0.52 s this way (medians of 8
-    alternations in one process; nearly all of it the tokenizers library reading the file),
+    alternations in one process), 1.10 against 0.77 s as the first in a new process (6 of 6
+    alternations; nearly all of it the tokenizers library reading the file),
     with the same token ids, special tokens, chat template and decoding
     (tests/test_tokenizer_loading.py)."""
     from transformers import TokenizersBackend
