@@ -219,11 +219,16 @@ def test_a_changed_source_model_or_format_is_quantized_again(
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # new weights
     quantized_model(folder)
     assert "quantized" in caplog.text and "saved" in caplog.text
+    # the file of the folder's former weights is removed: it would never be loaded again
+    assert "before it changed, superseded" in caplog.text
+    assert len(list(quant_cache.iterdir())) == 1
+    other = model_copy(tiny_qwen3, tmp_path / "other")  # another model's file stays
+    quantized_model(other)
     assert len(list(quant_cache.iterdir())) == 2
     caplog.clear()
     monkeypatch.setattr(quant_store, "FORMAT_VERSION", quant_store.FORMAT_VERSION + 1)
     quantized_model(folder)
-    # a new format replaces this model's file of the old one (the other weights' file stays)
+    # a new format replaces this model's file of the old one (the other model's file stays)
     assert "quantized" in caplog.text and "superseded" in caplog.text
     assert len(list(quant_cache.iterdir())) == 2
 

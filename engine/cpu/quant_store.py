@@ -122,8 +122,11 @@ def _layer_spec(module: Int8Linear | Int4Linear) -> dict[str, Any]:
     return spec
 
 
-def save(path: Path, key: dict[str, str], layers: dict[str, Int8Linear | Int4Linear]) -> int:
-    """Write `layers` (path -> quantized module) to `path` atomically; returns its size."""
+def save(
+    path: Path, key: dict[str, str], layers: dict[str, Int8Linear | Int4Linear], folder: Path | None = None
+) -> int:
+    """Write `layers` (path -> quantized module) to `path` atomically, noting the model's `folder`
+    (for `remove_superseded`); returns its size."""
     tensors = {
         f"{name}.{part}": tensor.contiguous()
         for name, module in layers.items()
@@ -133,7 +136,10 @@ def save(path: Path, key: dict[str, str], layers: dict[str, Int8Linear | Int4Lin
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(scratch), metadata={**key, "layers": json.dumps(specs, sort_keys=True)})
+        metadata = {**key, "layers": json.dumps(specs, sort_keys=True)}
+        if folder is not None:
+            metadata["folder"] = str(folder)
+        save_file(tensors, str(scratch), metadata=metadata)
         os.replace(scratch, path)  # atomic: a reader sees the whole file or none
     finally:
         scratch.unlink(missing_ok=True)
@@ -241,22 +247,24 @@ def load_or_quantize(model: Any, mode: Quantize) -> int:
     )  # fmt: skip
     if path is not None and key is not None:
         try:
-            size = save(path, key, layers)
+            size = save(path, key, layers, folder)
         except OSError as e:
             logger.warning("could not save the quantized weights to %s (%s)", path, e)
         else:
             logger.info(
                 "saved the quantized weights to %s (%.2f GB): later starts load them", path, size / 1e9
             )
-            remove_superseded(path, key)
+            remove_superseded(path, key, folder)
     return len(layers)
 
 
-def remove_superseded(path: Path, key: dict[str, str]) -> None:
-    """Delete the saved files that `path` replaces: the same model, mode, dtype and torch in an
-    older (or newer) format version, which this code would never load again. Files of other
-    models or another torch stay (another install may share the folder)."""
-    same = ("format", "mode", "dtype", "torch", "source")
+def remove_superseded(path: Path, key: dict[str, str], folder: Path | None = None) -> None:
+    """Delete the saved files that `path` replaces, which this code would never load again (each
+    is a language model's size): for the same mode, dtype and torch, the same model in another
+    format version, or those saved from the same model `folder` before its weights or config
+    changed (a new download, a model made again). Files of other models or another torch stay
+    (another install may share the folder)."""
+    same = ("format", "mode", "dtype", "torch")
     for other in path.parent.glob(f"{key['mode']}-*.safetensors"):
         if other == path:
             continue
@@ -265,10 +273,16 @@ def remove_superseded(path: Path, key: dict[str, str]) -> None:
                 meta = f.metadata() or {}
         except Exception:  # not ours or damaged: left alone (a load would say so)
             continue
-        if all(meta.get(k) == key[k] for k in same) and meta.get("version") != key["version"]:
-            other.unlink(missing_ok=True)
-            logger.info("removed %s: quantized weights of format version %s, superseded",
-                        other, meta.get("version"))
+        if not all(meta.get(k) == key[k] for k in same):
+            continue
+        if meta.get("source") == key["source"] and meta.get("version") != key["version"]:
+            why = f"quantized weights of format version {meta.get('version')}, superseded"
+        elif folder is not None and meta.get("folder") == str(folder):
+            why = f"quantized weights of the model in {folder} before it changed, superseded"
+        else:
+            continue
+        other.unlink(missing_ok=True)
+        logger.info("removed %s: %s", other, why)
 
 
 def _kernel_name(kernel: Any) -> str:
